@@ -1,0 +1,160 @@
+/* IDT, exceptions, 8259 masking, LAPIC, IOAPIC, LAPIC timer, idle. */
+#include "common.h"
+
+#define LAPIC 0xfee00000UL
+#define LAPIC_ID 0x20
+#define LAPIC_EOI 0xb0
+#define LAPIC_SVR 0xf0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+#define IOAPIC1 0xfec00000UL
+#define IOAPIC2 0xfec10000UL
+
+/* QEMU and KVM both clock the LAPIC timer at 1 GHz (1 ns per count at
+ * divide-by-1); 10 ms = 10,000,000 counts. */
+#define TIMER_COUNT 10000000u
+
+struct idt_entry {
+    u16 off_lo, sel;
+    u8 ist, type;
+    u16 off_mid;
+    u32 off_hi, zero;
+} __attribute__((packed));
+
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+volatile u64 jiffies;
+volatile u32 irq_pending;
+static int timer_on;
+static int have_ioapic2;
+static u32 apic_id;
+
+extern char exc0[], exc1[], exc2[], exc3[], exc4[], exc5[], exc6[], exc7[],
+    exc8[], exc9[], exc10[], exc11[], exc12[], exc13[], exc14[], exc15[],
+    exc16[], exc17[], exc18[], exc19[], exc20[], exc21[], exc22[], exc23[],
+    exc24[], exc25[], exc26[], exc27[], exc28[], exc29[], exc30[], exc31[];
+extern char irq_net_entry[], irq_timer_entry[], irq_spurious_entry[];
+extern char __image_end[];
+
+static void set_gate(int v, void *fn)
+{
+    u64 a = (u64)fn;
+    idt[v].off_lo = (u16)a;
+    idt[v].sel = 0x08;
+    idt[v].ist = 0;
+    idt[v].type = 0x8e;
+    idt[v].off_mid = (u16)(a >> 16);
+    idt[v].off_hi = (u32)(a >> 32);
+    idt[v].zero = 0;
+}
+
+void exception_handler(u64 *frame)
+{
+    u64 cr2;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    kprintf("EXCEPTION vector=%u error=%lx rip=%lx cr2=%lx rsp=%lx\n",
+            (u32)frame[0], frame[1], frame[2], cr2, frame[5]);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static inline void lapic_w(u32 reg, u32 v) { mmio_w32(LAPIC + reg, v); }
+static inline u32 lapic_r(u32 reg) { return mmio_r32(LAPIC + reg); }
+
+static u32 ioapic_r(u64 base, u32 reg) { mmio_w32(base, reg); return mmio_r32(base + 0x10); }
+static void ioapic_w(u64 base, u32 reg, u32 v) { mmio_w32(base, reg); mmio_w32(base + 0x10, v); }
+
+void irq_net(void)
+{
+    net_irq();
+    irq_pending = 1;
+    lapic_w(LAPIC_EOI, 0);
+}
+
+void irq_timer(void)
+{
+    jiffies++;
+    irq_pending = 1;
+    lapic_w(LAPIC_EOI, 0);
+}
+
+void arch_init(void)
+{
+    void *exc[32] = { exc0, exc1, exc2, exc3, exc4, exc5, exc6, exc7, exc8, exc9,
+        exc10, exc11, exc12, exc13, exc14, exc15, exc16, exc17, exc18, exc19,
+        exc20, exc21, exc22, exc23, exc24, exc25, exc26, exc27, exc28, exc29,
+        exc30, exc31 };
+    for (int i = 0; i < 32; i++) set_gate(i, exc[i]);
+    for (int i = 32; i < 256; i++) set_gate(i, irq_spurious_entry);
+    set_gate(VEC_NET, irq_net_entry);
+    set_gate(VEC_TIMER, irq_timer_entry);
+    struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+
+    /* mask both 8259s (ICW sequence not needed for masking) */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+
+    lapic_w(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    apic_id = lapic_r(LAPIC_ID) >> 24;
+    lapic_w(LAPIC_LVT_TIMER, 0x10000 | VEC_TIMER);   /* masked until needed */
+    lapic_w(LAPIC_TIMER_DIV, 0xb);                   /* divide by 1 */
+
+    /* mask every IOAPIC pin; detect microvm's second IOAPIC (ACPI on) */
+    u32 ver = ioapic_r(IOAPIC2, 1);
+    have_ioapic2 = (ver & 0xff) == 0x11 || (ver & 0xff) == 0x20;
+    for (int a = 0; a < 1 + have_ioapic2; a++) {
+        u64 base = a ? IOAPIC2 : IOAPIC1;
+        int pins = ((ioapic_r(base, 1) >> 16) & 0xff) + 1;
+        if (pins > 24) pins = 24;
+        for (int p = 0; p < pins; p++) {
+            ioapic_w(base, 0x10 + 2 * p, 0x10000);
+            ioapic_w(base, 0x11 + 2 * p, 0);
+        }
+    }
+}
+
+int arch_has_ioapic2(void) { return have_ioapic2; }
+
+/* route a GSI (0-23 first IOAPIC, 24-47 second) level-triggered, active high */
+void irq_route(int gsi, int vector)
+{
+    u64 base = IOAPIC1;
+    int pin = gsi;
+    if (gsi >= 24) { base = IOAPIC2; pin = gsi - 24; }
+    ioapic_w(base, 0x11 + 2 * pin, apic_id << 24);
+    ioapic_w(base, 0x10 + 2 * pin, (u32)vector | (1u << 15));
+}
+
+void timer_set(int on)
+{
+    if (on == timer_on) return;
+    timer_on = on;
+    if (on) {
+        lapic_w(LAPIC_LVT_TIMER, (1u << 17) | VEC_TIMER);   /* periodic */
+        lapic_w(LAPIC_TIMER_INIT, TIMER_COUNT);
+    } else {
+        lapic_w(LAPIC_TIMER_INIT, 0);
+        lapic_w(LAPIC_LVT_TIMER, 0x10000 | VEC_TIMER);
+    }
+}
+
+/* Sleep until an interrupt arrives unless one already did. */
+void idle(void)
+{
+    cli();
+    if (irq_pending) { sti(); return; }
+    __asm__ volatile("sti; hlt" ::: "memory");
+}
+
+static u64 heap_ptr;
+
+void *heap_alloc(u64 size, u64 align)
+{
+    if (!heap_ptr) heap_ptr = 0x200000;   /* 2 MiB; the image lives at 1 MiB */
+    if (heap_ptr < (u64)__image_end) heap_ptr = (u64)__image_end;
+    heap_ptr = (heap_ptr + align - 1) & ~(align - 1);
+    void *p = (void *)heap_ptr;
+    heap_ptr += size;
+    if (heap_ptr > 0xe00000) panic("out of memory (need -m 16)");
+    return p;
+}

@@ -1,0 +1,215 @@
+/*
+ * PVH entry: QEMU (microvm + qboot) jumps to pvh_start in 32-bit protected
+ * mode, paging off, flat segments, %ebx = physical address of hvm_start_info.
+ * We build identity page tables for the low 4 GiB (2 MiB pages), enter long
+ * mode, load a GDT and jump to kmain(start_info).
+ */
+#define XEN_ELFNOTE_PHYS32_ENTRY 18
+
+    .section .note.Xen, "a"
+    .p2align 2
+    .long 4                 /* namesz */
+    .long 4                 /* descsz */
+    .long XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .long pvh_start
+
+    .section .text.boot, "ax"
+    .code32
+    .globl pvh_start
+pvh_start:
+    cli
+    cld
+    movl %ebx, %esi                 /* keep start_info pointer */
+
+    /* zero the page tables (6 pages) */
+    movl $pml4, %edi
+    xorl %eax, %eax
+    movl $(6 * 4096 / 4), %ecx
+    rep stosl
+
+    /* PML4[0] -> PDPT */
+    movl $pdpt, %eax
+    orl $0x3, %eax
+    movl %eax, pml4
+    /* PDPT[0..3] -> PD0..PD3 */
+    movl $pd, %eax
+    orl $0x3, %eax
+    movl $pdpt, %edi
+    movl $4, %ecx
+1:  movl %eax, (%edi)
+    addl $4096, %eax
+    addl $8, %edi
+    loop 1b
+    /* 2048 2 MiB identity entries: present|rw|PS; PCD|PWT above 3 GiB (MMIO) */
+    movl $pd, %edi
+    xorl %eax, %eax
+    xorl %edx, %edx
+2:  movl %eax, %ebx
+    orl $0x83, %ebx
+    cmpl $0xc0000000, %eax
+    jb 3f
+    orl $0x18, %ebx
+3:  movl %ebx, (%edi)
+    movl $0, 4(%edi)
+    addl $0x200000, %eax
+    addl $8, %edi
+    incl %edx
+    cmpl $2048, %edx
+    jne 2b
+
+    /* CR4.PAE */
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    /* EFER.LME */
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    /* paging + protection, WP */
+    movl %cr0, %eax
+    orl $0x80010001, %eax
+    movl %eax, %cr0
+
+    lgdt gdt_desc
+    ljmp $0x08, $long_entry
+
+    .code64
+long_entry:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    movq $stack_top, %rsp
+    /* zero .bss other than the page tables */
+    movq $__bss_clear_start, %rdi
+    movq $__bss_end, %rcx
+    subq %rdi, %rcx
+    xorl %eax, %eax
+    rep stosb
+    movl %esi, %edi                 /* start_info (zero-extended) */
+    call kmain
+4:  cli
+    hlt
+    jmp 4b
+
+/* ---- interrupt stubs ---- */
+    .macro EXC_NOERR n
+    .globl exc\n
+exc\n:
+    pushq $0
+    pushq $\n
+    jmp exc_common
+    .endm
+    .macro EXC_ERR n
+    .globl exc\n
+exc\n:
+    pushq $\n
+    jmp exc_common
+    .endm
+
+EXC_NOERR 0
+EXC_NOERR 1
+EXC_NOERR 2
+EXC_NOERR 3
+EXC_NOERR 4
+EXC_NOERR 5
+EXC_NOERR 6
+EXC_NOERR 7
+EXC_ERR 8
+EXC_NOERR 9
+EXC_ERR 10
+EXC_ERR 11
+EXC_ERR 12
+EXC_ERR 13
+EXC_ERR 14
+EXC_NOERR 15
+EXC_NOERR 16
+EXC_ERR 17
+EXC_NOERR 18
+EXC_NOERR 19
+EXC_NOERR 20
+EXC_ERR 21
+EXC_NOERR 22
+EXC_NOERR 23
+EXC_NOERR 24
+EXC_NOERR 25
+EXC_NOERR 26
+EXC_NOERR 27
+EXC_NOERR 28
+EXC_ERR 29
+EXC_ERR 30
+EXC_NOERR 31
+
+exc_common:
+    /* stack: vector, error, rip, cs, rflags, rsp, ss */
+    movq %rsp, %rdi
+    andq $-16, %rsp
+    call exception_handler          /* never returns */
+5:  cli
+    hlt
+    jmp 5b
+
+    .macro IRQ_STUB name, fn
+    .globl \name
+\name:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    cld
+    call \fn
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+    .endm
+
+IRQ_STUB irq_net_entry, irq_net
+IRQ_STUB irq_timer_entry, irq_timer
+    .globl irq_spurious_entry
+irq_spurious_entry:
+    iretq
+
+    .section .rodata
+    .p2align 3
+gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff        /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff        /* 0x10: data */
+gdt_end:
+    .p2align 3
+    .word 0
+gdt_desc:
+    .word gdt_end - gdt - 1
+    .long gdt
+
+    .section .bss.pagetables, "aw", @nobits
+    .p2align 12
+pml4: .skip 4096
+pdpt: .skip 4096
+pd:   .skip 4 * 4096
+    .globl __bss_clear_start
+__bss_clear_start:
+    .section .bss
+    .p2align 4
+stack_bottom:
+    .skip 32768
+stack_top:

@@ -1,0 +1,186 @@
+/* Minimal libc pieces and the COM1 console. */
+#include "common.h"
+#include <stdarg.h>
+
+#define COM1 0x3f8
+
+void *memcpy(void *d, const void *s, size_t n)
+{
+    u8 *dp = d; const u8 *sp = s;
+    while (n--) *dp++ = *sp++;
+    return d;
+}
+
+void *memmove(void *d, const void *s, size_t n)
+{
+    u8 *dp = d; const u8 *sp = s;
+    if (dp < sp) { while (n--) *dp++ = *sp++; }
+    else { dp += n; sp += n; while (n--) *--dp = *--sp; }
+    return d;
+}
+
+void *memset(void *d, int c, size_t n)
+{
+    u8 *dp = d;
+    while (n--) *dp++ = (u8)c;
+    return d;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const u8 *x = a, *y = b;
+    for (; n; n--, x++, y++)
+        if (*x != *y) return *x - *y;
+    return 0;
+}
+
+size_t strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
+void con_init(void)
+{
+    outb(COM1 + 1, 0x00);   /* no UART interrupts */
+    outb(COM1 + 3, 0x80);   /* DLAB */
+    outb(COM1 + 0, 0x01);   /* 115200 */
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 3, 0x03);   /* 8N1 */
+    outb(COM1 + 2, 0x07);   /* FIFO on, cleared */
+}
+
+void con_putc(char c)
+{
+    /* QEMU's UART transmits instantly; bound the wait so a missing UART
+     * cannot hang us. */
+    for (int i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
+        ;
+    outb(COM1, (u8)c);
+}
+
+void con_puts(const char *s)
+{
+    while (*s) con_putc(*s++);
+}
+
+struct outbuf { char *buf; int size, len; };
+
+static void ob_put(struct outbuf *o, char c)
+{
+    if (o->buf) {
+        if (o->len < o->size - 1) o->buf[o->len] = c;
+    } else {
+        con_putc(c);
+    }
+    o->len++;
+}
+
+static void ob_num(struct outbuf *o, u64 v, int base, int width, char pad)
+{
+    char tmp[24];
+    int n = 0;
+    do { tmp[n++] = "0123456789abcdef"[v % base]; v /= base; } while (v);
+    while (n < width) tmp[n++] = pad;
+    while (n) ob_put(o, tmp[--n]);
+}
+
+static void vformat(struct outbuf *o, const char *fmt, va_list ap)
+{
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') { ob_put(o, *fmt); continue; }
+        fmt++;
+        char pad = ' ';
+        int width = 0, lng = 0;
+        if (*fmt == '0') { pad = '0'; fmt++; }
+        while (*fmt >= '0' && *fmt <= '9') width = width * 10 + (*fmt++ - '0');
+        if (*fmt == 'l') { lng = 1; fmt++; }
+        switch (*fmt) {
+        case 'd': {
+            i64 v = lng ? va_arg(ap, i64) : va_arg(ap, i32);
+            if (v < 0) { ob_put(o, '-'); v = -v; }
+            ob_num(o, (u64)v, 10, width, pad);
+            break;
+        }
+        case 'u': ob_num(o, lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, width, pad); break;
+        case 'x': ob_num(o, lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, width, pad); break;
+        case 'p': ob_put(o, '0'); ob_put(o, 'x'); ob_num(o, (u64)va_arg(ap, void *), 16, width, pad); break;
+        case 'c': ob_put(o, (char)va_arg(ap, int)); break;
+        case 's': {
+            const char *s = va_arg(ap, const char *);
+            if (!s) s = "(null)";
+            while (*s) ob_put(o, *s++);
+            break;
+        }
+        case 'I': { /* IPv4 address, host order */
+            u32 ip = va_arg(ap, u32);
+            for (int i = 3; i >= 0; i--) {
+                ob_num(o, (ip >> (i * 8)) & 0xff, 10, 0, ' ');
+                if (i) ob_put(o, '.');
+            }
+            break;
+        }
+        case '%': ob_put(o, '%'); break;
+        default: ob_put(o, '%'); ob_put(o, *fmt); break;
+        }
+    }
+}
+
+void kprintf(const char *fmt, ...)
+{
+    struct outbuf o = { 0, 0, 0 };
+    va_list ap;
+    va_start(ap, fmt);
+    vformat(&o, fmt, ap);
+    va_end(ap);
+}
+
+int ksnprintf(char *buf, int size, const char *fmt, ...)
+{
+    struct outbuf o = { buf, size, 0 };
+    va_list ap;
+    va_start(ap, fmt);
+    vformat(&o, fmt, ap);
+    va_end(ap);
+    if (size > 0) buf[o.len < size ? o.len : size - 1] = 0;
+    return o.len;
+}
+
+int parse_uint(const char *s, int n, u32 *v)
+{
+    u64 x = 0;
+    if (n <= 0 || n > 10) return -1;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        x = x * 10 + (u64)(s[i] - '0');
+    }
+    if (x > 0xffffffffUL) return -1;
+    *v = (u32)x;
+    return 0;
+}
+
+/* dotted quad, exactly n characters */
+int parse_ip(const char *s, int n, u32 *ip)
+{
+    u32 r = 0;
+    int part = 0, start = 0;
+    for (int i = 0; i <= n; i++) {
+        if (i == n || s[i] == '.') {
+            u32 v;
+            if (parse_uint(s + start, i - start, &v) || v > 255 || i - start > 3) return -1;
+            r = (r << 8) | v;
+            part++;
+            start = i + 1;
+        }
+    }
+    if (part != 4) return -1;
+    *ip = r;
+    return 0;
+}
+
+void panic(const char *msg)
+{
+    kprintf("PANIC %s\n", msg);
+    for (;;) __asm__ volatile("cli; hlt");
+}

@@ -1,0 +1,109 @@
+/* Entry from boot.S: parse the command line, bring up the NIC, serve. */
+#include "common.h"
+
+struct hvm_start_info {
+    u32 magic, version, flags, nr_modules;
+    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    u32 memmap_entries, reserved;
+};
+#define HVM_START_MAGIC 0x336ec578
+
+struct netcfg cfg;
+
+static int tok_eq(const char *s, int n, const char *key)
+{
+    int k = (int)strlen(key);
+    return n == k && !memcmp(s, key, (size_t)k);
+}
+
+/* ip=10.0.2.15/24 gw=10.0.2.2 port=80 udp=7 name=hello; unknown tokens are ignored */
+static void parse_cmdline(const char *cl)
+{
+    cfg.ip = 0x0a00020f;
+    cfg.mask = 0xffffff00;
+    cfg.gw = 0x0a000202;
+    cfg.port = 80;
+    cfg.udp_port = 7;
+    memcpy(cfg.name, "hello", 6);
+    if (!cl) return;
+    for (int i = 0; cl[i] && i < 4096;) {
+        while (cl[i] == ' ') i++;
+        int start = i;
+        while (cl[i] && cl[i] != ' ' && i < 4096) i++;
+        const char *t = cl + start;
+        int n = i - start, eq = -1;
+        for (int j = 0; j < n; j++) if (t[j] == '=') { eq = j; break; }
+        if (eq <= 0) continue;
+        const char *v = t + eq + 1;
+        int vn = n - eq - 1;
+        u32 x;
+        if (tok_eq(t, eq, "ip")) {
+            int slash = -1;
+            for (int j = 0; j < vn; j++) if (v[j] == '/') slash = j;
+            u32 ip, pl = 24;
+            if (parse_ip(v, slash < 0 ? vn : slash, &ip) == 0 &&
+                (slash < 0 || (parse_uint(v + slash + 1, vn - slash - 1, &pl) == 0 && pl <= 32))) {
+                cfg.ip = ip;
+                cfg.mask = pl ? 0xffffffffu << (32 - pl) : 0;
+            } else kprintf("bad ip= value, using default\n");
+        } else if (tok_eq(t, eq, "gw")) {
+            if (parse_ip(v, vn, &x) == 0) cfg.gw = x;
+            else kprintf("bad gw= value\n");
+        } else if (tok_eq(t, eq, "port")) {
+            if (parse_uint(v, vn, &x) == 0 && x > 0 && x < 65536) cfg.port = (u16)x;
+            else kprintf("bad port= value\n");
+        } else if (tok_eq(t, eq, "udp")) {
+            if (parse_uint(v, vn, &x) == 0 && x < 65536) cfg.udp_port = (u16)x;
+            else kprintf("bad udp= value\n");
+        } else if (tok_eq(t, eq, "name")) {
+            int m = vn < (int)sizeof(cfg.name) - 1 ? vn : (int)sizeof(cfg.name) - 1;
+            /* keep the name HTML-safe */
+            int o = 0;
+            for (int j = 0; j < m; j++) {
+                char c = v[j];
+                if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '-' || c == '_' || c == '.')
+                    cfg.name[o++] = c;
+            }
+            cfg.name[o] = 0;
+        }
+    }
+}
+
+void kmain(struct hvm_start_info *si)
+{
+    con_init();
+    const char *cl = NULL;
+    if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr)
+        cl = (const char *)si->cmdline_paddr;
+    else
+        kprintf("no PVH start info\n");
+    parse_cmdline(cl);
+    kprintf("hello: booting name=%s ip=%I gw=%I port=%u udp=%u\n",
+            cfg.name, cfg.ip, cfg.gw, cfg.port, cfg.udp_port);
+    arch_init();
+#ifdef HELLO_ONLY
+    kprintf("READY %I:%u\n", cfg.ip, cfg.port);
+    sti();
+    timer_set(1);
+    while (jiffies < 20) idle();
+    kprintf("ticks ok %lu\n", jiffies);
+    for (;;) __asm__ volatile("cli; hlt");
+#else
+    if (virtio_net_init(cfg.mac) < 0) panic("no virtio-net device");
+    tcp_init();
+    kprintf("mac %02x:%02x:%02x:%02x:%02x:%02x\n", cfg.mac[0], cfg.mac[1], cfg.mac[2],
+            cfg.mac[3], cfg.mac[4], cfg.mac[5]);
+    kprintf("READY %I:%u\n", cfg.ip, cfg.port);
+    sti();
+    for (;;) {
+        irq_pending = 0;
+        int n = net_poll();
+        net_timer();
+        tcp_timer();
+        net_tx_flush();
+        timer_set(tcp_active());
+        if (!n) idle();
+    }
+#endif
+}
