@@ -64,6 +64,7 @@ int net_poll(void);                    /* processes received frames; returns cou
 u8 *net_tx_buf(void);                 /* returns buffer for an Ethernet frame, or NULL */
 void net_tx_send(u8 *buf, u32 len);
 void net_tx_flush(void);
+void net_tx_drop(u8 *buf);
 void net_irq(void);
 
 /* net.c */
@@ -76,6 +77,8 @@ struct netcfg {
 extern struct netcfg cfg;
 void net_rx(u8 *frame, u32 len);
 void net_timer(void);
+int arp_pending(void);
+void ip_discard(u8 *payload);
 u16 csum_partial(const void *data, u32 len, u32 sum);
 u16 csum_fold(u32 sum);
 u32 csum_add(const void *data, u32 len, u32 sum);
@@ -92,6 +95,6 @@ int tcp_active(void);
 
 /* http.c */
 struct tcb;
-void http_on_data(struct tcb *c);
+int http_on_data(struct tcb *c);   /* returns 1 when it needs more input */
 
 #endif

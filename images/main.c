@@ -9,6 +9,7 @@ struct hvm_start_info {
 #define HVM_START_MAGIC 0x336ec578
 
 struct netcfg cfg;
+const char *kernel_cmdline;
 
 static int tok_eq(const char *s, int n, const char *key)
 {
@@ -78,6 +79,7 @@ void kmain(struct hvm_start_info *si)
         cl = (const char *)si->cmdline_paddr;
     else
         kprintf("no PVH start info\n");
+    kernel_cmdline = cl;
     parse_cmdline(cl);
     kprintf("hello: booting name=%s ip=%I gw=%I port=%u udp=%u\n",
             cfg.name, cfg.ip, cfg.gw, cfg.port, cfg.udp_port);
@@ -102,7 +104,7 @@ void kmain(struct hvm_start_info *si)
         net_timer();
         tcp_timer();
         net_tx_flush();
-        timer_set(tcp_active());
+        timer_set(tcp_active() || arp_pending());
         if (!n) idle();
     }
 #endif

@@ -1,1 +1,0 @@
-void net_irq(void) {}
