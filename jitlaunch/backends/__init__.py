@@ -1,0 +1,44 @@
+"""Backends by name. Each backend module exposes ``STOP_MODES`` and ``parse_settings`` (cheap,
+no heavy imports) and a Backend class; heavy dependencies (libvirt) are imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..config import Config, Table
+from .base import Backend, Handle, probe_tcp
+
+__all__ = ["Backend", "Handle", "create_backends", "parse_backend_settings", "probe_tcp"]
+
+_MODULES = {
+    "process": "jitlaunch.backends.process",
+}
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])  # KeyError for an unknown backend
+
+
+def stop_modes(name: str) -> tuple[str, ...]:
+    modes: tuple[str, ...] = _module(name).STOP_MODES
+    return modes
+
+
+def parse_backend_settings(name: str, table: Table, base_dir: Path) -> Any:
+    return _module(name).parse_settings(table, base_dir)
+
+
+def create_backends(config: Config) -> dict[str, Backend]:
+    """One backend object for each backend the configuration uses."""
+    from .process import ProcessBackend
+
+    backends: dict[str, Backend] = {}
+    for service in config.services:
+        if service.backend in backends:
+            continue
+        if service.backend == "process":
+            backends["process"] = ProcessBackend(config.daemon.state_dir)
+    return backends

@@ -1,0 +1,228 @@
+"""The process backend: an instance is a host process started from a command template.
+
+The template is split like a shell would (no shell runs) and each word is formatted with
+``{address}``, ``{port}``, ``{name}``, ``{instance}`` and ``{python}`` (this interpreter). The
+child runs in its own session and process group, with its output appended to a per-service
+log file in the state directory (the previous instance's log is kept as ``.log.1``). It is
+stopped with SIGTERM to the whole group, then SIGKILL after the grace period.
+
+Addresses: with ``subnet`` set (for example ``127.77.1.0/24``), each instance gets a free
+address of its own in it and listens on the service's own ports there, so DNS can hand that
+address over. Without it, the instance listens on ``127.0.0.1`` on a free port the proxy
+connects to, and clients always go through the front address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shlex
+import signal
+import socket
+import string
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from ..config import ServiceConfig, Table
+from ..errors import BootFailed
+from .base import Backend, Handle, probe_tcp
+
+log = logging.getLogger(__name__)
+
+STOP_MODES = ("destroy", "shutdown")
+PLACEHOLDERS = ("address", "port", "name", "instance", "python")
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    command: tuple[str, ...]
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    grace: float
+    environment: tuple[tuple[str, str], ...]
+    directory: Path | None
+
+
+def parse_settings(t: Table, base_dir: Path) -> ProcessSettings:
+    template = t.string("command")
+    try:
+        words = tuple(shlex.split(template))
+    except ValueError as exc:
+        raise t.error("command", f"cannot split the command line: {exc}") from None
+    if not words:
+        raise t.error("command", "expected a command line, got an empty string")
+    for word in words:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(word) if f is not None]
+        except ValueError as exc:
+            raise t.error("command", f"bad placeholder in {word!r}: {exc}") from None
+        for f in fields:
+            if f not in PLACEHOLDERS:
+                allowed = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                raise t.error(
+                    "command", f"unknown placeholder {{{f}}} (allowed: {allowed}; "
+                    "write {{ and }} for literal braces)"
+                )
+    subnet = None
+    if t.has("subnet"):
+        raw = t.string("subnet")
+        try:
+            subnet = ipaddress.ip_network(raw, strict=False)
+        except ValueError:
+            raise t.error("subnet", f"expected a network such as '127.77.1.0/24', got {raw!r}") \
+                from None
+        if subnet.num_addresses < 2:
+            raise t.error("subnet", "expected a network with room for instances")
+    env = t.raw("environment", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise t.error("environment", "expected a table of strings")
+    directory = t.raw("directory")
+    if directory is not None and not isinstance(directory, str):
+        raise t.error("directory", "expected a path")
+    settings = ProcessSettings(
+        command=words,
+        subnet=subnet,
+        grace=t.duration("grace", 5, allow_zero=True),
+        environment=tuple(sorted(env.items())),
+        directory=(base_dir / directory) if directory else None,
+    )
+    t.done()
+    return settings
+
+
+class ProcessHandle(Handle):
+    def __init__(
+        self,
+        process: trio.Process,
+        host: str,
+        port_map: dict[int, int],
+        routable: bool,
+        logfile: IO[bytes],
+        release: Any,
+    ) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.host = host
+        self.port_map = port_map
+        self.address = host if routable else None
+        self._logfile = logfile
+        self._release = release
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        return self.host, self.port_map.get(port, port)
+
+    async def wait_ready(self) -> None:
+        await probe_tcp(self.host, next(iter(self.port_map.values())))
+
+    async def wait_exited(self) -> str:
+        code = await self.process.wait()
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+    async def stop(self, mode: str, grace: float) -> bool:
+        try:
+            if self.process.returncode is None:
+                self._signal(signal.SIGTERM)
+                with trio.move_on_after(grace):
+                    await self.process.wait()
+            # Kill the whole group even if the leader is gone: it may have left children.
+            self._signal(signal.SIGKILL)
+            await self.process.wait()
+        finally:
+            self._logfile.close()
+            self._release()
+        return False
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class ProcessBackend(Backend):
+    name = "process"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.log_dir = state_dir / "logs"
+        self._in_use: set[str] = set()
+
+    def _allocate(self, settings: ProcessSettings) -> str:
+        assert settings.subnet is not None
+        hosts = settings.subnet.hosts() if settings.subnet.num_addresses > 2 else iter(settings.subnet)
+        for addr in hosts:
+            text = str(addr)
+            if text not in self._in_use:
+                self._in_use.add(text)
+                return text
+        raise BootFailed(f"no free address left in subnet {settings.subnet}")
+
+    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
+        settings: ProcessSettings = service.settings
+        if settings.subnet is not None:
+            host = self._allocate(settings)
+            port_map = {p: p for p in service.ports}
+            routable = True
+        else:
+            host = "127.0.0.1"
+            port_map = {p: _free_port(host) for p in service.ports}
+            routable = False
+        values = {
+            "address": host,
+            "port": str(port_map[service.ports[0]]),
+            "name": service.name,
+            "instance": str(number),
+            "python": sys.executable,
+        }
+        argv = [word.format(**values) for word in settings.command]
+
+        def release() -> None:
+            self._in_use.discard(host)
+
+        try:
+            logfile = self._open_log(service.name, number, argv)
+        except OSError as exc:
+            release()
+            raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
+        env = dict(os.environ)
+        env.update(settings.environment)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=settings.directory,
+            )
+        except OSError as exc:
+            logfile.close()
+            release()
+            raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        return ProcessHandle(process, host, port_map, routable, logfile, release)
+
+    def _open_log(self, service: str, number: int, argv: list[str]) -> IO[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / f"{service}.log"
+        if path.exists():
+            path.replace(path.with_suffix(".log.1"))
+        f = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by ProcessHandle.stop
+        f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
+        return f
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,137 @@
+"""The command line: ``jitlaunch run``, ``jitlaunch check`` and ``jitlaunch probe``.
+
+Exit status: 0 on success, 1 when the daemon or the probe fails at run time, 2 for bad input
+(command line or configuration). Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, JitlaunchError
+
+log = logging.getLogger("jitlaunch")
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"jitlaunch: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jitlaunch", description="Authoritative DNS that starts services on demand."
+    )
+    parser.add_argument("--version", action="version", version=f"jitlaunch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", "-c", metavar="FILE", help="config file (default: the built-in one)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    check = sub.add_parser("check", help="validate a config file and print a summary")
+    check.add_argument("file", metavar="FILE")
+
+    probe = sub.add_parser(
+        "probe", help="resolve NAME, connect, send GET and print the DNS, connect and "
+        "first-byte times"
+    )
+    probe.add_argument("name", metavar="NAME")
+    probe.add_argument("--server", required=True, metavar="ADDR:PORT", help="DNS server to ask")
+    probe.add_argument("--port", type=int, default=80, help="TCP port to connect to (default 80)")
+    probe.add_argument("--path", default="/", help="HTTP path to get (default /)")
+    probe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    probe.add_argument("--tcp", action="store_true", help="ask over TCP instead of UDP")
+    probe.add_argument("--ipv6", action="store_true", help="ask for AAAA instead of A")
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args.file)
+    if args.command == "probe":
+        from .probe import run_probe
+
+        return run_probe(args)
+    return _run(args.config, args.log_level)
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    print(summary(config))
+    return 0
+
+
+def summary(config: Config) -> str:
+    """A human-readable summary of a valid configuration."""
+    dns = config.dns
+    lines = [
+        f"{config.path}: OK",
+        f"dns: {', '.join(str(e) for e in dns.listen)} (UDP and TCP), zones "
+        f"{', '.join(z.name for z in dns.zones)}, ttl {dns.ttl} s, booting ttl {dns.booting_ttl} s",
+        f"state: {config.daemon.state_dir}",
+        f"{len(config.services)} service(s):",
+    ]
+    for s in config.services:
+        fronts = ", ".join(
+            f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a in s.front for p in s.ports
+        )
+        lines.append(
+            f"  {s.name}: {', '.join(s.names)} -> {fronts}; {s.backend} backend, answer "
+            f"{s.answer}, idle {s.idle_timeout:g} s, boot {s.boot_timeout:g} s, stop {s.stop}, "
+            f"max {s.max_instances}"
+        )
+    return "\n".join(lines)
+
+
+def _run(path: str | None, level: str | None) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    logging.basicConfig(
+        level=getattr(logging, (level or config.daemon.log_level).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log.info("jitlaunch %s starting with %s", __version__, config.path)
+    try:
+        trio.run(_serve, config)
+    except JitlaunchError as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    from .daemon import Daemon
+
+    daemon = Daemon(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if daemon.stopping:
+                        log.warning("%s again: stopping at once", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: stopping every instance, then exiting", name)
+                    daemon.stop()
+
+            nursery.start_soon(on_signals)
+            await daemon.serve()
+            nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""Configuration: TOML (tomllib) into frozen dataclasses.
+
+Parsing is pure: :func:`parse_config` takes the text and a path (used only in messages and to
+resolve relative paths) and either returns a :class:`Config` or raises
+:class:`~jitlaunch.errors.ConfigError` whose message names the file, the service and the key
+and says what was expected. Unknown keys are errors too: a typo must never be silently ignored.
+
+The file has global tables ``[daemon]``, ``[dns]``, ``[proxy]`` and ``[defaults]`` and one
+``[[service]]`` table per service. Every key of ``[defaults]`` may be repeated in a service;
+backend settings live in a sub-table named after the backend (``[service.process]``). See the
+README for the full reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ANSWER_MODES = ("handoff", "proxy", "wait")
+STOP_MODES = ("destroy", "shutdown", "pause", "save")
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Zone:
+    """One zone we are authoritative for. Names are lower case, without the final dot."""
+
+    name: str
+    nameservers: tuple[str, ...]
+    mname: str
+    rname: str
+    serial: int
+    refresh: int
+    retry: int
+    expire: int
+    minimum: int
+    soa_ttl: int
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    listen: tuple[Endpoint, ...]
+    zones: tuple[Zone, ...]
+    # Addresses answered for nameserver names that lie inside one of our zones (glue).
+    nameserver_addresses: tuple[str, ...]
+    ttl: int
+    booting_ttl: int
+    edns_payload: int
+    tcp_idle_timeout: float
+    max_tcp_connections: int
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    max_buffer: int
+    max_pending: int
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    drain_timeout: float
+    log_level: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    # Every DNS name this service answers to, lower case, without the final dot.
+    names: tuple[str, ...]
+    backend: str
+    settings: Any
+    front: tuple[str, ...]
+    ports: tuple[int, ...]
+    answer: str
+    idle_timeout: float
+    boot_timeout: float
+    stop: str
+    max_instances: int
+    ttl: int
+    booting_ttl: int
+    retry_backoff: float
+    retry_backoff_max: float
+    extra_names: int = 0
+
+    @property
+    def front_v4(self) -> tuple[str, ...]:
+        return tuple(a for a in self.front if ":" not in a)
+
+    @property
+    def front_v6(self) -> tuple[str, ...]:
+        return tuple(a for a in self.front if ":" in a)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonConfig
+    dns: DnsConfig
+    proxy: ProxyConfig
+    services: tuple[ServiceConfig, ...] = field(default=())
+
+    def service(self, name: str) -> ServiceConfig:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class Table:
+    """A TOML table being read: typed getters that raise ConfigError naming the key.
+
+    Backends use it to read their own settings table; call :meth:`done` at the end so that
+    unknown keys are reported.
+    """
+
+    def __init__(
+        self, path: str, data: Mapping[str, Any], prefix: str = "", service: str | None = None
+    ) -> None:
+        self.path = path
+        self.data = data
+        self.prefix = prefix
+        self.service = service
+        self._seen: set[str] = set()
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        full = None if key is None else self.prefix + key
+        return ConfigError(self.path, message, service=self.service, key=full)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._seen.add(key)
+        return self.data.get(key, default)
+
+    def sub(self, key: str, *, required: bool = False) -> Table:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                raise self.error(key, "missing table")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_show(value)}")
+        return Table(self.path, value, f"{self.prefix}{key}.", self.service)
+
+    def string(self, key: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "missing (expected a string)")
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_show(value)}")
+        if choices and value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def strings(self, key: str, default: list[str] | None = None, *, one_ok: bool = True) -> list[str]:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "missing (expected a list of strings)")
+        if one_ok and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {_show(value)}")
+        return list(value)
+
+    def integer(
+        self, key: str, default: int | None = None, *, low: int = 0, high: int = 2**31 - 1
+    ) -> int:
+        value = self.raw(key, default)
+        if value is None:
+            raise self.error(key, "missing (expected an integer)")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_show(value)}")
+        if not low <= value <= high:
+            raise self.error(key, f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def duration(
+        self, key: str, default: float | str | None = None, *, allow_zero: bool = False
+    ) -> float:
+        """Seconds, as a number or a string with a unit (``"250ms"``, ``"30s"``, ``"5m"``,
+        ``"1h"``). ``"never"`` means no limit (``math.inf``)."""
+        value = self.raw(key, default)
+        expected = 'a duration such as 30, "250ms", "30s", "5m" or "never"'
+        if value is None:
+            raise self.error(key, f"missing (expected {expected})")
+        seconds: float
+        if isinstance(value, bool):
+            raise self.error(key, f"expected {expected}, got {_show(value)}")
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and value.strip() == "never":
+            seconds = math.inf
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        else:
+            raise self.error(key, f"expected {expected}, got {_show(value)}")
+        if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+            raise self.error(key, f"expected a positive duration, got {_show(value)}")
+        return seconds
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _show(value: Any) -> str:
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind} ({text})"
+
+
+def _dns_name(table: Table, key: str, value: str) -> str:
+    name = value.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if not name or not all(_LABEL.match(label) for label in labels) or len(name) > 253:
+        raise table.error(key, f"expected a DNS name such as 'apps.example.org', got {value!r}")
+    return name
+
+
+def _endpoint(table: Table, key: str, value: str) -> Endpoint:
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:([0-9]+)$", value) or re.match(
+        r"^([0-9.]+):([0-9]+)$", value
+    )
+    expected = f"expected ADDRESS:PORT such as '127.0.0.1:5353' or '[::1]:5353', got {value!r}"
+    if not m:
+        raise table.error(key, expected)
+    try:
+        host = str(ipaddress.ip_address(m.group(1)))
+    except ValueError:
+        raise table.error(key, expected) from None
+    port = int(m.group(2))
+    if port > 65535:
+        raise table.error(key, f"port must be from 0 to 65535, got {port}")
+    return Endpoint(host, port)
+
+
+def _address(table: Table, key: str, value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise table.error(key, f"expected an IPv4 or IPv6 address, got {value!r}") from None
+
+
+def default_state_dir() -> Path:
+    """Where instance logs and state go: systemd's StateDirectory, else a per-user default."""
+    if env := os.environ.get("STATE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/jitlaunch")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "jitlaunch"
+
+
+def _parse_dns(root: Table) -> DnsConfig:
+    t = root.sub("dns")
+    listen = tuple(_endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"]))
+    if not listen:
+        raise t.error("listen", "expected at least one ADDRESS:PORT")
+    zone_names = [_dns_name(t, "zones", z) for z in t.strings("zones")]
+    if not zone_names:
+        raise t.error("zones", "expected at least one zone name")
+    if len(set(zone_names)) != len(zone_names):
+        raise t.error("zones", "the same zone is listed twice")
+    ns_names = [_dns_name(t, "nameservers", n) for n in t.strings("nameservers", [])]
+    glue = t.strings("nameserver_addresses", [])
+    glue_addrs = tuple(_address(t, "nameserver_addresses", a) for a in glue)
+    if not glue:
+        glue_addrs = tuple(e.host for e in listen if e.host not in ("0.0.0.0", "::"))
+    soa = t.sub("soa")
+    zones = []
+    for z in zone_names:
+        nameservers = tuple(ns_names) or (f"ns.{z}",)
+        zones.append(
+            Zone(
+                name=z,
+                nameservers=nameservers,
+                mname=_dns_name(soa, "mname", soa.string("mname", nameservers[0])),
+                rname=_dns_name(soa, "rname", soa.string("rname", f"hostmaster.{z}")),
+                serial=soa.integer("serial", 1, high=2**32 - 1),
+                refresh=soa.integer("refresh", 3600),
+                retry=soa.integer("retry", 600),
+                expire=soa.integer("expire", 86400),
+                minimum=soa.integer("minimum", 30),
+                soa_ttl=soa.integer("ttl", 300),
+            )
+        )
+    soa.done()
+    cfg = DnsConfig(
+        listen=listen,
+        zones=tuple(zones),
+        nameserver_addresses=glue_addrs,
+        ttl=t.integer("ttl", 30),
+        booting_ttl=t.integer("booting_ttl", 1),
+        edns_payload=t.integer("edns_payload", 1232, low=512, high=65535),
+        tcp_idle_timeout=t.duration("tcp_idle_timeout", 10),
+        max_tcp_connections=t.integer("max_tcp_connections", 256, low=1),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_service(
+    path: str, data: Any, index: int, defaults: Table, dns: DnsConfig, base_dir: Path
+) -> ServiceConfig:
+    from .backends import parse_backend_settings, stop_modes
+
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a table, got {_show(data)}", key=f"service[{index}]")
+    raw_name = data.get("name")
+    if not isinstance(raw_name, str):
+        raise ConfigError(
+            path, "missing or not a string (expected a DNS label such as 'hello')",
+            key=f"service[{index}].name",
+        )
+    t = Table(path, data, "", service=raw_name)
+    name = t.string("name").lower()
+    if not _LABEL.match(name):
+        raise t.error("name", f"expected a DNS label (letters, digits, '-'), got {raw_name!r}")
+
+    def pick(key: str) -> Table:
+        # A service's own value wins over [defaults].
+        return t if t.has(key) else defaults
+
+    names = [f"{name}.{z.name}" for z in dns.zones]
+    for extra in t.strings("names", []):
+        n = _dns_name(t, "names", extra)
+        if not any(n == z.name or n.endswith("." + z.name) for z in dns.zones):
+            raise t.error("names", f"{extra!r} is not inside any configured zone")
+        if any(n == z.name for z in dns.zones):
+            raise t.error("names", f"{extra!r} is a zone apex; it holds SOA and NS records")
+        names.append(n)
+    backend = pick("backend").string("backend", "process")
+    front = tuple(_address(t, "front", a) for a in t.strings("front"))
+    if not front:
+        raise t.error("front", "expected at least one address")
+    ports = t.raw("ports")
+    if isinstance(ports, int) and not isinstance(ports, bool):
+        ports = [ports]
+    if (
+        not isinstance(ports, list)
+        or not ports
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports)
+    ):
+        raise t.error("ports", f"expected a list of port numbers (1 to 65535), got {_show(ports)}")
+    answer = pick("answer").string("answer", "handoff", choices=ANSWER_MODES)
+    stop = pick("stop").string("stop", "destroy", choices=STOP_MODES)
+    try:
+        supported = stop_modes(backend)
+        settings = parse_backend_settings(
+            backend, Table(path, {}, f"{backend}.", name) if backend not in data
+            else t.sub(backend), base_dir
+        )
+    except KeyError:
+        raise pick("backend").error("backend", f"unknown backend {backend!r}") from None
+    if stop not in supported:
+        raise pick("stop").error(
+            "stop", f"the {backend} backend supports {', '.join(supported)}, not {stop!r}"
+        )
+    for other in ("process", "qemu", "libvirt"):
+        if other != backend and other in data:
+            raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
+    if backend in data:
+        t.raw(backend)
+    svc = ServiceConfig(
+        name=name,
+        names=tuple(names),
+        backend=backend,
+        settings=settings,
+        front=front,
+        ports=tuple(ports),
+        answer=answer,
+        idle_timeout=pick("idle_timeout").duration("idle_timeout", 300),
+        boot_timeout=pick("boot_timeout").duration("boot_timeout", 10),
+        stop=stop,
+        max_instances=pick("max_instances").integer("max_instances", 1, low=1, high=10000),
+        ttl=pick("ttl").integer("ttl", dns.ttl),
+        booting_ttl=pick("booting_ttl").integer("booting_ttl", dns.booting_ttl),
+        retry_backoff=pick("retry_backoff").duration("retry_backoff", 1),
+        retry_backoff_max=pick("retry_backoff_max").duration("retry_backoff_max", 60),
+        extra_names=len(names) - len(dns.zones),
+    )
+    t.done()
+    if svc.retry_backoff_max < svc.retry_backoff:
+        raise t.error("retry_backoff_max", "must not be smaller than retry_backoff")
+    return svc
+
+
+_DEFAULT_KEYS = (
+    "backend", "answer", "idle_timeout", "boot_timeout", "stop", "max_instances", "ttl",
+    "booting_ttl", "retry_backoff", "retry_backoff_max",
+)
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse configuration text. ``path`` is used in messages and to resolve relative paths.
+
+    Raises ConfigError (never anything else) for any problem in the text.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    base_dir = Path(path).resolve().parent if not path.startswith("<") else Path.cwd()
+    root = Table(path, data)
+
+    d = root.sub("daemon")
+    state_dir = d.raw("state_dir")
+    if state_dir is not None and not isinstance(state_dir, str):
+        raise d.error("state_dir", f"expected a path, got {_show(state_dir)}")
+    daemon = DaemonConfig(
+        state_dir=(base_dir / state_dir) if state_dir else default_state_dir(),
+        drain_timeout=d.duration("drain_timeout", 5, allow_zero=True),
+        log_level=d.string(
+            "log_level", "info", choices=("debug", "info", "warning", "error")
+        ),
+    )
+    d.done()
+
+    dns = _parse_dns(root)
+
+    p = root.sub("proxy")
+    proxy = ProxyConfig(
+        max_buffer=p.integer("max_buffer", 65536, low=1),
+        max_pending=p.integer("max_pending", 256, low=1),
+        connect_timeout=p.duration("connect_timeout", 5),
+    )
+    p.done()
+
+    defaults = root.sub("defaults")
+    for key in defaults.data:
+        if key not in _DEFAULT_KEYS:
+            raise defaults.error(key, f"unknown key (allowed: {', '.join(_DEFAULT_KEYS)})")
+        defaults.raw(key)
+
+    raw_services = root.raw("service", [])
+    if not isinstance(raw_services, list):
+        raise root.error("service", "expected [[service]] tables")
+    services = tuple(
+        _parse_service(path, s, i, defaults, dns, base_dir) for i, s in enumerate(raw_services)
+    )
+    root.done()
+    _check_unique(path, services)
+    return Config(path=path, daemon=daemon, dns=dns, proxy=proxy, services=services)
+
+
+def _check_unique(path: str, services: tuple[ServiceConfig, ...]) -> None:
+    seen_names: dict[str, str] = {}
+    seen_fronts: dict[tuple[str, int], str] = {}
+    for s in services:
+        for n in s.names:
+            if n in seen_names:
+                # The first names are <name>.<zone>, one per zone; the rest come from `names`.
+                generated = s.names.index(n) < len(s.names) - s.extra_names
+                raise ConfigError(
+                    path, f"name {n!r} is already used by service {seen_names[n]!r}",
+                    service=s.name, key="name" if generated else "names",
+                )
+            seen_names[n] = s.name
+        for a in s.front:
+            for port in s.ports:
+                if (a, port) in seen_fronts:
+                    raise ConfigError(
+                        path,
+                        f"{a} port {port} is already the front of service "
+                        f"{seen_fronts[(a, port)]!r}",
+                        service=s.name, key="front",
+                    )
+                seen_fronts[(a, port)] = s.name
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and parse a config file; ``None`` loads the default configuration shipped in
+    the package. Raises ConfigError naming the file when it cannot be read."""
+    if path is None:
+        text = resources.files("jitlaunch").joinpath("default.toml").read_text()
+        return parse_config(text, "<default config>")
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, f"cannot read the file: {exc}") from None
+    return parse_config(text, name)

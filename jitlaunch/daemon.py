@@ -1,0 +1,73 @@
+"""The daemon: one nursery that starts the supervisor, DNS and the proxy, in that order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from .backends import Backend, create_backends
+from .config import Config, Endpoint
+from .dns.server import serve_dns
+from .errors import ListenError
+from .lifecycle.supervisor import Supervisor
+from .proxy import Proxy
+
+log = logging.getLogger("jitlaunch")
+
+
+@dataclass
+class Daemon:
+    """A running jitlaunch. ``await nursery.start(Daemon(config).serve)`` returns once every
+    socket is bound; :meth:`stop` shuts it down in order: the proxy stops accepting, open
+    connections get ``daemon.drain_timeout`` to finish, then every instance is stopped."""
+
+    config: Config
+    backends: dict[str, Backend] = field(default_factory=dict)
+    supervisor: Supervisor = field(init=False)
+    proxy: Proxy = field(init=False)
+    dns_endpoints: list[Endpoint] = field(default_factory=list)
+    proxy_endpoints: list[Endpoint] = field(default_factory=list)
+    _stop: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            self.backends = create_backends(self.config)
+        self.supervisor = Supervisor(self.config, self.backends)
+        self.proxy = Proxy(self.config, self.supervisor)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask for an orderly shutdown; :meth:`serve` returns when it is done."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self.config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot create the state directory {self.config.daemon.state_dir}: {exc.strerror}"
+            ) from exc
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.supervisor.run)
+                self.dns_endpoints = await nursery.start(serve_dns, self.config, self.supervisor)
+                self.proxy_endpoints = await nursery.start(self.proxy.serve)
+                log.info(
+                    "serving %d service(s) in %s", len(self.config.services),
+                    ", ".join(z.name for z in self.config.dns.zones),
+                )
+                task_status.started(self)
+                await self._stop.wait()
+                self.proxy.stop_accepting()
+                await self.supervisor.drain(self.config.daemon.drain_timeout)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for backend in self.backends.values():
+                    await backend.aclose()
+            log.info("stopped")

@@ -1,0 +1,239 @@
+"""The DNS servers: thin trio UDP and TCP loops around :func:`jitlaunch.dns.answer.respond`.
+
+UDP answers each datagram in the receive loop; a query held for a ``wait`` service is moved to
+its own task so the loop never blocks. TCP follows RFC 7766: two-byte length framing, several
+queries per connection, held answers sent as they complete (out of order, which section 6.2.1
+allows), idle connections closed after ``tcp_idle_timeout``, and at most
+``max_tcp_connections`` open at once.
+
+Replies are cached by the query bytes less the ID, for the supervisor's current generation:
+repeated queries for a ready service cost a dictionary look-up, not a parse.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+
+import trio
+
+from ..config import Config, Endpoint
+from ..errors import BootFailed, listen_error
+from ..lifecycle.supervisor import ServiceAnswer, Supervisor
+from .answer import Catalog, Response, respond
+
+log = logging.getLogger("jitlaunch.dns")
+
+CACHE_SIZE = 4096
+#: Queries held at once for booting ``wait`` services; past it new ones are dropped.
+MAX_HELD = 1024
+
+
+class Resolver:
+    """Answers queries for the servers: the cache, the supervisor calls, held answers."""
+
+    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.catalog = Catalog(config.dns, config.services)
+        self._cache: dict[tuple[bool, bytes], tuple[int, bytes, str | None]] = {}
+        self.held = 0
+        self.queries = 0
+
+    def answer_now(self, wire: bytes, udp: bool) -> Response:
+        """Answer at once, or say the answer must be held (``pending``)."""
+        self.queries += 1
+        sup = self.supervisor
+        key = (udp, wire[2:])
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == sup.generation:
+            _, tail, service = hit
+            if service is not None:
+                sup.request(service)
+            return Response(wire[:2] + tail, service, cacheable=True)
+        generation = sup.generation
+        resp = respond(wire, self.catalog, sup.answer, udp=udp)
+        if resp.service is not None:
+            sup.request(resp.service)
+        if resp.cacheable and resp.reply is not None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = (generation, resp.reply[2:], resp.service)
+        return resp
+
+    async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
+        """Wait for a ``wait`` service to be ready (or fail), then answer."""
+        sup = self.supervisor
+        svc = self.config.service(service)
+        failed = False
+        self.held += 1
+        try:
+            with trio.fail_after(svc.boot_timeout + 1):
+                await sup.acquire(service)
+        except (BootFailed, trio.TooSlowError):
+            failed = True
+        finally:
+            self.held -= 1
+
+        def lookup(name: str) -> ServiceAnswer:
+            ans = sup.answer(name)
+            return ServiceAnswer(servfail=True) if failed or ans.pending else ans
+
+        return respond(wire, self.catalog, lookup, udp=udp).reply
+
+
+async def _bind_pair(ep: Endpoint) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A UDP socket and a TCP listening socket on the same address and port."""
+    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+    udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+    tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            for s in (udp, tcp):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        await _bind(udp, ep.host, ep.port, "UDP")
+        port = udp.getsockname()[1]
+        await _bind(tcp, ep.host, port, "TCP")
+        tcp.listen(128)
+    except BaseException:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
+
+async def _bind(sock: trio.socket.SocketType, host: str, port: int, proto: str) -> None:
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        raise listen_error(f"DNS over {proto}", host, port, exc) from exc
+
+
+async def serve_dns(
+    config: Config,
+    supervisor: Supervisor,
+    *,
+    task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve DNS on every ``dns.listen`` endpoint, over UDP and TCP, until cancelled.
+
+    Binds first, then reports the bound endpoints (with real ports when 0 was configured)
+    through ``task_status``. Raises ListenError if an endpoint cannot be bound.
+    """
+    resolver = Resolver(config, supervisor)
+    pairs: list[tuple[trio.socket.SocketType, trio.socket.SocketType]] = []
+    try:
+        for ep in config.dns.listen:
+            pairs.append(await _bind_pair(ep))
+        bound = [Endpoint(ep.host, udp.getsockname()[1]) for ep, (udp, _) in zip(
+            config.dns.listen, pairs, strict=True)]
+        async with trio.open_nursery() as nursery:
+            tcp_slots = trio.CapacityLimiter(config.dns.max_tcp_connections)
+            for udp, tcp in pairs:
+                nursery.start_soon(_serve_udp, udp, resolver)
+                listener = trio.SocketListener(tcp)
+                nursery.start_soon(_serve_tcp, listener, resolver, tcp_slots)
+            log.info("DNS on %s (UDP and TCP)", ", ".join(str(b) for b in bound))
+            task_status.started(bound)
+    finally:
+        for udp, tcp in pairs:
+            udp.close()
+            tcp.close()
+
+
+async def _serve_udp(sock: trio.socket.SocketType, resolver: Resolver) -> None:
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                wire, addr = await sock.recvfrom(65535)
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                log.debug("UDP receive error: %s", exc)
+                continue
+            resp = resolver.answer_now(wire, udp=True)
+            if resp.pending and resp.service is not None:
+                if resolver.held < MAX_HELD:
+                    nursery.start_soon(_udp_held, sock, resolver, wire, addr, resp.service)
+                continue
+            if resp.reply is not None:
+                try:
+                    await sock.sendto(resp.reply, addr)
+                except OSError as exc:
+                    log.debug("UDP send to %s failed: %s", addr, exc)
+
+
+async def _udp_held(
+    sock: trio.socket.SocketType, resolver: Resolver, wire: bytes, addr: object, service: str
+) -> None:
+    reply = await resolver.answer_held(wire, True, service)
+    if reply is not None:
+        try:
+            await sock.sendto(reply, addr)
+        except OSError as exc:
+            log.debug("UDP send to %s failed: %s", addr, exc)
+
+
+async def _serve_tcp(
+    listener: trio.SocketListener, resolver: Resolver, slots: trio.CapacityLimiter
+) -> None:
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off briefly, keep serving
+                log.warning("DNS TCP accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            try:
+                slots.acquire_on_behalf_of_nowait(stream)
+            except trio.WouldBlock:
+                log.warning("DNS TCP: too many connections; closing a new one")
+                await trio.aclose_forcefully(stream)
+                continue
+            nursery.start_soon(_tcp_connection, stream, resolver, slots)
+
+
+async def _tcp_connection(
+    stream: trio.SocketStream, resolver: Resolver, slots: trio.CapacityLimiter
+) -> None:
+    send_lock = trio.Lock()
+    idle = resolver.config.dns.tcp_idle_timeout
+
+    async def send(reply: bytes) -> None:
+        async with send_lock:
+            await stream.send_all(struct.pack("!H", len(reply)) + reply)
+
+    async def held(wire: bytes, service: str) -> None:
+        reply = await resolver.answer_held(wire, False, service)
+        if reply is not None:
+            await send(reply)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            buf = bytearray()
+            while True:
+                with trio.move_on_after(idle):
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    buf += data
+                    while len(buf) >= 2:
+                        (length,) = struct.unpack_from("!H", buf)
+                        if len(buf) < 2 + length:
+                            break
+                        wire = bytes(buf[2 : 2 + length])
+                        del buf[: 2 + length]
+                        resp = resolver.answer_now(wire, udp=False)
+                        if resp.pending and resp.service is not None:
+                            nursery.start_soon(held, wire, resp.service)
+                        elif resp.reply is not None:
+                            await send(resp.reply)
+                    continue
+                break  # idle timeout
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        slots.release_on_behalf_of(stream)
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,389 @@
+"""The supervisor: drives each service's instances through the state machine in state.py.
+
+It decides synchronously (which instance, which transition) and then does the I/O (backend
+calls) in one task per instance, so that concurrent lookups and connections during a boot
+share that boot. Rules:
+
+* :meth:`Supervisor.request` notes activity and makes sure an instance is starting or ready;
+  it never blocks. :meth:`Supervisor.acquire` waits until that instance is ready.
+* A boot is bounded by the service's boot timeout. A failed boot is logged once, fails every
+  waiter with :class:`~jitlaunch.errors.BootFailed`, and starts an exponential backoff
+  (``retry_backoff`` doubling up to ``retry_backoff_max``) before the next attempt.
+* An instance that goes away by itself is noticed at once (the backend's ``wait_exited``),
+  released, and the next request starts a new one.
+* Activity is the latest lookup or proxied byte. With a connection open a service is never
+  idle; after ``idle_timeout`` without activity its instance is stopped in its stop mode.
+* Stopping always runs shielded and bounded, so a cancelled daemon never leaves an instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ..backends.base import Backend, Handle
+from ..config import Config, ServiceConfig
+from ..errors import BootFailed, BootTimeout, InBackoff
+from .state import LIVE, Event, State, next_state
+
+log = logging.getLogger("jitlaunch.supervisor")
+
+#: Extra time, beyond a service's stop grace, that a stop may take before we give up on it.
+STOP_MARGIN = 10.0
+
+
+class Instance:
+    """One instance of a service, from its start to its release."""
+
+    def __init__(self, service: ServiceConfig, number: int) -> None:
+        self.service = service
+        self.number = number
+        self.state = State.STOPPED
+        self.handle: Handle | None = None
+        self.error: str | None = None
+        self.started_at = math.nan
+        self.ready_at = math.nan
+
+    @property
+    def label(self) -> str:
+        return f"{self.service.name}#{self.number}"
+
+    def fire(self, event: Event) -> State:
+        """Apply ``event``; IllegalTransition if the table forbids it."""
+        self.state = next_state(self.state, event)
+        return self.state
+
+    def __repr__(self) -> str:
+        extra = f" {self.handle.describe()}" if self.handle else ""
+        return f"<Instance {self.label} {self.state} {self.service.backend}{extra}>"
+
+
+@dataclass(frozen=True)
+class ServiceAnswer:
+    """What DNS should say about a service right now.
+
+    ``pending`` means a ``wait`` service is booting: hold the reply. ``servfail`` means the
+    service cannot be had now (its boot failed).
+    """
+
+    v4: tuple[str, ...] = ()
+    v6: tuple[str, ...] = ()
+    ttl: int = 0
+    pending: bool = False
+    servfail: bool = False
+
+
+class ServiceRuntime:
+    """A service's live bookkeeping: its current instance, activity and backoff."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.instance: Instance | None = None
+        self.numbers = 0
+        self.failures = 0
+        self.retry_at = -math.inf
+        self.last_error: str | None = None
+        self.last_activity = -math.inf
+        self.connections = 0
+        self.no_connections = trio.Event()
+        self.no_connections.set()
+        self.changed = trio.Event()
+        self.restart_wanted = False
+        # Counters, read by tests and metrics.
+        self.boots = 0
+        self.boot_failures = 0
+        self.deaths = 0
+        self.idle_stops = 0
+
+    def __repr__(self) -> str:
+        return f"<Service {self.config.name} {self.instance!r} connections={self.connections}>"
+
+
+class Supervisor:
+    """Owns every instance. Start it with ``await nursery.start(supervisor.run)``."""
+
+    def __init__(self, config: Config, backends: Mapping[str, Backend]) -> None:
+        self.config = config
+        self.backends = backends
+        self.services = {s.name: ServiceRuntime(s) for s in config.services}
+        #: Bumped on every change of any service's state; DNS answer caches key on it.
+        self.generation = 0
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+
+    # ---- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; on the way out stop every instance (shielded, bounded)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._closing = True
+            self._nursery = None
+
+    async def drain(self, timeout: float) -> None:
+        """Stop starting instances and wait, at most ``timeout``, for open connections to
+        end. Called before the daemon cancels everything on a clean shutdown."""
+        self._closing = True
+        for rt in self.services.values():
+            inst = rt.instance
+            if inst is not None and inst.state is State.READY and rt.connections:
+                inst.fire(Event.DRAIN)
+                self._notify(rt)
+        with trio.move_on_after(timeout):
+            for rt in self.services.values():
+                await rt.no_connections.wait()
+
+    # ---- requests from DNS and the proxy ----------------------------------------------
+
+    def request(self, name: str) -> Instance | None:
+        """Note activity for service ``name`` and make sure an instance is starting or ready.
+
+        Returns that instance, or None when the service is backing off after a failed boot
+        (or the daemon is shutting down). Never blocks.
+        """
+        rt = self.services[name]
+        now = trio.current_time()
+        rt.last_activity = now
+        inst = rt.instance
+        if inst is not None and inst.state in (State.STARTING, State.READY):
+            return inst
+        if inst is not None and inst.state in (State.DRAINING, State.STOPPING):
+            rt.restart_wanted = True
+            return inst
+        if self._closing or self._nursery is None or now < rt.retry_at:
+            return None
+        return self._start(rt)
+
+    async def acquire(self, name: str) -> Instance:
+        """Request service ``name`` and wait until an instance is ready; return it.
+
+        Raises BootFailed (BootTimeout, InBackoff) if no instance can be had. The wait is
+        bounded by the boot timeout because the boot itself is; callers may bound it more.
+        """
+        rt = self.services[name]
+        while True:
+            inst = self.request(name)
+            if inst is None:
+                raise InBackoff(rt.last_error or "the daemon is shutting down")
+            while inst.state is State.STARTING:
+                await rt.changed.wait()
+            if inst.state is State.READY:
+                return inst
+            if inst.state is State.FAILED:
+                raise BootFailed(inst.error or "boot failed")
+            # Draining or stopping: a new instance starts once this one is released.
+            while inst.state in (State.DRAINING, State.STOPPING):
+                await rt.changed.wait()
+
+    def touch(self, name: str) -> None:
+        """Note activity (a proxied byte) without starting anything."""
+        self.services[name].last_activity = trio.current_time()
+
+    def connection_opened(self, name: str) -> None:
+        rt = self.services[name]
+        rt.connections += 1
+        rt.last_activity = trio.current_time()
+        if rt.connections == 1:
+            rt.no_connections = trio.Event()
+
+    def connection_closed(self, name: str) -> None:
+        rt = self.services[name]
+        rt.connections -= 1
+        rt.last_activity = trio.current_time()
+        if rt.connections == 0:
+            rt.no_connections.set()
+
+    def answer(self, name: str) -> ServiceAnswer:
+        """What DNS says about service ``name`` now (see DESIGN.md, answer modes)."""
+        rt = self.services[name]
+        svc = rt.config
+        inst = rt.instance
+        ready = inst is not None and inst.state is State.READY
+        handle = inst.handle if inst is not None else None
+        if ready and handle is not None and handle.address and svc.answer != "proxy":
+            addr = handle.address
+            v4, v6 = ((addr,), ()) if ":" not in addr else ((), (addr,))
+            return ServiceAnswer(v4, v6, svc.ttl)
+        if svc.answer == "wait" and not ready:
+            starting = inst is not None and inst.state in LIVE
+            if not starting and trio.current_time() < rt.retry_at:
+                return ServiceAnswer(servfail=True)
+            return ServiceAnswer(pending=True)
+        return ServiceAnswer(svc.front_v4, svc.front_v6, svc.ttl if ready else svc.booting_ttl)
+
+    # ---- instance lifecycle ------------------------------------------------------------
+
+    def _notify(self, rt: ServiceRuntime) -> None:
+        self.generation += 1
+        rt.changed.set()
+        rt.changed = trio.Event()
+
+    def _start(self, rt: ServiceRuntime) -> Instance:
+        assert self._nursery is not None
+        saved = rt.instance if rt.instance is not None and rt.instance.state is State.SAVED else None
+        if saved is not None:
+            inst = saved
+        else:
+            rt.numbers += 1
+            inst = Instance(rt.config, rt.numbers)
+        inst.fire(Event.START)
+        inst.started_at = trio.current_time()
+        rt.instance = inst
+        rt.restart_wanted = False
+        rt.boots += 1
+        self._notify(rt)
+        self._nursery.start_soon(self._run_instance, rt, inst, saved is not None)
+        return inst
+
+    async def _run_instance(self, rt: ServiceRuntime, inst: Instance, resume: bool) -> None:
+        died: str | None = None
+        try:
+            try:
+                await self._boot(rt, inst, resume)
+            except BootFailed as exc:
+                self._boot_failed(rt, inst, exc)
+                return
+            except Exception as exc:
+                # A bug in a backend must not take the daemon down: fail this boot loudly.
+                log.exception("%s: unexpected error while booting", inst.label)
+                self._boot_failed(rt, inst, BootFailed(f"internal error: {exc!r}"))
+                return
+            inst.fire(Event.READY)
+            inst.ready_at = trio.current_time()
+            rt.failures = 0
+            log.info(
+                "%s ready in %.1f ms (%s)", inst.label,
+                (inst.ready_at - inst.started_at) * 1000, inst.handle.describe() if inst.handle else "",
+            )
+            self._notify(rt)
+            died = await self._watch(rt, inst)
+            if died is not None:
+                rt.deaths += 1
+                log.warning("%s went away by itself: %s", inst.label, died)
+                inst.fire(Event.DIED)
+            else:
+                rt.idle_stops += 1
+                log.info(
+                    "%s idle for %g s; stopping (%s)", inst.label, rt.config.idle_timeout,
+                    rt.config.stop,
+                )
+                inst.fire(Event.STOP)
+            self._notify(rt)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release(rt, inst, died)
+
+    async def _boot(self, rt: ServiceRuntime, inst: Instance, resume: bool) -> None:
+        svc = rt.config
+        backend = self.backends[svc.backend]
+        exited: str | None = None
+        error: BootFailed | None = None
+        with trio.move_on_after(svc.boot_timeout) as scope:
+            saved = inst.handle if resume else None
+            inst.handle = await backend.start(svc, inst.number, saved)
+            handle = inst.handle
+
+            async with trio.open_nursery() as race:
+
+                async def ready() -> None:
+                    nonlocal error
+                    try:
+                        await handle.wait_ready()
+                    except BootFailed as exc:
+                        error = exc
+                    except OSError as exc:
+                        error = BootFailed(f"readiness check failed: {exc}")
+                    race.cancel_scope.cancel()
+
+                async def gone() -> None:
+                    nonlocal exited
+                    exited = await handle.wait_exited()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(ready)
+                race.start_soon(gone)
+        if scope.cancelled_caught:
+            raise BootTimeout(f"not ready within the boot timeout of {svc.boot_timeout:g} s")
+        if exited is not None:
+            raise BootFailed(f"{exited} before it was ready")
+        if error is not None:
+            raise error
+
+    def _boot_failed(self, rt: ServiceRuntime, inst: Instance, exc: BootFailed) -> None:
+        svc = rt.config
+        inst.error = str(exc)
+        inst.fire(Event.FAIL)
+        rt.failures += 1
+        rt.boot_failures += 1
+        delay = min(svc.retry_backoff * 2 ** (rt.failures - 1), svc.retry_backoff_max)
+        rt.retry_at = trio.current_time() + delay
+        rt.last_error = f"{inst.label} failed to boot: {exc}"
+        log.error("%s; next attempt in %g s at the earliest", rt.last_error, delay)
+        self._notify(rt)
+
+    async def _watch(self, rt: ServiceRuntime, inst: Instance) -> str | None:
+        """Wait until the instance dies (return how) or the service is idle (return None)."""
+        assert inst.handle is not None
+        handle = inst.handle
+        died: str | None = None
+        async with trio.open_nursery() as watch:
+
+            async def gone() -> None:
+                nonlocal died
+                died = await handle.wait_exited()
+                watch.cancel_scope.cancel()
+
+            async def idle() -> None:
+                await self._until_idle(rt)
+                watch.cancel_scope.cancel()
+
+            watch.start_soon(gone)
+            watch.start_soon(idle)
+        return died
+
+    async def _until_idle(self, rt: ServiceRuntime) -> None:
+        while True:
+            if rt.connections:
+                await rt.no_connections.wait()
+                continue
+            deadline = rt.last_activity + rt.config.idle_timeout
+            if trio.current_time() >= deadline:
+                return
+            await trio.sleep_until(deadline)
+
+    async def _release(self, rt: ServiceRuntime, inst: Instance, died: str | None) -> None:
+        """Runs shielded: stop the instance through its backend and settle its state."""
+        svc = rt.config
+        if inst.state in (State.STARTING, State.READY, State.DRAINING):
+            inst.fire(Event.STOP)  # cancelled: the daemon is stopping
+            self._notify(rt)
+        kept = False
+        if inst.handle is not None:
+            # A dead or failed instance only needs its resources released.
+            mode = "destroy" if died is not None or inst.state is State.FAILED else svc.stop
+            grace = getattr(svc.settings, "grace", 5.0)
+            with trio.move_on_after(grace + STOP_MARGIN) as scope:
+                try:
+                    kept = await inst.handle.stop(mode, grace)
+                except Exception:
+                    log.exception("%s: stopping it failed", inst.label)
+            if scope.cancelled_caught:
+                log.error("%s: did not stop within %g s", inst.label, grace + STOP_MARGIN)
+        if inst.state is State.STOPPING:
+            inst.fire(Event.SAVED if kept else Event.STOPPED)
+        if not kept:
+            inst.handle = None
+        if rt.instance is inst and inst.state is not State.SAVED:
+            rt.instance = None
+        self._notify(rt)
+        if rt.restart_wanted and not self._closing and self._nursery is not None:
+            rt.restart_wanted = False
+            self.request(rt.config.name)
