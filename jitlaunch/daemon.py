@@ -64,7 +64,8 @@ class Daemon:
                 task_status.started(self)
                 await self._stop.wait()
                 self.proxy.stop_accepting()
-                await self.supervisor.drain(self.config.daemon.drain_timeout)
+                with trio.move_on_after(self.config.daemon.drain_timeout):
+                    await self.supervisor.drain()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

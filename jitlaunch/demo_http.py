@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol_version = "HTTP/1.1"
         server_version = "jitlaunch-demo"
 
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             if self.path == "/":
                 body = (
                     f"<!doctype html><title>{args.name}</title>\n"
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *a: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *a: object) -> None:
             sys.stderr.write(f"{self.address_string()} {format % a}\n")
 
     ThreadingHTTPServer.daemon_threads = True

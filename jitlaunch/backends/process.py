@@ -106,7 +106,7 @@ class ProcessHandle(Handle):
         release: Any,
     ) -> None:
         self.process = process
-        self.pid = process.pid
+        self.pid = self.pgid = process.pid
         self.host = host
         self.port_map = port_map
         self.address = host if routable else None
@@ -144,7 +144,7 @@ class ProcessHandle(Handle):
 
     def _signal(self, sig: int) -> None:
         try:
-            os.killpg(self.pid, sig)
+            os.killpg(self.pgid, sig)
         except ProcessLookupError:
             pass
 
@@ -216,7 +216,7 @@ class ProcessBackend(Backend):
         path = self.log_dir / f"{service}.log"
         if path.exists():
             path.replace(path.with_suffix(".log.1"))
-        f = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by ProcessHandle.stop
+        f = open(path, "ab", buffering=0)
         f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
         return f
 

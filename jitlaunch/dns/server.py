@@ -165,7 +165,7 @@ async def _serve_udp(sock: trio.socket.SocketType, resolver: Resolver) -> None:
 
 
 async def _udp_held(
-    sock: trio.socket.SocketType, resolver: Resolver, wire: bytes, addr: object, service: str
+    sock: trio.socket.SocketType, resolver: Resolver, wire: bytes, addr: tuple[object, ...], service: str
 ) -> None:
     reply = await resolver.answer_held(wire, True, service)
     if reply is not None:

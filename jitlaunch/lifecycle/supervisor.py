@@ -128,18 +128,17 @@ class Supervisor:
             self._closing = True
             self._nursery = None
 
-    async def drain(self, timeout: float) -> None:
-        """Stop starting instances and wait, at most ``timeout``, for open connections to
-        end. Called before the daemon cancels everything on a clean shutdown."""
+    async def drain(self) -> None:
+        """Stop starting instances and wait for open connections to end. Called (bounded by
+        the caller) before the daemon cancels everything on a clean shutdown."""
         self._closing = True
         for rt in self.services.values():
             inst = rt.instance
             if inst is not None and inst.state is State.READY and rt.connections:
                 inst.fire(Event.DRAIN)
                 self._notify(rt)
-        with trio.move_on_after(timeout):
-            for rt in self.services.values():
-                await rt.no_connections.wait()
+        for rt in self.services.values():
+            await rt.no_connections.wait()
 
     # ---- requests from DNS and the proxy ----------------------------------------------
 

@@ -1,0 +1,160 @@
+"""Shared helpers: configs on fresh loopback addresses, an in-process daemon, DNS clients."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from dnslib import DNSRecord
+
+from jitlaunch.config import Config, parse_config
+from jitlaunch.daemon import Daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# Each test gets its own 127.x.y.0/24 block, so that tests never collide on front addresses.
+_blocks = itertools.count(random.randrange(1, 200) * 256)
+
+
+def fresh_block() -> str:
+    n = next(_blocks) % (200 * 256)
+    return f"127.{100 + n // 256 % 100}.{n % 256}"
+
+
+DEMO = f"{PYTHON} -m jitlaunch.demo_http --address {{address}} --port {{port}} --name {{name}}"
+
+
+def config_text(state_dir: Path, services: str, dns: str = "", top: str = "") -> str:
+    return f"""
+[daemon]
+state_dir = "{state_dir}"
+drain_timeout = "2s"
+{top}
+[dns]
+listen = ["127.0.0.1:0"]
+zones = ["jit.test"]
+{dns}
+{services}
+"""
+
+
+def load(text: str, path: str = "test.toml") -> Config:
+    return parse_config(text, path)
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Daemon]:
+    """Run a daemon in-process for the duration of the block; stop it in order afterwards."""
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+async def query_udp(server: tuple[str, int], name: str, qtype: str = "A") -> DNSRecord:
+    q = DNSRecord.question(name, qtype)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.connect(server)
+        await sock.send(q.pack())
+        with trio.fail_after(15):
+            data = await sock.recv(65535)
+    return DNSRecord.parse(data)
+
+
+async def query_tcp(server: tuple[str, int], names: list[tuple[str, str]]) -> list[DNSRecord]:
+    """Several queries on one TCP connection, pipelined; replies in any order, by ID."""
+    stream = await trio.open_tcp_stream(*server)
+    async with stream:
+        ids = {}
+        for name, qtype in names:
+            q = DNSRecord.question(name, qtype)
+            ids[q.header.id] = len(ids)
+            wire = q.pack()
+            await stream.send_all(struct.pack("!H", len(wire)) + wire)
+        out: list[DNSRecord | None] = [None] * len(names)
+        buf = b""
+        with trio.fail_after(15):
+            while any(r is None for r in out):
+                data = await stream.receive_some(65536)
+                assert data, "server closed the connection early"
+                buf += data
+                while len(buf) >= 2 and len(buf) >= 2 + struct.unpack_from("!H", buf)[0]:
+                    n = struct.unpack_from("!H", buf)[0]
+                    rec = DNSRecord.parse(buf[2 : 2 + n])
+                    buf = buf[2 + n :]
+                    out[ids[rec.header.id]] = rec
+    return [r for r in out if r is not None]
+
+
+def answers(rec: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in rec.rr]
+
+
+async def http_get(host: str, port: int, path: str = "/") -> bytes:
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(15):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> None:
+    """Poll ``predicate`` with a deadline (for real processes; never a bare sleep)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def children_of(pid: int) -> list[int]:
+    """All live descendants of ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        parents[int(entry)] = int(fields[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def block() -> str:
+    return fresh_block()
