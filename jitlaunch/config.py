@@ -387,21 +387,17 @@ def _parse_service(
     stop = pick("stop").string("stop", "destroy", choices=STOP_MODES)
     try:
         supported = stop_modes(backend)
-        settings = parse_backend_settings(
-            backend, Table(path, {}, f"{backend}.", name) if backend not in data
-            else t.sub(backend), base_dir
-        )
     except KeyError:
         raise pick("backend").error("backend", f"unknown backend {backend!r}") from None
+    for other in ("process", "qemu", "libvirt"):
+        if other != backend and other in data:
+            raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
+    table = t.sub(backend) if backend in data else Table(path, {}, f"{backend}.", name)
+    settings = parse_backend_settings(backend, table, base_dir)
     if stop not in supported:
         raise pick("stop").error(
             "stop", f"the {backend} backend supports {', '.join(supported)}, not {stop!r}"
         )
-    for other in ("process", "qemu", "libvirt"):
-        if other != backend and other in data:
-            raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
-    if backend in data:
-        t.raw(backend)
     svc = ServiceConfig(
         name=name,
         names=tuple(names),

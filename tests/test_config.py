@@ -1,0 +1,195 @@
+"""Every kind of configuration error produces a message naming the file, service and key."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jitlaunch.config import load_config, parse_config
+from jitlaunch.errors import ConfigError
+
+BASE = """
+[dns]
+zones = ["jit.test"]
+"""
+
+SERVICE = """
+[[service]]
+name = "hello"
+front = ["127.77.0.1"]
+ports = [8080]
+[service.process]
+command = "demo --port {port}"
+"""
+
+
+def error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "conf.toml")
+    return str(info.value)
+
+
+def test_valid_config_round_trip() -> None:
+    cfg = parse_config(BASE + SERVICE, "conf.toml")
+    svc = cfg.service("hello")
+    assert svc.names == ("hello.jit.test",)
+    assert svc.answer == "handoff" and svc.stop == "destroy" and svc.backend == "process"
+    assert svc.idle_timeout == 300 and svc.boot_timeout == 10
+    assert svc.settings.command == ("demo", "--port", "{port}")
+    assert cfg.dns.zones[0].nameservers == ("ns.jit.test",)
+    assert cfg.dns.nameserver_addresses == ("127.0.0.1",)
+
+
+def test_defaults_table_and_durations() -> None:
+    cfg = parse_config(
+        BASE + '[defaults]\nidle_timeout = "5m"\nboot_timeout = "250ms"\nanswer = "wait"\n' + SERVICE,
+        "c.toml",
+    )
+    svc = cfg.service("hello")
+    assert svc.idle_timeout == 300 and svc.boot_timeout == 0.25 and svc.answer == "wait"
+    cfg = parse_config(BASE + SERVICE.replace('ports', 'idle_timeout = "never"\nports'), "c.toml")
+    assert cfg.service("hello").idle_timeout == math.inf
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[dns\n", "conf.toml: not valid TOML: "),
+        ("[dns]\nzones = []\n", "conf.toml: dns.zones: expected at least one zone name"),
+        ("", "conf.toml: dns.zones: missing (expected a list of strings)"),
+        ('[dns]\nzones = ["jit..test"]\n', "conf.toml: dns.zones: expected a DNS name such as"),
+        (BASE + 'listen = ["localhost:53"]\n', "conf.toml: dns.listen: expected ADDRESS:PORT"),
+        (BASE + 'listen = ["127.0.0.1:99999"]\n', "conf.toml: dns.listen: port must be from 0 to 65535"),
+        (BASE + "ttl = -1\n", "conf.toml: dns.ttl: expected an integer from 0 to"),
+        (BASE + 'ttl = "30"\n', "conf.toml: dns.ttl: expected an integer, got a string ('30')"),
+        (BASE + "colour = 1\n", "conf.toml: dns.colour: unknown key"),
+        (BASE + "[dns.soa]\nserial = 1.5\n", "conf.toml: dns.soa.serial: expected an integer, got a number"),
+        (BASE + "[surprise]\n", "conf.toml: surprise: unknown key"),
+        (BASE + "[daemon]\nstate_dir = 3\n", "conf.toml: daemon.state_dir: expected a path"),
+        (BASE + "[proxy]\nmax_buffer = 0\n", "conf.toml: proxy.max_buffer: expected an integer from 1"),
+        (BASE + "[defaults]\nbogus = 1\n", "conf.toml: defaults.bogus: unknown key (allowed: backend"),
+        (BASE + "[defaults]\nidle_timeout = -5\n",
+         "conf.toml: defaults.idle_timeout: expected a positive duration, got an integer (-5)"),
+        ("service = 3\n" + BASE, "conf.toml: service: expected [[service]] tables"),
+    ],
+)
+def test_global_errors(text: str, expected: str) -> None:
+    if "[defaults]" in text:
+        text += SERVICE
+    assert error(text).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("name = \"hello\"", "name = 5"), "service[0].name: missing or not a string"),
+        (("name = \"hello\"", "name = \"he llo\""), "service 'he llo': name: expected a DNS label"),
+        (("ports = [8080]", "ports = [0]"), "service 'hello': ports: expected a list of port numbers"),
+        (("ports = [8080]", "ports = []"), "service 'hello': ports: expected a list of port numbers"),
+        (("front = [\"127.77.0.1\"]", "front = [\"nowhere\"]"),
+         "service 'hello': front: expected an IPv4 or IPv6 address, got 'nowhere'"),
+        (("front = [\"127.77.0.1\"]", "front = []"), "service 'hello': front: expected at least one"),
+        (("front = [\"127.77.0.1\"]\n", ""), "service 'hello': front: missing"),
+        (("ports = [8080]", "ports = [8080]\nanswer = \"eventually\""),
+         "service 'hello': answer: expected one of handoff, proxy, wait, got 'eventually'"),
+        (("ports = [8080]", "ports = [8080]\nstop = \"pause\""),
+         "service 'hello': stop: the process backend supports destroy, shutdown, not 'pause'"),
+        (("ports = [8080]", "ports = [8080]\nbackend = \"xen\""),
+         "service 'hello': backend: unknown backend 'xen'"),
+        (("ports = [8080]", "ports = [8080]\nboot_timeout = \"soon\""),
+         "service 'hello': boot_timeout: expected a duration such as 30"),
+        (("ports = [8080]", "ports = [8080]\nmax_instances = 0"),
+         "service 'hello': max_instances: expected an integer from 1 to 10000, got 0"),
+        (("ports = [8080]", "ports = [8080]\nnames = [\"other.zone\"]"),
+         "service 'hello': names: 'other.zone' is not inside any configured zone"),
+        (("ports = [8080]", "ports = [8080]\nnames = [\"jit.test\"]"),
+         "service 'hello': names: 'jit.test' is a zone apex"),
+        (("ports = [8080]", "ports = [8080]\ncolour = \"red\""), "service 'hello': colour: unknown key"),
+        (("ports = [8080]", "ports = [8080]\nretry_backoff = 10\nretry_backoff_max = 1"),
+         "service 'hello': retry_backoff_max: must not be smaller than retry_backoff"),
+        (("command = \"demo --port {port}\"", "command = \"demo {colour}\""),
+         "service 'hello': process.command: unknown placeholder {colour}"),
+        (("command = \"demo --port {port}\"", "command = \"demo 'unclosed\""),
+         "service 'hello': process.command: cannot split the command line"),
+        (("command = \"demo --port {port}\"", "command = \"\""),
+         "service 'hello': process.command: expected a command line"),
+        (("command = \"demo --port {port}\"", "command = \"demo\"\nsubnet = \"10.0.0.300/24\""),
+         "service 'hello': process.subnet: expected a network such as"),
+        (("command = \"demo --port {port}\"", "command = \"demo\"\nshell = true"),
+         "service 'hello': process.shell: unknown key"),
+        (("[service.process]\ncommand = \"demo --port {port}\"", ""),
+         "service 'hello': process.command: missing (expected a string)"),
+        (("[service.process]", "[service.qemu]"),
+         "service 'hello': qemu: settings for the qemu backend, but backend is 'process'"),
+    ],
+)
+def test_service_errors(change: tuple[str, str], expected: str) -> None:
+    text = BASE + SERVICE.replace(*change)
+    assert error(text) == f"conf.toml: {expected}" or error(text).startswith(f"conf.toml: {expected}")
+
+
+def test_duplicates_across_services() -> None:
+    two = BASE + SERVICE + SERVICE.replace("127.77.0.1", "127.77.0.2")
+    assert error(two) == (
+        "conf.toml: service 'hello': name: name 'hello.jit.test' is already used by service 'hello'"
+    )
+    other = SERVICE.replace('"hello"', '"other"')
+    assert error(BASE + SERVICE + other) == (
+        "conf.toml: service 'other': front: 127.77.0.1 port 8080 is already the front of "
+        "service 'hello'"
+    )
+    alias = other.replace("127.77.0.1", "127.77.0.2").replace("ports", 'names = ["hello.jit.test"]\nports')
+    assert error(BASE + SERVICE + alias) == (
+        "conf.toml: service 'other': names: name 'hello.jit.test' is already used by service 'hello'"
+    )
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.toml")
+    assert str(info.value).startswith(f"{tmp_path / 'missing.toml'}: cannot read the file: ")
+
+
+def test_default_config_is_valid() -> None:
+    cfg = load_config(None)
+    assert {s.name for s in cfg.services} >= {"hello"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jitlaunch.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(BASE + SERVICE)
+    ok = run_cli("check", str(good))
+    assert ok.returncode == 0
+    assert ok.stdout.startswith(f"{good}: OK\n")
+    assert "hello: hello.jit.test -> 127.77.0.1:8080; process backend, answer handoff" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + SERVICE.replace("8080", "80800"))
+    res = run_cli("check", str(bad))
+    assert res.returncode == 2
+    assert res.stderr == (
+        f"jitlaunch: error: {bad}: service 'hello': ports: expected a list of port numbers "
+        "(1 to 65535), got a list ([80800])\n"
+    )
+    assert "Traceback" not in res.stderr
+
+
+def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dns\n")
+    res = run_cli("run", "--config", str(bad))
+    assert res.returncode == 2 and "not valid TOML" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_command_line_exits_2() -> None:
+    res = run_cli("probe", "hello.jit.test")
+    assert res.returncode == 2 and "--server" in res.stderr
