@@ -1,0 +1,297 @@
+"""The pure answer function: golden bytes for each rule, and random input that never raises.
+
+Expected replies are assembled here byte by byte (not with dnslib), so that a change in how
+replies are built shows up as a changed byte.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dnslib import EDNS0, QTYPE, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jitlaunch.config import parse_config
+from jitlaunch.dns.answer import Catalog, Response, respond
+from jitlaunch.lifecycle.supervisor import ServiceAnswer
+
+CONFIG = parse_config(
+    """
+[dns]
+zones = ["jit.test"]
+[[service]]
+name = "hello"
+names = ["a.b.jit.test"]
+front = ["127.77.0.1"]
+ports = [80]
+[service.process]
+command = "x"
+[[service]]
+name = "six"
+front = ["127.77.0.2", "fd00::2"]
+ports = [80]
+[service.process]
+command = "x"
+[[service]]
+name = "slow"
+front = ["127.77.0.3"]
+ports = [80]
+answer = "wait"
+[service.process]
+command = "x"
+[[service]]
+name = "many"
+front = [%s]
+ports = [80]
+[service.process]
+command = "x"
+"""
+    % ", ".join(f'"127.78.0.{i}"' for i in range(1, 41)),
+    "t.toml",
+)
+CATALOG = Catalog(CONFIG.dns, CONFIG.services)
+STATE = {
+    "hello": ServiceAnswer(("127.77.1.5",), (), 30),
+    "six": ServiceAnswer(("127.77.0.2",), ("fd00::2",), 1),
+    "slow": ServiceAnswer(pending=True),
+    "many": ServiceAnswer(tuple(f"127.78.0.{i}" for i in range(1, 41)), (), 1),
+}
+
+
+def lookup(name: str) -> ServiceAnswer:
+    return STATE[name]
+
+
+def run(wire: bytes, udp: bool = True) -> Response:
+    return respond(wire, CATALOG, lookup, udp=udp)
+
+
+# ---- a tiny independent encoder for expected bytes -------------------------------------
+
+
+def name(text: str) -> bytes:
+    out = b""
+    for label in text.split("."):
+        if label:
+            out += bytes([len(label)]) + label.encode()
+    return out + b"\0"
+
+
+def header(ident: int, flags: int, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", ident, flags, qd, an, ns, ar)
+
+
+def question(qname: str, qtype: int, qclass: int = 1) -> bytes:
+    return name(qname) + struct.pack("!HH", qtype, qclass)
+
+
+def rr(owner: bytes, rtype: int, ttl: int, rdata: bytes) -> bytes:
+    return owner + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def ptr(offset: int) -> bytes:
+    return struct.pack("!H", 0xC000 | offset)
+
+
+def soa_rdata(apex: bytes) -> bytes:
+    # ns.jit.test. hostmaster.jit.test. 1 3600 600 86400 30, compressed against the apex.
+    return b"\x02ns" + apex + b"\x0ahostmaster" + apex + struct.pack("!IIIII", 1, 3600, 600, 86400, 30)
+
+
+QR, AA, TC, RD = 0x8000, 0x0400, 0x0200, 0x0100
+
+
+# ---- golden replies --------------------------------------------------------------------
+
+
+def test_a_for_a_service() -> None:
+    q = header(0x1234, RD) + question("hello.jit.test", 1)
+    expected = header(0x1234, QR | AA | RD, an=1) + question("hello.jit.test", 1) + rr(
+        ptr(12), 1, 30, bytes([127, 77, 1, 5])
+    )
+    resp = run(q)
+    assert resp.reply == expected
+    assert resp.service == "hello" and resp.cacheable and not resp.pending
+
+
+def test_question_echoed_as_asked_and_matched_case_insensitively() -> None:
+    q = header(7, 0) + question("HeLLo.JiT.TeSt", 1)
+    expected = header(7, QR | AA, an=1) + question("HeLLo.JiT.TeSt", 1) + rr(
+        ptr(12), 1, 30, bytes([127, 77, 1, 5])
+    )
+    assert run(q).reply == expected
+
+
+def test_aaaa_where_a_service_has_ipv6() -> None:
+    q = header(9, 0) + question("six.jit.test", 28)
+    v6 = bytes.fromhex("fd000000000000000000000000000002")
+    expected = header(9, QR | AA, an=1) + question("six.jit.test", 28) + rr(ptr(12), 28, 1, v6)
+    assert run(q).reply == expected
+
+
+def test_nxdomain_with_soa() -> None:
+    q = header(0xBEEF, RD) + question("nope.jit.test", 1)
+    apex = ptr(12 + 5)  # "jit" starts after the 5 bytes of "\x04nope"
+    expected = (
+        header(0xBEEF, QR | AA | RD | 3, ns=1)
+        + question("nope.jit.test", 1)
+        + rr(apex, 6, 30, soa_rdata(apex))
+    )
+    resp = run(q)
+    assert resp.reply == expected
+    assert resp.service is None
+
+
+def test_nodata_for_other_types_and_empty_non_terminals() -> None:
+    for qname, qtype, skip in (("hello.jit.test", 15, 6), ("b.jit.test", 1, 2)):
+        q = header(1, 0) + question(qname, qtype)
+        apex = ptr(12 + skip)
+        expected = header(1, QR | AA, ns=1) + question(qname, qtype) + rr(apex, 6, 30, soa_rdata(apex))
+        assert run(q).reply == expected, qname
+    # An MX query names the service but does not start it.
+    assert run(header(1, 0) + question("hello.jit.test", 15)).service is None
+
+
+def test_soa_and_ns_at_the_apex() -> None:
+    q = header(2, 0) + question("jit.test", 6)
+    expected = header(2, QR | AA, an=1) + question("jit.test", 6) + rr(ptr(12), 6, 300, soa_rdata(ptr(12)))
+    assert run(q).reply == expected
+    q = header(3, 0) + question("jit.test", 2)
+    ns = b"\x02ns" + ptr(12)
+    expected = (
+        header(3, QR | AA, an=1, ar=1)
+        + question("jit.test", 2)
+        + rr(ptr(12), 2, 300, ns)
+        + rr(ptr(12 + 14 + 12), 1, 300, bytes([127, 0, 0, 1]))  # "ns" in the NS rdata
+    )
+    assert run(q).reply == expected
+
+
+def test_refused_outside_every_zone_and_for_other_classes() -> None:
+    q = header(0x4242, RD) + question("example.org", 1)
+    assert run(q).reply == header(0x4242, QR | RD | 5) + question("example.org", 1)
+    q = header(5, 0) + question("hello.jit.test", 16, qclass=3)  # CH TXT
+    assert run(q).reply == header(5, QR | 5) + question("hello.jit.test", 16, qclass=3)
+    q = header(6, 0) + question("jit.test", 252)  # AXFR
+    assert run(q).reply == header(6, QR | 5) + question("jit.test", 252)
+
+
+def test_formerr_for_garbage_with_a_header() -> None:
+    q = header(0xABCD, RD) + b"\x05hel"  # question cut short
+    assert run(q).reply == struct.pack("!HHHHHH", 0xABCD, QR | RD | 1, 0, 0, 0, 0)
+    two = header(8, 0, qd=2) + question("hello.jit.test", 1) + question("six.jit.test", 1)
+    assert run(two).reply == header(8, QR | 1, qd=0)
+
+
+def test_notimp_for_other_opcodes() -> None:
+    q = header(0x0101, 2 << 11) + question("hello.jit.test", 1)  # STATUS
+    assert run(q).reply == header(0x0101, QR | (2 << 11) | 4) + question("hello.jit.test", 1)
+
+
+def test_nothing_for_short_packets_and_responses() -> None:
+    assert run(b"\x00" * 11).reply is None
+    assert run(header(1, QR) + question("hello.jit.test", 1)).reply is None
+
+
+def opt(payload: int, version: int = 0, do: bool = False) -> bytes:
+    ttl = (version << 16) | (0x8000 if do else 0)
+    return b"\x00" + struct.pack("!HHIH", 41, payload, ttl, 0)
+
+
+def test_edns_echoed_with_our_payload_and_do_bit() -> None:
+    q = header(10, 0, ar=1) + question("hello.jit.test", 1) + opt(4096, do=True)
+    expected = (
+        header(10, QR | AA, an=1, ar=1)
+        + question("hello.jit.test", 1)
+        + rr(ptr(12), 1, 30, bytes([127, 77, 1, 5]))
+        + opt(1232, do=True)
+    )
+    assert run(q).reply == expected
+
+
+def test_badvers_for_unknown_edns_version() -> None:
+    q = header(11, 0, ar=1) + question("hello.jit.test", 1) + opt(4096, version=1)
+    reply = run(q).reply
+    assert reply == header(11, QR, qd=0, ar=1) + b"\x00" + struct.pack("!HHIH", 41, 1232, 1 << 24, 0)
+
+
+def test_tc_when_udp_reply_too_large_and_edns_size_respected() -> None:
+    q = header(12, 0) + question("many.jit.test", 1)
+    small = run(q).reply
+    assert small == header(12, QR | AA | TC) + question("many.jit.test", 1)
+    full_tcp = run(q, udp=False).reply
+    assert full_tcp is not None and len(DNSRecord.parse(full_tcp).rr) == 40
+    q = header(13, 0, ar=1) + question("many.jit.test", 1) + opt(1232)
+    big = run(q).reply
+    assert big is not None and 512 < len(big) <= 1232
+    assert len(DNSRecord.parse(big).rr) == 40 and not DNSRecord.parse(big).header.tc
+    q = header(14, 0, ar=1) + question("many.jit.test", 1) + opt(600)
+    assert DNSRecord.parse(run(q).reply).header.tc  # type: ignore[arg-type]
+
+
+def test_wait_mode_holds_the_reply_and_servfail_when_failed() -> None:
+    q = header(15, 0) + question("slow.jit.test", 1)
+    resp = run(q)
+    assert resp == Response(None, "slow", pending=True)
+    failed = respond(q, CATALOG, lambda n: ServiceAnswer(servfail=True), udp=True)
+    assert failed.reply == header(15, QR | 2) + question("slow.jit.test", 1)
+
+
+def test_any_gives_both_families() -> None:
+    rec = DNSRecord.parse(run(header(16, 0) + question("six.jit.test", 255)).reply)  # type: ignore[arg-type]
+    assert sorted(QTYPE[r.rtype] for r in rec.rr) == ["A", "AAAA"]
+
+
+# ---- robustness --------------------------------------------------------------------------
+
+VALID = [
+    header(1, RD) + question("hello.jit.test", 1),
+    header(2, 0, ar=1) + question("six.jit.test", 28) + opt(4096, do=True),
+    header(3, 0) + question("nope.jit.test", 15),
+    header(4, 0) + question("jit.test", 2),
+    DNSRecord.question("many.jit.test", "A").pack(),
+]
+
+
+def check(wire: bytes) -> None:
+    for udp in (True, False):
+        resp = run(wire, udp)
+        assert isinstance(resp, Response)
+        if resp.reply is not None:
+            assert len(resp.reply) >= 12
+            assert resp.reply[:2] == wire[:2]  # same ID
+            assert resp.reply[2] & 0x80  # QR set
+            if udp:
+                assert len(resp.reply) <= 1232
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise(wire: bytes) -> None:
+    check(wire)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(VALID),
+    st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255), st.sampled_from("fid")), max_size=6),
+)
+def test_mutated_queries_never_raise(base: bytes, edits: list[tuple[int, int, str]]) -> None:
+    wire = bytearray(base)
+    for pos, value, kind in edits:
+        pos %= len(wire) + 1
+        if kind == "f" and pos < len(wire):
+            wire[pos] = value
+        elif kind == "i":
+            wire.insert(pos, value)
+        elif kind == "d" and pos < len(wire):
+            del wire[pos]
+    check(bytes(wire))
+
+
+def test_dnslib_built_queries_for_every_type() -> None:
+    for qtype in ("A", "AAAA", "MX", "TXT", "SOA", "NS", "ANY", "SRV", "HTTPS"):
+        q = DNSRecord.question("hello.jit.test", qtype)
+        q.add_ar(EDNS0(udp_len=1232))
+        check(q.pack())
