@@ -44,7 +44,7 @@ class Instance:
         self.number = number
         self.state = State.STOPPED
         self.handle: Handle | None = None
-        self.error: str | None = None
+        self.error: BootFailed | None = None
         self.started_at = math.nan
         self.ready_at = math.nan
 
@@ -58,7 +58,8 @@ class Instance:
         return self.state
 
     def __repr__(self) -> str:
-        extra = f" {self.handle.describe()}" if self.handle else ""
+        described = self.handle.describe() if self.handle else ""
+        extra = f" {described}" if described else ""
         return f"<Instance {self.label} {self.state} {self.service.backend}{extra}>"
 
 
@@ -177,7 +178,9 @@ class Supervisor:
             if inst.state is State.READY:
                 return inst
             if inst.state is State.FAILED:
-                raise BootFailed(inst.error or "boot failed")
+                # A fresh exception of the same kind for each waiter (BootTimeout stays one).
+                failure = inst.error or BootFailed("boot failed")
+                raise type(failure)(*failure.args)
             # Draining or stopping: a new instance starts once this one is released.
             while inst.state in (State.DRAINING, State.STOPPING):
                 await rt.changed.wait()
@@ -318,7 +321,7 @@ class Supervisor:
 
     def _boot_failed(self, rt: ServiceRuntime, inst: Instance, exc: BootFailed) -> None:
         svc = rt.config
-        inst.error = str(exc)
+        inst.error = exc
         inst.fire(Event.FAIL)
         rt.failures += 1
         rt.boot_failures += 1
