@@ -16,8 +16,9 @@ from jitlaunch.config import parse_config
 from jitlaunch.dns.answer import Catalog, Response, respond
 from jitlaunch.lifecycle.supervisor import ServiceAnswer
 
+MANY = ", ".join(f'"127.78.0.{i}"' for i in range(1, 41))
 CONFIG = parse_config(
-    """
+    f"""
 [dns]
 zones = ["jit.test"]
 [[service]]
@@ -42,12 +43,11 @@ answer = "wait"
 command = "x"
 [[service]]
 name = "many"
-front = [%s]
+front = [{MANY}]
 ports = [80]
 [service.process]
 command = "x"
-"""
-    % ", ".join(f'"127.78.0.{i}"' for i in range(1, 41)),
+""",
     "t.toml",
 )
 CATALOG = Catalog(CONFIG.dns, CONFIG.services)

@@ -271,7 +271,7 @@ async def test_death_is_noticed_at_once_and_next_request_boots_anew(
 async def test_answers_follow_the_state(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    sup, backend = make(tmp_path)
+    sup, _ = make(tmp_path)
     await nursery.start(sup.run)
     booting = sup.answer("hello")
     assert (booting.v4, booting.ttl) == (("127.77.0.1",), 1)

@@ -381,6 +381,7 @@ class Supervisor:
                 log.error("%s: did not stop within %g s", inst.label, grace + STOP_MARGIN)
         if inst.state is State.STOPPING:
             inst.fire(Event.SAVED if kept else Event.STOPPED)
+            log.info("%s %s", inst.label, "saved" if kept else "stopped")
         if not kept:
             inst.handle = None
         if rt.instance is inst and inst.state is not State.SAVED:
