@@ -106,9 +106,19 @@ def _run(path: str | None, level: str | None) -> int:
     log.info("jitlaunch %s starting with %s", __version__, config.path)
     try:
         trio.run(_serve, config)
-    except JitlaunchError as exc:
-        return _fail(str(exc), 1)
+    except (JitlaunchError, BaseExceptionGroup) as exc:
+        error = _ours(exc)
+        if error is None:
+            raise
+        return _fail(str(error), 1)
     return 0
+
+
+def _ours(exc: BaseException) -> JitlaunchError | None:
+    """Our own error inside a (possibly nested) exception group, if that is all it holds."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, JitlaunchError) else None
 
 
 async def _serve(config: Config) -> None:

@@ -123,7 +123,8 @@ class Proxy:
         eof = False
         ready: Instance | None = None
         reason: str | None = None
-        with trio.move_on_after(svc.boot_timeout) as timer:
+        # The supervisor bounds the boot itself; this is only a safety net.
+        with trio.move_on_after(svc.boot_timeout + 1) as timer:
             async with trio.open_nursery() as race:
 
                 async def read() -> None:
