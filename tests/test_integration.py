@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.daemon import Daemon
 from jitlaunch.lifecycle.state import State
 
 from .conftest import (
@@ -188,6 +190,19 @@ async def test_no_child_survives_the_daemon(tmp_path: Path, block: str) -> None:
         assert len(kids) == 2
     assert not any(alive(k) for k in kids)
     assert children_of(os.getpid()) == []
+
+
+async def test_no_child_survives_an_exception(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="boom"), flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            daemon = Daemon(cfg)
+            await nursery.start(daemon.serve)
+            await daemon.supervisor.acquire("hello")
+            kids = children_of(os.getpid())
+            assert len(kids) == 1
+            raise RuntimeError("boom")
+    assert not any(alive(k) for k in kids)
 
 
 async def test_sigterm_stops_every_instance(tmp_path: Path, block: str) -> None:

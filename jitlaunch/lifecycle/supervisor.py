@@ -260,6 +260,8 @@ class Supervisor:
                 return
             inst.fire(Event.READY)
             inst.ready_at = trio.current_time()
+            # The idle clock starts when the instance can first be used, not at the lookup.
+            rt.last_activity = max(rt.last_activity, inst.ready_at)
             rt.failures = 0
             log.info(
                 "%s ready in %.1f ms (%s)", inst.label,
