@@ -138,6 +138,19 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` and its live descendants, in seconds."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class ProcessGroup:
     """Child processes started for one benchmark run, all stopped by :meth:`close` (use it as
     a context manager). Each child runs in its own session; at the end its whole process
@@ -261,6 +274,14 @@ def machine_info() -> dict[str, Any]:
         )
         if rev.returncode == 0:
             info["git_commit"] = rev.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "jitlaunch"],
+            capture_output=True, text=True, timeout=5,
+        )
+        if dirty.returncode == 0:
+            info["jitlaunch_tree_modified"] = [
+                line[3:] for line in dirty.stdout.splitlines() if line.strip()
+            ]
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info

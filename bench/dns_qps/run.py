@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from common import (  # noqa: E402
     machine_info,
     median,
     poll,
+    cpu_seconds,
     require_tool,
     table,
     write_results,
@@ -187,6 +189,9 @@ def main() -> int:
     ap.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (100)")
     ap.add_argument("--max-qps", type=int, default=200_000, help="dnsperf -Q (200000)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write results")
+    ap.add_argument("--jitlaunch", metavar="CMD",
+                    help="command that starts the daemon (default: jitlaunch on PATH); e.g. "
+                    "'python3 -m jitlaunch.cli' with PYTHONPATH set to compare another tree")
     args = ap.parse_args()
     if not 1 <= args.duration <= 60 or not 1 <= args.runs <= 9:
         ap.error("--duration must be 1..60 and --runs 1..9")
@@ -194,7 +199,7 @@ def main() -> int:
     try:
         perf = require_tool("dnsperf")
         nsd = require_tool("nsd", "/usr/sbin/nsd")
-        jl = jitlaunch_command()
+        jl = shlex.split(args.jitlaunch) if args.jitlaunch else jitlaunch_command()
     except BenchError as exc:
         print(f"dns_qps: {exc}", file=sys.stderr)
         return 2
@@ -215,7 +220,7 @@ def main() -> int:
             cfg = tmp / "jitlaunch.toml"
             cfg.write_text(jitlaunch_config(tmp, jport, front, subnet))
             t0 = time.monotonic()
-            procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)])
+            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)])
             poll(lambda: query(jport) is not None, 30, "jitlaunch DNS to answer", procs=procs)
 
             def instance_ready() -> str | None:
@@ -233,7 +238,7 @@ def main() -> int:
             # --- NSD ---------------------------------------------------------------------
             nport = free_port()
             conf = nsd_files(tmp, nport, address)
-            procs.start("nsd", [nsd, "-d", "-c", str(conf)])
+            nproc = procs.start("nsd", [nsd, "-d", "-c", str(conf)])
             poll(lambda: a_records(query(nport)) == [(address, TTL)], 30,
                  "NSD to answer", procs=procs)
             procs.remember_children()
@@ -246,12 +251,17 @@ def main() -> int:
                 short = argparse.Namespace(**{**vars(args), "duration": 1})
                 dnsperf(perf, port, qfile, short)
             for i in range(args.runs):
-                for server, port in (("jitlaunch", jport), ("nsd", nport)):
+                for server, port, pid in (("jitlaunch", jport, jproc.pid),
+                                          ("nsd", nport, nproc.pid)):
                     procs.check_alive()
+                    cpu0 = cpu_seconds(pid)
                     r = dnsperf(perf, port, qfile, args)
+                    r["server_cpu_s"] = cpu_seconds(pid) - cpu0
+                    r["server_cpu_us_per_query"] = r["server_cpu_s"] / max(1, r["completed"]) * 1e6
                     results[server].append(r)
                     print(f"run {i + 1}/{args.runs} {server:9s}: {r['qps']:10.0f} q/s, "
-                          f"avg latency {r['avg_latency_s'] * 1e6:7.0f} µs, lost {r['lost']}",
+                          f"avg latency {r['avg_latency_s'] * 1e6:7.0f} µs, lost {r['lost']}, "
+                          f"server CPU {r['server_cpu_us_per_query']:.1f} µs/query",
                           flush=True)
             # Still answering the instance address afterwards?
             if instance_ready() != address:
@@ -265,6 +275,8 @@ def main() -> int:
         summary[server] = {
             "qps_median": median([r["qps"] for r in runs]),
             "avg_latency_us_median": median([r["avg_latency_s"] * 1e6 for r in runs]),
+            "server_cpu_us_per_query_median": median(
+                [r["server_cpu_us_per_query"] for r in runs]),
             "lost_total": sum(r["lost"] for r in runs),
             "sent_total": sum(r["sent"] for r in runs),
             "runs": runs,
@@ -275,11 +287,13 @@ def main() -> int:
     passed = jq >= TARGET_QPS
     settings = (f"dnsperf -l {args.duration} -c {args.clients} -T {args.threads} "
                 f"-q {args.outstanding} -Q {args.max_qps} -t 2 (UDP), query '{NAME} A'")
-    rows = [["server", "q/s (median)", "avg latency µs", "lost / sent", "runs q/s"]]
+    rows = [["server", "q/s (median)", "avg latency µs", "CPU µs/query", "lost / sent",
+             "runs q/s"]]
     for server in ("jitlaunch", "nsd"):
         s = summary[server]
         rows.append([
             server, f"{s['qps_median']:.0f}", f"{s['avg_latency_us_median']:.0f}",
+            f"{s['server_cpu_us_per_query_median']:.1f}",
             f"{s['lost_total']} / {s['sent_total']}",
             " ".join(f"{r['qps']:.0f}" for r in s["runs"]),
         ])
