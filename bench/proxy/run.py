@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""TCP proxy cost: a backend reached directly, through jitlaunch's proxy and through
+systemd-socket-proxyd, in the same run.
+
+Run from the repository root:  python3 bench/proxy/run.py [--size-mib 1024] [--runs 5]
+
+The backend is bench/proxy/backend.py (threaded stdlib server: source, sink, echo).
+
+* direct: one backend on 127.0.0.1:<port>, started here.
+* jitlaunch: ``jitlaunch run`` with one process-backend service whose command starts its own
+  backend.py, ``answer = "proxy"``; the instance is started and proven ready (an echo through
+  the front address) before anything is measured.
+* systemd-socket-proxyd: under ``systemd-socket-activate -l 127.0.0.1:<port>``, forwarding
+  to the direct backend; also warmed up first.
+
+Measured, each path in turn, repeated ``--runs`` times (medians quoted):
+
+* bulk download: the backend sends ``--size-mib`` MiB, the client reads to EOF (MB/s and
+  Gbit/s, from connect to the last byte); and upload, the other way (``--no-upload``
+  skips it);
+* latency: one connection, 200 warm-up ping-pongs, then 2,000 sequential 64-byte
+  request/response round trips; p50 and p99 in µs.
+
+Targets: jitlaunch bulk throughput >= 70 % of systemd-socket-proxyd's; jitlaunch's p50
+latency at most 100 µs above direct. Results: bench/results/proxy.json and proxy.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (  # noqa: E402
+    BenchError,
+    ProcessGroup,
+    cpu_seconds,
+    free_port,
+    jitlaunch_command,
+    loopback_block,
+    machine_info,
+    median,
+    percentile,
+    poll,
+    require_tool,
+    table,
+    write_results,
+)
+
+BACKEND = Path(__file__).resolve().parent / "backend.py"
+PROXYD = "/lib/systemd/systemd-socket-proxyd"
+TARGET_THROUGHPUT_PCT = 70.0
+TARGET_ADDED_P50_US = 100.0
+MSG = 64
+TIMEOUT = 30.0
+
+
+def connect(host: str, port: int) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=TIMEOUT)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise BenchError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def echo_once(host: str, port: int) -> bool:
+    """One echo through ``host:port``: proves the whole path works."""
+    with connect(host, port) as s:
+        s.sendall(b"E" + b"x" * MSG)
+        return recv_exact(s, MSG) == b"x" * MSG
+
+
+def download(host: str, port: int, size: int) -> float:
+    """Seconds to receive ``size`` bytes from the backend's source, connect to last byte."""
+    buf = bytearray(1 << 20)
+    t0 = time.perf_counter()
+    with connect(host, port) as s:
+        s.sendall(b"S" + struct.pack("!Q", size))
+        got = 0
+        while got < size and (n := s.recv_into(buf, min(len(buf), size - got))):
+            got += n
+        elapsed = time.perf_counter() - t0
+    if got != size:
+        raise BenchError(f"download through {host}:{port}: got {got} of {size} bytes")
+    return elapsed
+
+
+def upload(host: str, port: int, size: int) -> float:
+    """Seconds to send ``size`` bytes to the backend's sink and get its count back."""
+    block = memoryview(bytes(1 << 20))
+    t0 = time.perf_counter()
+    with connect(host, port) as s:
+        s.sendall(b"R" + struct.pack("!Q", size))
+        left = size
+        while left > 0:
+            n = min(left, len(block))
+            s.sendall(block[:n])
+            left -= n
+        (count,) = struct.unpack("!Q", recv_exact(s, 8))
+        elapsed = time.perf_counter() - t0
+    if count != size:
+        raise BenchError(f"upload through {host}:{port}: backend got {count} of {size} bytes")
+    return elapsed
+
+
+def pingpong(host: str, port: int, count: int, warmup: int) -> list[float]:
+    """Round-trip times in µs of ``count`` sequential MSG-byte exchanges on one connection."""
+    msg = b"p" * MSG
+    times: list[float] = []
+    clock = time.perf_counter_ns
+    with connect(host, port) as s:
+        s.sendall(b"E")
+        for i in range(warmup + count):
+            t0 = clock()
+            s.sendall(msg)
+            got = 0
+            while got < MSG:
+                chunk = s.recv(MSG - got)
+                if not chunk:
+                    raise BenchError(f"echo through {host}:{port} closed early")
+                got += len(chunk)
+            if i >= warmup:
+                times.append((clock() - t0) / 1000)
+    return times
+
+
+def jitlaunch_config(tmp: Path, dns_port: int, front: str, port: int) -> str:
+    command = f"{{python}} {BACKEND} --address {{address}} --port {{port}}"
+    return f"""# generated by bench/proxy/run.py
+[daemon]
+state_dir = "{tmp / 'state'}"
+drain_timeout = "2s"
+
+[dns]
+listen = ["127.0.0.1:{dns_port}"]
+zones = ["jit.test"]
+
+[[service]]
+name = "bench"
+front = ["{front}"]
+ports = [{port}]
+answer = "proxy"
+idle_timeout = "30m"
+boot_timeout = "20s"
+[service.process]
+command = "{command}"
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="bulk transfer size (1024)")
+    ap.add_argument("--runs", type=int, default=5, help="repetitions; medians are quoted (5)")
+    ap.add_argument("--pings", type=int, default=2000, help="round trips per latency run")
+    ap.add_argument("--warmup", type=int, default=200, help="warm-up round trips (200)")
+    ap.add_argument("--no-upload", dest="upload", action="store_false",
+                    help="skip the client-to-backend bulk transfer")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not write results")
+    ap.add_argument("--jitlaunch", metavar="CMD",
+                    help="command that starts the daemon (default: jitlaunch on PATH)")
+    args = ap.parse_args()
+    if not 1 <= args.size_mib <= 4096 or not 1 <= args.runs <= 9 or not 1 <= args.pings <= 100000:
+        ap.error("--size-mib must be 1..4096, --runs 1..9, --pings 1..100000")
+    size = args.size_mib << 20
+
+    try:
+        activate = require_tool("systemd-socket-activate", apt="systemd")
+        proxyd = require_tool("systemd-socket-proxyd", PROXYD, apt="systemd")
+        jl = shlex.split(args.jitlaunch) if args.jitlaunch else jitlaunch_command()
+    except BenchError as exc:
+        print(f"proxy: {exc}", file=sys.stderr)
+        return 2
+
+    paths = ("direct", "jitlaunch", "socket-proxyd")
+    bulk: dict[str, list[float]] = {p: [] for p in paths}
+    bulk_cpu: dict[str, list[float]] = {p: [] for p in paths}
+    up: dict[str, list[float]] = {p: [] for p in paths}
+    lat: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpname, ProcessGroup(
+        Path(tmpname)
+    ) as procs:
+        tmp = Path(tmpname)
+        try:
+            # direct backend
+            bport = free_port()
+            procs.start("backend", [sys.executable, str(BACKEND), "--port", str(bport)])
+            poll(lambda: echo_once("127.0.0.1", bport), 15, "the backend", procs=procs)
+
+            # systemd-socket-proxyd, socket-activated, in front of that backend
+            sport = free_port()
+            sproc = procs.start("socket-proxyd", [
+                activate, "-l", f"127.0.0.1:{sport}", proxyd, f"127.0.0.1:{bport}",
+            ])
+            poll(lambda: echo_once("127.0.0.1", sport), 15, "systemd-socket-proxyd",
+                 procs=procs)
+
+            # jitlaunch, proxy answer mode, its own backend instance
+            front = f"{loopback_block()}.1"
+            fport = 9000
+            cfg = tmp / "jitlaunch.toml"
+            cfg.write_text(jitlaunch_config(tmp, free_port(), front, fport))
+            t0 = time.monotonic()
+            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)])
+            poll(lambda: echo_once(front, fport), 30, "the jitlaunch instance behind the proxy",
+                 0.05, procs)
+            procs.remember_children()
+            print(f"jitlaunch: {front}:{fport} -> instance ready after "
+                  f"{time.monotonic() - t0:.2f} s", flush=True)
+
+            where: dict[str, tuple[str, int]] = {
+                "direct": ("127.0.0.1", bport),
+                "jitlaunch": (front, fport),
+                "socket-proxyd": ("127.0.0.1", sport),
+            }
+            proxy_pid = {"direct": None, "jitlaunch": jproc.pid, "socket-proxyd": sproc.pid}
+            for path in paths:  # warm-up, not counted
+                download(*where[path], 64 << 20)
+                pingpong(*where[path], 200, 50)
+
+            for i in range(args.runs):
+                for path in paths:
+                    procs.check_alive()
+                    pid = proxy_pid[path]
+                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    secs = download(*where[path], size)
+                    if pid:
+                        bulk_cpu[path].append(cpu_seconds(pid) - cpu0)
+                    bulk[path].append(size / secs / 1e6)
+                    if args.upload:
+                        up[path].append(size / upload(*where[path], size) / 1e6)
+                    times = sorted(pingpong(*where[path], args.pings, args.warmup))
+                    lat[path].append({
+                        "p50": percentile(times, 50), "p90": percentile(times, 90),
+                        "p99": percentile(times, 99), "mean": sum(times) / len(times),
+                    })
+                    extra = f", upload {up[path][-1]:7.0f} MB/s" if args.upload else ""
+                    print(f"run {i + 1}/{args.runs} {path:13s}: download "
+                          f"{bulk[path][-1]:7.0f} MB/s{extra}, p50 {lat[path][-1]['p50']:6.1f} "
+                          f"µs, p99 {lat[path][-1]['p99']:6.1f} µs", flush=True)
+            # Still the same instance, no connection refused along the way?
+            if not echo_once(front, fport):
+                raise BenchError("jitlaunch proxy stopped echoing")
+        except (BenchError, OSError) as exc:
+            print(f"proxy: FAILED: {exc}", file=sys.stderr)
+            return 1
+
+    summary: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        s: dict[str, Any] = {
+            "download_MBps_median": median(bulk[path]),
+            "download_Gbps_median": median(bulk[path]) * 8 / 1000,
+            "download_MBps_runs": bulk[path],
+            "p50_us_median": median([r["p50"] for r in lat[path]]),
+            "p99_us_median": median([r["p99"] for r in lat[path]]),
+            "latency_runs_us": lat[path],
+        }
+        if bulk_cpu[path]:
+            s["proxy_cpu_s_per_GiB_median"] = median(
+                [c / (size / (1 << 30)) for c in bulk_cpu[path]])
+        if args.upload:
+            s["upload_MBps_median"] = median(up[path])
+            s["upload_MBps_runs"] = up[path]
+        summary[path] = s
+
+    jt = summary["jitlaunch"]["download_MBps_median"]
+    st = summary["socket-proxyd"]["download_MBps_median"]
+    pct = 100 * jt / st if st else 0.0
+    added = summary["jitlaunch"]["p50_us_median"] - summary["direct"]["p50_us_median"]
+    added_sp = summary["socket-proxyd"]["p50_us_median"] - summary["direct"]["p50_us_median"]
+    pass_tp = pct >= TARGET_THROUGHPUT_PCT
+    pass_lat = added <= TARGET_ADDED_P50_US
+
+    head = ["path", "download MB/s", "Gbit/s"]
+    if args.upload:
+        head.append("upload MB/s")
+    head += ["proxy CPU s/GiB", "p50 µs", "p99 µs", "download runs MB/s"]
+    rows = [head]
+    for path in paths:
+        s = summary[path]
+        row = [path, f"{s['download_MBps_median']:.0f}", f"{s['download_Gbps_median']:.2f}"]
+        if args.upload:
+            row.append(f"{s['upload_MBps_median']:.0f}")
+        row += [
+            f"{s['proxy_cpu_s_per_GiB_median']:.2f}" if "proxy_cpu_s_per_GiB_median" in s else "-",
+            f"{s['p50_us_median']:.1f}", f"{s['p99_us_median']:.1f}",
+            " ".join(f"{v:.0f}" for v in s["download_MBps_runs"]),
+        ]
+        rows.append(row)
+    text = "\n".join([
+        f"TCP proxy: direct vs jitlaunch vs systemd-socket-proxyd, {args.runs} runs, medians",
+        f"bulk: {args.size_mib} MiB backend->client per run; latency: {args.pings} sequential "
+        f"{MSG}-byte round trips on one connection after {args.warmup} warm-up",
+        "",
+        table(rows),
+        "",
+        f"jitlaunch throughput = {pct:.1f} % of systemd-socket-proxyd "
+        f"(target >= {TARGET_THROUGHPUT_PCT:.0f} %): {'PASS' if pass_tp else 'FAIL'}",
+        f"jitlaunch added p50 latency over direct = {added:.1f} µs "
+        f"(target <= {TARGET_ADDED_P50_US:.0f} µs): {'PASS' if pass_lat else 'FAIL'}",
+        f"(systemd-socket-proxyd adds {added_sp:.1f} µs at p50)",
+    ])
+    print()
+    print(text)
+    data = {
+        "benchmark": "proxy",
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items()} | {"message_bytes": MSG},
+        "results": summary,
+        "jitlaunch_throughput_pct_of_socket_proxyd": pct,
+        "jitlaunch_added_p50_us": added,
+        "socket_proxyd_added_p50_us": added_sp,
+        "targets": {"throughput_pct": TARGET_THROUGHPUT_PCT, "added_p50_us": TARGET_ADDED_P50_US},
+        "pass": {"throughput": pass_tp, "latency": pass_lat},
+    }
+    if not args.no_write:
+        out = write_results("proxy", data, text)
+        print(f"\nwrote {out[0]} and {out[1]}")
+    return 0 if pass_tp and pass_lat else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
