@@ -20,7 +20,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +392,7 @@ def _parse_service(
         if other != backend and other in data:
             raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
     table = t.sub(backend) if backend in data else Table(path, {}, f"{backend}.", name)
-    settings = parse_backend_settings(backend, table, base_dir)
+    settings = parse_backend_settings(backend, table, base_dir, tuple(ports))
     if stop not in supported:
         raise pick("stop").error(
             "stop", f"the {backend} backend supports {', '.join(supported)}, not {stop!r}"
@@ -428,8 +427,9 @@ _DEFAULT_KEYS = (
 )
 
 
-def parse_config(text: str, path: str = "<config>") -> Config:
-    """Parse configuration text. ``path`` is used in messages and to resolve relative paths.
+def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse configuration text. ``path`` is used in messages; relative paths in the text are
+    relative to ``base_dir``, by default the directory of ``path``.
 
     Raises ConfigError (never anything else) for any problem in the text.
     """
@@ -437,7 +437,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
-    base_dir = Path(path).resolve().parent if not path.startswith("<") else Path.cwd()
+    if base_dir is None:
+        base_dir = Path(path).resolve().parent if not path.startswith("<") else Path.cwd()
     root = Table(path, data)
 
     d = root.sub("daemon")
@@ -509,8 +510,10 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Read and parse a config file; ``None`` loads the default configuration shipped in
     the package. Raises ConfigError naming the file when it cannot be read."""
     if path is None:
-        text = resources.files("jitlaunch").joinpath("default.toml").read_text()
-        return parse_config(text, "<default config>")
+        # Relative paths in the default config are relative to the package directory.
+        package_dir = Path(__file__).resolve().parent
+        text = (package_dir / "default.toml").read_text()
+        return parse_config(text, "<default config>", package_dir)
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")

@@ -54,6 +54,8 @@ class Daemon:
             ) from exc
         try:
             async with trio.open_nursery() as nursery:
+                for backend in self.backends.values():
+                    await nursery.start(backend.run)
                 await nursery.start(self.supervisor.run)
                 self.dns_endpoints = await nursery.start(serve_dns, self.config, self.supervisor)
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)

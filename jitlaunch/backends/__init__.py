@@ -27,8 +27,9 @@ def stop_modes(name: str) -> tuple[str, ...]:
     return modes
 
 
-def parse_backend_settings(name: str, table: Table, base_dir: Path) -> Any:
-    return _module(name).parse_settings(table, base_dir)
+def parse_backend_settings(name: str, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
+    """Read a service's backend table; ``ports`` are the service's front ports."""
+    return _module(name).parse_settings(table, base_dir, ports)
 
 
 def create_backends(config: Config) -> dict[str, Backend]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import abc
 import errno
+import shlex
+from pathlib import Path
+from typing import IO
 
 import trio
 
@@ -73,8 +76,25 @@ class Backend(abc.ABC):
         readiness. ``saved`` is the handle of a paused or saved instance to resume.
         Raises BootFailed when it cannot even be launched."""
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work (cleaning up after an earlier run, keeping a warm pool). Runs for
+        the daemon's lifetime; reports started once the backend can take :meth:`start`."""
+        task_status.started()
+        await trio.sleep_forever()
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release whatever the backend holds beyond its instances."""
+        """Release whatever the backend holds beyond its instances (called shielded)."""
+
+
+def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str]) -> IO[bytes]:
+    """The per-service log an instance writes to; the previous instance's is kept as .log.1."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{service}.log"
+    if path.exists():
+        path.replace(path.with_suffix(".log.1"))
+    f = open(path, "ab", buffering=0)
+    f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
+    return f
 
 
 async def probe_tcp(host: str, port: int, interval: float = PROBE_INTERVAL) -> None:

@@ -31,7 +31,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from .base import Backend, Handle, probe_tcp
+from .base import Backend, Handle, open_instance_log, probe_tcp
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ProcessSettings:
     directory: Path | None
 
 
-def parse_settings(t: Table, base_dir: Path) -> ProcessSettings:
+def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> ProcessSettings:
     template = t.string("command")
     try:
         words = tuple(shlex.split(template))
@@ -189,7 +189,7 @@ class ProcessBackend(Backend):
             self._in_use.discard(host)
 
         try:
-            logfile = self._open_log(service.name, number, argv)
+            logfile = open_instance_log(self.log_dir, service.name, number, argv)
         except OSError as exc:
             release()
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
@@ -210,15 +210,6 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release)
-
-    def _open_log(self, service: str, number: int, argv: list[str]) -> IO[bytes]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        path = self.log_dir / f"{service}.log"
-        if path.exists():
-            path.replace(path.with_suffix(".log.1"))
-        f = open(path, "ab", buffering=0)
-        f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
-        return f
 
 
 def _free_port(host: str) -> int:

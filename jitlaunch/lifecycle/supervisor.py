@@ -128,6 +128,13 @@ class Supervisor:
         finally:
             self._closing = True
             self._nursery = None
+            with trio.CancelScope(shield=True):
+                # Paused or saved instances hold resources too (a paused VM is a process).
+                for rt in self.services.values():
+                    inst = rt.instance
+                    if inst is not None and inst.state is State.SAVED:
+                        inst.fire(Event.STOP)
+                        await self._release(rt, inst, None)
 
     async def drain(self) -> None:
         """Stop starting instances and wait for open connections to end. Called (bounded by
@@ -371,8 +378,10 @@ class Supervisor:
             self._notify(rt)
         kept = False
         if inst.handle is not None:
-            # A dead or failed instance only needs its resources released.
-            mode = "destroy" if died is not None or inst.state is State.FAILED else svc.stop
+            # A dead or failed instance only needs its resources released; on the way out
+            # nothing is kept, since a paused or saved instance would outlive the daemon.
+            plain = died is not None or inst.state is State.FAILED or self._closing
+            mode = "destroy" if plain else svc.stop
             grace = getattr(svc.settings, "grace", 5.0)
             with trio.move_on_after(grace + STOP_MARGIN) as scope:
                 try:

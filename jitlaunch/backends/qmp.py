@@ -1,0 +1,111 @@
+"""A small trio client for QEMU's QMP (the JSON machine protocol) over a unix socket.
+
+One command at a time: :meth:`QMP.execute` sends ``{"execute": ..., "id": n}`` and reads lines
+until the reply with that id, keeping asynchronous events (``{"event": ...}``) in
+:attr:`QMP.events`. Errors come back as :class:`~jitlaunch.errors.ProtocolError` (a broken
+connection, a malformed line) or :class:`QMPError` (QEMU refused the command).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from ..errors import ProtocolError
+
+MAX_LINE = 1 << 20
+
+
+class QMPError(ProtocolError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error: dict[str, Any]) -> None:
+        self.command = command
+        self.error_class = str(error.get("class", "?"))
+        super().__init__(f"QMP {command}: {error.get('desc', error)}")
+
+
+class QMP:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, path: str) -> QMP:
+        """Connect, read the greeting and leave capabilities negotiation mode."""
+        try:
+            stream = await trio.open_unix_socket(path)
+        except OSError as exc:
+            raise ProtocolError(f"cannot connect to QMP at {path}: {exc.strerror or exc}") from exc
+        qmp = cls(stream)
+        try:
+            greeting = await qmp._read()
+            if "QMP" not in greeting:
+                raise ProtocolError(f"not a QMP greeting: {greeting!r}")
+            await qmp.execute("qmp_capabilities")
+        except BaseException:
+            await qmp.aclose()
+            raise
+        return qmp
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        """Run one command and return its ``return`` value."""
+        self._next_id += 1
+        ident = self._next_id
+        msg: dict[str, Any] = {"execute": command, "id": ident}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            await self._stream.send_all(json.dumps(msg).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ProtocolError(f"QMP {command}: connection lost") from exc
+        while True:
+            reply = await self._read()
+            if reply.get("id") != ident:
+                continue
+            if "error" in reply:
+                raise QMPError(command, reply["error"])
+            return reply.get("return")
+
+    async def wait_event(self, name: str) -> dict[str, Any]:
+        """Wait for the next event called ``name`` (events already seen count)."""
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("event") == name:
+                    del self.events[: i + 1]
+                    return ev
+            await self._read()
+
+    async def _read(self) -> dict[str, Any]:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                try:
+                    msg = json.loads(line)
+                except ValueError as exc:
+                    raise ProtocolError(f"malformed QMP line: {line[:200]!r}") from exc
+                if not isinstance(msg, dict):
+                    raise ProtocolError(f"malformed QMP line: {line[:200]!r}")
+                if "event" in msg:
+                    self.events.append(msg)
+                    if len(self.events) > 1000:
+                        del self.events[:500]
+                return msg
+            if len(self._buf) > MAX_LINE:
+                raise ProtocolError("QMP line too long")
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ProtocolError("QMP connection lost") from exc
+            if not data:
+                raise ProtocolError("QMP connection closed")
+            self._buf += data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
