@@ -192,6 +192,7 @@ def main() -> int:
     bulk_cpu: dict[str, list[float]] = {p: [] for p in paths}
     up: dict[str, list[float]] = {p: [] for p in paths}
     lat: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
+    rtt_cpu: dict[str, list[float]] = {p: [] for p in paths}
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmpname, ProcessGroup(
         Path(tmpname)
     ) as procs:
@@ -244,7 +245,11 @@ def main() -> int:
                     bulk[path].append(size / secs / 1e6)
                     if args.upload:
                         up[path].append(size / upload(*where[path], size) / 1e6)
+                    cpu0 = cpu_seconds(pid) if pid else 0.0
                     times = sorted(pingpong(*where[path], args.pings, args.warmup))
+                    if pid:
+                        rtt_cpu[path].append(
+                            (cpu_seconds(pid) - cpu0) / (args.pings + args.warmup) * 1e6)
                     lat[path].append({
                         "p50": percentile(times, 50), "p90": percentile(times, 90),
                         "p99": percentile(times, 99), "mean": sum(times) / len(times),
@@ -273,6 +278,8 @@ def main() -> int:
         if bulk_cpu[path]:
             s["proxy_cpu_s_per_GiB_median"] = median(
                 [c / (size / (1 << 30)) for c in bulk_cpu[path]])
+        if rtt_cpu[path]:
+            s["proxy_cpu_us_per_round_trip_median"] = median(rtt_cpu[path])
         if args.upload:
             s["upload_MBps_median"] = median(up[path])
             s["upload_MBps_runs"] = up[path]
@@ -289,7 +296,7 @@ def main() -> int:
     head = ["path", "download MB/s", "Gbit/s"]
     if args.upload:
         head.append("upload MB/s")
-    head += ["proxy CPU s/GiB", "p50 µs", "p99 µs", "download runs MB/s"]
+    head += ["proxy CPU s/GiB", "p50 µs", "p99 µs", "proxy CPU µs/RTT", "download runs MB/s"]
     rows = [head]
     for path in paths:
         s = summary[path]
@@ -299,6 +306,8 @@ def main() -> int:
         row += [
             f"{s['proxy_cpu_s_per_GiB_median']:.2f}" if "proxy_cpu_s_per_GiB_median" in s else "-",
             f"{s['p50_us_median']:.1f}", f"{s['p99_us_median']:.1f}",
+            f"{s['proxy_cpu_us_per_round_trip_median']:.1f}"
+            if "proxy_cpu_us_per_round_trip_median" in s else "-",
             " ".join(f"{v:.0f}" for v in s["download_MBps_runs"]),
         ]
         rows.append(row)
