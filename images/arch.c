@@ -79,12 +79,14 @@ void irq_timer(void)
 
 void arch_init(void)
 {
-    void *exc[32] = { exc0, exc1, exc2, exc3, exc4, exc5, exc6, exc7, exc8, exc9,
+    static void *const exc[32] = { exc0, exc1, exc2, exc3, exc4, exc5, exc6, exc7, exc8, exc9,
         exc10, exc11, exc12, exc13, exc14, exc15, exc16, exc17, exc18, exc19,
         exc20, exc21, exc22, exc23, exc24, exc25, exc26, exc27, exc28, exc29,
         exc30, exc31 };
+    /* only the gates we use: boot code is emulated instruction by
+     * instruction under kvm_pvm; a stray vector takes #NP and is reported */
     for (int i = 0; i < 32; i++) set_gate(i, exc[i]);
-    for (int i = 32; i < 256; i++) set_gate(i, irq_spurious_entry);
+    set_gate(VEC_SPURIOUS, irq_spurious_entry);
     set_gate(VEC_NET, irq_net_entry);
     set_gate(VEC_TIMER, irq_timer_entry);
     struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };
@@ -99,30 +101,24 @@ void arch_init(void)
     lapic_w(LAPIC_LVT_TIMER, 0x10000 | VEC_TIMER);   /* masked until needed */
     lapic_w(LAPIC_TIMER_DIV, 0xb);                   /* divide by 1 */
 
-    /* mask every IOAPIC pin; detect microvm's second IOAPIC (ACPI on) */
+    /* IOAPIC pins come out of reset masked; detect microvm's second
+     * IOAPIC (present when ACPI is on, the default) */
     u32 ver = ioapic_r(IOAPIC2, 1);
     have_ioapic2 = (ver & 0xff) == 0x11 || (ver & 0xff) == 0x20;
-    for (int a = 0; a < 1 + have_ioapic2; a++) {
-        u64 base = a ? IOAPIC2 : IOAPIC1;
-        int pins = ((ioapic_r(base, 1) >> 16) & 0xff) + 1;
-        if (pins > 24) pins = 24;
-        for (int p = 0; p < pins; p++) {
-            ioapic_w(base, 0x10 + 2 * p, 0x10000);
-            ioapic_w(base, 0x11 + 2 * p, 0);
-        }
-    }
 }
 
 int arch_has_ioapic2(void) { return have_ioapic2; }
 
-/* route a GSI (0-23 first IOAPIC, 24-47 second) level-triggered, active high */
+/* Route a GSI (0-23 first IOAPIC, 24-47 second) edge-triggered, active
+ * high. The device interrupt handler acks until InterruptStatus reads 0,
+ * so every new event is a fresh rising edge. */
 void irq_route(int gsi, int vector)
 {
     u64 base = IOAPIC1;
     int pin = gsi;
     if (gsi >= 24) { base = IOAPIC2; pin = gsi - 24; }
     ioapic_w(base, 0x11 + 2 * pin, apic_id << 24);
-    ioapic_w(base, 0x10 + 2 * pin, (u32)vector | (1u << 15));
+    ioapic_w(base, 0x10 + 2 * pin, (u32)vector);
 }
 
 void timer_set(int on)

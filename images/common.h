@@ -33,7 +33,7 @@ void *memmove(void *d, const void *s, size_t n);
 void *memset(void *d, int c, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
-void con_init(void);
+void con_write(const char *s, u32 n);
 void con_putc(char c);
 void con_puts(const char *s);
 void kprintf(const char *fmt, ...);

@@ -1,89 +1,106 @@
 /* HTTP/1.1 responder: GET|HEAD / and /health, 404 otherwise; keep-alive,
- * pipelining (sequentially), 400 on malformed input, 431 on >4 KiB headers. */
+ * pipelining (sequentially), 400 on malformed input, 431 on >4 KiB headers.
+ * Written for few instructions per request (string instructions, no
+ * printf): under kvm_pvm the guest is instruction-emulated. */
 #include "tcp.h"
 
 #define MAX_HEADER 4096
 #define RESP_ROOM 1024          /* worst-case response size */
 
+struct sb { char *p; u32 n; };
+
+static void sb_put(struct sb *b, const char *s, u32 n) { memcpy(b->p + b->n, s, n); b->n += n; }
+#define SB_LIT(b, lit) sb_put((b), (lit), sizeof(lit) - 1)
+
+static void sb_num(struct sb *b, u32 v)
+{
+    char t[10];
+    int n = 0;
+    do { t[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) b->p[b->n++] = t[--n];
+}
+
+/* index of the first c in p[0..n), or n */
+static u32 find_byte(const u8 *p, u32 n, u8 c)
+{
+    if (!n) return 0;
+    const u8 *q = p;
+    u64 cnt = n;
+    __asm__ volatile("repne scasb" : "+D"(q), "+c"(cnt) : "a"(c) : "cc", "memory");
+    /* q is one past the last byte compared */
+    if (q[-1] == c) return (u32)(q - p) - 1;
+    return n;
+}
+
 static int lower(int c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
 
-static int ieq(const u8 *a, u32 n, const char *b)
+static int ieq(const u8 *a, u32 n, const char *b, u32 m)
 {
-    u32 m = (u32)strlen(b);
     if (n != m) return 0;
-    for (u32 i = 0; i < n; i++) if (lower(a[i]) != lower(b[i])) return 0;
+    for (u32 i = 0; i < n; i++) if (lower(a[i]) != b[i]) return 0;
     return 1;
 }
 
-/* does the comma-separated header value contain token t? */
-static int has_token(const u8 *v, u32 n, const char *t)
+/* does the comma-separated header value contain token t (lowercase)? */
+static int has_token(const u8 *v, u32 n, const char *t, u32 tl)
 {
     u32 i = 0;
     while (i < n) {
         while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) i++;
         u32 s = i;
-        while (i < n && v[i] != ',') i++;
+        i += find_byte(v + i, n - i, ',');
         u32 e = i;
         while (e > s && (v[e - 1] == ' ' || v[e - 1] == '\t')) e--;
-        if (ieq(v + s, e - s, t)) return 1;
+        if (ieq(v + s, e - s, t, tl)) return 1;
     }
     return 0;
 }
 
-static int tchar(u8 c)
+static char page[512];
+static u32 page_len;
+
+static void build_page(void)
 {
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return 1;
-    for (const char *p = "!#$%&'*+-.^_`|~"; *p; p++) if (c == (u8)*p) return 1;
-    return 0;
+    struct sb b = { page, 0 };
+    u32 nl = (u32)strlen(cfg.name);
+    SB_LIT(&b, "<!DOCTYPE html>\n<html><head><title>");
+    sb_put(&b, cfg.name, nl);
+    SB_LIT(&b, "</title></head>\n<body><h1>");
+    sb_put(&b, cfg.name, nl);
+    SB_LIT(&b, "</h1><p>Served by the jitlaunch hello unikernel, instance <b>");
+    sb_put(&b, cfg.name, nl);
+    SB_LIT(&b, "</b>.</p></body></html>\n");
+    page_len = b.n;
 }
 
-static void respond(struct tcb *c, int status, const char *reason, const char *ctype,
-                    const char *body, u32 blen, int head_only, int keep, const char *extra)
+static void respond(struct tcb *c, const char *status, u32 slen, const char *ctype, u32 clen_,
+                    const char *body, u32 blen, int head_only, int keep, int allow)
 {
     char hdr[RESP_ROOM];
-    int n = ksnprintf(hdr, sizeof(hdr),
-                      "HTTP/1.1 %d %s\r\nServer: jitlaunch-hello\r\nContent-Type: %s\r\n"
-                      "Content-Length: %u\r\n%sConnection: %s\r\n\r\n",
-                      status, reason, ctype, blen, extra ? extra : "", keep ? "keep-alive" : "close");
-    tcp_write(c, hdr, (u32)n);
-    if (!head_only && blen) tcp_write(c, body, blen);
+    struct sb b = { hdr, 0 };
+    SB_LIT(&b, "HTTP/1.1 ");
+    sb_put(&b, status, slen);
+    SB_LIT(&b, "\r\nServer: jitlaunch-hello\r\nContent-Type: ");
+    sb_put(&b, ctype, clen_);
+    SB_LIT(&b, "\r\nContent-Length: ");
+    sb_num(&b, blen);
+    if (allow) SB_LIT(&b, "\r\nAllow: GET, HEAD");
+    if (keep) SB_LIT(&b, "\r\nConnection: keep-alive\r\n\r\n");
+    else SB_LIT(&b, "\r\nConnection: close\r\n\r\n");
+    if (!head_only) sb_put(&b, body, blen);
+    tcp_write(c, hdr, b.n);
     if (!keep) tcp_close(c);
 }
 
-static void error_close(struct tcb *c, int status, const char *reason)
-{
-    char body[64];
-    int n = ksnprintf(body, sizeof(body), "%d %s\n", status, reason);
-    respond(c, status, reason, "text/plain", body, (u32)n, 0, 0, NULL);
-}
+#define S(x) x, sizeof(x) - 1
+#define TEXT S("text/plain")
 
-/* Validate a request line "METHOD SP TARGET SP HTTP/1.x". Returns the minor
- * version (0/1) or -1. Outputs method and target spans. */
-static int parse_request_line(const u8 *l, u32 n, u32 *mlen, u32 *ts, u32 *tl)
+static void error_close(struct tcb *c, int code)
 {
-    u32 i = 0;
-    while (i < n && tchar(l[i])) i++;
-    if (i == 0 || i > 16 || i >= n || l[i] != ' ') return -1;
-    *mlen = i;
-    u32 s = ++i;
-    while (i < n && l[i] > ' ' && l[i] < 0x7f) i++;
-    if (i == s || i >= n || l[i] != ' ') return -1;
-    *ts = s; *tl = i - s;
-    i++;
-    if (n - i != 8 || memcmp(l + i, "HTTP/1.", 7)) return -1;
-    if (l[i + 7] == '0') return 0;
-    if (l[i + 7] == '1') return 1;
-    return -1;
-}
-
-static u32 find_eoh(const u8 *b, u32 n)
-{
-    for (u32 i = 0; i + 1 < n; i++) {
-        if (b[i] != '\n') continue;
-        if (b[i + 1] == '\n') return i + 2;
-        if (b[i + 1] == '\r' && i + 2 < n && b[i + 2] == '\n') return i + 3;
-    }
-    return 0;
+    if (code == 400) respond(c, S("400 Bad Request"), TEXT, S("400 Bad Request\n"), 0, 0, 0);
+    else if (code == 431) respond(c, S("431 Request Header Fields Too Large"), TEXT,
+                                  S("431 Request Header Fields Too Large\n"), 0, 0, 0);
+    else respond(c, S("501 Not Implemented"), TEXT, S("501 Not Implemented\n"), 0, 0, 0);
 }
 
 int http_on_data(struct tcb *c)
@@ -105,88 +122,90 @@ int http_on_data(struct tcb *c)
 
         u8 *b = c->rx;
         u32 n = c->rxlen;
-        /* request line */
-        u32 le = 0;
-        while (le < n && b[le] != '\n') le++;
+        /* method: 1-16 upper-case letters then a space; reject garbage early */
+        u32 mlen = 0;
+        while (mlen < n && mlen <= 16 && b[mlen] >= 'A' && b[mlen] <= 'Z') mlen++;
+        if (mlen < n && (mlen == 0 || mlen > 16 || b[mlen] != ' ')) { error_close(c, 400); return 0; }
+
+        u32 le = find_byte(b, n, '\n');
         if (le == n) {
-            if (n >= MAX_HEADER) { error_close(c, 431, "Request Header Fields Too Large"); return 0; }
-            /* reject obvious garbage early */
-            for (u32 i = 0; i < n; i++)
-                if (b[i] < 0x20 && b[i] != '\r') { error_close(c, 400, "Bad Request"); return 0; }
+            if (n >= MAX_HEADER) { error_close(c, 431); return 0; }
             return 1;
         }
+        /* request line: METHOD SP TARGET SP HTTP/1.x */
         u32 ll = le;
         if (ll && b[ll - 1] == '\r') ll--;
-        u32 mlen, ts, tl;
-        int minor = parse_request_line(b, ll, &mlen, &ts, &tl);
-        if (minor < 0) { error_close(c, 400, "Bad Request"); return 0; }
-        u32 eoh = find_eoh(b, n);
-        if (!eoh) {
-            if (n >= MAX_HEADER) { error_close(c, 431, "Request Header Fields Too Large"); return 0; }
-            return 1;
+        u32 ts = mlen + 1;
+        u32 tl = find_byte(b + ts, ll - ts, ' ');
+        u32 vs = ts + tl + 1;
+        if (tl == 0 || vs > ll || ll - vs != 8 || memcmp(b + vs, "HTTP/1.", 7) ||
+            (b[vs + 7] != '0' && b[vs + 7] != '1')) {
+            error_close(c, 400);
+            return 0;
         }
-        if (eoh > MAX_HEADER) { error_close(c, 431, "Request Header Fields Too Large"); return 0; }
+        for (u32 i = ts; i < ts + tl; i++)
+            if (b[i] <= ' ' || b[i] >= 0x7f) { error_close(c, 400); return 0; }
+        int keep = b[vs + 7] == '1';
 
-        int keep = minor == 1;
-        u32 clen = 0;
+        /* header lines up to the empty line */
+        u32 clen = 0, eoh = 0;
         int bad = 0, chunked = 0, have_clen = 0;
         u32 i = le + 1;
-        while (i < eoh) {
-            u32 e = i;
-            while (e < eoh && b[e] != '\n') e++;
+        while (i < n) {
+            u32 e = i + find_byte(b + i, n - i, '\n');
+            if (e == n) break;                       /* incomplete */
             u32 end = e;
             if (end > i && b[end - 1] == '\r') end--;
-            if (end == i) break;                     /* blank line */
-            u32 colon = i;
-            while (colon < end && tchar(b[colon])) colon++;
-            if (colon == i || colon >= end || b[colon] != ':') { bad = 1; break; }
-            u32 vs = colon + 1;
-            while (vs < end && (b[vs] == ' ' || b[vs] == '\t')) vs++;
-            u32 ve = end;
-            while (ve > vs && (b[ve - 1] == ' ' || b[ve - 1] == '\t')) ve--;
-            for (u32 k = vs; k < ve; k++) if (b[k] < 0x20 && b[k] != '\t') bad = 1;
-            const u8 *name = b + i;
-            u32 nl = colon - i;
-            if (ieq(name, nl, "connection")) {
-                if (has_token(b + vs, ve - vs, "close")) keep = 0;
-                else if (has_token(b + vs, ve - vs, "keep-alive")) keep = 1;
-            } else if (ieq(name, nl, "content-length")) {
-                u32 v;
-                if (parse_uint((const char *)b + vs, (int)(ve - vs), &v) || (have_clen && v != clen)) bad = 1;
-                else { clen = v; have_clen = 1; }
-            } else if (ieq(name, nl, "transfer-encoding")) {
-                chunked = 1;
+            if (end == i) { eoh = e + 1; break; }    /* blank line */
+            u32 colon = i + find_byte(b + i, end - i, ':');
+            if (colon == i || colon >= end || b[colon - 1] == ' ' || b[colon - 1] == '\t') bad = 1;
+            else {
+                u32 vstart = colon + 1;
+                while (vstart < end && (b[vstart] == ' ' || b[vstart] == '\t')) vstart++;
+                u32 vend = end;
+                while (vend > vstart && (b[vend - 1] == ' ' || b[vend - 1] == '\t')) vend--;
+                const u8 *name = b + i;
+                u32 nl = colon - i;
+                if (ieq(name, nl, "connection", 10)) {
+                    if (has_token(b + vstart, vend - vstart, "close", 5)) keep = 0;
+                    else if (has_token(b + vstart, vend - vstart, "keep-alive", 10)) keep = 1;
+                } else if (ieq(name, nl, "content-length", 14)) {
+                    u32 v;
+                    if (parse_uint((const char *)b + vstart, (int)(vend - vstart), &v) ||
+                        (have_clen && v != clen)) bad = 1;
+                    else { clen = v; have_clen = 1; }
+                } else if (ieq(name, nl, "transfer-encoding", 17)) {
+                    chunked = 1;
+                }
             }
             i = e + 1;
         }
-        if (bad) { error_close(c, 400, "Bad Request"); return 0; }
-        if (chunked) { error_close(c, 501, "Not Implemented"); return 0; }
+        if (!eoh) {
+            if (n >= MAX_HEADER) { error_close(c, 431); return 0; }
+            return 1;
+        }
+        if (eoh > MAX_HEADER) { error_close(c, 431); return 0; }
+        if (bad) { error_close(c, 400); return 0; }
+        if (chunked) { error_close(c, 501); return 0; }
 
-        const u8 *m = b;
         const u8 *t = b + ts;
         u32 plen = 0;
         while (plen < tl && t[plen] != '?' && t[plen] != '#') plen++;
-        int head = mlen == 4 && !memcmp(m, "HEAD", 4);
-        int get = mlen == 3 && !memcmp(m, "GET", 3);
-        char page[512];
+        int head = mlen == 4 && !memcmp(b, "HEAD", 4);
+        int get = mlen == 3 && !memcmp(b, "GET", 3);
+        int root = plen == 1 && t[0] == '/';
+        int health = plen == 7 && !memcmp(t, "/health", 7);
         tcp_consume(c, eoh);
         c->discard = clen;
         if (!get && !head) {
-            const char *msg = "405 Method Not Allowed\n";
-            respond(c, 405, "Method Not Allowed", "text/plain", msg, (u32)strlen(msg), 0, keep,
-                    "Allow: GET, HEAD\r\n");
-        } else if (plen == 1 && t[0] == '/') {
-            int pl = ksnprintf(page, sizeof(page),
-                               "<!DOCTYPE html>\n<html><head><title>%s</title></head>\n"
-                               "<body><h1>%s</h1><p>Served by the jitlaunch hello unikernel, "
-                               "instance <b>%s</b>.</p></body></html>\n",
-                               cfg.name, cfg.name, cfg.name);
-            respond(c, 200, "OK", "text/html; charset=utf-8", page, (u32)pl, head, keep, NULL);
-        } else if (plen == 7 && !memcmp(t, "/health", 7)) {
-            respond(c, 200, "OK", "text/plain", "ok\n", 3, head, keep, NULL);
+            respond(c, S("405 Method Not Allowed"), TEXT, S("405 Method Not Allowed\n"), 0, keep, 1);
+        } else if (root) {
+            if (!page_len) build_page();
+            respond(c, S("200 OK"), S("text/html; charset=utf-8"), page, page_len, head, keep, 0);
+        } else if (health) {
+            respond(c, S("200 OK"), TEXT, S("ok\n"), head, keep, 0);
         } else {
-            const char *msg = "404 Not Found\n";
-            respond(c, 404, "Not Found", "text/plain", msg, (u32)strlen(msg), head, keep, NULL);
+            respond(c, S("404 Not Found"), TEXT, S("404 Not Found\n"), head, keep, 0);
         }
     }
 }

@@ -73,7 +73,6 @@ static void parse_cmdline(const char *cl)
 
 void kmain(struct hvm_start_info *si)
 {
-    con_init();
     const char *cl = NULL;
     if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr)
         cl = (const char *)si->cmdline_paddr;
@@ -81,22 +80,12 @@ void kmain(struct hvm_start_info *si)
         kprintf("no PVH start info\n");
     kernel_cmdline = cl;
     parse_cmdline(cl);
-    kprintf("hello: booting name=%s ip=%I gw=%I port=%u udp=%u\n",
-            cfg.name, cfg.ip, cfg.gw, cfg.port, cfg.udp_port);
     arch_init();
-#ifdef HELLO_ONLY
-    kprintf("READY %I:%u\n", cfg.ip, cfg.port);
-    sti();
-    timer_set(1);
-    while (jiffies < 20) idle();
-    kprintf("ticks ok %lu\n", jiffies);
-    for (;;) __asm__ volatile("cli; hlt");
-#else
     if (virtio_net_init(cfg.mac) < 0) panic("no virtio-net device");
     tcp_init();
-    kprintf("mac %02x:%02x:%02x:%02x:%02x:%02x\n", cfg.mac[0], cfg.mac[1], cfg.mac[2],
-            cfg.mac[3], cfg.mac[4], cfg.mac[5]);
     kprintf("READY %I:%u\n", cfg.ip, cfg.port);
+    kprintf("hello: name=%s gw=%I mac=%02x:%02x:%02x:%02x:%02x:%02x\n", cfg.name, cfg.gw,
+            cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5]);
     sti();
     for (;;) {
         irq_pending = 0;
@@ -107,5 +96,4 @@ void kmain(struct hvm_start_info *si)
         timer_set(tcp_active() || arp_pending());
         if (!n) idle();
     }
-#endif
 }

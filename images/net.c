@@ -20,14 +20,49 @@ static inline u32 get32(const u8 *p) { return ((u32)p[0] << 24) | ((u32)p[1] << 
 static inline void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
 static inline void put32(u8 *p, u32 v) { p[0] = (u8)(v >> 24); p[1] = (u8)(v >> 16); p[2] = (u8)(v >> 8); p[3] = (u8)v; }
 
+/* One's-complement sum, returned as a 32-bit partial sum of big-endian
+ * 16-bit words. Summed 8 bytes at a time with adc in the little-endian
+ * domain and byte-swapped at the end (RFC 1071: the sum is byte-order
+ * independent up to a swap). */
 u32 csum_add(const void *data, u32 len, u32 sum)
 {
     const u8 *p = data;
-    u64 s = sum;
-    while (len > 1) { s += (u32)((p[0] << 8) | p[1]); p += 2; len -= 2; }
-    if (len) s += (u32)(p[0] << 8);
-    while (s >> 32) s = (s & 0xffffffff) + (s >> 32);
-    return (u32)s;
+    u64 acc = 0;
+    u64 n32 = len >> 5;
+    if (n32) {
+        __asm__ volatile(
+            "clc\n"
+            "1: adcq (%[p]), %[a]\n"
+            "adcq 8(%[p]), %[a]\n"
+            "adcq 16(%[p]), %[a]\n"
+            "adcq 24(%[p]), %[a]\n"
+            "leaq 32(%[p]), %[p]\n"
+            "decq %[n]\n"
+            "jnz 1b\n"
+            "adcq $0, %[a]\n"
+            : [a] "+r"(acc), [p] "+r"(p), [n] "+r"(n32) : : "cc", "memory");
+    }
+    len &= 31;
+    u64 tail = 0;
+    while (len >= 8) {
+        u64 w = *(const u64 *)p;
+        acc += w;
+        acc += acc < w;
+        p += 8;
+        len -= 8;
+    }
+    for (u32 i = 0; i < len; i++) tail |= (u64)p[i] << (8 * i);
+    acc += tail;
+    acc += acc < tail;
+    /* fold 64 -> 16 (little-endian domain) */
+    acc = (acc & 0xffffffff) + (acc >> 32);
+    acc = (acc & 0xffffffff) + (acc >> 32);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    u32 be = (u32)(((acc & 0xff) << 8) | (acc >> 8));
+    u64 s2 = (u64)sum + be;
+    return (u32)((s2 & 0xffffffff) + (s2 >> 32));
 }
 
 u16 csum_fold(u32 sum)
@@ -45,10 +80,14 @@ u32 ip_pseudo(u32 src, u32 dst, u8 proto, u32 len)
     return (u32)s;
 }
 
+static struct arp_entry *arp_last;
+static int npending;
+
 static struct arp_entry *arp_find(u32 ip)
 {
+    if (arp_last && arp_last->ip == ip) return arp_last;
     for (int i = 0; i < ARP_SLOTS; i++)
-        if (arp_cache[i].valid && arp_cache[i].ip == ip) return &arp_cache[i];
+        if (arp_cache[i].valid && arp_cache[i].ip == ip) return arp_last = &arp_cache[i];
     return NULL;
 }
 
@@ -63,6 +102,7 @@ static void arp_flush_pending(u32 ip, const u8 *mac)
         memcpy(f, mac, 6);
         net_tx_send(f, p->len);
         p->used = 0;
+        npending--;
     }
 }
 
@@ -107,18 +147,15 @@ static void arp_rx(const u8 *a, u32 len)
     if (op == 1 && for_us) arp_send(2, sha, spa, sha);
 }
 
-int arp_pending(void)
-{
-    for (int i = 0; i < ARP_PENDING; i++) if (pend[i].used) return 1;
-    return 0;
-}
+int arp_pending(void) { return npending != 0; }
 
 void net_timer(void)
 {
+    if (!npending) return;
     for (int i = 0; i < ARP_PENDING; i++) {
         struct pending *p = &pend[i];
         if (!p->used || jiffies < p->next) continue;
-        if (p->tries >= 3) { p->used = 0; continue; }
+        if (p->tries >= 3) { p->used = 0; npending--; continue; }
         p->tries++;
         p->next = jiffies + HZ / 2;
         arp_send(1, bcast, p->nh, (const u8[6]){ 0 });
@@ -162,7 +199,7 @@ void ip_finish(u8 *payload, u32 dst, u8 proto, u32 len)
     struct pending *p = NULL;
     for (int i = 0; i < ARP_PENDING; i++) if (!pend[i].used) { p = &pend[i]; break; }
     if (p) {
-        p->used = 1; p->nh = nh; p->len = flen; p->tries = 1; p->next = jiffies + HZ / 2;
+        p->used = 1; npending++; p->nh = nh; p->len = flen; p->tries = 1; p->next = jiffies + HZ / 2;
         memcpy(p->frame, f, flen);
     }
     net_tx_drop(f);

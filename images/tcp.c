@@ -17,7 +17,14 @@
 #define TIME_WAIT_TIME (1 * HZ)
 
 static struct tcb conns[TCP_SLOTS];
+static struct tcb *active[TCP_SLOTS];   /* connections not CLOSED */
+static u32 nactive;
+static struct tcb *hash[64];
+static u16 freelist[TCP_SLOTS];
+static u32 nfree, nfresh;               /* freed slots; slots never used */
 static u32 iss_counter;
+
+static inline u32 hslot(u32 ip, u16 port) { return (ip ^ (ip >> 12) ^ port ^ (port >> 6)) & 63; }
 
 void ip_discard(u8 *payload);
 
@@ -30,18 +37,10 @@ static inline void put32(u8 *p, u32 v) { p[0] = (u8)(v >> 24); p[1] = (u8)(v >> 
 
 void tcp_init(void)
 {
-    for (int i = 0; i < TCP_SLOTS; i++) {
-        conns[i].rx = heap_alloc(TCP_RXBUF, 64);
-        conns[i].tx = heap_alloc(TCP_TXBUF, 64);
-    }
     iss_counter = (u32)rdtsc();
 }
 
-int tcp_active(void)
-{
-    for (int i = 0; i < TCP_SLOTS; i++) if (conns[i].state != CLOSED) return 1;
-    return 0;
-}
+int tcp_active(void) { return nactive != 0; }
 
 static u32 rcv_wnd(struct tcb *c)
 {
@@ -79,6 +78,13 @@ static void send_synack(struct tcb *c) { send_seg(c, c->iss, F_SYN | F_ACK, NULL
 
 static void tcb_free(struct tcb *c)
 {
+    struct tcb **pp = &hash[hslot(c->rip, c->rport)];
+    while (*pp && *pp != c) pp = &(*pp)->hnext;
+    if (*pp) *pp = c->hnext;
+    struct tcb *last = active[--nactive];
+    active[c->aidx] = last;
+    last->aidx = c->aidx;
+    freelist[nfree++] = (u16)(c - conns);
     u8 *rx = c->rx, *tx = c->tx;
     memset(c, 0, sizeof(*c));
     c->rx = rx; c->tx = tx;
@@ -180,22 +186,41 @@ void tcp_close(struct tcb *c)
 
 static struct tcb *lookup(u32 rip, u16 rport)
 {
-    for (int i = 0; i < TCP_SLOTS; i++)
-        if (conns[i].state != CLOSED && conns[i].rip == rip && conns[i].rport == rport)
-            return &conns[i];
+    for (struct tcb *c = hash[hslot(rip, rport)]; c; c = c->hnext)
+        if (c->rip == rip && c->rport == rport) return c;
     return NULL;
 }
 
+/* A free slot, or the oldest TIME_WAIT one when all are in use. The caller
+ * fills in rip/rport and calls tcb_link(). */
 static struct tcb *alloc_tcb(void)
 {
-    struct tcb *tw = NULL;
-    for (int i = 0; i < TCP_SLOTS; i++) {
-        if (conns[i].state == CLOSED) return &conns[i];
-        if (conns[i].state == TIME_WAIT && (!tw || conns[i].idle_deadline < tw->idle_deadline))
-            tw = &conns[i];
+    struct tcb *c = NULL;
+    if (nfree) c = &conns[freelist[--nfree]];
+    else if (nfresh < TCP_SLOTS) c = &conns[nfresh++];
+    else {
+        struct tcb *tw = NULL;
+        for (u32 i = 0; i < nactive; i++)
+            if (active[i]->state == TIME_WAIT && (!tw || active[i]->idle_deadline < tw->idle_deadline))
+                tw = active[i];
+        if (!tw) return NULL;
+        tcb_free(tw);
+        c = &conns[freelist[--nfree]];
     }
-    if (tw) tcb_free(tw);
-    return tw;
+    if (!c->rx) {
+        c->rx = heap_alloc(TCP_RXBUF, 64);
+        c->tx = heap_alloc(TCP_TXBUF, 64);
+    }
+    return c;
+}
+
+static void tcb_link(struct tcb *c)
+{
+    u32 h = hslot(c->rip, c->rport);
+    c->hnext = hash[h];
+    hash[h] = c;
+    c->aidx = (u16)nactive;
+    active[nactive++] = c;
 }
 
 static void passive_open(u32 src, u16 sport, u32 seq, u16 wnd, const u8 *opt, u32 optlen)
@@ -216,6 +241,7 @@ static void passive_open(u32 src, u16 sport, u32 seq, u16 wnd, const u8 *opt, u3
     c->state = SYN_RCVD;
     c->rip = src;
     c->rport = sport;
+    tcb_link(c);
     c->mss = mss;
     c->irs = seq;
     c->rcv_nxt = seq + 1;
@@ -370,10 +396,14 @@ void tcp_rx(u32 src, u32 dst, u8 *seg, u32 len)
 
 void tcp_timer(void)
 {
+    static u64 last;
     u64 now = jiffies;
-    for (int i = 0; i < TCP_SLOTS; i++) {
-        struct tcb *c = &conns[i];
-        if (c->state == CLOSED) continue;
+    if (now == last) return;
+    last = now;
+    /* backwards: tcb_free() moves the last entry into the freed index */
+    for (u32 i = nactive; i-- > 0;) {
+        if (i >= nactive) continue;
+        struct tcb *c = active[i];
         if (c->rt_deadline && now >= c->rt_deadline) {
             c->rt_deadline = 0;
             if (c->rexmits >= MAX_REXMIT) { tcb_abort(c); continue; }

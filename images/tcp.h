@@ -29,6 +29,8 @@ struct tcb {
     u8 *rx; u32 rxlen;    /* in-order bytes not yet consumed by the application */
     u8 *tx; u32 txlen;    /* bytes from snd_una on (sent-unacked, then unsent) */
     u32 discard;          /* request body bytes still to skip (HTTP) */
+    struct tcb *hnext;    /* hash chain */
+    u16 aidx;             /* index in the active list */
 };
 
 u32 tcp_write(struct tcb *c, const void *data, u32 len);

@@ -40,7 +40,7 @@
 #define F_VERSION_1_HI (1u << 0)    /* feature bit 32 */
 #define DESC_F_WRITE 2
 
-#define QMAX 256
+#define QMAX 128
 #define BUFSZ 2048
 
 struct vdesc { u64 addr; u32 len; u16 flags, next; };
@@ -60,8 +60,6 @@ struct vq {
 static u64 dev;
 static u32 version, hdr_len;
 static struct vq rxq, txq;
-static u16 tx_free[QMAX];
-static u32 tx_nfree;
 static int tx_kick;
 extern const char *kernel_cmdline;
 int arch_has_ioapic2(void);
@@ -80,19 +78,12 @@ static int setup_queue(int idx, struct vq *q)
     u64 avail_off = 16UL * num;
     u64 used_off = (avail_off + 6 + 2UL * num + 4095) & ~4095UL;
     u64 total = used_off + ((6 + 8UL * num + 4095) & ~4095UL);
-    u8 *mem = heap_alloc(total, 4096);
-    memset(mem, 0, total);
+    u8 *mem = heap_alloc(total, 4096);     /* fresh RAM: already zero */
     q->desc = (struct vdesc *)mem;
     q->avail = (struct vavail *)(mem + avail_off);
     q->used = (volatile struct vused *)(mem + used_off);
     q->last_used = 0;
     q->bufs = heap_alloc((u64)num * BUFSZ, 4096);
-    for (u32 i = 0; i < num; i++) {
-        q->desc[i].addr = (u64)(q->bufs + (u64)i * BUFSZ);
-        q->desc[i].len = BUFSZ;
-        q->desc[i].flags = 0;
-        q->desc[i].next = 0;
-    }
     wr(R_QUEUE_NUM, num);
     if (version == 1) {
         wr(R_QUEUE_ALIGN, 4096);
@@ -178,14 +169,15 @@ int virtio_net_init(u8 mac[6])
     }
 
     /* all rx descriptors are device-writable and available */
-    for (u32 i = 0; i < rxq.num; i++) {
+    u8 *b = rxq.bufs;
+    for (u32 i = 0; i < rxq.num; i++, b += BUFSZ) {
+        rxq.desc[i].addr = (u64)b;
+        rxq.desc[i].len = BUFSZ;
         rxq.desc[i].flags = DESC_F_WRITE;
         rxq.avail->ring[i] = (u16)i;
     }
     barrier();
     rxq.avail->idx = (u16)rxq.num;
-    for (u32 i = 0; i < txq.num; i++) tx_free[i] = (u16)(txq.num - 1 - i);
-    tx_nfree = txq.num;
 
     int gsi = cmdline_irq(dev);
     if (gsi < 0) gsi = arch_has_ioapic2() ? 24 + slot : 5 + slot;
@@ -195,16 +187,17 @@ int virtio_net_init(u8 mac[6])
     wr(R_STATUS, st);
     barrier();
     wr(R_QUEUE_NOTIFY, 0);
-    kprintf("virtio-net: slot %d at %lx version %u irq %d queues %u/%u\n",
-            slot, dev, version, gsi, rxq.num, txq.num);
     return 0;
 }
 
 void net_irq(void)
 {
     if (!dev) return;
-    u32 s = rd(R_INT_STATUS);
-    if (s) wr(R_INT_ACK, s);
+    for (int i = 0; i < 8; i++) {
+        u32 s = rd(R_INT_STATUS);
+        if (!s) break;
+        wr(R_INT_ACK, s);
+    }
 }
 
 int net_poll(void)
@@ -232,21 +225,16 @@ int net_poll(void)
     return n;
 }
 
-static void tx_reclaim(void)
-{
-    while (txq.last_used != txq.used->idx) {
-        barrier();
-        u32 id = txq.used->ring[txq.last_used % txq.num].id;
-        txq.last_used++;
-        if (id < txq.num && tx_nfree < txq.num) tx_free[tx_nfree++] = (u16)id;
-    }
-}
-
+/* TX: QEMU completes in order, so descriptor i (= avail slot i) is reused
+ * once the used index has passed it. One buffer is handed out at a time. */
 u8 *net_tx_buf(void)
 {
-    if (!tx_nfree) tx_reclaim();
-    if (!tx_nfree) { net_tx_flush(); return NULL; }
-    u16 id = tx_free[--tx_nfree];
+    u16 inflight = (u16)(txq.avail->idx - txq.used->idx);
+    if (inflight >= txq.num) {
+        net_tx_flush();
+        return NULL;
+    }
+    u32 id = txq.avail->idx % txq.num;
     u8 *b = txq.bufs + (u64)id * BUFSZ;
     memset(b, 0, hdr_len);
     return b + hdr_len;
@@ -254,22 +242,18 @@ u8 *net_tx_buf(void)
 
 void net_tx_send(u8 *buf, u32 len)
 {
-    u8 *b = buf - hdr_len;
-    u32 id = (u32)((u64)(b - txq.bufs) / BUFSZ);
+    u32 id = txq.avail->idx % txq.num;
     if (len < 60) { memset(buf + len, 0, 60 - len); len = 60; }
+    txq.desc[id].addr = (u64)(buf - hdr_len);
     txq.desc[id].len = len + hdr_len;
     txq.desc[id].flags = 0;
-    txq.avail->ring[txq.avail->idx % txq.num] = (u16)id;
+    txq.avail->ring[id] = (u16)id;
     barrier();
     txq.avail->idx++;
     tx_kick = 1;
 }
 
-void net_tx_drop(u8 *buf)
-{
-    u8 *b = buf - hdr_len;
-    tx_free[tx_nfree++] = (u16)((u64)(b - txq.bufs) / BUFSZ);
-}
+void net_tx_drop(u8 *buf) { (void)buf; }
 
 void net_tx_flush(void)
 {
@@ -278,5 +262,4 @@ void net_tx_flush(void)
         barrier();
         wr(R_QUEUE_NOTIFY, 1);
     }
-    tx_reclaim();
 }
