@@ -138,10 +138,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of ``pid`` and its live descendants, in seconds."""
+def cpu_seconds(pid: int, descendants: bool = False) -> float:
+    """User plus system CPU time of ``pid`` (and, if asked, its live descendants) in seconds.
+
+    Leave ``descendants`` off for jitlaunch: its descendants are the instances, whose work is
+    the backend's, not the daemon's."""
     total = 0
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *(_descendants(pid) if descendants else [])]:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

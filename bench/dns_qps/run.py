@@ -254,9 +254,11 @@ def main() -> int:
                 for server, port, pid in (("jitlaunch", jport, jproc.pid),
                                           ("nsd", nport, nproc.pid)):
                     procs.check_alive()
-                    cpu0 = cpu_seconds(pid)
+                    # NSD answers in a child process; jitlaunch's children are instances.
+                    tree = server == "nsd"
+                    cpu0 = cpu_seconds(pid, tree)
                     r = dnsperf(perf, port, qfile, args)
-                    r["server_cpu_s"] = cpu_seconds(pid) - cpu0
+                    r["server_cpu_s"] = cpu_seconds(pid, tree) - cpu0
                     r["server_cpu_us_per_query"] = r["server_cpu_s"] / max(1, r["completed"]) * 1e6
                     results[server].append(r)
                     print(f"run {i + 1}/{args.runs} {server:9s}: {r['qps']:10.0f} q/s, "
