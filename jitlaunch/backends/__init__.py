@@ -15,6 +15,7 @@ __all__ = ["Backend", "Handle", "create_backends", "parse_backend_settings", "pr
 
 _MODULES = {
     "process": "jitlaunch.backends.process",
+    "qemu": "jitlaunch.backends.qemu",
 }
 
 
@@ -37,9 +38,12 @@ def create_backends(config: Config) -> dict[str, Backend]:
     from .process import ProcessBackend
 
     backends: dict[str, Backend] = {}
-    for service in config.services:
-        if service.backend in backends:
-            continue
-        if service.backend == "process":
-            backends["process"] = ProcessBackend(config.daemon.state_dir)
+    used = {s.backend for s in config.services}
+    if "process" in used:
+        backends["process"] = ProcessBackend(config.daemon.state_dir)
+    if "qemu" in used:
+        from .qemu import QemuBackend
+
+        qemu_services = [s for s in config.services if s.backend == "qemu"]
+        backends["qemu"] = QemuBackend(config.daemon.state_dir, qemu_services)
     return backends

@@ -1,0 +1,619 @@
+"""The qemu backend: ``qemu-system-x86_64 -M microvm`` booting a kernel image directly.
+
+An instance is one QEMU process. Its serial console goes to a pipe that jitlaunch reads: the
+guest's ``READY <ip>:<port>`` line is readiness (``ready = "tcp"`` probes the port instead, for
+images that print nothing), every byte is appended to the service's log, and a KVM
+``emulation failure`` in QEMU's output fails the boot with that cause instead of hanging.
+QEMU is controlled over QMP on a unix socket in ``<state_dir>/run``.
+
+Accelerator: ``accel = "auto"`` uses KVM when /dev/kvm opens and TCG otherwise; if a kernel
+hits a KVM emulation failure under ``auto``, later boots of that kernel use TCG. The choice is
+logged for every instance.
+
+Stop modes: ``destroy`` (QMP quit, SIGKILL after the grace period), ``shutdown``
+(system_powerdown, SIGKILL after the grace period), ``pause`` (QMP stop; the next start is a
+QMP cont) and ``save`` (the state is migrated to a file in ``<state_dir>/saved``, QEMU quits;
+the next start runs QEMU with ``-incoming`` from it and removes the file; a changed kernel
+image invalidates it).
+
+Warm pool: ``pool = N`` keeps N instances started paused (``-S``), kernel loaded and network
+attached; a start takes one and resumes it, and the pool refills in the background.
+
+Leftovers: at start the backend kills QEMU processes whose pid files lie in its run directory
+and whose command line carries our marker, and removes stale sockets, pid files and saved
+states from an earlier run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import trio
+
+from ..config import ServiceConfig, Table
+from ..errors import BootFailed, ProtocolError
+from .base import Backend, Handle, open_instance_log, probe_tcp
+from .qmp import QMP
+
+log = logging.getLogger("jitlaunch.qemu")
+
+STOP_MODES = ("destroy", "shutdown", "pause", "save")
+MARKER = "jitlaunch"
+DEFAULT_CMDLINE = "ip={ip}/{prefix} gw={gateway} port={port} name={name}"
+CMDLINE_FIELDS = ("ip", "prefix", "gateway", "port", "name", "instance")
+#: User networking: the guest's address and gateway are QEMU's slirp defaults.
+USER_IP, USER_PREFIX, USER_GATEWAY = "10.0.2.15", 24, "10.0.2.2"
+_READY = re.compile(rb"^READY\s")
+_KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure")
+
+
+@dataclass(frozen=True)
+class QemuSettings:
+    kernel: Path
+    binary: str
+    memory: int
+    cpus: int
+    accel: str
+    network: str
+    guest_ports: tuple[int, ...]
+    cmdline: str
+    ready: str
+    pool: int
+    grace: float
+    extra_args: tuple[str, ...]
+    bridge: str
+    subnet: ipaddress.IPv4Network
+
+
+def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSettings:
+    kernel = t.string("kernel")
+    guest_ports = t.raw("guest_ports", list(ports))
+    if isinstance(guest_ports, int) and not isinstance(guest_ports, bool):
+        guest_ports = [guest_ports]
+    if (
+        not isinstance(guest_ports, list)
+        or len(guest_ports) != len(ports)
+        or not all(isinstance(p, int) and 1 <= p <= 65535 for p in guest_ports)
+    ):
+        raise t.error(
+            "guest_ports", f"expected {len(ports)} port number(s), one for each of the "
+            f"service's ports {list(ports)}"
+        )
+    cmdline = t.string("cmdline", DEFAULT_CMDLINE)
+    try:
+        cmdline.format(**{f: "x" for f in CMDLINE_FIELDS})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise t.error(
+            "cmdline", f"bad placeholder {exc} (allowed: "
+            f"{', '.join('{' + f + '}' for f in CMDLINE_FIELDS)})"
+        ) from None
+    extra = t.raw("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise t.error("extra_args", "expected a list of strings (QEMU arguments)")
+    raw_subnet = t.string("subnet", "10.77.0.0/24")
+    try:
+        subnet = ipaddress.IPv4Network(raw_subnet, strict=False)
+    except ValueError:
+        raise t.error("subnet", f"expected an IPv4 network such as 10.77.0.0/24, got {raw_subnet!r}") \
+            from None
+    if subnet.num_addresses < 4:
+        raise t.error("subnet", "expected a network with room for a gateway and instances")
+    bridge = t.string("bridge", "jl0")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
+        raise t.error("bridge", f"expected an interface name of at most 15 characters, got {bridge!r}")
+    settings = QemuSettings(
+        kernel=(base_dir / kernel).resolve(),
+        binary=t.string("binary", "qemu-system-x86_64"),
+        memory=t.integer("memory", 32, low=2, high=1 << 20),
+        cpus=t.integer("cpus", 1, low=1, high=256),
+        accel=t.string("accel", "auto", choices=("auto", "kvm", "tcg")),
+        network=t.string("network", "user", choices=("user", "bridge")),
+        guest_ports=tuple(guest_ports),
+        cmdline=cmdline,
+        ready=t.string("ready", "serial", choices=("serial", "tcp")),
+        pool=t.integer("pool", 0, low=0, high=64),
+        grace=t.duration("grace", 5, allow_zero=True),
+        extra_args=tuple(extra),
+        bridge=bridge,
+        subnet=subnet,
+    )
+    t.done()
+    return settings
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def image_id(path: Path) -> str:
+    """Identifies a kernel image's contents: a saved state is only valid for the same one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class QemuHandle(Handle):
+    def __init__(
+        self,
+        backend: QemuBackend,
+        service: ServiceConfig,
+        number: int,
+        accel: str,
+        proc: trio.Process,
+        logfile: IO[bytes],
+        qmp_path: Path,
+        pidfile: Path,
+        host_ports: dict[int, int],
+        guest_ip: str,
+        address: str | None,
+        release_net: list[object],
+    ) -> None:
+        self.backend = backend
+        self.service = service
+        self.number = number
+        self.accel = accel
+        self.proc = proc
+        self.pid = proc.pid
+        self.logfile = logfile
+        self.qmp_path = qmp_path
+        self.pidfile = pidfile
+        self.host_ports = host_ports
+        self.guest_ip = guest_ip
+        self.address = address
+        self.release_net = release_net
+        self.settings: QemuSettings = service.settings
+        self._qmp: QMP | None = None
+        self._line = bytearray()
+        self._ready = trio.Event()
+        self._failure: BootFailed | None = None
+        self.restoring: Path | None = None
+        self.paused = False
+
+    def describe(self) -> str:
+        return f"{super().describe()} {self.accel}".strip()
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        if self.host_ports:
+            return "127.0.0.1", self.host_ports[port]
+        guest = self.settings.guest_ports[self.service.ports.index(port)]
+        return self.guest_ip, guest
+
+    # ---- readiness -------------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        if self.restoring is not None:
+            await self._wait_restored()
+            return
+        if self.settings.ready == "tcp":
+            await self._probe()
+            return
+        await self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _probe(self) -> None:
+        host, port = self.endpoint(self.service.ports[0])
+        if not self.host_ports:
+            await probe_tcp(host, port)
+            return
+        # Through user networking QEMU accepts at once and closes if the guest refuses; a
+        # connection that stays open (or answers) means the guest is listening.
+        while True:
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                with trio.move_on_after(0.05):
+                    try:
+                        if await stream.receive_some(1) == b"":
+                            await trio.sleep(0.005)
+                            continue
+                    except trio.BrokenResourceError:
+                        await trio.sleep(0.005)
+                        continue
+                return
+
+    async def _wait_restored(self) -> None:
+        qmp = await self.qmp()
+        while True:
+            status = await qmp.execute("query-status")
+            if status.get("status") == "running":
+                break
+            if status.get("status") not in ("inmigrate", "prelaunch", "paused"):
+                raise BootFailed(f"restoring the saved state failed: status {status.get('status')}")
+            await trio.sleep(0.002)
+        assert self.restoring is not None
+        with contextlib.suppress(OSError):
+            self.restoring.unlink()
+        with contextlib.suppress(OSError):
+            self.restoring.with_suffix(".image").unlink()
+        self.restoring = None
+        self._ready.set()  # it was ready when it was saved
+
+    async def wait_exited(self) -> str:
+        async with trio.open_nursery() as n:
+            n.start_soon(self._read_console)
+            code = await self.proc.wait()
+            n.cancel_scope.cancel()
+        if self._failure is not None:
+            return f"{self._failure}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"QEMU killed by {signal.Signals(-code).name}"
+        return f"QEMU exited with status {code}"
+
+    async def _read_console(self) -> None:
+        """Copy the console to the log; spot the READY line and KVM failures."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        while True:
+            data = await stdout.receive_some(65536)
+            if not data:
+                return
+            self.logfile.write(data)
+            self._line += data
+            while (nl := self._line.find(b"\n")) >= 0:
+                line = bytes(self._line[:nl])
+                del self._line[: nl + 1]
+                self._console_line(line)
+            if len(self._line) > 4096:
+                del self._line[:-4096]
+
+    def _console_line(self, line: bytes) -> None:
+        if _READY.match(line):
+            self._ready.set()
+        elif _KVM_FAILURE.search(line) and self._failure is None:
+            self.backend.kvm_failed(self.settings.kernel)
+            self._failure = BootFailed(
+                f"KVM emulation failure: /dev/kvm could not run an instruction of "
+                f"{self.settings.kernel.name} (see {self.logfile.name} for QEMU's register "
+                'dump); set accel = "tcg" for this image'
+            )
+            self._ready.set()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # QEMU only pauses on it; nothing more will happen
+
+    # ---- control ---------------------------------------------------------------------------
+
+    async def qmp(self) -> QMP:
+        if self._qmp is None:
+            with trio.fail_after(5):
+                while not self.qmp_path.exists():
+                    if self.proc.returncode is not None:
+                        raise ProtocolError("QEMU exited before its QMP socket appeared")
+                    await trio.sleep(0.001)
+                self._qmp = await QMP.connect(str(self.qmp_path))
+        return self._qmp
+
+    async def resume(self) -> None:
+        await (await self.qmp()).execute("cont")
+        self.paused = False
+
+    async def stop(self, mode: str, grace: float) -> bool:
+        kept = False
+        try:
+            if self.proc.returncode is None:
+                with trio.move_on_after(grace + 5):
+                    kept = await self._stop(mode, grace)
+        except (ProtocolError, OSError) as exc:
+            log.warning("%s#%d: %s; killing QEMU", self.service.name, self.number, exc)
+        finally:
+            if not kept:
+                await self.destroy()
+        return kept
+
+    async def _stop(self, mode: str, grace: float) -> bool:
+        qmp = await self.qmp()
+        if mode == "pause":
+            await qmp.execute("stop")
+            self.paused = True
+            return True
+        if mode == "save":
+            return await self._save(qmp)
+        if mode == "shutdown":
+            await qmp.execute("system_powerdown")
+            with trio.move_on_after(grace):
+                await self.proc.wait()
+            return False
+        with contextlib.suppress(ProtocolError):
+            await qmp.execute("quit")
+        with trio.move_on_after(grace):
+            await self.proc.wait()
+        return False
+
+    async def _save(self, qmp: QMP) -> bool:
+        path = self.backend.saved_path(self.service.name)
+        tmp = path.with_suffix(".tmp")
+        await qmp.execute("stop")
+        await qmp.execute("migrate", uri=f"exec:cat > {tmp}")
+        while True:
+            info = await qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise ProtocolError(f"saving the state failed: {info.get('error-desc', status)}")
+            await trio.sleep(0.002)
+        tmp.replace(path)
+        path.with_suffix(".image").write_text(self.backend.image_ids[self.settings.kernel])
+        await self.destroy()
+        return True
+
+    async def destroy(self) -> None:
+        """Kill QEMU if it still runs and release everything this instance holds."""
+        with trio.CancelScope(shield=True):
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+            if self._qmp is not None:
+                await self._qmp.aclose()
+                self._qmp = None
+            self.logfile.close()
+            for path in (self.qmp_path, self.pidfile):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            self.backend.release(self)
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(self, state_dir: Path, services: list[ServiceConfig]) -> None:
+        self.state_dir = state_dir
+        self.run_dir = state_dir / "run"
+        self.saved_dir = state_dir / "saved"
+        self.log_dir = state_dir / "logs"
+        self.services = services
+        self.pools: dict[str, list[QemuHandle]] = {s.name: [] for s in services}
+        self.image_ids: dict[Path, str] = {}
+        self._kvm: bool | None = None
+        self._kvm_broken: set[Path] = set()
+        self._counter = 0
+        self._refill = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._net: dict[str, object] = {}
+
+    # ---- lifecycle of the backend itself ------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for d in (self.run_dir, self.saved_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        await self.clean_leftovers()
+        for svc in self.services:
+            settings: QemuSettings = svc.settings
+            if not settings.kernel.is_file():
+                log.error("%s: kernel image %s does not exist (make -C images builds the "
+                          "bundled one)", svc.name, settings.kernel)
+                continue
+            self.image_ids[settings.kernel] = await trio.to_thread.run_sync(
+                image_id, settings.kernel
+            )
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._keep_pools()
+
+    async def clean_leftovers(self) -> None:
+        """Kill our QEMU processes from an earlier run and remove their files and taps."""
+        for pid in await trio.to_thread.run_sync(self._kill_leftovers):
+            log.warning("killed QEMU pid %d left over from an earlier run", pid)
+        for leftover in [*self.run_dir.iterdir(), *self.saved_dir.iterdir()]:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if any(s.settings.network == "bridge" for s in self.services):
+            from ..net.bridge import remove_leftover_taps
+
+            try:
+                for tap in await trio.to_thread.run_sync(remove_leftover_taps):
+                    log.warning("removed tap %s left over from an earlier run", tap)
+            except Exception as exc:
+                log.warning("cannot look for leftover taps: %s", exc)
+
+    def _kill_leftovers(self) -> list[int]:
+        killed = []
+        for pidfile in self.run_dir.glob("*.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            # Ours only if its command line names this very pid file and carries our marker.
+            if str(pidfile).encode() in argv and any(a.startswith(MARKER.encode()) for a in argv):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        for pid in killed:  # wait (bounded) until they are gone: they may hold our taps
+            for _ in range(500):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.01)
+        return killed
+
+    async def _keep_pools(self) -> None:
+        while True:
+            for svc in self.services:
+                settings: QemuSettings = svc.settings
+                pool = self.pools[svc.name]
+                while len(pool) < settings.pool and settings.kernel in self.image_ids:
+                    try:
+                        handle = await self._launch(svc, paused=True)
+                    except BootFailed as exc:
+                        log.error("%s: cannot fill the warm pool: %s", svc.name, exc)
+                        break
+                    pool.append(handle)
+            self._refill = trio.Event()
+            await self._refill.wait()
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            while pool:
+                await pool.pop().destroy()
+
+    # ---- instances ---------------------------------------------------------------------------
+
+    def kvm_failed(self, kernel: Path) -> None:
+        self._kvm_broken.add(kernel)
+
+    def saved_path(self, service: str) -> Path:
+        return self.saved_dir / f"{service}.state"
+
+    def _accel(self, settings: QemuSettings) -> str:
+        if settings.accel != "auto":
+            return settings.accel
+        if self._kvm is None:
+            self._kvm = kvm_usable()
+        if not self._kvm:
+            return "tcg"
+        if settings.kernel in self._kvm_broken:
+            return "tcg"
+        return "kvm"
+
+    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
+        if isinstance(saved, QemuHandle) and saved.paused and saved.proc.returncode is None:
+            await _translate(saved.resume())
+            log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
+            return saved
+        pool = self.pools.get(service.name, [])
+        while pool:
+            handle = pool.pop(0)
+            self._refill.set()
+            if handle.proc.returncode is not None:
+                await handle.destroy()
+                continue
+            handle.number = number
+            await _translate(handle.resume())
+            log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
+            return handle
+        state = self.saved_path(service.name)
+        settings: QemuSettings = service.settings
+        incoming = None
+        if state.exists():
+            meta = state.with_suffix(".image")
+            valid = meta.exists() and meta.read_text() == self.image_ids.get(settings.kernel)
+            if valid:
+                incoming = state
+            else:
+                log.info("%s: the kernel image changed; discarding its saved state", service.name)
+                for p in (state, meta):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+        return await self._launch(service, number=number, incoming=incoming)
+
+    async def _launch(
+        self, service: ServiceConfig, *, number: int = 0, paused: bool = False,
+        incoming: Path | None = None,
+    ) -> QemuHandle:
+        settings: QemuSettings = service.settings
+        if not settings.kernel.is_file():
+            raise BootFailed(f"kernel image {settings.kernel} does not exist")
+        self._counter += 1
+        tag = f"{service.name}-{os.getpid()}-{self._counter}"
+        qmp_path = self.run_dir / f"{tag}.qmp"
+        pidfile = self.run_dir / f"{tag}.pid"
+        accel = self._accel(settings)
+        host_ports: dict[int, int] = {}
+        release_net: list[object] = []
+        if settings.network == "user":
+            ip, prefix, gateway, address = USER_IP, USER_PREFIX, USER_GATEWAY, None
+            fwd = []
+            for front, guest in zip(service.ports, settings.guest_ports, strict=True):
+                host_ports[front] = _free_port()
+                fwd.append(f"hostfwd=tcp:127.0.0.1:{host_ports[front]}-:{guest}")
+            netdev = ["-netdev", ",".join(["user", "id=n0", *fwd])]
+        else:
+            from ..net.bridge import attach
+
+            lease = await attach(settings.bridge, settings.subnet, tag)
+            release_net.append(lease)
+            ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
+            address = lease.ip
+            netdev = ["-netdev", f"tap,id=n0,ifname={lease.tap},script=no,downscript=no"]
+        cmdline = settings.cmdline.format(
+            ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
+            name=service.name, instance=number,
+        )
+        argv = [
+            settings.binary, "-M", "microvm", "-accel", accel, "-nodefaults", "-no-user-config",
+            "-display", "none", "-m", f"{settings.memory}M", "-smp", str(settings.cpus),
+            "-kernel", str(settings.kernel), "-append", cmdline, "-serial", "stdio",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-name", f"{MARKER}:{service.name}:{number}", "-pidfile", str(pidfile),
+            *netdev, "-device", "virtio-net-device,netdev=n0",
+            *settings.extra_args,
+        ]
+        if paused:
+            argv.append("-S")
+        if incoming is not None:
+            argv += ["-incoming", f"exec:cat {incoming}"]
+        try:
+            logfile = open_instance_log(self.log_dir, service.name, number, argv)
+        except OSError as exc:
+            self._release_net(release_net)
+            raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
+        try:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            logfile.close()
+            self._release_net(release_net)
+            raise BootFailed(f"cannot run {settings.binary}: {exc.strerror or exc}") from exc
+        handle = QemuHandle(
+            self, service, number, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
+            address, release_net,
+        )
+        handle.restoring = incoming
+        if paused:
+            handle.paused = True
+            try:
+                await handle.qmp()
+            except ProtocolError as exc:
+                await handle.destroy()
+                raise BootFailed(f"QEMU did not start: {exc} (see {logfile.name})") from exc
+        log.info(
+            "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
+            ", paused for the pool" if paused else "", ", restoring" if incoming else "",
+        )
+        return handle
+
+    def release(self, handle: QemuHandle) -> None:
+        self._release_net(handle.release_net)
+        handle.release_net = []
+
+    def _release_net(self, leases: list[object]) -> None:
+        for lease in leases:
+            lease.release()  # type: ignore[attr-defined]
+
+
+async def _translate(coro: object) -> None:
+    try:
+        await coro  # type: ignore[misc]
+    except ProtocolError as exc:
+        raise BootFailed(f"cannot resume: {exc}") from exc

@@ -1,0 +1,131 @@
+"""Bridge networking: a Linux bridge with a subnet, one tap per instance, created over netlink.
+
+The bridge (created if absent, its address the subnet's first host, which instances use as
+their gateway) stays; each instance gets a tap named ``jlt<hex>`` attached to it and the next
+free address of the subnet. Taps are removed when their instance is released and, at daemon
+start, any ``jlt*`` tap left by an earlier run (:func:`remove_leftover_taps`). Needs root or
+CAP_NET_ADMIN; netlink calls are blocking, so they run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..errors import BootFailed
+
+log = logging.getLogger("jitlaunch.net")
+
+TAP_PREFIX = "jlt"
+_in_use: dict[str, set[str]] = {}
+_taps = itertools.count(1)
+
+
+@dataclass
+class Lease:
+    """A tap and an address for one instance; :meth:`release` gives both back."""
+
+    bridge: str
+    tap: str
+    ip: str
+    gateway: str
+    released: bool = field(default=False)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        _in_use.get(self.bridge, set()).discard(self.ip)
+        try:
+            _delete_link(self.tap)
+        except Exception as exc:  # it must not stop the rest of the release
+            log.warning("cannot remove tap %s: %s", self.tap, exc)
+
+
+def _ipr() -> Any:
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as exc:
+        raise BootFailed("bridge networking needs pyroute2 (pip install pyroute2)") from exc
+    return IPRoute()
+
+
+def _delete_link(name: str) -> None:
+    with _ipr() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if idx:
+            ipr.link("del", index=idx[0])
+
+
+def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
+    gateway = next(subnet.hosts())
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        log.info("creating bridge %s with %s/%d", name, gateway, subnet.prefixlen)
+        ipr.link("add", ifname=name, kind="bridge")
+        idx = ipr.link_lookup(ifname=name)
+    index: int = idx[0]
+    addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+    if str(gateway) not in addrs:
+        ipr.addr("add", index=index, address=str(gateway), prefixlen=subnet.prefixlen)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
+    used = _in_use.setdefault(bridge, set())
+    hosts = subnet.hosts()
+    gateway = str(next(hosts))
+    ip = next((str(h) for h in hosts if str(h) not in used), None)
+    if ip is None:
+        raise BootFailed(f"no free address left in {subnet} on bridge {bridge}")
+    # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
+    tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
+    try:
+        with _ipr() as ipr:
+            bridge_index = _ensure_bridge(ipr, bridge, subnet)
+            ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+            tap_index = ipr.link_lookup(ifname=tap)[0]
+            ipr.link("set", index=tap_index, master=bridge_index, state="up")
+    except BootFailed:
+        raise
+    except Exception as exc:
+        try:
+            _delete_link(tap)
+        except Exception:
+            pass
+        raise BootFailed(f"cannot attach a tap to bridge {bridge}: {exc}") from exc
+    used.add(ip)
+    return Lease(bridge, tap, ip, gateway)
+
+
+async def attach(bridge: str, subnet: ipaddress.IPv4Network, tag: str) -> Lease:
+    """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address."""
+    return await trio.to_thread.run_sync(_attach, bridge, subnet)
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name[len(TAP_PREFIX) : len(TAP_PREFIX) + 6], 16)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"jitlaunch" in f.read()
+    except (OSError, ValueError):
+        return False
+
+
+def remove_leftover_taps() -> list[str]:
+    """Delete ``jlt*`` taps whose creating daemon is gone (an earlier run of ours)."""
+    removed = []
+    with _ipr() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            if name.startswith(TAP_PREFIX) and len(name) == 14 and not _owner_alive(name):
+                ipr.link("del", index=link["index"])
+                removed.append(name)
+    return removed
