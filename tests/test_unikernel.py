@@ -1,0 +1,310 @@
+"""The hello unikernel (images/): boot under QEMU microvm, HTTP, TCP robustness, UDP echo, tap.
+
+Every test runs with KVM (skipped without a usable /dev/kvm) and with TCG.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.qemu_guest import Guest, HttpConn, ensure_image, free_port, get, kvm_usable, qemu_argv, user_guest
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+
+
+@pytest.fixture(params=["kvm", "tcg"])
+def accel(request: pytest.FixtureRequest) -> str:
+    if request.param == "kvm" and not kvm_usable():
+        pytest.skip("needs /dev/kvm")
+    return str(request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image() -> None:
+    if shutil.which("qemu-system-x86_64") is not None:
+        ensure_image()
+
+
+@pytest.fixture
+def guest(accel: str) -> Iterator[tuple[Guest, int, int]]:
+    g, tport, uport = user_guest(accel, name="unit-test-7")
+    try:
+        g.wait_ready()
+        yield g, tport, uport
+    finally:
+        g.close()
+
+
+def test_ready_line_and_root_page(guest: tuple[Guest, int, int]) -> None:
+    g, port, _ = guest
+    assert g.wait_ready() == "READY 10.0.2.15:80"
+    assert [line for line in g.console.splitlines() if line.startswith("READY")] == ["READY 10.0.2.15:80"]
+    code, hdrs, body = get(port, "/")
+    assert code == 200
+    assert hdrs["content-type"].startswith("text/html")
+    assert b"unit-test-7" in body and body.startswith(b"<!DOCTYPE html>")
+    assert hdrs["connection"] == "close"
+    code, _, body = get(port, "/health")
+    assert (code, body) == (200, b"ok\n")
+    code, _, _ = get(port, "/nope")
+    assert code == 404
+
+
+def test_command_line_config(accel: str) -> None:
+    port = free_port()
+    g = Guest(
+        qemu_argv(accel, "ip=10.0.2.16/24 gw=10.0.2.2 port=8080 udp=9 name=cfg",
+                  f"user,id=n0,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{port}-10.0.2.16:8080")
+    )  # fmt: skip
+    try:
+        assert g.wait_ready() == "READY 10.0.2.16:8080"
+        code, _, body = get(port, "/")
+        assert code == 200 and b"cfg" in body
+    finally:
+        g.close()
+
+
+def test_200_sequential_requests(guest: tuple[Guest, int, int]) -> None:
+    _, port, _ = guest
+    for i in range(100):  # a fresh connection each time: handshake, FIN, TIME_WAIT reuse
+        code, _, body = get(port, "/" if i % 2 else "/health")
+        assert code == 200 and body
+    with HttpConn("127.0.0.1", port) as c:  # and 100 on one keep-alive connection
+        for _ in range(100):
+            c.request("/")
+            code, hdrs, body = c.response()
+            assert code == 200 and b"unit-test-7" in body and hdrs["connection"] == "keep-alive"
+
+
+def test_50_concurrent_keepalive_connections(guest: tuple[Guest, int, int]) -> None:
+    _, port, _ = guest
+    errors: list[str] = []
+    done = [0]
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        try:
+            with HttpConn("127.0.0.1", port, timeout=20) as c:
+                for j in range(5):
+                    path = ["/", "/health", "/x"][(n + j) % 3]
+                    c.request(path)
+                    code, _, body = c.response()
+                    assert code == {"/": 200, "/health": 200, "/x": 404}[path], (path, code)
+                    if path == "/":
+                        assert b"unit-test-7" in body
+                with lock:
+                    done[0] += 1
+        except Exception as e:
+            with lock:
+                errors.append(f"client {n}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:5]
+    assert done[0] == 50
+
+
+def test_pipelining_head_and_methods(guest: tuple[Guest, int, int]) -> None:
+    _, port, _ = guest
+    with HttpConn("127.0.0.1", port) as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\n\r\n"
+               b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET /missing HTTP/1.1\r\nHost: a\r\n\r\n")  # fmt: skip
+        assert c.response()[0] == 200
+        assert c.response()[2] == b"ok\n"
+        code, hdrs, _ = c.response(head=True)
+        assert code == 200 and int(hdrs["content-length"]) > 100
+        assert c.response()[0] == 404
+        # a body is skipped by Content-Length, and the connection stays usable
+        c.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /health HTTP/1.1\r\n\r\n")
+        code, hdrs, _ = c.response()
+        assert code == 405 and hdrs["allow"] == "GET, HEAD"
+        assert c.response()[2] == b"ok\n"
+        c.request("/", headers="Connection: close\r\n")
+        code, hdrs, _ = c.response()
+        assert code == 200 and hdrs["connection"] == "close"
+        assert c.at_eof()
+    with HttpConn("127.0.0.1", port) as c:  # HTTP/1.0 closes by default
+        c.send(b"GET /health HTTP/1.0\r\n\r\n")
+        code, hdrs, _ = c.response()
+        assert code == 200 and hdrs["connection"] == "close"
+        assert c.at_eof()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage-tls-hello\r\n\r\n", 400),
+        (b"hello there\r\n\r\n", 400),
+        (b"GET / HTTP/9.9\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 5000, 431),
+        (b"GET /" + b"b" * 5000, 431),
+    ],
+    ids=["binary", "words", "version", "header", "clen", "chunked", "big-header", "big-line"],
+)
+def test_bad_requests_answered_then_closed(
+    guest: tuple[Guest, int, int], payload: bytes, status: int
+) -> None:
+    _, port, _ = guest
+    with HttpConn("127.0.0.1", port) as c:
+        try:
+            c.send(payload)
+        except OSError:
+            pass  # the guest may answer and close before all of a big payload is sent
+        code, hdrs, _ = c.response()
+        assert code == status
+        assert hdrs["connection"] == "close"
+    code, _, body = get(port, "/")  # still serving
+    assert code == 200 and b"unit-test-7" in body
+
+
+def test_half_open_and_abandoned_connections(guest: tuple[Guest, int, int]) -> None:
+    g, port, _ = guest
+    hanging = [HttpConn("127.0.0.1", port) for _ in range(10)]
+    try:
+        for i, c in enumerate(hanging):
+            c.send(b"GET / HTTP/1.1\r\nHost: half" if i % 2 else b"GE")
+        # a client that resets mid-request
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.sendall(b"GET / HTTP/1.1\r\n")
+        s.close()
+        for _ in range(20):
+            code, _, body = get(port, "/")
+            assert code == 200 and b"unit-test-7" in body
+        # the hanging requests complete when their data finally arrives
+        hanging[1].send(b"\r\n\r\n")
+        assert hanging[1].response()[0] == 200
+    finally:
+        for c in hanging:
+            c.close()
+    assert "EXCEPTION" not in g.console and "PANIC" not in g.console
+
+
+def test_udp_echo(guest: tuple[Guest, int, int]) -> None:
+    _, _, uport = guest
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        for size in (1, 100, 1400):
+            payload = bytes(random.randrange(256) for _ in range(size))
+            u.sendto(payload, ("127.0.0.1", uport))
+            data, _ = u.recvfrom(2048)
+            assert data == payload
+
+
+# --- a real L2 network: bridge + tap in a namespace of our own ------------------------------
+
+
+def _need_netns() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces and tap)")
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip)")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun")
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+
+
+CLIENT = r"""
+import socket, sys, threading
+host = sys.argv[1]
+def fetch(path, close):
+    s = socket.create_connection((host, 80), timeout=10)
+    conn = b"Connection: close\r\n" if close else b""
+    s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + conn + b"\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+        if not close and b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            cl = [x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")]
+            n = int(cl[0].split(b":")[1])
+            if len(body) >= n:
+                break
+    s.close()
+    return data
+out = fetch(b"/", True)
+assert out.startswith(b"HTTP/1.1 200 OK"), out[:100]
+assert b"tap-guest" in out
+errs = []
+def worker():
+    try:
+        for _ in range(3):
+            assert fetch(b"/health", False).startswith(b"HTTP/1.1 200 OK")
+    except Exception as e:
+        errs.append(repr(e))
+ts = [threading.Thread(target=worker) for _ in range(20)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not errs, errs[:3]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"echo?", (host, 7))
+assert u.recvfrom(100)[0] == b"echo?"
+u.close()
+print("CLIENT OK")
+"""
+
+
+def test_tap_on_bridge_in_netns(accel: str) -> None:
+    _need_netns()
+    ensure_image()
+    ns = f"jltest-{random.randrange(16**8):08x}"
+    guest: Guest | None = None
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        _ip("link", "set", "lo", "up", ns=ns)
+        _ip("link", "add", "br0", "type", "bridge", ns=ns)
+        _ip("tuntap", "add", "dev", "tap0", "mode", "tap", ns=ns)
+        _ip("link", "set", "tap0", "master", "br0", ns=ns)
+        _ip("addr", "add", "10.77.0.1/24", "dev", "br0", ns=ns)
+        _ip("link", "set", "tap0", "up", ns=ns)
+        _ip("link", "set", "br0", "up", ns=ns)
+        argv = qemu_argv(accel, "ip=10.77.0.2/24 gw=10.77.0.1 name=tap-guest",
+                         "tap,id=n0,ifname=tap0,script=no,downscript=no")  # fmt: skip
+        guest = Guest(argv, prefix=["ip", "netns", "exec", ns])
+        assert guest.wait_ready() == "READY 10.77.0.2:80"
+        ping = subprocess.run(
+            ["ip", "netns", "exec", ns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert ping.returncode == 0, ping.stdout + ping.stderr + guest.diagnostics()
+        client = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c", CLIENT, "10.77.0.2"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "CLIENT OK" in client.stdout, client.stdout + client.stderr + guest.diagnostics()
+        # the guest answered ARP itself and holds its address on the segment
+        neigh = subprocess.run(["ip", "netns", "exec", ns, "ip", "neigh", "show", "10.77.0.2"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        assert "lladdr" in neigh.stdout
+    finally:
+        if guest is not None:
+            guest.close()
+        subprocess.run(["ip", "netns", "del", ns], timeout=10, check=False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+            if ns not in listed.stdout:
+                break
