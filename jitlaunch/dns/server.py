@@ -19,7 +19,7 @@ import struct
 import trio
 
 from ..config import Config, Endpoint
-from ..errors import BootFailed, listen_error
+from ..errors import BootFailed, ListenError, listen_error
 from ..lifecycle.supervisor import ServiceAnswer, Supervisor
 from .answer import Catalog, Response, respond
 
@@ -86,7 +86,19 @@ class Resolver:
 
 
 def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
-    """A non-blocking UDP socket and a TCP listening socket on the same address and port."""
+    """A non-blocking UDP socket and a TCP listening socket on the same address and port.
+
+    With port 0, the port the UDP socket got may be taken for TCP: then try another."""
+    for _ in range(50 if ep.port == 0 else 0):
+        try:
+            return _bind_pair_once(ep)
+        except ListenError as exc:
+            if "over TCP" not in str(exc):
+                raise
+    return _bind_pair_once(ep)
+
+
+def _bind_pair_once(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
     udp = socket.socket(family, socket.SOCK_DGRAM)
     udp.setblocking(False)
