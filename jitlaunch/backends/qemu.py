@@ -240,11 +240,15 @@ class QemuHandle(Handle):
     async def _wait_restored(self) -> None:
         qmp = await self.qmp()
         while True:
-            status = await qmp.execute("query-status")
-            if status.get("status") == "running":
+            status = (await qmp.execute("query-status")).get("status")
+            if status == "running":
                 break
-            if status.get("status") not in ("inmigrate", "prelaunch", "paused"):
-                raise BootFailed(f"restoring the saved state failed: status {status.get('status')}")
+            if status == "paused":
+                # The state was saved from a stopped VM, so it arrives stopped: start it.
+                await qmp.execute("cont")
+                continue
+            if status not in ("inmigrate", "prelaunch"):
+                raise BootFailed(f"restoring the saved state failed: status {status}")
             await trio.sleep(0.002)
         assert self.restoring is not None
         with contextlib.suppress(OSError):

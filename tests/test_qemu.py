@@ -1,0 +1,243 @@
+"""The qemu backend with the bundled unikernel: real QEMU processes, real DNS and TCP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from dnslib import RCODE
+
+from jitlaunch.backends.qemu import kvm_usable
+from jitlaunch.lifecycle.state import State
+
+from .conftest import ROOT, alive, config_text, http_get, load, query_udp, running, wait_until
+
+KERNEL = ROOT / "images" / "build" / "hello.elf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image() -> None:
+    if not KERNEL.exists():
+        subprocess.run(["make", "-s", "-C", str(ROOT / "images")], check=True, timeout=300)
+
+
+def qemus(state_dir: Path) -> list[int]:
+    """QEMU processes that belong to a daemon using ``state_dir``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(state_dir).encode() in cmd and alive(int(entry)):
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    leaked = qemus(tmp_path)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, "QEMU processes leaked"
+
+
+def service(front: str, extra: str = "", qemu: str = "", accel: str = "tcg") -> str:
+    return f"""
+[[service]]
+name = "uk"
+front = ["{front}"]
+ports = [18080]
+backend = "qemu"
+boot_timeout = "20s"
+{extra}
+[service.qemu]
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "{accel}"
+{qemu}
+"""
+
+
+def server(d) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    return d.dns_endpoints[0].host, d.dns_endpoints[0].port
+
+
+async def test_default_config_boots_the_unikernel_on_lookup(state: Path, block: str) -> None:
+    text = (ROOT / "conf" / "default.toml").read_text()
+    text = text.replace("127.0.0.1:5353", "127.0.0.1:0").replace("127.77.0.", f"{block}.")
+    text = text.replace("[daemon]", f'[daemon]\nstate_dir = "{state}"')
+    cfg = load(text, str(ROOT / "conf" / "default.toml"))
+    async with running(cfg) as d:
+        rec = await query_udp(server(d), "hello.jit.test")
+        assert rec.header.rcode == RCODE.NOERROR
+        addr = str(rec.rr[0].rdata)
+        assert addr == f"{block}.1"
+        body = await http_get(addr, 8080)
+        assert body.startswith(b"HTTP/1.1 200") and b"hello" in body
+        inst = d.supervisor.services["hello"].instance
+        assert inst is not None and inst.state is State.READY and inst.service.backend == "qemu"
+
+
+@pytest.mark.parametrize("mode", ["destroy", "shutdown", "pause", "save"])
+async def test_idle_teardown_in_every_stop_mode(state: Path, block: str, mode: str) -> None:
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra=f'idle_timeout = "500ms"\nstop = "{mode}"\nanswer = "proxy"',
+        qemu='grace = "1s"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        first = await http_get(f"{block}.1", 18080)
+        assert first.startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None and inst.handle is not None
+        pid = inst.handle.pid
+        assert pid is not None
+        await wait_until(lambda: inst.state in (State.STOPPED, State.SAVED), timeout=20)
+        assert rt.idle_stops == 1
+        if mode == "pause":
+            assert inst.state is State.SAVED and alive(pid)  # paused, still there
+        else:
+            await wait_until(lambda: not alive(pid))
+        if mode == "save":
+            assert inst.state is State.SAVED
+            assert (state / "saved" / "uk.state").exists()
+        # The next request is served by the resumed, restored or new instance.
+        again = await http_get(f"{block}.1", 18080)
+        assert again.startswith(b"HTTP/1.1 200") and b"uk" in again
+        now = rt.instance
+        assert now is not None and now.handle is not None
+        if mode == "pause":
+            assert now is inst and now.handle.pid == pid
+        if mode == "save":
+            assert now is inst and now.handle.pid != pid
+            assert not (state / "saved" / "uk.state").exists()
+            log = (state / "logs" / "uk.log").read_text(errors="replace")
+            assert "-incoming" in log
+
+
+async def test_warm_pool_hit(state: Path, block: str) -> None:
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra="max_instances = 2", qemu="pool = 1")))
+    async with running(cfg) as d:
+        backend = d.backends["qemu"]
+        pool = backend.pools["uk"]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(pool) == 1)
+        pooled_pid = pool[0].pid
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200")
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.handle is not None and inst.handle.pid == pooled_pid
+        await wait_until(lambda: len(pool) == 1 and pool[0].pid != pooled_pid)  # refilled
+        assert len(qemus(state)) == 2
+
+
+async def test_concurrent_lookups_boot_one_vm(state: Path, block: str) -> None:
+    cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"')))
+    async with running(cfg) as d:
+        results = []
+
+        async def one() -> None:
+            results.append(await query_udp(server(d), "uk.jit.test"))
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(one)
+        assert all(r.header.rcode == RCODE.NOERROR for r in results) and len(results) == 20
+        assert d.supervisor.services["uk"].boots == 1
+        assert len(qemus(state)) == 1
+
+
+async def test_killed_qemu_is_noticed_and_replaced(state: Path, block: str) -> None:
+    cfg = load(config_text(state, service(f"{block}.1")))
+    async with running(cfg) as d:
+        first = await d.supervisor.acquire("uk")
+        assert first.handle is not None and first.handle.pid is not None
+        pid = first.handle.pid
+        os.kill(pid, signal.SIGKILL)
+        rt = d.supervisor.services["uk"]
+        await wait_until(lambda: rt.instance is None)
+        assert rt.deaths == 1
+        assert not list((state / "run").glob("*"))  # socket and pid file removed
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200")
+        assert rt.instance is not None and rt.instance.handle.pid != pid  # type: ignore[union-attr]
+
+
+async def test_leftovers_of_a_killed_daemon_are_removed(state: Path, block: str) -> None:
+    from .conftest import PYTHON
+
+    conf = state / "c.toml"
+    conf.write_text(config_text(state, service(f"{block}.1", extra='answer = "wait"')).replace(
+        "127.0.0.1:0", f"{block}.53:5353"))
+    with open(state / "first.log", "wb") as logfile:
+        proc = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=logfile)
+    try:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    with trio.move_on_after(1):
+                        if (await query_udp((f"{block}.53", 5353), "uk.jit.test")).rr:
+                            break
+                except OSError:
+                    pass
+                await trio.sleep(0.05)
+        orphans = qemus(state)
+        assert len(orphans) == 1
+        proc.kill()  # SIGKILL: no cleanup at all
+        await proc.wait()
+        assert alive(orphans[0]) and list((state / "run").glob("*.pid"))
+    finally:
+        proc.kill()
+        await proc.wait()
+    # The next daemon, on the same state directory, removes what the first one left.
+    cfg = load(config_text(state, service(f"{block}.1")))
+    async with running(cfg):
+        await wait_until(lambda: not alive(orphans[0]))
+        assert not list((state / "run").glob("*"))
+    log = (state / "logs").exists()
+    assert log
+
+
+@pytest.mark.skipif(not kvm_usable(), reason="needs /dev/kvm")
+async def test_kvm_boot_or_clear_emulation_failure(state: Path, block: str) -> None:
+    """With KVM the unikernel boots; if /dev/kvm cannot run it, the failure says so."""
+    cfg = load(config_text(state, service(f"{block}.1", accel="kvm", extra='answer = "wait"')))
+    async with running(cfg) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        rt = d.supervisor.services["uk"]
+        if rec.header.rcode == RCODE.NOERROR:
+            inst = rt.instance
+            assert inst is not None and inst.handle is not None
+            assert inst.handle.describe().endswith("kvm")
+        else:
+            assert rec.header.rcode == RCODE.SERVFAIL
+            assert "KVM emulation failure" in (rt.last_error or "")
+
+
+async def test_auto_accel_falls_back_after_an_emulation_failure(state: Path, block: str) -> None:
+    """`accel = "auto"` always ends up serving: with KVM, or TCG after a KVM failure."""
+    cfg = load(config_text(state, service(
+        f"{block}.1", accel="auto", extra='retry_backoff = "100ms"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        with trio.fail_after(40):
+            while True:
+                try:
+                    body = await http_get(f"{block}.1", 18080)
+                    if body.startswith(b"HTTP/1.1 200"):
+                        break
+                except (OSError, trio.BrokenResourceError):
+                    pass
+                await trio.sleep(0.1)
+        assert rt.instance is not None and rt.instance.handle is not None
+        accel = rt.instance.handle.describe().split()[-1]
+        assert accel == ("kvm" if kvm_usable() and rt.boot_failures == 0 else "tcg")
