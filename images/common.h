@@ -78,6 +78,7 @@ extern struct netcfg cfg;
 void net_rx(u8 *frame, u32 len);
 void net_timer(void);
 int arp_pending(void);
+void arp_announce(void);
 void ip_discard(u8 *payload);
 u16 csum_partial(const void *data, u32 len, u32 sum);
 u16 csum_fold(u32 sum);

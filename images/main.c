@@ -83,6 +83,8 @@ void kmain(struct hvm_start_info *si)
     arch_init();
     if (virtio_net_init(cfg.mac) < 0) panic("no virtio-net device");
     tcp_init();
+    arp_announce();
+    net_tx_flush();
     kprintf("READY %I:%u\n", cfg.ip, cfg.port);
     kprintf("hello: name=%s gw=%I mac=%02x:%02x:%02x:%02x:%02x:%02x\n", cfg.name, cfg.gw,
             cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5]);

@@ -149,6 +149,13 @@ static void arp_rx(const u8 *a, u32 len)
 
 int arp_pending(void) { return npending != 0; }
 
+/* Gratuitous ARP at link-up: peers (QEMU's slirp, a bridge's hosts) learn
+ * our MAC before their first packet to us instead of parking it on ARP. */
+void arp_announce(void)
+{
+    arp_send(1, bcast, cfg.ip, (const u8[6]){ 0 });
+}
+
 void net_timer(void)
 {
     if (!npending) return;
