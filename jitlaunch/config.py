@@ -416,6 +416,12 @@ def _parse_service(
         extra_names=len(names) - len(dns.zones),
     )
     t.done()
+    pool = getattr(settings, "pool", 0)
+    if pool >= svc.max_instances:
+        raise t.error(
+            "max_instances", f"must be more than the warm pool ({pool}): pooled instances count "
+            f"against it, and one must be left to run; set it to at least {pool + 1}"
+        )
     if svc.retry_backoff_max < svc.retry_backoff:
         raise t.error("retry_backoff_max", "must not be smaller than retry_backoff")
     return svc

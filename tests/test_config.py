@@ -193,3 +193,23 @@ def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
 def test_bad_command_line_exits_2() -> None:
     res = run_cli("probe", "hello.jit.test")
     assert res.returncode == 2 and "--server" in res.stderr
+
+
+def test_qemu_settings_errors() -> None:
+    qemu = SERVICE.replace("[service.process]", 'backend = "qemu"\n[service.qemu]').replace(
+        'command = "demo --port {port}"', 'kernel = "k.elf"')
+    assert error(BASE + qemu.replace('kernel = "k.elf"', 'kernel = "k.elf"\npool = 1')) == (
+        "conf.toml: service 'hello': max_instances: must be more than the warm pool (1): pooled "
+        "instances count against it, and one must be left to run; set it to at least 2"
+    )
+    assert error(BASE + qemu.replace('kernel = "k.elf"', 'kernel = "k.elf"\nguest_ports = [1, 2]')) \
+        == ("conf.toml: service 'hello': qemu.guest_ports: expected 1 port number(s), one for each "
+            "of the service's ports [8080]")
+    assert error(BASE + qemu.replace('kernel = "k.elf"', 'kernel = "k.elf"\naccel = "xen"')) == (
+        "conf.toml: service 'hello': qemu.accel: expected one of auto, kvm, tcg, got 'xen'")
+    assert error(BASE + qemu.replace('kernel = "k.elf"', 'kernel = "k.elf"\ncmdline = "{ipaddr}"'))\
+        .startswith("conf.toml: service 'hello': qemu.cmdline: bad placeholder 'ipaddr'")
+    assert error(BASE + qemu.replace('kernel = "k.elf"', '')) == (
+        "conf.toml: service 'hello': qemu.kernel: missing (expected a string)")
+    cfg = parse_config(BASE + qemu.replace("ports = [8080]", "ports = [8080]\nstop = \"save\""), "/x/c.toml")
+    assert cfg.service("hello").settings.kernel == Path("/x/k.elf")

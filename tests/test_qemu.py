@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -241,3 +243,70 @@ async def test_auto_accel_falls_back_after_an_emulation_failure(state: Path, blo
         assert rt.instance is not None and rt.instance.handle is not None
         accel = rt.instance.handle.describe().split()[-1]
         assert accel == ("kvm" if kvm_usable() and rt.boot_failures == 0 else "tcg")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 to create a network namespace",
+)
+async def test_bridge_mode_hands_over_inside_a_namespace(state: Path) -> None:
+    """Daemon and client inside a namespace of the test's own: the answer hands the
+    instance's bridge address over, and the client reaches the unikernel directly."""
+    from .conftest import PYTHON
+
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    inside = ["ip", "netns", "exec", ns]
+    proc = None
+    try:
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
+        text = (ROOT / "conf" / "bridge.toml").read_text().replace("pool = 1", "")
+        text = text.replace("[dns]", f'[daemon]\nstate_dir = "{state}"\n\n[dns]')
+        conf = state / "bridge.toml"
+        conf.write_text(text.replace("../images/build/hello.elf", str(KERNEL)))
+        with open(state / "daemon.log", "wb") as logfile:
+            proc = await trio.lowlevel.open_process(
+                [*inside, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+                stderr=logfile,
+            )
+
+        async def ask() -> str:
+            res = await trio.run_process(
+                [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                 "hello.jit.test", "A"], capture_stdout=True, check=False)
+            lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
+            return "\n".join(lines).strip()  # empty while the daemon is not up yet
+
+        async def probe() -> str:
+            res = await trio.run_process(
+                [*inside, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
+                 "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+                check=False)
+            assert res.returncode == 0, res.stderr.decode()
+            return res.stdout.decode()
+
+        with trio.fail_after(30):
+            while not (first := await ask()):
+                await trio.sleep(0.05)
+        assert first == "127.77.0.1"  # booting: the front address
+        with trio.fail_after(30):
+            while (addr := await ask()) == "127.77.0.1":
+                await trio.sleep(0.05)
+        assert addr == "10.77.0.2"  # ready: handed over
+        out = await probe()
+        assert "hello.jit.test -> 10.77.0.2 (ttl 30)" in out and "HTTP/1.1 200 OK" in out
+        ping = await trio.run_process([*inside, "ping", "-c", "1", "-W", "2", addr], check=False,
+                                      capture_stdout=True)
+        assert ping.returncode == 0
+        taps = subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True).stdout
+        assert "jlt" in taps and "jl0" in taps
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        taps = subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True).stdout
+        assert "jlt" not in taps  # the instance's tap went with it
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
