@@ -8,6 +8,7 @@ Only the standard library. Every benchmark is run from the repository root, e.g.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -60,7 +61,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (q in 0..100)."""
     if not sorted_values:
         raise ValueError("no values")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 
@@ -69,7 +70,7 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     for _ in range(100):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind((host, 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
         try:
             with socket.socket(socket.AF_INET, other) as s:
@@ -99,7 +100,7 @@ def poll(
             result = predicate()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+        except Exception as exc:
             last_exc = exc
         if procs is not None:
             procs.check_alive()
@@ -242,7 +243,7 @@ class ProcessGroup:
         for _, proc in reversed(self.procs):
             try:
                 self.stop(proc)
-            except Exception as exc:  # noqa: BLE001 - stop the others anyway
+            except Exception as exc:
                 print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
         self.procs.clear()
 
@@ -257,12 +258,32 @@ def write_results(name: str, data: dict[str, Any], text: str) -> tuple[Path, Pat
     return jpath, tpath
 
 
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages: other work on the machine skews every figure,
+    so the results keep them (the run itself adds about 2)."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def warn_if_busy(name: str) -> list[float]:
+    """Print a warning if the machine is busy before the run; return the load averages."""
+    load = loadavg()
+    cpus = os.cpu_count() or 1
+    if load and load[0] > 0.5 * cpus:
+        print(f"{name}: warning: load average {load[0]:.2f} on {cpus} CPUs before the run; "
+              "figures will be noisy", file=sys.stderr)
+    return load
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+    info["loadavg_1_5_15_at_end"] = loadavg()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -295,6 +316,6 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)

@@ -32,22 +32,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (  # noqa: E402
+from common import (
     BenchError,
     ProcessGroup,
+    cpu_seconds,
     free_port,
     jitlaunch_command,
     loopback_block,
     machine_info,
     median,
     poll,
-    cpu_seconds,
     require_tool,
     table,
+    warn_if_busy,
     write_results,
 )
-
-from dnslib import QTYPE, DNSRecord  # noqa: E402
+from dnslib import QTYPE, DNSRecord
 
 NAME = "hello.jit.test"
 TTL = 30
@@ -204,6 +204,7 @@ def main() -> int:
         print(f"dns_qps: {exc}", file=sys.stderr)
         return 2
 
+    load_start = warn_if_busy("dns_qps")
     block = loopback_block()
     front = f"{block}.1"
     subnet = f"{block.rsplit('.', 1)[0]}.{int(block.rsplit('.', 1)[1]) ^ 1}.0/24"
@@ -313,7 +314,7 @@ def main() -> int:
     print(text)
     data = {
         "benchmark": "dns_qps",
-        "machine": machine_info(),
+        "machine": machine_info() | {"loadavg_1_5_15_at_start": load_start},
         "settings": {**vars(args), "query": f"{NAME} A", "nsd_server_count": 1,
                      "dnsperf": settings},
         "jitlaunch": summary["jitlaunch"],

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (  # noqa: E402
+from common import (
     BenchError,
     ProcessGroup,
     cpu_seconds,
@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     poll,
     require_tool,
     table,
+    warn_if_busy,
     write_results,
 )
 
@@ -187,6 +188,7 @@ def main() -> int:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2
 
+    load_start = warn_if_busy("proxy")
     paths = ("direct", "jitlaunch", "socket-proxyd")
     bulk: dict[str, list[float]] = {p: [] for p in paths}
     bulk_cpu: dict[str, list[float]] = {p: [] for p in paths}
@@ -328,7 +330,7 @@ def main() -> int:
     print(text)
     data = {
         "benchmark": "proxy",
-        "machine": machine_info(),
+        "machine": machine_info() | {"loadavg_1_5_15_at_start": load_start},
         "settings": {k: v for k, v in vars(args).items()} | {"message_bytes": MSG},
         "results": summary,
         "jitlaunch_throughput_pct_of_socket_proxyd": pct,
