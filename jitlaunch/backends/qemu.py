@@ -16,8 +16,10 @@ QMP cont) and ``save`` (the state is migrated to a file in ``<state_dir>/saved``
 the next start runs QEMU with ``-incoming`` from it and removes the file; a changed kernel
 image invalidates it).
 
-Warm pool: ``pool = N`` keeps N instances started paused (``-S``), kernel loaded and network
-attached; a start takes one and resumes it, and the pool refills in the background.
+Warm pool: ``pool = N`` keeps N instances booted to their READY line and then paused (QMP
+stop): kernel loaded, network attached, listener up. A start takes one and resumes it (QMP
+cont), so it is ready at once, and the pool refills in the background. (Pausing before the
+first instruction, ``-S``, would save only QEMU's own start-up, not the guest's boot.)
 
 Leftovers: at start the backend kills QEMU processes whose pid files lie in its run directory
 and whose command line carries our marker, and removes stale sockets, pid files and saved
@@ -304,13 +306,21 @@ class QemuHandle(Handle):
     # ---- control ---------------------------------------------------------------------------
 
     async def qmp(self) -> QMP:
+        """The QMP connection, opened on first use. QEMU creates the socket file a moment
+        before it listens on it, so a refused connection is retried (bounded)."""
         if self._qmp is None:
             with trio.fail_after(5):
-                while not self.qmp_path.exists():
+                while True:
                     if self.proc.returncode is not None:
-                        raise ProtocolError("QEMU exited before its QMP socket appeared")
+                        raise ProtocolError("QEMU exited before its QMP socket was ready")
+                    if self.qmp_path.exists():
+                        try:
+                            self._qmp = await QMP.connect(str(self.qmp_path))
+                            break
+                        except ProtocolError as exc:
+                            if not isinstance(exc.__cause__, ConnectionRefusedError):
+                                raise
                     await trio.sleep(0.001)
-                self._qmp = await QMP.connect(str(self.qmp_path))
         return self._qmp
 
     async def resume(self) -> None:
@@ -466,13 +476,40 @@ class QemuBackend(Backend):
                 pool = self.pools[svc.name]
                 while len(pool) < settings.pool and settings.kernel in self.image_ids:
                     try:
-                        handle = await self._launch(svc, paused=True)
+                        handle = await self._pool_member(svc)
                     except BootFailed as exc:
                         log.error("%s: cannot fill the warm pool: %s", svc.name, exc)
                         break
                     pool.append(handle)
             self._refill = trio.Event()
             await self._refill.wait()
+
+    async def _pool_member(self, svc: ServiceConfig) -> QemuHandle:
+        """An instance booted to its READY line and then paused: taking it is a QMP cont."""
+        handle = await self._launch(svc, pool=True)
+        exited: str | None = None
+        try:
+            with trio.fail_after(svc.boot_timeout):
+                async with trio.open_nursery() as race:
+
+                    async def gone() -> None:
+                        nonlocal exited
+                        exited = await handle.wait_exited()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(gone)
+                    await handle.wait_ready()
+                    race.cancel_scope.cancel()
+            if exited is not None:
+                raise BootFailed(f"{exited} before it was ready")
+            await (await handle.qmp()).execute("stop")
+        except (BootFailed, ProtocolError, trio.TooSlowError) as exc:
+            await handle.destroy()
+            if isinstance(exc, BootFailed):
+                raise
+            raise BootFailed(f"pool instance not ready: {exc!r}") from exc
+        handle.paused = True
+        return handle
 
     async def aclose(self) -> None:
         for pool in self.pools.values():
@@ -530,7 +567,7 @@ class QemuBackend(Backend):
         return await self._launch(service, number=number, incoming=incoming)
 
     async def _launch(
-        self, service: ServiceConfig, *, number: int = 0, paused: bool = False,
+        self, service: ServiceConfig, *, number: int = 0, pool: bool = False,
         incoming: Path | None = None,
     ) -> QemuHandle:
         settings: QemuSettings = service.settings
@@ -571,12 +608,12 @@ class QemuBackend(Backend):
             *netdev, "-device", "virtio-net-device,netdev=n0",
             *settings.extra_args,
         ]
-        if paused:
-            argv.append("-S")
         if incoming is not None:
             argv += ["-incoming", f"exec:cat {incoming}"]
         try:
-            logfile = open_instance_log(self.log_dir, service.name, number, argv)
+            # Pool members log apart until taken, so they never rotate a running one's log.
+            log_name = f"{service.name}.pool" if pool else service.name
+            logfile = open_instance_log(self.log_dir, log_name, number, argv)
         except OSError as exc:
             self._release_net(release_net)
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
@@ -594,16 +631,9 @@ class QemuBackend(Backend):
             address, release_net,
         )
         handle.restoring = incoming
-        if paused:
-            handle.paused = True
-            try:
-                await handle.qmp()
-            except ProtocolError as exc:
-                await handle.destroy()
-                raise BootFailed(f"QEMU did not start: {exc} (see {logfile.name})") from exc
         log.info(
             "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
-            ", paused for the pool" if paused else "", ", restoring" if incoming else "",
+            ", for the warm pool" if pool else "", ", restoring" if incoming else "",
         )
         return handle
 

@@ -1,0 +1,266 @@
+"""Cold start, Jitsu's own method: send the DNS query, connect to the answered address, send
+``GET /``, and time to the first byte of the reply.
+
+Run from the repository root: ``python3 bench/coldstart/run.py [--runs 50]``. For each
+accelerator (KVM when /dev/kvm opens, and TCG) it measures, in one jitlaunch daemon:
+
+* cold: no instance; the lookup boots the bundled unikernel (answer mode ``handoff``, the
+  front address, the proxy holds the request);
+* pool: a warm pool of one paused instance; the lookup resumes it;
+* running: the instance is up;
+* wait: answer mode ``wait`` (the DNS reply waits for READY), from cold;
+
+and beside them, the floor: QEMU started directly with a host port forward, timed from the
+process start to the first byte of an HTTP reply (the client retries connect+GET), with no
+jitlaunch involved. "overhead" is cold minus floor, both medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import (  # noqa: E402
+    ROOT,
+    BenchError,
+    ProcessGroup,
+    free_port,
+    jitlaunch_command,
+    loopback_block,
+    machine_info,
+    median,
+    percentile,
+    poll,
+    require_tool,
+    table,
+    write_results,
+)
+
+from dnslib import DNSRecord  # noqa: E402
+
+KERNEL = ROOT / "images" / "build" / "hello.elf"
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+IDLE = "150ms"  # short, so that instances go away between cold runs
+TARGETS_KVM = {"cold": 40.0, "pool": 8.0, "running": 1.0, "overhead": 5.0}
+
+
+def kvm_usable() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+def config(state: Path, dns_port: int, block: str, accels: list[str]) -> str:
+    out = [f"""
+[daemon]
+state_dir = "{state}"
+log_level = "warning"
+[dns]
+listen = ["127.0.0.1:{dns_port}"]
+zones = ["jit.test"]
+[defaults]
+backend = "qemu"
+boot_timeout = "20s"
+"""]
+    n = 0
+    for accel in accels:
+        for kind in ("cold", "pool", "running", "wait"):
+            n += 1
+            idle = '"10m"' if kind == "running" else f'"{IDLE}"'
+            extra = 'answer = "wait"' if kind == "wait" else ""
+            pool = "pool = 1" if kind == "pool" else ""
+            out.append(f"""
+[[service]]
+name = "{kind}-{accel}"
+front = ["{block}.{n}"]
+ports = [8080]
+idle_timeout = {idle}
+max_instances = 2
+{extra}
+[service.qemu]
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "{accel}"
+{pool}
+""")
+    return "".join(out)
+
+
+def _pool_ready(state: Path, service: str) -> bool:
+    """The active instance is gone and the pool member has booted."""
+    log = state / "logs" / f"{service}.pool.log"
+    return len(qemu_pids(state, service)) == 1 and log.exists() and b"READY" in log.read_bytes()
+
+
+def qemu_pids(state: Path, service: str) -> dict[int, bool]:
+    """Live QEMU processes of ``service``: pid -> started paused with -S."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and f"jitlaunch:{service}:".encode() in b" ".join(
+            argv
+        ) and str(state).encode() in b" ".join(argv):
+            out[int(entry)] = b"-S" in argv
+    return out
+
+
+def one_request(dns: tuple[str, int], name: str, port: int) -> float:
+    """Jitsu's measurement: DNS query, connect, GET, first byte. Returns milliseconds."""
+    q = DNSRecord.question(name, "A").pack()
+    t0 = time.perf_counter()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(30)
+        u.sendto(q, dns)
+        reply = DNSRecord.parse(u.recv(4096))
+    if not reply.rr:
+        raise BenchError(f"{name}: no answer ({reply.header.rcode})")
+    addr = str(reply.rr[0].rdata)
+    with socket.create_connection((addr, port), timeout=30) as c:
+        c.sendall(REQUEST)
+        first = c.recv(1)
+        t1 = time.perf_counter()
+        if not first:
+            raise BenchError(f"{name}: connection closed without a reply")
+    return (t1 - t0) * 1000
+
+
+def floor_run(accel: str, logdir: Path) -> float:
+    """QEMU process start to the first byte of an HTTP reply, no jitlaunch."""
+    port = free_port()
+    argv = [
+        "qemu-system-x86_64", "-M", "microvm", "-accel", accel, "-nodefaults", "-no-user-config",
+        "-display", "none", "-m", "32M", "-kernel", str(KERNEL), "-append",
+        "ip=10.0.2.15/24 gw=10.0.2.2 port=80 name=floor", "-serial", "null",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
+        "-device", "virtio-net-device,netdev=n0",
+    ]
+    with ProcessGroup(logdir) as group:
+        t0 = time.perf_counter()
+        group.start("floor", argv)
+
+        def try_get() -> float | None:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(REQUEST)
+                c.settimeout(0.2)
+                if c.recv(1):
+                    return time.perf_counter()
+            return None
+
+        t1 = poll(try_get, 30, "the floor QEMU's first HTTP byte", interval=0.001, procs=group)
+    return (t1 - t0) * 1000
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {"median": median(s), "p90": percentile(s, 90), "min": s[0], "max": s[-1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=50)
+    args = ap.parse_args()
+    require_tool("qemu-system-x86_64", apt="qemu-system-x86")
+    if not KERNEL.exists():
+        raise BenchError(f"{KERNEL} is missing: run make -C images")
+    accels = (["kvm"] if kvm_usable() else []) + ["tcg"]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as tmp:
+        state = Path(tmp)
+        dns_port = free_port()
+        block = loopback_block()
+        conf = state / "jitlaunch.toml"
+        conf.write_text(config(state, dns_port, block, accels))
+        dns = ("127.0.0.1", dns_port)
+        with ProcessGroup(state) as group:
+            group.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(conf)])
+            poll(lambda: _dns_up(dns), 30, "jitlaunch's DNS", procs=group)
+            for accel in accels:
+                res: dict[str, list[float]] = {k: [] for k in ("cold", "pool", "running", "wait")}
+                for kind in res:
+                    name = f"{kind}-{accel}"
+                    if kind == "running":
+                        one_request(dns, f"{name}.jit.test", 8080)  # boot it once
+                    for _ in range(args.runs):
+                        if kind in ("cold", "wait"):
+                            poll(lambda n=name: not qemu_pids(state, n), 30, f"{name} to stop",
+                                 interval=0.005, procs=group)
+                        elif kind == "pool":
+                            poll(lambda n=name: _pool_ready(state, n), 30,
+                                 f"{name}'s pool to refill", interval=0.005, procs=group)
+                            # READY is printed just before the daemon pauses the member and
+                            # puts it in the pool: give that a moment.
+                            time.sleep(0.05)
+                        res[kind].append(one_request(dns, f"{name}.jit.test", 8080))
+                    group.check_alive()
+                floor = [floor_run(accel, state) for _ in range(args.runs)]
+                results[accel] = {k: stats(v) for k, v in res.items()}
+                results[accel]["floor"] = stats(floor)
+                results[accel]["overhead"] = {
+                    "median": results[accel]["cold"]["median"] - results[accel]["floor"]["median"]
+                }
+    text = report(results, args.runs)
+    print(text)
+    write_results("coldstart", {"machine": machine_info(), "runs": args.runs, "results": results},
+                  text)
+    return 0
+
+
+def _dns_up(dns: tuple[str, int]) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(0.2)
+        u.sendto(DNSRecord.question("jit.test", "SOA").pack(), dns)
+        return bool(u.recv(4096))
+
+
+def report(results: dict[str, dict[str, dict[str, float]]], runs: int) -> str:
+    lines = [
+        f"Cold start, DNS query to first HTTP byte (Jitsu's method), {runs} runs each, ms",
+        "bundled unikernel on QEMU microvm, user networking, through jitlaunch's proxy",
+        "",
+    ]
+    rows = [["case", *[f"{a} median" for a in results], *[f"{a} p90" for a in results]]]
+    for kind in ("cold", "pool", "running", "wait", "floor"):
+        rows.append([
+            kind,
+            *[f"{results[a][kind]['median']:.2f}" for a in results],
+            *[f"{results[a][kind]['p90']:.2f}" for a in results],
+        ])
+    rows.append(["overhead", *[f"{results[a]['overhead']['median']:.2f}" for a in results],
+                 *["" for _ in results]])
+    lines.append(table(rows))
+    lines.append("")
+    lines.append("floor = QEMU process start to first HTTP byte, no jitlaunch; "
+                 "overhead = cold - floor (medians)")
+    if "kvm" in results:
+        for kind, target in TARGETS_KVM.items():
+            got = results["kvm"][kind]["median"]
+            verdict = "PASS" if got <= target else "FAIL"
+            lines.append(f"kvm {kind} median {got:.2f} ms (target <= {target:g} ms): {verdict}")
+    else:
+        lines.append("/dev/kvm does not open here: no KVM figures, no verdict on the KVM targets")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"coldstart: {exc}", file=sys.stderr)
+        sys.exit(1)
