@@ -191,7 +191,8 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, do not write results")
     ap.add_argument("--jitlaunch", metavar="CMD",
                     help="command that starts the daemon (default: jitlaunch on PATH); e.g. "
-                    "'python3 -m jitlaunch.cli' with PYTHONPATH set to compare another tree")
+                    "'python3 -m jitlaunch.cli' with PYTHONPATH set to compare another tree "
+                    "(it runs in a temporary directory, so the repository's copy is not on sys.path)")
     args = ap.parse_args()
     if not 1 <= args.duration <= 60 or not 1 <= args.runs <= 9:
         ap.error("--duration must be 1..60 and --runs 1..9")
@@ -221,7 +222,7 @@ def main() -> int:
             cfg = tmp / "jitlaunch.toml"
             cfg.write_text(jitlaunch_config(tmp, jport, front, subnet))
             t0 = time.monotonic()
-            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)])
+            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)], cwd=tmp)
             poll(lambda: query(jport) is not None, 30, "jitlaunch DNS to answer", procs=procs)
 
             def instance_ready() -> str | None:

@@ -174,7 +174,9 @@ def main() -> int:
                     help="skip the client-to-backend bulk transfer")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write results")
     ap.add_argument("--jitlaunch", metavar="CMD",
-                    help="command that starts the daemon (default: jitlaunch on PATH)")
+                    help="command that starts the daemon (default: jitlaunch on PATH); e.g. "
+                    "'python3 -m jitlaunch.cli' with PYTHONPATH set to compare another tree "
+                    "(it runs in a temporary directory, so the repository's copy is not on sys.path)")
     args = ap.parse_args()
     if not 1 <= args.size_mib <= 4096 or not 1 <= args.runs <= 9 or not 1 <= args.pings <= 100000:
         ap.error("--size-mib must be 1..4096, --runs 1..9, --pings 1..100000")
@@ -219,7 +221,7 @@ def main() -> int:
             cfg = tmp / "jitlaunch.toml"
             cfg.write_text(jitlaunch_config(tmp, free_port(), front, fport))
             t0 = time.monotonic()
-            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)])
+            jproc = procs.start("jitlaunch", [*jl, "run", "--config", str(cfg)], cwd=tmp)
             poll(lambda: echo_once(front, fport), 30, "the jitlaunch instance behind the proxy",
                  0.05, procs)
             procs.remember_children()
