@@ -15,38 +15,14 @@
  * divide-by-1); 10 ms = 10,000,000 counts. */
 #define TIMER_COUNT 10000000u
 
-struct idt_entry {
-    u16 off_lo, sel;
-    u8 ist, type;
-    u16 off_mid;
-    u32 off_hi, zero;
-} __attribute__((packed));
-
-static struct idt_entry idt[256] __attribute__((aligned(16)));
 volatile u64 jiffies;
 volatile u32 irq_pending;
 static int timer_on;
 static int have_ioapic2;
 static u32 apic_id;
 
-extern char exc0[], exc1[], exc2[], exc3[], exc4[], exc5[], exc6[], exc7[],
-    exc8[], exc9[], exc10[], exc11[], exc12[], exc13[], exc14[], exc15[],
-    exc16[], exc17[], exc18[], exc19[], exc20[], exc21[], exc22[], exc23[],
-    exc24[], exc25[], exc26[], exc27[], exc28[], exc29[], exc30[], exc31[];
-extern char irq_net_entry[], irq_timer_entry[], irq_spurious_entry[];
+extern char idt_desc[];
 extern char __image_end[];
-
-static void set_gate(int v, void *fn)
-{
-    u64 a = (u64)fn;
-    idt[v].off_lo = (u16)a;
-    idt[v].sel = 0x08;
-    idt[v].ist = 0;
-    idt[v].type = 0x8e;
-    idt[v].off_mid = (u16)(a >> 16);
-    idt[v].off_hi = (u32)(a >> 32);
-    idt[v].zero = 0;
-}
 
 void exception_handler(u64 *frame)
 {
@@ -79,18 +55,7 @@ void irq_timer(void)
 
 void arch_init(void)
 {
-    static void *const exc[32] = { exc0, exc1, exc2, exc3, exc4, exc5, exc6, exc7, exc8, exc9,
-        exc10, exc11, exc12, exc13, exc14, exc15, exc16, exc17, exc18, exc19,
-        exc20, exc21, exc22, exc23, exc24, exc25, exc26, exc27, exc28, exc29,
-        exc30, exc31 };
-    /* only the gates we use: boot code is emulated instruction by
-     * instruction under kvm_pvm; a stray vector takes #NP and is reported */
-    for (int i = 0; i < 32; i++) set_gate(i, exc[i]);
-    set_gate(VEC_SPURIOUS, irq_spurious_entry);
-    set_gate(VEC_NET, irq_net_entry);
-    set_gate(VEC_TIMER, irq_timer_entry);
-    struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };
-    __asm__ volatile("lidt %0" : : "m"(idtr));
+    __asm__ volatile("lidt (%0)" : : "r"(idt_desc) : "memory");   /* static, see boot.S */
 
     /* mask both 8259s (ICW sequence not needed for masking) */
     outb(0x21, 0xff);

@@ -41,6 +41,7 @@ int ksnprintf(char *buf, int size, const char *fmt, ...);
 int parse_ip(const char *s, int n, u32 *ip);
 int parse_uint(const char *s, int n, u32 *v);
 int fmt_ip(char *buf, u32 ip);
+int fmt_uint(char *buf, u32 v);
 void panic(const char *msg) __attribute__((noreturn));
 
 /* arch.c */

@@ -176,6 +176,25 @@ int parse_ip(const char *s, int n, u32 *ip)
     return 0;
 }
 
+int fmt_uint(char *buf, u32 v)
+{
+    char t[10];
+    int n = 0, o = 0;
+    do { t[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) buf[o++] = t[--n];
+    return o;
+}
+
+int fmt_ip(char *buf, u32 ip)
+{
+    int o = 0;
+    for (int i = 3; i >= 0; i--) {
+        o += fmt_uint(buf + o, (ip >> (i * 8)) & 0xff);
+        if (i) buf[o++] = '.';
+    }
+    return o;
+}
+
 void panic(const char *msg)
 {
     kprintf("PANIC %s\n", msg);

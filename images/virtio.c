@@ -100,14 +100,15 @@ static int setup_queue(int idx, struct vq *q)
     return 0;
 }
 
-/* "virtio_mmio.device=512@0xADDR:IRQ" as added by microvm when ACPI is off */
-static int cmdline_irq(u64 addr)
+/* "virtio_mmio.device=512@0xADDR:IRQ", which microvm appends to the command
+ * line when ACPI is off: the transport's address and its GSI. */
+static int cmdline_hint(u64 *addr, int *irq)
 {
     const char *cl = kernel_cmdline;
     static const char key[] = "virtio_mmio.device=512@0x";
     if (!cl) return -1;
     for (int i = 0; cl[i] && i < 4096; i++) {
-        if (memcmp(cl + i, key, sizeof(key) - 1)) continue;
+        if (cl[i] != 'v' || memcmp(cl + i, key, sizeof(key) - 1)) continue;
         int j = i + (int)sizeof(key) - 1;
         u64 a = 0;
         for (;; j++) {
@@ -116,25 +117,37 @@ static int cmdline_irq(u64 addr)
             else if (c >= 'a' && c <= 'f') a = a * 16 + (u64)(c - 'a' + 10);
             else break;
         }
-        if (cl[j] != ':' || a != addr) continue;
+        if (cl[j] != ':') continue;
         int k = ++j;
         while (cl[k] >= '0' && cl[k] <= '9') k++;
-        u32 irq;
-        if (parse_uint(cl + j, k - j, &irq) == 0 && irq < 48) return (int)irq;
+        u32 v;
+        if (a < VIRTIO_MMIO_BASE || a >= VIRTIO_MMIO_BASE + 512UL * VIRTIO_MMIO_SLOTS ||
+            parse_uint(cl + j, k - j, &v) || v >= 48)
+            continue;
+        if (mmio_r32(a + R_MAGIC) != 0x74726976 || mmio_r32(a + R_DEVICE_ID) != 1) continue;
+        *addr = a;
+        *irq = (int)v;
+        return 0;
     }
     return -1;
 }
 
 int virtio_net_init(u8 mac[6])
 {
-    int slot = -1;
-    for (int i = 0; i < VIRTIO_MMIO_SLOTS; i++) {
-        u64 base = VIRTIO_MMIO_BASE + 512UL * (u64)i;
-        if (mmio_r32(base + R_MAGIC) != 0x74726976) continue;
-        if (mmio_r32(base + R_DEVICE_ID) != 1) continue;
-        slot = i;
-        dev = base;
-        break;
+    int slot = -1, gsi = -1;
+    u64 hint;
+    if (cmdline_hint(&hint, &gsi) == 0) {
+        dev = hint;
+        slot = (int)((hint - VIRTIO_MMIO_BASE) / 512);
+    } else {
+        /* QEMU plugs devices into the highest free transport, so probe down */
+        for (int i = VIRTIO_MMIO_SLOTS - 1; i >= 0; i--) {
+            u64 base = VIRTIO_MMIO_BASE + 512UL * (u64)i;
+            if (mmio_r32(base + R_MAGIC) != 0x74726976 || mmio_r32(base + R_DEVICE_ID) != 1) continue;
+            slot = i;
+            dev = base;
+            break;
+        }
     }
     if (slot < 0) return -1;
     version = rd(R_VERSION);
@@ -179,7 +192,6 @@ int virtio_net_init(u8 mac[6])
     barrier();
     rxq.avail->idx = (u16)rxq.num;
 
-    int gsi = cmdline_irq(dev);
     if (gsi < 0) gsi = arch_has_ioapic2() ? 24 + slot : 5 + slot;
     irq_route(gsi, VEC_NET);
 

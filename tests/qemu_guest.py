@@ -149,11 +149,22 @@ class Guest:
 
 def user_guest(accel: str, name: str = "hello", extra_append: str = "") -> tuple[Guest, int, int]:
     """Boot with QEMU user networking; returns (guest, tcp_port, udp_port) on 127.0.0.1."""
+    guest, tports, uport = user_guest_ports(accel, 1, name, extra_append)
+    return guest, tports[0], uport
+
+
+def user_guest_ports(
+    accel: str, n: int, name: str = "hello", extra_append: str = ""
+) -> tuple[Guest, list[int], int]:
+    """Like user_guest with n host ports forwarded to guest port 80. slirp listens with a
+    backlog of 1 per forward, so a burst of connects to one port is paced by SYN
+    retransmission on the host; spreading them over several forwards avoids that."""
     ensure_image()
-    tport, uport = free_port(), free_port(socket.SOCK_DGRAM)
-    netdev = f"user,id=n0,hostfwd=tcp:127.0.0.1:{tport}-:80,hostfwd=udp:127.0.0.1:{uport}-:7"
+    tports, uport = [free_port() for _ in range(n)], free_port(socket.SOCK_DGRAM)
+    fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{p}-:80" for p in tports)
+    netdev = f"user,id=n0,{fwd},hostfwd=udp:127.0.0.1:{uport}-:7"
     append = f"name={name} {extra_append}".strip()
-    return Guest(qemu_argv(accel, append, netdev)), tport, uport
+    return Guest(qemu_argv(accel, append, netdev)), tports, uport
 
 
 # --- a small HTTP/1.1 client that checks framing strictly -------------------------------------

@@ -16,7 +16,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.qemu_guest import Guest, HttpConn, ensure_image, free_port, get, kvm_usable, qemu_argv, user_guest
+from tests.qemu_guest import (
+    Guest,
+    HttpConn,
+    ensure_image,
+    free_port,
+    get,
+    kvm_usable,
+    qemu_argv,
+    user_guest,
+    user_guest_ports,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 
@@ -85,15 +95,27 @@ def test_200_sequential_requests(guest: tuple[Guest, int, int]) -> None:
             assert code == 200 and b"unit-test-7" in body and hdrs["connection"] == "keep-alive"
 
 
-def test_50_concurrent_keepalive_connections(guest: tuple[Guest, int, int]) -> None:
-    _, port, _ = guest
+def test_50_concurrent_keepalive_connections(accel: str) -> None:
+    # ten forwards: see user_guest_ports (slirp's per-forward listen backlog is 1)
+    g, ports, _ = user_guest_ports(accel, 10, name="unit-test-7")
+    try:
+        g.wait_ready()
+        _concurrent_clients(ports)
+    finally:
+        g.close()
+    assert "EXCEPTION" not in g.console
+
+
+def _concurrent_clients(ports: list[int]) -> None:
     errors: list[str] = []
     done = [0]
     lock = threading.Lock()
+    all_open = threading.Barrier(50, timeout=60)
 
     def client(n: int) -> None:
         try:
-            with HttpConn("127.0.0.1", port, timeout=20) as c:
+            with HttpConn("127.0.0.1", ports[n % len(ports)], timeout=30) as c:
+                all_open.wait()  # all 50 connections are open at the same time
                 for j in range(5):
                     path = ["/", "/health", "/x"][(n + j) % 3]
                     c.request(path)
