@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.qemu_guest import (
+    LEAN_MACHINE,
     Guest,
     HttpConn,
     ensure_image,
@@ -79,6 +80,23 @@ def test_command_line_config(accel: str) -> None:
         assert g.wait_ready() == "READY 10.0.2.16:8080"
         code, _, body = get(port, "/")
         assert code == 200 and b"cfg" in body
+    finally:
+        g.close()
+
+
+def test_lean_machine_first_ioapic(accel: str) -> None:
+    """ACPI off: the NIC interrupt is GSI 5+slot on the only IOAPIC, found via the command line."""
+    port = free_port()
+    g = Guest(
+        qemu_argv(accel, "name=lean", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80", machine=LEAN_MACHINE)
+    )
+    try:
+        assert g.wait_ready() == "READY 10.0.2.15:80"
+        with HttpConn("127.0.0.1", port) as c:
+            for _ in range(20):  # needs interrupts: the guest sleeps in hlt between requests
+                c.request("/")
+                code, _, body = c.response()
+                assert code == 200 and b"lean" in body
     finally:
         g.close()
 
