@@ -19,7 +19,6 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable
 
 import trio
 
@@ -189,11 +188,8 @@ class Proxy:
         if upstream is None:
             self._close(service, "connect")
             return
-        rt = self.supervisor.services[service]
-
-        def touch() -> None:
-            rt.last_activity = trio.current_time()
-
+        # Activity: an open connection keeps the service from idling, and its close counts
+        # as its last activity (Supervisor.connection_closed), so chunks need no bookkeeping.
         try:
             if buffered:
                 await upstream.send_all(buffered)
@@ -201,8 +197,8 @@ class Proxy:
                 await upstream.send_eof()
             async with trio.open_nursery() as both:
                 if not eof:
-                    both.start_soon(_pump, client, upstream, touch, both.cancel_scope)
-                both.start_soon(_pump, upstream, client, touch, both.cancel_scope)
+                    both.start_soon(_pump, client, upstream, both.cancel_scope)
+                both.start_soon(_pump, upstream, client, both.cancel_scope)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
@@ -212,7 +208,6 @@ class Proxy:
 async def _pump(
     src: trio.SocketStream,
     dst: trio.SocketStream,
-    touch: Callable[[], None],
     abort: trio.CancelScope,
 ) -> None:
     """Copy src to dst until EOF, then half-close dst. A broken side ends both directions.
@@ -227,21 +222,26 @@ async def _pump(
             fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
         src_sock, dst_sock = src.socket, dst.socket
         sfd, dfd = src_sock.fileno(), dst_sock.fileno()
+        busy = 0  # chunks moved in a row without waiting
         while True:
             try:
                 n = os.splice(sfd, w, PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
+                busy = 0
                 await trio.lowlevel.wait_readable(src_sock)
                 continue
             if n == 0:
                 break
-            touch()
             while n:
                 try:
                     n -= os.splice(r, dfd, n, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
+                    busy = 0
                     await trio.lowlevel.wait_writable(dst_sock)
-            await trio.lowlevel.checkpoint()  # let other tasks run between chunks
+            busy += 1
+            if busy >= 16:  # never waited for a while: let other tasks run
+                busy = 0
+                await trio.lowlevel.checkpoint()
         dst_sock.shutdown(socket.SHUT_WR)
     except OSError:
         abort.cancel()
