@@ -7,11 +7,14 @@ process is terminated (then killed), its pipes are closed and its reader thread 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import struct
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -240,3 +243,168 @@ def get(port: int, path: str = "/", host: str = "127.0.0.1") -> tuple[int, dict[
     with HttpConn(host, port) as c:
         c.request(path, headers="Connection: close\r\n")
         return c.response()
+
+
+# --- a raw TCP peer on the guest's tap (run inside the test's network namespace) -------------
+
+ETH_P_ALL = 0x0003
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+class RawPeer:
+    """A fake host (its own MAC and IP) speaking raw Ethernet on a tap, so TCP segments can be
+    crafted and the guest's exact answers checked. Answers ARP for its own address."""
+
+    def __init__(self, ifname: str, my_ip: str, guest_ip: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+        self.mac = bytes.fromhex("020000000099")
+        self.ip = socket.inet_aton(my_ip)
+        self.guest = socket.inet_aton(guest_ip)
+        self.guest_mac = b"\xff" * 6
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_tcp(
+        self, sport: int, dport: int, seq: int, ack: int, flags: str, data: bytes = b"", mss: int = 0
+    ) -> None:
+        bits = sum(b for c, b in zip("FSRPA", (1, 2, 4, 8, 16), strict=True) if c in flags)
+        opts = struct.pack("!BBH", 2, 4, mss) if mss else b""
+        hl = 20 + len(opts)
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                          (hl // 4) << 4, bits, 65535, 0, 0) + opts + data  # fmt: skip
+        pseudo = self.ip + self.guest + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, self.ip, self.guest)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        self.sock.send(self.guest_mac + self.mac + b"\x08\x00" + ip + tcp)
+
+    def recv_tcp(self, timeout: float = 2.0, port: int | None = None) -> dict[str, Any] | None:
+        """The next TCP segment from the guest (to our port `port` if given), or None."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                break
+            frame = self.sock.recv(65536)
+            if frame[6:12] == self.mac:
+                continue  # our own transmission
+            etype = frame[12:14]
+            if etype == b"\x08\x06" and frame[38:42] == self.ip and frame[20:22] == b"\x00\x01":
+                self.guest_mac = frame[22:28]
+                arp = b"\x00\x01\x08\x00\x06\x04\x00\x02" + self.mac + self.ip + frame[22:28] + frame[28:32]
+                self.sock.send(frame[22:28] + self.mac + b"\x08\x06" + arp)
+                continue
+            if etype != b"\x08\x00" or frame[23] != 6 or frame[30:34] != self.ip:
+                continue
+            self.guest_mac = frame[6:12]
+            ihl = (frame[14] & 15) * 4
+            tot = int.from_bytes(frame[16:18], "big")
+            t = frame[14 + ihl : 14 + tot]
+            sp, dp, seq, ack, off, fl, win = struct.unpack("!HHIIBBH", t[:16])
+            if port is not None and dp != port:
+                continue
+            flags = "".join(c for c, b in zip("FSRPA", (1, 2, 4, 8, 16), strict=True) if fl & b)
+            return {"sport": sp, "dport": dp, "seq": seq, "ack": ack, "flags": flags, "win": win,
+                    "data": t[(off >> 4) * 4 :]}  # fmt: skip
+        return None
+
+    def expect(self, what: str, port: int | None = None, timeout: float = 2.0) -> dict[str, Any]:
+        seg = self.recv_tcp(timeout, port)
+        if seg is None:
+            raise AssertionError(f"no segment from the guest: expected {what}")
+        return seg
+
+    def quiet(self, port: int, timeout: float = 0.3) -> None:
+        seg = self.recv_tcp(timeout, port)
+        if seg is not None:
+            raise AssertionError(f"unexpected segment {seg}")
+
+
+def tcp_conformance(ifname: str, guest_ip: str) -> None:
+    """Crafted segments against the guest's TCP; raises AssertionError on a wrong answer."""
+    p = RawPeer(ifname, "10.77.0.99", guest_ip)
+    try:
+        port, isn = 40001, 1000
+        p.send_tcp(port, 80, isn, 0, "S", mss=1400)
+        sa = p.expect("SYN-ACK", port)
+        assert sa["flags"] == "SA" and sa["ack"] == isn + 1, sa
+        iss = sa["seq"]
+        p.send_tcp(port, 80, isn, 0, "S", mss=1400)  # retransmitted SYN: same SYN-ACK
+        sa2 = p.expect("SYN-ACK again", port)
+        assert sa2["flags"] == "SA" and sa2["seq"] == iss and sa2["ack"] == isn + 1, sa2
+        p.send_tcp(port, 80, isn + 1, iss + 1, "A")
+        p.quiet(port)
+        # out-of-window data: ACKed with the unchanged rcv.nxt, not delivered
+        p.send_tcp(port, 80, isn + 1 + 100000, iss + 1, "PA", b"GET / HTTP/1.1\r\n\r\n")
+        a = p.expect("ACK for out-of-window data", port)
+        assert a["flags"] == "A" and a["ack"] == isn + 1 and not a["data"], a
+        part = b"GET /health HTTP/1.1\r\nHost: raw\r\n"
+        p.send_tcp(port, 80, isn + 1, iss + 1, "PA", part)
+        a = p.expect("ACK for the first part", port)
+        assert a["ack"] == isn + 1 + len(part), a
+        p.send_tcp(port, 80, isn + 1, iss + 1, "PA", part)  # duplicate: dup ACK
+        a = p.expect("duplicate ACK", port)
+        assert a["flags"] == "A" and a["ack"] == isn + 1 + len(part), a
+        nxt = isn + 1 + len(part)
+        p.send_tcp(port, 80, nxt, iss + 1, "PA", b"\r\n")
+        nxt += 2
+        r = p.expect("the response", port)
+        assert r["data"].startswith(b"HTTP/1.1 200 OK") and r["seq"] == iss + 1 and r["ack"] == nxt, r
+        # not acknowledged: the same bytes come again after the retransmission timeout
+        t0 = time.monotonic()
+        rr = p.expect("a retransmission", port, timeout=3.0)
+        assert rr["seq"] == r["seq"] and rr["data"] == r["data"], rr
+        assert time.monotonic() - t0 > 0.1
+        snd = iss + 1 + len(r["data"])
+        p.send_tcp(port, 80, nxt, snd, "A")
+        p.quiet(port)
+        # our FIN: ACKed, then the server closes its side too
+        p.send_tcp(port, 80, nxt, snd, "FA")
+        seen_fin = False
+        for _ in range(3):
+            s = p.expect("ACK/FIN after our FIN", port)
+            assert s["ack"] == nxt + 1, s
+            if "F" in s["flags"]:
+                seen_fin = True
+                p.send_tcp(port, 80, nxt + 1, s["seq"] + 1, "A")
+                break
+        assert seen_fin
+        p.quiet(port)
+        # a segment for no connection: RST with seq = its ACK
+        p.send_tcp(40002, 80, 5000, 123456, "A")
+        rst = p.expect("RST for an unknown connection", 40002)
+        assert rst["flags"] == "R" and rst["seq"] == 123456, rst
+        # SYN to a closed port: RST|ACK acknowledging the SYN
+        p.send_tcp(40003, 81, 7000, 0, "S")
+        rst = p.expect("RST for a closed port", 40003)
+        assert set(rst["flags"]) == {"R", "A"} and rst["ack"] == 7001, rst
+        # RST not exactly at rcv.nxt: challenge ACK (RFC 5961); exact RST: connection gone
+        port = 40004
+        p.send_tcp(port, 80, 9000, 0, "S")
+        sa = p.expect("SYN-ACK", port)
+        p.send_tcp(port, 80, 9001, sa["seq"] + 1, "A")
+        p.send_tcp(port, 80, 9001 + 10, 0, "R")
+        ca = p.expect("challenge ACK", port)
+        assert ca["flags"] == "A" and ca["ack"] == 9001, ca
+        p.send_tcp(port, 80, 9001, 0, "R")
+        p.quiet(port)
+        p.send_tcp(port, 80, 9001, sa["seq"] + 1, "PA", b"x")
+        rst = p.expect("RST after the reset", port)
+        assert "R" in rst["flags"], rst
+        # a SYN carrying an over-long option list and a truncated header are survived
+        p.send_tcp(40005, 80, 1, 0, "S", mss=0)
+        sa = p.expect("SYN-ACK without MSS option", 40005)
+        assert sa["flags"] == "SA"
+    finally:
+        p.close()
+    print("RAW OK")

@@ -18,6 +18,7 @@ import pytest
 
 from tests.qemu_guest import (
     LEAN_MACHINE,
+    ROOT,
     Guest,
     HttpConn,
     ensure_image,
@@ -335,6 +336,13 @@ def test_tap_on_bridge_in_netns(accel: str) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "CLIENT OK" in client.stdout, client.stdout + client.stderr + guest.diagnostics()
+        raw = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c",
+             f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+             "from tests.qemu_guest import tcp_conformance; tcp_conformance('tap0', '10.77.0.2')"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "RAW OK" in raw.stdout, raw.stdout + raw.stderr + guest.diagnostics()
         # the guest answered ARP itself and holds its address on the segment
         neigh = subprocess.run(["ip", "netns", "exec", ns, "ip", "neigh", "show", "10.77.0.2"],
                                capture_output=True, text=True, timeout=10)  # fmt: skip
