@@ -343,6 +343,14 @@ def test_tap_on_bridge_in_netns(accel: str) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "RAW OK" in raw.stdout, raw.stdout + raw.stderr + guest.diagnostics()
+        fz = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c",
+             f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+             "from tests.qemu_guest import fuzz; fuzz('tap0', '10.77.0.2', 2000)"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert "FUZZ OK" in fz.stdout, fz.stdout + fz.stderr + guest.diagnostics()
+        assert "EXCEPTION" not in guest.console and "PANIC" not in guest.console
         # the guest answered ARP itself and holds its address on the segment
         neigh = subprocess.run(["ip", "netns", "exec", ns, "ip", "neigh", "show", "10.77.0.2"],
                                capture_output=True, text=True, timeout=10)  # fmt: skip
