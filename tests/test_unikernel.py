@@ -102,6 +102,22 @@ def test_lean_machine_first_ioapic(accel: str) -> None:
         g.close()
 
 
+def test_modern_virtio_mmio(accel: str) -> None:
+    """virtio-mmio version 2 (QEMU's force-legacy=false) works as well as the legacy default."""
+    port = free_port()
+    argv = qemu_argv(accel, "name=modern", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80")
+    g = Guest([*argv, "-global", "virtio-mmio.force-legacy=false"])
+    try:
+        assert g.wait_ready() == "READY 10.0.2.15:80"
+        with HttpConn("127.0.0.1", port) as c:
+            for _ in range(10):
+                c.request("/")
+                code, _, body = c.response()
+                assert code == 200 and b"modern" in body
+    finally:
+        g.close()
+
+
 def test_200_sequential_requests(guest: tuple[Guest, int, int]) -> None:
     _, port, _ = guest
     for i in range(100):  # a fresh connection each time: handshake, FIN, TIME_WAIT reuse
@@ -303,6 +319,22 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(5)
 u.sendto(b"echo?", (host, 7))
 assert u.recvfrom(100)[0] == b"echo?"
+u.close()
+# closed ports: RST for TCP, ICMP port unreachable for UDP
+try:
+    socket.create_connection((host, 81), timeout=5).close()
+    raise AssertionError("port 81 accepted")
+except ConnectionRefusedError:
+    pass
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.connect((host, 9))
+u.send(b"x")
+try:
+    u.recv(100)
+    raise AssertionError("udp port 9 answered")
+except ConnectionRefusedError:
+    pass
 u.close()
 print("CLIENT OK")
 """
