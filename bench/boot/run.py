@@ -159,44 +159,47 @@ class Qemu:
             self.proc.stdout.close()
 
 
-def first_byte(port: int, deadline: float, every: float = 0.02, inflight: int = 8) -> float:
-    """Poll: every 20 ms open a connection and send ``GET /``, keeping the last few attempts
-    open, until any of them receives a reply byte; return when that byte arrived."""
+def first_byte(port: int, deadline: float, every: float = 0.02, max_age: float = 0.4) -> float:
+    """Poll: every 20 ms open a connection and send ``GET /``, keeping each attempt open for
+    up to 400 ms, until any of them receives a reply byte; return when that byte arrived.
+    (Connections made before the guest is up are accepted by slirp but their SYN to the
+    guest is lost, so only a reply byte counts, and new attempts keep coming.)"""
     req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    socks: list[socket.socket] = []
+    socks: list[tuple[float, socket.socket]] = []
     try:
         next_try = 0.0
         while True:
             now = time.monotonic()
             if now > deadline:
                 raise BenchError("no HTTP reply byte before the deadline")
+            while socks and now - socks[0][0] > max_age:
+                socks.pop(0)[1].close()
             if now >= next_try:
                 next_try = now + every
-                if len(socks) >= inflight:
-                    socks.pop(0).close()
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
                 s.settimeout(0.5)
                 try:
                     s.connect(("127.0.0.1", port))
                     s.sendall(req)
                     s.setblocking(False)
+                    socks.append((now, s))
                 except OSError:
-                    socks.remove(s)
                     s.close()
             if not socks:
                 continue
-            readable, _, _ = select.select(socks, [], [], max(0.0, next_try - time.monotonic()))
+            readable, _, _ = select.select(
+                [x[1] for x in socks], [], [], max(0.0, next_try - time.monotonic())
+            )
             for s in readable:
                 try:
                     if s.recv(1):
                         return time.monotonic()
                 except OSError:
                     pass
-                socks.remove(s)  # closed or reset before the guest answered
+                socks[:] = [x for x in socks if x[1] is not s]  # closed or reset: drop it
                 s.close()
     finally:
-        for s in socks:
+        for _, s in socks:
             s.close()
 
 
