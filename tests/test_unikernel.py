@@ -281,7 +281,7 @@ def _ip(*args: str, ns: str | None = None) -> None:
 
 
 CLIENT = r"""
-import socket, sys, threading
+import socket, sys, threading, time
 host = sys.argv[1]
 def fetch(path, close):
     s = socket.create_connection((host, 80), timeout=10)
@@ -336,6 +336,36 @@ try:
 except ConnectionRefusedError:
     pass
 u.close()
+# a pipelined flood the client does not read for a while: the guest's send buffer fills,
+# then its receive window closes; everything must still be answered, in order
+s = socket.create_connection((host, 80), timeout=30)
+n = 200
+def writer():
+    for _ in range(n):
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+w = threading.Thread(target=writer)
+w.start()
+w.join(timeout=1.0)  # the writer blocks once the guest's window is closed
+data = b""
+while data.count(b"HTTP/1.1 200 OK") < n:
+    d = s.recv(65536)
+    assert d, "closed early"
+    data += d
+w.join()
+s.close()
+# more connections than the guest has slots (128): the surplus SYNs are retried by the clients
+ok = []
+def holder():
+    c = socket.create_connection((host, 80), timeout=30)
+    c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    if c.recv(4096).startswith(b"HTTP/1.1 200"):
+        ok.append(1)
+    time.sleep(0.3)
+    c.close()
+ts = [threading.Thread(target=holder) for _ in range(140)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert len(ok) == 140, len(ok)
 print("CLIENT OK")
 """
 
