@@ -94,9 +94,8 @@ void kmain(struct hvm_start_info *si)
         r[n++] = '\n';
         con_write(r, (u32)n);
     }
-    kprintf("hello: name=%s gw=%I mac=%02x:%02x:%02x:%02x:%02x:%02x\n", cfg.name, cfg.gw,
-            cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4], cfg.mac[5]);
     sti();
+    int info_done = 0;
     for (;;) {
         irq_pending = 0;
         int n = net_poll();
@@ -104,6 +103,15 @@ void kmain(struct hvm_start_info *si)
         tcp_timer();
         net_tx_flush();
         timer_set(tcp_active() || arp_pending());
-        if (!n) idle();
+        if (!n) {
+            if (!info_done) {   /* after READY, once nothing else is waiting */
+                info_done = 1;
+                kprintf("hello: name=%s gw=%I mac=%02x:%02x:%02x:%02x:%02x:%02x\n", cfg.name,
+                        cfg.gw, cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4],
+                        cfg.mac[5]);
+                continue;
+            }
+            idle();
+        }
     }
 }
