@@ -14,7 +14,9 @@ For each accelerator (KVM when /dev/kvm opens, and TCG), N runs (default 20) of:
 and, on separate instances, after one request and 2 s of quiet:
 
 * idle RSS: VmRSS of the QEMU process (/proc/PID/status);
-* idle CPU: utime+stime of the QEMU process over 10 s (/proc/PID/stat), as % of one core.
+* idle CPU: utime+stime of the QEMU process over 10 s (/proc/PID/stat), as % of one core;
+* for context, request latency on the same instance: 50 ``GET /`` on one keep-alive
+  connection and 50 on fresh connections (through slirp).
 
 Prints a table with medians and p90 against the targets (with KVM: start -> first byte
 <= 40 ms, resume -> READY <= 5 ms, idle CPU <= 1 %, RSS <= 32 MiB), for two machine
@@ -269,12 +271,50 @@ def proc_status_mib(pid: int, field: str) -> float:
     raise BenchError(f"no {field}")
 
 
-def run_idle(accel: str, machine: str, seconds: float) -> tuple[float, float, float]:
+def request_latencies(port: int, n: int) -> tuple[list[float], list[float]]:
+    """n keep-alive requests on one connection, and n requests on fresh connections (ms)."""
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    def one(s: socket.socket) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = s.recv(65536)
+            if not d:
+                raise BenchError("connection closed")
+            buf += d
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            d = s.recv(65536)
+            if not d:
+                raise BenchError("connection closed")
+            body += d
+
+    keep, fresh = [], []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for _ in range(n):
+            t = time.monotonic()
+            s.sendall(req)
+            one(s)
+            keep.append((time.monotonic() - t) * 1000)
+    for _ in range(n):
+        t = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(req)
+            one(s)
+        fresh.append((time.monotonic() - t) * 1000)
+    return keep, fresh
+
+
+def run_idle(
+    accel: str, machine: str, seconds: float
+) -> tuple[float, float, float, list[float], list[float]]:
     port = free_port()
     q = Qemu(accel, machine, port)
     try:
         q.wait_ready()
         first_byte(port, time.monotonic() + 10)
+        keep, fresh = request_latencies(port, 50)
         # let the connection's TIME_WAIT expire (the guest's timer stops when no
         # connection is left), then measure
         quiet_until = time.monotonic() + 2.0
@@ -287,7 +327,7 @@ def run_idle(accel: str, machine: str, seconds: float) -> tuple[float, float, fl
         c1, t1 = proc_cpu_seconds(q.proc.pid), time.monotonic()
         rss = proc_status_mib(q.proc.pid, "VmRSS")
         anon = proc_status_mib(q.proc.pid, "RssAnon")
-        return (c1 - c0) / (t1 - t0) * 100, rss, anon
+        return (c1 - c0) / (t1 - t0) * 100, rss, anon, keep, fresh
     finally:
         q.close()
 
@@ -311,12 +351,14 @@ def bench_accel(accel: str, machine: str, runs: int, idle_seconds: float, idle_r
             fb.append(b)
         for _ in range(runs):
             resume.append(run_resume(accel, machine, tmp))
-    cpu, rss, anon = [], [], []
+    cpu, rss, anon, keep, fresh = [], [], [], [], []
     for _ in range(idle_runs):
-        c, m, a = run_idle(accel, machine, idle_seconds)
+        c, m, a, k, f = run_idle(accel, machine, idle_seconds)
         cpu.append(c)
         rss.append(m)
         anon.append(a)
+        keep += k
+        fresh += f
     return {
         "start_ready_ms": summarize(ready),
         "first_byte_ms": summarize(fb),
@@ -324,6 +366,8 @@ def bench_accel(accel: str, machine: str, runs: int, idle_seconds: float, idle_r
         "idle_cpu_pct": summarize(cpu),
         "idle_rss_mib": summarize(rss),
         "idle_rss_anon_mib": summarize(anon),
+        "keepalive_request_ms": summarize(keep),
+        "new_connection_request_ms": summarize(fresh),
     }
 
 
@@ -334,6 +378,8 @@ ROWS = [
     ("idle_cpu_pct", "idle CPU (10 s)", "%"),
     ("idle_rss_mib", "idle RSS (VmRSS)", "MiB"),
     ("idle_rss_anon_mib", "idle RssAnon", "MiB"),
+    ("keepalive_request_ms", "GET / keep-alive (50)", "ms"),
+    ("new_connection_request_ms", "GET / new connection (50)", "ms"),
 ]
 
 
