@@ -61,7 +61,8 @@ void *heap_alloc(u64 size, u64 align);
 
 /* virtio.c */
 int virtio_net_init(u8 mac[6]);
-int net_poll(void);                    /* processes received frames; returns count */
+int net_poll(void);
+void virtio_rx_fill_rest(void);                    /* processes received frames; returns count */
 u8 *net_tx_buf(void);                 /* returns buffer for an Ethernet frame, or NULL */
 void net_tx_send(u8 *buf, u32 len);
 void net_tx_flush(void);

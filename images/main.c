@@ -11,12 +11,6 @@ struct hvm_start_info {
 struct netcfg cfg;
 const char *kernel_cmdline;
 
-static int tok_eq(const char *s, int n, const char *key)
-{
-    int k = (int)strlen(key);
-    return n == k && !memcmp(s, key, (size_t)k);
-}
-
 /* ip=10.0.2.15/24 gw=10.0.2.2 port=80 udp=7 name=hello; unknown tokens are ignored */
 static void parse_cmdline(const char *cl)
 {
@@ -33,12 +27,16 @@ static void parse_cmdline(const char *cl)
         while (cl[i] && cl[i] != ' ' && i < 4096) i++;
         const char *t = cl + start;
         int n = i - start, eq = -1;
-        for (int j = 0; j < n; j++) if (t[j] == '=') { eq = j; break; }
-        if (eq <= 0) continue;
+        for (int j = 0; j < n && j < 5; j++) if (t[j] == '=') { eq = j; break; }
+        if (eq <= 0) continue;              /* not one of ours (keys are 2-4 chars) */
         const char *v = t + eq + 1;
         int vn = n - eq - 1;
-        u32 x;
-        if (tok_eq(t, eq, "ip")) {
+        u32 x, key = 0;
+        for (int j = 0; j < eq; j++) key = key << 8 | (u8)t[j];
+#define K2(a, b) ((u32)(a) << 8 | (b))
+#define K3(a, b, c) (K2(a, b) << 8 | (c))
+#define K4(a, b, c, d) (K3(a, b, c) << 8 | (d))
+        if (key == K2('i', 'p')) {
             int slash = -1;
             for (int j = 0; j < vn; j++) if (v[j] == '/') slash = j;
             u32 ip, pl = 24;
@@ -47,16 +45,16 @@ static void parse_cmdline(const char *cl)
                 cfg.ip = ip;
                 cfg.mask = pl ? 0xffffffffu << (32 - pl) : 0;
             } else kprintf("bad ip= value, using default\n");
-        } else if (tok_eq(t, eq, "gw")) {
+        } else if (key == K2('g', 'w')) {
             if (parse_ip(v, vn, &x) == 0) cfg.gw = x;
             else kprintf("bad gw= value\n");
-        } else if (tok_eq(t, eq, "port")) {
+        } else if (key == K4('p', 'o', 'r', 't')) {
             if (parse_uint(v, vn, &x) == 0 && x > 0 && x < 65536) cfg.port = (u16)x;
             else kprintf("bad port= value\n");
-        } else if (tok_eq(t, eq, "udp")) {
+        } else if (key == K3('u', 'd', 'p')) {
             if (parse_uint(v, vn, &x) == 0 && x < 65536) cfg.udp_port = (u16)x;
             else kprintf("bad udp= value\n");
-        } else if (tok_eq(t, eq, "name")) {
+        } else if (key == K4('n', 'a', 'm', 'e')) {
             int m = vn < (int)sizeof(cfg.name) - 1 ? vn : (int)sizeof(cfg.name) - 1;
             /* keep the name HTML-safe */
             int o = 0;
@@ -106,6 +104,7 @@ void kmain(struct hvm_start_info *si)
         if (!n) {
             if (!info_done) {   /* after READY, once nothing else is waiting */
                 info_done = 1;
+                virtio_rx_fill_rest();
                 kprintf("hello: name=%s gw=%I mac=%02x:%02x:%02x:%02x:%02x:%02x\n", cfg.name,
                         cfg.gw, cfg.mac[0], cfg.mac[1], cfg.mac[2], cfg.mac[3], cfg.mac[4],
                         cfg.mac[5]);

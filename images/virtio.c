@@ -132,6 +132,31 @@ static int cmdline_hint(u64 *addr, int *irq)
     return -1;
 }
 
+#define RX_FIRST 32
+
+/* make descriptors [from, to) device-writable receive buffers and available */
+static void rx_post(u32 from, u32 to)
+{
+    u8 *b = rxq.bufs + (u64)from * BUFSZ;
+    u16 idx = rxq.avail->idx;
+    for (u32 i = from; i < to; i++, b += BUFSZ) {
+        rxq.desc[i].addr = (u64)b;
+        rxq.desc[i].len = BUFSZ;
+        rxq.desc[i].flags = DESC_F_WRITE;
+        rxq.avail->ring[idx++ % rxq.num] = (u16)i;
+    }
+    barrier();
+    rxq.avail->idx = idx;
+}
+
+void virtio_rx_fill_rest(void)
+{
+    if (rxq.num <= RX_FIRST) return;
+    rx_post(RX_FIRST, rxq.num);
+    barrier();
+    wr(R_QUEUE_NOTIFY, 0);
+}
+
 int virtio_net_init(u8 mac[6])
 {
     int slot = -1, gsi = -1;
@@ -181,16 +206,8 @@ int virtio_net_init(u8 mac[6])
         mac[3] = (u8)t; mac[4] = (u8)(t >> 8); mac[5] = (u8)(t >> 16);
     }
 
-    /* all rx descriptors are device-writable and available */
-    u8 *b = rxq.bufs;
-    for (u32 i = 0; i < rxq.num; i++, b += BUFSZ) {
-        rxq.desc[i].addr = (u64)b;
-        rxq.desc[i].len = BUFSZ;
-        rxq.desc[i].flags = DESC_F_WRITE;
-        rxq.avail->ring[i] = (u16)i;
-    }
-    barrier();
-    rxq.avail->idx = (u16)rxq.num;
+    /* a first batch of receive buffers; the rest once idle after READY */
+    rx_post(0, rxq.num < RX_FIRST ? rxq.num : RX_FIRST);
 
     if (gsi < 0) gsi = arch_has_ioapic2() ? 24 + slot : 5 + slot;
     irq_route(gsi, VEC_NET);

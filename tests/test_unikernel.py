@@ -85,6 +85,20 @@ def test_command_line_config(accel: str) -> None:
         g.close()
 
 
+def test_bad_command_line_values_fall_back(accel: str) -> None:
+    port = free_port()
+    append = "ip=300.1.1.1/99 gw=x port=0 udp=-1 name=<b>evil</b> extra=ignored ip"
+    g = Guest(qemu_argv(accel, append, f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"))
+    try:
+        assert g.wait_ready() == "READY 10.0.2.15:80"
+        for msg in ("bad ip= value", "bad gw= value", "bad port= value", "bad udp= value"):
+            assert msg in g.console
+        code, _, body = get(port, "/")
+        assert code == 200 and b"bevilb" in body and b"<b>evil" not in body
+    finally:
+        g.close()
+
+
 def test_lean_machine_first_ioapic(accel: str) -> None:
     """ACPI off: the NIC interrupt is GSI 5+slot on the only IOAPIC, found via the command line."""
     port = free_port()
