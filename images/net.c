@@ -277,9 +277,9 @@ static void ip_rx(const u8 *eth, u8 *ip, u32 len)
     if (dst != cfg.ip) return;
     if (src == 0 || src == 0xffffffff || (src >> 28) == 14 || (src >> 24) == 127) return;
     if (((src ^ cfg.ip) & cfg.mask) == 0 && (src | cfg.mask) == 0xffffffff) return;  /* subnet broadcast */
-    /* glean the sender's (or gateway's) MAC to skip an ARP round trip */
-    u32 nh = ((src ^ cfg.ip) & cfg.mask) ? cfg.gw : src;
-    if (!arp_find(nh)) arp_update(nh, eth + 6, 1);
+    /* glean an on-link sender's MAC to skip an ARP round trip (replies to
+     * off-link senders go to the gateway, which is resolved by ARP) */
+    if (!((src ^ cfg.ip) & cfg.mask) && !arp_find(src)) arp_update(src, eth + 6, 1);
     u8 *pl = ip + ihl;
     u32 plen = tot - ihl;
     switch (ip[9]) {

@@ -263,13 +263,15 @@ class RawPeer:
     """A fake host (its own MAC and IP) speaking raw Ethernet on a tap, so TCP segments can be
     crafted and the guest's exact answers checked. Answers ARP for its own address."""
 
-    def __init__(self, ifname: str, my_ip: str, guest_ip: str) -> None:
+    def __init__(self, ifname: str, my_ip: str, guest_ip: str, src_ip: str | None = None) -> None:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind((ifname, 0))
         self.mac = bytes.fromhex("020000000099")
-        self.ip = socket.inet_aton(my_ip)
+        self.ip = socket.inet_aton(my_ip)  # answers ARP for this one
+        self.src = socket.inet_aton(src_ip) if src_ip else self.ip  # TCP from (and to) this one
         self.guest = socket.inet_aton(guest_ip)
         self.guest_mac = b"\xff" * 6
+        self.arp_requests = 0
 
     def close(self) -> None:
         self.sock.close()
@@ -282,9 +284,9 @@ class RawPeer:
         hl = 20 + len(opts)
         tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                           (hl // 4) << 4, bits, 65535, 0, 0) + opts + data  # fmt: skip
-        pseudo = self.ip + self.guest + struct.pack("!BBH", 0, 6, len(tcp))
+        pseudo = self.src + self.guest + struct.pack("!BBH", 0, 6, len(tcp))
         tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, self.ip, self.guest)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, self.src, self.guest)
         ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
         self.sock.send(self.guest_mac + self.mac + b"\x08\x00" + ip + tcp)
 
@@ -300,12 +302,15 @@ class RawPeer:
                 continue  # our own transmission
             etype = frame[12:14]
             if etype == b"\x08\x06" and frame[38:42] == self.ip and frame[20:22] == b"\x00\x01":
+                self.arp_requests += 1
                 self.guest_mac = frame[22:28]
                 arp = b"\x00\x01\x08\x00\x06\x04\x00\x02" + self.mac + self.ip + frame[22:28] + frame[28:32]
                 self.sock.send(frame[22:28] + self.mac + b"\x08\x06" + arp)
                 continue
-            if etype != b"\x08\x00" or frame[23] != 6 or frame[30:34] != self.ip:
+            if etype != b"\x08\x00" or frame[23] != 6 or frame[30:34] != self.src:
                 continue
+            if frame[0:6] != self.mac:
+                raise AssertionError(f"segment for us sent to MAC {frame[0:6].hex()}")
             self.guest_mac = frame[6:12]
             ihl = (frame[14] & 15) * 4
             tot = int.from_bytes(frame[16:18], "big")
@@ -408,6 +413,21 @@ def tcp_conformance(ifname: str, guest_ip: str) -> None:
     finally:
         p.close()
     print("RAW OK")
+
+
+def off_link(ifname: str, guest_ip: str, gateway: str) -> None:
+    """A SYN from an off-link address: the guest must ARP for its gateway (we answer as the
+    gateway), then send its SYN-ACK there."""
+    p = RawPeer(ifname, gateway, guest_ip, src_ip="192.0.2.7")
+    try:
+        p.send_tcp(40200, 80, 500, 0, "S", mss=1460)
+        sa = p.expect("SYN-ACK via the gateway", 40200, timeout=5)
+        assert sa["flags"] == "SA" and sa["ack"] == 501, sa
+        assert p.arp_requests >= 1, "the guest did not ARP for its gateway"
+        p.send_tcp(40200, 80, 501, sa["seq"] + 1, "R")
+    finally:
+        p.close()
+    print("OFFLINK OK")
 
 
 def fuzz(ifname: str, guest_ip: str, frames: int = 3000, seed: int = 1) -> None:

@@ -398,7 +398,8 @@ def test_tap_on_bridge_in_netns(accel: str) -> None:
         _ip("addr", "add", "10.77.0.1/24", "dev", "br0", ns=ns)
         _ip("link", "set", "tap0", "up", ns=ns)
         _ip("link", "set", "br0", "up", ns=ns)
-        argv = qemu_argv(accel, "ip=10.77.0.2/24 gw=10.77.0.1 name=tap-guest",
+        # the gateway (10.77.0.254) is nobody until off_link() below plays it
+        argv = qemu_argv(accel, "ip=10.77.0.2/24 gw=10.77.0.254 name=tap-guest",
                          "tap,id=n0,ifname=tap0,script=no,downscript=no")  # fmt: skip
         guest = Guest(argv, prefix=["ip", "netns", "exec", ns])
         assert guest.wait_ready() == "READY 10.77.0.2:80"
@@ -419,6 +420,13 @@ def test_tap_on_bridge_in_netns(accel: str) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "RAW OK" in raw.stdout, raw.stdout + raw.stderr + guest.diagnostics()
+        ol = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c",
+             f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+             "from tests.qemu_guest import off_link; off_link('tap0', '10.77.0.2', '10.77.0.254')"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "OFFLINK OK" in ol.stdout, ol.stdout + ol.stderr + guest.diagnostics()
         fz = subprocess.run(
             ["ip", "netns", "exec", ns, "python3", "-c",
              f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
