@@ -191,18 +191,27 @@ static struct tcb *lookup(u32 rip, u16 rport)
     return NULL;
 }
 
-/* A free slot, or the oldest TIME_WAIT one when all are in use. The caller
- * fills in rip/rport and calls tcb_link(). */
+/* A free slot, or a recycled one when all are in use. The caller fills in
+ * rip/rport and calls tcb_link(). */
 static struct tcb *alloc_tcb(void)
 {
     struct tcb *c = NULL;
     if (nfree) c = &conns[freelist[--nfree]];
     else if (nfresh < TCP_SLOTS) c = &conns[nfresh++];
     else {
-        struct tcb *tw = NULL;
-        for (u32 i = 0; i < nactive; i++)
-            if (active[i]->state == TIME_WAIT && (!tw || active[i]->idle_deadline < tw->idle_deadline))
-                tw = active[i];
+        /* full: reuse the oldest TIME_WAIT slot, else drop the oldest stale
+         * half-open (SYN_RCVD) one, so a SYN flood cannot lock out clients */
+        struct tcb *tw = NULL, *syn = NULL;
+        for (u32 i = 0; i < nactive; i++) {
+            struct tcb *a = active[i];
+            if (a->state == TIME_WAIT && (!tw || a->idle_deadline < tw->idle_deadline)) tw = a;
+            /* half-open for 750 ms or more (two SYN-ACK retransmissions):
+             * a real client in its handshake would have answered by now */
+            if (a->state == SYN_RCVD && a->rexmits >= 2 &&
+                (!syn || a->idle_deadline < syn->idle_deadline))
+                syn = a;
+        }
+        if (!tw) tw = syn;
         if (!tw) return NULL;
         tcb_free(tw);
         c = &conns[freelist[--nfree]];

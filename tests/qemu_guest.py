@@ -406,10 +406,25 @@ def tcp_conformance(ifname: str, guest_ip: str) -> None:
         p.send_tcp(port, 80, 9001, sa["seq"] + 1, "PA", b"x")
         rst = p.expect("RST after the reset", port)
         assert "R" in rst["flags"], rst
-        # a SYN carrying an over-long option list and a truncated header are survived
+        # a SYN without options still gets its SYN-ACK
         p.send_tcp(40005, 80, 1, 0, "S", mss=0)
         sa = p.expect("SYN-ACK without MSS option", 40005)
         assert sa["flags"] == "SA"
+        p.send_tcp(40005, 80, 2, 0, "R")
+        # a SYN flood (more half-open connections than slots) does not lock out a client
+        for k in range(150):
+            p.send_tcp(41000 + k, 80, 77, 0, "S")
+        sa = None
+        for _ in range(10):  # like a real client, retransmit the SYN every second
+            p.send_tcp(40006, 80, 900, 0, "S")
+            sa = p.recv_tcp(1.0, 40006)
+            if sa is not None:
+                break
+        assert sa is not None, "no SYN-ACK despite the flood"
+        assert sa["flags"] == "SA" and sa["ack"] == 901, sa
+        for k in range(150):
+            p.send_tcp(41000 + k, 80, 78, 0, "R")
+        p.send_tcp(40006, 80, 901, 0, "R")
     finally:
         p.close()
     print("RAW OK")
