@@ -287,6 +287,8 @@ def _need_netns() -> None:
         pytest.skip("needs iproute2 (ip)")
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("needs /dev/net/tun")
+    if shutil.which("ping") is None:
+        pytest.skip("needs ping (iputils-ping)")
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
