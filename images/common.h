@@ -33,6 +33,7 @@ void *memmove(void *d, const void *s, size_t n);
 void *memset(void *d, int c, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
+u32 find_byte(const void *p, u32 n, u8 c);
 void con_write(const char *s, u32 n);
 void con_putc(char c);
 void con_puts(const char *s);
@@ -77,6 +78,8 @@ struct netcfg {
     u8 mac[6];
 };
 extern struct netcfg cfg;
+extern const char *virtio_hint;   /* "512@0x...:IRQ" from the command line, or NULL */
+extern u32 virtio_hint_len;
 void net_rx(u8 *frame, u32 len);
 void net_timer(void);
 int arp_pending(void);

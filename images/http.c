@@ -20,18 +20,6 @@ static void sb_num(struct sb *b, u32 v)
     while (n) b->p[b->n++] = t[--n];
 }
 
-/* index of the first c in p[0..n), or n */
-static u32 find_byte(const u8 *p, u32 n, u8 c)
-{
-    if (!n) return 0;
-    const u8 *q = p;
-    u64 cnt = n;
-    __asm__ volatile("repne scasb" : "+D"(q), "+c"(cnt) : "a"(c) : "cc", "memory");
-    /* q is one past the last byte compared */
-    if (q[-1] == c) return (u32)(q - p) - 1;
-    return n;
-}
-
 static int lower(int c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
 
 static int ieq(const u8 *a, u32 n, const char *b, u32 m)

@@ -9,6 +9,8 @@ struct hvm_start_info {
 #define HVM_START_MAGIC 0x336ec578
 
 struct netcfg cfg;
+const char *virtio_hint;
+u32 virtio_hint_len;
 const char *kernel_cmdline;
 
 /* ip=10.0.2.15/24 gw=10.0.2.2 port=80 udp=7 name=hello; unknown tokens are ignored */
@@ -21,12 +23,19 @@ static void parse_cmdline(const char *cl)
     cfg.udp_port = 7;
     memcpy(cfg.name, "hello", 6);
     if (!cl) return;
-    for (int i = 0; cl[i] && i < 4096;) {
-        while (cl[i] == ' ') i++;
-        int start = i;
-        while (cl[i] && cl[i] != ' ' && i < 4096) i++;
+    u32 len = find_byte(cl, 4096, 0);
+    for (u32 i = 0; i < len;) {
+        if (cl[i] == ' ') { i++; continue; }
+        u32 start = i;
+        i += find_byte(cl + i, len - i, ' ');
         const char *t = cl + start;
-        int n = i - start, eq = -1;
+        int n = (int)(i - start), eq = -1;
+        static const char vkey[] = "virtio_mmio.device=";
+        if (t[0] == 'v' && n > (int)sizeof(vkey) - 1 && !memcmp(t, vkey, sizeof(vkey) - 1)) {
+            virtio_hint = t + sizeof(vkey) - 1;     /* added by microvm when ACPI is off */
+            virtio_hint_len = (u32)n - (u32)(sizeof(vkey) - 1);
+            continue;
+        }
         for (int j = 0; j < n && j < 5; j++) if (t[j] == '=') { eq = j; break; }
         if (eq <= 0) continue;              /* not one of ours (keys are 2-4 chars) */
         const char *v = t + eq + 1;

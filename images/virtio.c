@@ -61,7 +61,6 @@ static u64 dev;
 static u32 version, hdr_len;
 static struct vq rxq, txq;
 static int tx_kick;
-extern const char *kernel_cmdline;
 int arch_has_ioapic2(void);
 
 static inline u32 rd(u32 r) { return mmio_r32(dev + r); }
@@ -101,35 +100,29 @@ static int setup_queue(int idx, struct vq *q)
 }
 
 /* "virtio_mmio.device=512@0xADDR:IRQ", which microvm appends to the command
- * line when ACPI is off: the transport's address and its GSI. */
+ * line when ACPI is off (captured by parse_cmdline): the transport and GSI. */
 static int cmdline_hint(u64 *addr, int *irq)
 {
-    const char *cl = kernel_cmdline;
-    static const char key[] = "virtio_mmio.device=512@0x";
-    if (!cl) return -1;
-    for (int i = 0; cl[i] && i < 4096; i++) {
-        if (cl[i] != 'v' || memcmp(cl + i, key, sizeof(key) - 1)) continue;
-        int j = i + (int)sizeof(key) - 1;
-        u64 a = 0;
-        for (;; j++) {
-            char c = cl[j];
-            if (c >= '0' && c <= '9') a = a * 16 + (u64)(c - '0');
-            else if (c >= 'a' && c <= 'f') a = a * 16 + (u64)(c - 'a' + 10);
-            else break;
-        }
-        if (cl[j] != ':') continue;
-        int k = ++j;
-        while (cl[k] >= '0' && cl[k] <= '9') k++;
-        u32 v;
-        if (a < VIRTIO_MMIO_BASE || a >= VIRTIO_MMIO_BASE + 512UL * VIRTIO_MMIO_SLOTS ||
-            parse_uint(cl + j, k - j, &v) || v >= 48)
-            continue;
-        if (mmio_r32(a + R_MAGIC) != 0x74726976 || mmio_r32(a + R_DEVICE_ID) != 1) continue;
-        *addr = a;
-        *irq = (int)v;
-        return 0;
+    const char *h = virtio_hint;
+    u32 n = virtio_hint_len;
+    if (!h || n < 7 || memcmp(h, "512@0x", 6)) return -1;
+    u32 j = 6;
+    u64 a = 0;
+    for (; j < n; j++) {
+        char c = h[j];
+        if (c >= '0' && c <= '9') a = a * 16 + (u64)(c - '0');
+        else if (c >= 'a' && c <= 'f') a = a * 16 + (u64)(c - 'a' + 10);
+        else break;
     }
-    return -1;
+    if (j >= n || h[j] != ':') return -1;
+    u32 v;
+    if (a < VIRTIO_MMIO_BASE || a >= VIRTIO_MMIO_BASE + 512UL * VIRTIO_MMIO_SLOTS ||
+        parse_uint(h + j + 1, (int)(n - j - 1), &v) || v >= 48)
+        return -1;
+    if (mmio_r32(a + R_MAGIC) != 0x74726976 || mmio_r32(a + R_DEVICE_ID) != 1) return -1;
+    *addr = a;
+    *irq = (int)v;
+    return 0;
 }
 
 #define RX_FIRST 32
