@@ -108,16 +108,17 @@ void idle(void)
 }
 
 static u64 heap_ptr;
+u64 heap_limit = 0x400000;   /* raised from the PVH memory map in kmain */
 
+/* Bump allocator; NULL when guest RAM (or the 64 MiB identity map) runs out. */
 void *heap_alloc(u64 size, u64 align)
 {
     /* Right after the image (at 1 MiB): QEMU backs guest RAM with 2 MiB huge
      * pages, so staying below 2 MiB while idle keeps the process RSS down.
      * The PVH start info and command line live below 1 MiB. */
     if (!heap_ptr) heap_ptr = (u64)__image_end;
-    heap_ptr = (heap_ptr + align - 1) & ~(align - 1);
-    void *p = (void *)heap_ptr;
-    heap_ptr += size;
-    if (heap_ptr > 0xe00000) panic("out of memory (need -m 16)");
-    return p;
+    u64 p = (heap_ptr + align - 1) & ~(align - 1);
+    if (p + size > heap_limit) return NULL;
+    heap_ptr = p + size;
+    return (void *)p;
 }

@@ -59,6 +59,7 @@ void idle(void);
 
 /* heap: simple bump allocator over RAM above the image */
 void *heap_alloc(u64 size, u64 align);
+extern u64 heap_limit;
 
 /* virtio.c */
 int virtio_net_init(u8 mac[6]);

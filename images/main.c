@@ -86,6 +86,14 @@ void kmain(struct hvm_start_info *si)
     else
         kprintf("no PVH start info\n");
     kernel_cmdline = cl;
+    /* the RAM region holding the image bounds the heap (and so the memory
+     * needed: about 1 MiB plus 16 KiB per TCP connection in use) */
+    if (si && si->magic == HVM_START_MAGIC && si->version >= 1 && si->memmap_paddr) {
+        const struct { u64 addr, size; u32 type, reserved; } *m = (const void *)si->memmap_paddr;
+        for (u32 i = 0; i < si->memmap_entries && i < 64; i++)
+            if (m[i].type == 1 && m[i].addr <= 0x100000 && m[i].addr + m[i].size > 0x100000)
+                heap_limit = m[i].addr + m[i].size < 0x4000000 ? m[i].addr + m[i].size : 0x4000000;
+    }
     parse_cmdline(cl);
     arch_init();
     if (virtio_net_init(cfg.mac) < 0) panic("no virtio-net device");

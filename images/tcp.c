@@ -217,8 +217,13 @@ static struct tcb *alloc_tcb(void)
         c = &conns[freelist[--nfree]];
     }
     if (!c->rx) {
-        c->rx = heap_alloc(TCP_RXBUF, 64);
-        c->tx = heap_alloc(TCP_TXBUF, 64);
+        u8 *b = heap_alloc(TCP_RXBUF + TCP_TXBUF, 64);
+        if (!b) {                   /* out of RAM: give the slot back, drop the SYN */
+            freelist[nfree++] = (u16)(c - conns);
+            return NULL;
+        }
+        c->rx = b;
+        c->tx = b + TCP_RXBUF;
     }
     return c;
 }

@@ -78,11 +78,13 @@ static int setup_queue(int idx, struct vq *q)
     u64 used_off = (avail_off + 6 + 2UL * num + 4095) & ~4095UL;
     u64 total = used_off + ((6 + 8UL * num + 4095) & ~4095UL);
     u8 *mem = heap_alloc(total, 4096);     /* fresh RAM: already zero */
+    if (!mem) return -1;
     q->desc = (struct vdesc *)mem;
     q->avail = (struct vavail *)(mem + avail_off);
     q->used = (volatile struct vused *)(mem + used_off);
     q->last_used = 0;
     q->bufs = heap_alloc((u64)num * BUFSZ, 4096);
+    if (!q->bufs) return -1;
     wr(R_QUEUE_NUM, num);
     if (version == 1) {
         wr(R_QUEUE_ALIGN, 4096);
