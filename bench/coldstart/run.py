@@ -47,6 +47,7 @@ from dnslib import DNSRecord  # noqa: E402
 KERNEL = ROOT / "images" / "build" / "hello.elf"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 IDLE = "150ms"  # short, so that instances go away between cold runs
+MACHINE = "microvm,acpi=off,pic=off,pit=off,rtc=off"  # as in conf/default.toml
 TARGETS_KVM = {"cold": 40.0, "pool": 8.0, "running": 1.0, "overhead": 5.0}
 
 
@@ -89,6 +90,7 @@ max_instances = 2
 kernel = "{KERNEL}"
 guest_ports = [80]
 accel = "{accel}"
+machine = "{MACHINE}"
 {pool}
 """)
     return "".join(out)
@@ -145,8 +147,8 @@ def floor_run(accel: str, logdir: Path) -> float:
     """QEMU process start to the first byte of an HTTP reply, no jitlaunch."""
     port = free_port()
     argv = [
-        "qemu-system-x86_64", "-M", "microvm", "-accel", accel, "-nodefaults", "-no-user-config",
-        "-display", "none", "-m", "32M", "-kernel", str(KERNEL), "-append",
+        "qemu-system-x86_64", "-M", MACHINE, "-accel", accel, "-nodefaults", "-no-user-config",
+        "-display", "none", "-m", "16M", "-kernel", str(KERNEL), "-append",
         "ip=10.0.2.15/24 gw=10.0.2.2 port=80 name=floor", "-serial", "null",
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
         "-device", "virtio-net-device,netdev=n0",
@@ -232,7 +234,8 @@ def _dns_up(dns: tuple[str, int]) -> bool:
 def report(results: dict[str, dict[str, dict[str, float]]], runs: int) -> str:
     lines = [
         f"Cold start, DNS query to first HTTP byte (Jitsu's method), {runs} runs each, ms",
-        "bundled unikernel on QEMU microvm, user networking, through jitlaunch's proxy",
+        f"bundled unikernel on QEMU -M {MACHINE} -m 16M, user networking, through "
+        "jitlaunch's proxy",
         "",
     ]
     rows = [["case", *[f"{a} median" for a in results], *[f"{a} p90" for a in results]]]

@@ -65,6 +65,7 @@ _KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure")
 class QemuSettings:
     kernel: Path
     binary: str
+    machine: str
     memory: int
     cpus: int
     accel: str
@@ -118,7 +119,8 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
     settings = QemuSettings(
         kernel=(base_dir / kernel).resolve(),
         binary=t.string("binary", "qemu-system-x86_64"),
-        memory=t.integer("memory", 32, low=2, high=1 << 20),
+        machine=t.string("machine", "microvm"),
+        memory=t.integer("memory", 16, low=2, high=1 << 20),
         cpus=t.integer("cpus", 1, low=1, high=256),
         accel=t.string("accel", "auto", choices=("auto", "kvm", "tcg")),
         network=t.string("network", "user", choices=("user", "bridge")),
@@ -600,7 +602,7 @@ class QemuBackend(Backend):
             name=service.name, instance=number,
         )
         argv = [
-            settings.binary, "-M", "microvm", "-accel", accel, "-nodefaults", "-no-user-config",
+            settings.binary, "-M", settings.machine, "-accel", accel, "-nodefaults", "-no-user-config",
             "-display", "none", "-m", f"{settings.memory}M", "-smp", str(settings.cpus),
             "-kernel", str(settings.kernel), "-append", cmdline, "-serial", "stdio",
             "-qmp", f"unix:{qmp_path},server=on,wait=off",
