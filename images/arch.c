@@ -60,6 +60,11 @@ void arch_init(void)
     /* mask both 8259s (ICW sequence not needed for masking) */
     outb(0x21, 0xff);
     outb(0xa1, 0xff);
+    /* PIT channel 0 to one-shot (mode 0): the firmware's 18.2 Hz periodic
+     * tick would keep the host's PIT timer running for nothing */
+    outb(0x43, 0x30);
+    outb(0x40, 0);
+    outb(0x40, 0);
 
     lapic_w(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
     apic_id = lapic_r(LAPIC_ID) >> 24;
