@@ -266,6 +266,29 @@ def test_half_open_and_abandoned_connections(guest: tuple[Guest, int, int]) -> N
     assert "EXCEPTION" not in g.console and "PANIC" not in g.console
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_instance_sleeps(guest: tuple[Guest, int, int]) -> None:
+    """With no connection left the guest stops its timer and halts: QEMU uses ~no CPU.
+    Polls 1 s measurement windows until one is quiet (the request's TIME_WAIT ends after
+    1 s), with a deadline."""
+    g, port, _ = guest
+    get(port, "/health")
+    deadline = time.monotonic() + 10
+    used = 1.0
+    while used >= 0.03 and time.monotonic() < deadline:
+        c0, t0 = _cpu_seconds(g.proc.pid), time.monotonic()
+        end = t0 + 1.0
+        while time.monotonic() < end:  # a measurement window, not a wait for an event
+            time.sleep(end - time.monotonic())
+        used = (_cpu_seconds(g.proc.pid) - c0) / (time.monotonic() - t0)
+    assert used < 0.03, f"idle QEMU used {used:.1%} of a core"
+
+
 def test_udp_echo(guest: tuple[Guest, int, int]) -> None:
     _, _, uport = guest
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
