@@ -11,7 +11,6 @@ struct hvm_start_info {
 struct netcfg cfg;
 const char *virtio_hint;
 u32 virtio_hint_len;
-const char *kernel_cmdline;
 
 /* ip=10.0.2.15/24 gw=10.0.2.2 port=80 udp=7 name=hello; unknown tokens are ignored */
 static void parse_cmdline(const char *cl)
@@ -85,7 +84,6 @@ void kmain(struct hvm_start_info *si)
         cl = (const char *)si->cmdline_paddr;
     else
         kprintf("no PVH start info\n");
-    kernel_cmdline = cl;
     /* the RAM region holding the image bounds the heap (and so the memory
      * needed: about 1 MiB plus 16 KiB per TCP connection in use) */
     if (si && si->magic == HVM_START_MAGIC && si->version >= 1 && si->memmap_paddr) {

@@ -82,6 +82,12 @@ static int setup_queue(int idx, struct vq *q)
     q->desc = (struct vdesc *)mem;
     q->avail = (struct vavail *)(mem + avail_off);
     q->used = (volatile struct vused *)(mem + used_off);
+    /* fresh RAM is zero, but after a guest reset this memory is not: the ring
+     * indices are all that must start at 0 (descriptors are written before use) */
+    q->avail->flags = 0;
+    q->avail->idx = 0;
+    q->used->flags = 0;
+    q->used->idx = 0;
     q->last_used = 0;
     q->bufs = heap_alloc((u64)num * BUFSZ, 4096);
     if (!q->bufs) return -1;
@@ -277,6 +283,7 @@ void net_tx_send(u8 *buf, u32 len)
     tx_kick = 1;
 }
 
+/* nothing to undo: net_tx_buf() claims the slot only when the frame is sent */
 void net_tx_drop(u8 *buf) { (void)buf; }
 
 void net_tx_flush(void)

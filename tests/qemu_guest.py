@@ -139,6 +139,16 @@ class Guest:
     def wait_ready(self, timeout: float = 10.0) -> str:
         return self.wait_line("READY ", timeout)
 
+    def wait_count(self, prefix: str, count: int, timeout: float = 10.0) -> None:
+        """Until `count` console lines start with `prefix`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while sum(1 for x in self._lines if x.startswith(prefix)) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(f"fewer than {count} {prefix!r} lines\n{self.diagnostics()}")
+                self._cond.wait(left)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

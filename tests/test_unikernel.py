@@ -5,6 +5,7 @@ Every test runs with KVM (skipped without a usable /dev/kvm) and with TCG.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +130,31 @@ def test_modern_virtio_mmio(accel: str) -> None:
                 c.request("/")
                 code, _, body = c.response()
                 assert code == 200 and b"modern" in body
+    finally:
+        g.close()
+
+
+def test_survives_system_reset(accel: str, tmp_path: Path) -> None:
+    """After a reset (QMP system_reset) the guest boots again and serves: the image is
+    re-copied by QEMU and the driver does not trust stale ring indices."""
+    port, qmp = free_port(), str(tmp_path / "qmp.sock")
+    argv = qemu_argv(accel, "name=again", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80")
+    g = Guest([*argv, "-qmp", f"unix:{qmp},server=on,wait=off"])
+    try:
+        g.wait_ready()
+        assert get(port, "/health")[0] == 200
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as q:
+            q.settimeout(10)
+            q.connect(qmp)
+            with q.makefile("r") as f:
+                f.readline()  # greeting
+                for cmd in ("qmp_capabilities", "system_reset"):
+                    q.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
+                    while "return" not in json.loads(f.readline()):
+                        pass
+        g.wait_count("READY ", 2)
+        code, _, body = get(port, "/")
+        assert code == 200 and b"again" in body
     finally:
         g.close()
 
