@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (  # noqa: E402
+from common import (
     ROOT,
     BenchError,
     ProcessGroup,
@@ -41,8 +41,7 @@ from common import (  # noqa: E402
     table,
     write_results,
 )
-
-from dnslib import DNSRecord  # noqa: E402
+from dnslib import DNSRecord
 
 KERNEL = ROOT / "images" / "build" / "hello.elf"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
@@ -102,9 +101,9 @@ def _pool_ready(state: Path, service: str) -> bool:
     return len(qemu_pids(state, service)) == 1 and log.exists() and b"READY" in log.read_bytes()
 
 
-def qemu_pids(state: Path, service: str) -> dict[int, bool]:
-    """Live QEMU processes of ``service``: pid -> started paused with -S."""
-    out = {}
+def qemu_pids(state: Path, service: str) -> list[int]:
+    """Live QEMU processes of ``service``."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -119,7 +118,7 @@ def qemu_pids(state: Path, service: str) -> dict[int, bool]:
         if argv and b"qemu-system" in argv[0] and f"jitlaunch:{service}:".encode() in b" ".join(
             argv
         ) and str(state).encode() in b" ".join(argv):
-            out[int(entry)] = b"-S" in argv
+            out.append(int(entry))
     return out
 
 

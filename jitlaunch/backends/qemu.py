@@ -326,7 +326,11 @@ class QemuHandle(Handle):
         return self._qmp
 
     async def resume(self) -> None:
-        await (await self.qmp()).execute("cont")
+        """Run a paused instance again (QMP cont); BootFailed if QEMU does not answer."""
+        try:
+            await (await self.qmp()).execute("cont")
+        except ProtocolError as exc:
+            raise BootFailed(f"cannot resume: {exc}") from exc
         self.paused = False
 
     async def stop(self, mode: str, grace: float) -> bool:
@@ -539,7 +543,7 @@ class QemuBackend(Backend):
 
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         if isinstance(saved, QemuHandle) and saved.paused and saved.proc.returncode is None:
-            await _translate(saved.resume())
+            await saved.resume()
             log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
             return saved
         pool = self.pools.get(service.name, [])
@@ -550,7 +554,7 @@ class QemuBackend(Backend):
                 await handle.destroy()
                 continue
             handle.number = number
-            await _translate(handle.resume())
+            await handle.resume()
             log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
             return handle
         state = self.saved_path(service.name)
@@ -592,7 +596,7 @@ class QemuBackend(Backend):
         else:
             from ..net.bridge import attach
 
-            lease = await attach(settings.bridge, settings.subnet, tag)
+            lease = await attach(settings.bridge, settings.subnet)
             release_net.append(lease)
             ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
             address = lease.ip
@@ -646,10 +650,3 @@ class QemuBackend(Backend):
     def _release_net(self, leases: list[object]) -> None:
         for lease in leases:
             lease.release()  # type: ignore[attr-defined]
-
-
-async def _translate(coro: object) -> None:
-    try:
-        await coro  # type: ignore[misc]
-    except ProtocolError as exc:
-        raise BootFailed(f"cannot resume: {exc}") from exc

@@ -105,7 +105,7 @@ def _attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
     return Lease(bridge, tap, ip, gateway)
 
 
-async def attach(bridge: str, subnet: ipaddress.IPv4Network, tag: str) -> Lease:
+async def attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
     """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address."""
     return await trio.to_thread.run_sync(_attach, bridge, subnet)
 
