@@ -88,36 +88,36 @@ class Resolver:
 def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
     """A non-blocking UDP socket and a TCP listening socket on the same address and port.
 
-    With port 0, the port the UDP socket got may be taken for TCP: then try another."""
-    for _ in range(50 if ep.port == 0 else 0):
-        try:
-            return _bind_pair_once(ep)
-        except ListenError as exc:
-            if "over TCP" not in str(exc):
-                raise
-    return _bind_pair_once(ep)
-
-
-def _bind_pair_once(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
+    With port 0, the port the UDP socket got may already be taken for TCP: then the pair is
+    tried again on another port (a bounded number of times)."""
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    udp.setblocking(False)
-    tcp = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family == socket.AF_INET6:
-            for s in (udp, tcp):
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        _bind(udp, ep.host, ep.port, "UDP")
-        port = udp.getsockname()[1]
-        _bind(tcp, ep.host, port, "TCP")
-        tcp.listen(128)
-    except BaseException:
-        udp.close()
-        tcp.close()
-        raise
-    return udp, trio.socket.from_stdlib_socket(tcp)
+    attempts = 50 if ep.port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp.setblocking(False)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                for s in (udp, tcp):
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            _bind(udp, ep.host, ep.port, "UDP")
+            try:
+                _bind(tcp, ep.host, udp.getsockname()[1], "TCP")
+            except ListenError:
+                if attempt < attempts:
+                    udp.close()
+                    tcp.close()
+                    continue
+                raise
+            tcp.listen(128)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        return udp, trio.socket.from_stdlib_socket(tcp)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _bind(sock: socket.socket, host: str, port: int, proto: str) -> None:
