@@ -73,6 +73,23 @@ u16 csum_fold(u32 sum)
 
 u16 csum_partial(const void *data, u32 len, u32 sum) { return csum_fold(csum_add(data, len, sum)); }
 
+/* checksum of an option-less IPv4 header: five 32-bit words */
+static u16 csum_ip20(const u8 *h)
+{
+    const u32 *w = (const u32 *)h;
+    u64 a = (u64)w[0] + w[1] + w[2] + w[3] + w[4];
+    a = (a & 0xffffffff) + (a >> 32);
+    a = (a & 0xffff) + (a >> 16);
+    a = (a & 0xffff) + (a >> 16);
+    a = (a & 0xffff) + (a >> 16);
+    return (u16)~__builtin_bswap16((u16)a);
+}
+
+static inline int mac_eq(const u8 *a, const u8 *b)
+{
+    return *(const u32 *)a == *(const u32 *)b && *(const u16 *)(a + 4) == *(const u16 *)(b + 4);
+}
+
 u32 ip_pseudo(u32 src, u32 dst, u8 proto, u32 len)
 {
     u64 s = (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + proto + len;
@@ -191,7 +208,7 @@ void ip_finish(u8 *payload, u32 dst, u8 proto, u32 len)
     put16(ip + 10, 0);
     put32(ip + 12, cfg.ip);
     put32(ip + 16, dst);
-    put16(ip + 10, csum_partial(ip, IP_HLEN, 0));
+    put16(ip + 10, csum_ip20(ip));
     memcpy(f + 6, cfg.mac, 6);
     put16(f + 12, 0x0800);
     u32 flen = ETH_HLEN + IP_HLEN + len;
@@ -271,7 +288,7 @@ static void ip_rx(const u8 *eth, u8 *ip, u32 len)
     u32 ihl = (u32)(ip[0] & 15) * 4;
     u32 tot = get16(ip + 2);
     if (ihl < IP_HLEN || tot < ihl || tot > len) return;
-    if (csum_partial(ip, ihl, 0) != 0) return;
+    if ((ihl == IP_HLEN ? csum_ip20(ip) : csum_partial(ip, ihl, 0)) != 0) return;
     if (get16(ip + 6) & 0x3fff) return;          /* fragments are not supported */
     u32 src = get32(ip + 12), dst = get32(ip + 16);
     if (dst != cfg.ip) return;
@@ -293,7 +310,7 @@ static void ip_rx(const u8 *eth, u8 *ip, u32 len)
 void net_rx(u8 *f, u32 len)
 {
     if (len < ETH_HLEN) return;
-    if (memcmp(f, cfg.mac, 6) && memcmp(f, bcast, 6)) return;
+    if (!mac_eq(f, cfg.mac) && !mac_eq(f, bcast)) return;
     u16 type = get16(f + 12);
     if (type == 0x0806) arp_rx(f + ETH_HLEN, len - ETH_HLEN);
     else if (type == 0x0800) ip_rx(f, f + ETH_HLEN, len - ETH_HLEN);
