@@ -65,6 +65,15 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[k]
 
 
+def kvm_usable() -> bool:
+    """True when /dev/kvm opens for reading and writing (QEMU can use -accel kvm)."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     """A port that is free on ``host`` for both TCP and UDP right now."""
     for _ in range(100):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from jitlaunch.backends.qemu import kvm_usable
 from tests.qemu_guest import (
     LEAN_MACHINE,
     ROOT,
@@ -26,7 +27,6 @@ from tests.qemu_guest import (
     ensure_image,
     free_port,
     get,
-    kvm_usable,
     qemu_argv,
     user_guest,
     user_guest_ports,

@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import kvm_usable  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 IMAGE = ROOT / "images" / "build" / "hello.elf"
 RESULTS = ROOT / "bench" / "results"
@@ -68,15 +71,6 @@ TARGETS = {  # KVM targets
 
 class BenchError(Exception):
     pass
-
-
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

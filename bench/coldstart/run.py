@@ -32,6 +32,7 @@ from common import (
     ProcessGroup,
     free_port,
     jitlaunch_command,
+    kvm_usable,
     loopback_block,
     machine_info,
     median,
@@ -50,12 +51,6 @@ MACHINE = "microvm,acpi=off,pic=off,pit=off,rtc=off"  # as in conf/default.toml
 TARGETS_KVM = {"cold": 40.0, "pool": 8.0, "running": 1.0, "overhead": 5.0}
 
 
-def kvm_usable() -> bool:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError:
-        return False
-    return True
 
 
 def config(state: Path, dns_port: int, block: str, accels: list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import errno
 import shlex
+import socket
 from pathlib import Path
 from typing import IO
 
@@ -84,6 +85,14 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release whatever the backend holds beyond its instances (called shielded)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (another process may take it before we do)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str]) -> IO[bytes]:

@@ -19,7 +19,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from .base import Backend, Handle, open_instance_log, probe_tcp
+from .base import Backend, Handle, free_port, open_instance_log, probe_tcp
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ class ProcessBackend(Backend):
             routable = True
         else:
             host = "127.0.0.1"
-            port_map = {p: _free_port(host) for p in service.ports}
+            port_map = {p: free_port(host) for p in service.ports}
             routable = False
         values = {
             "address": host,
@@ -210,10 +209,3 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed, ProtocolError
-from .base import Backend, Handle, open_instance_log, probe_tcp
+from .base import Backend, Handle, free_port, open_instance_log, probe_tcp
 from .qmp import QMP
 
 log = logging.getLogger("jitlaunch.qemu")
@@ -153,13 +152,6 @@ def image_id(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class QemuHandle(Handle):
@@ -590,7 +582,7 @@ class QemuBackend(Backend):
             ip, prefix, gateway, address = USER_IP, USER_PREFIX, USER_GATEWAY, None
             fwd = []
             for front, guest in zip(service.ports, settings.guest_ports, strict=True):
-                host_ports[front] = _free_port()
+                host_ports[front] = free_port()
                 fwd.append(f"hostfwd=tcp:127.0.0.1:{host_ports[front]}-:{guest}")
             netdev = ["-netdev", ",".join(["user", "id=n0", *fwd])]
         else:
