@@ -44,7 +44,6 @@ class Proxy:
         self.pending: collections.Counter[str] = collections.Counter()
         #: Connections closed without being served, by ``(service, reason)``.
         self.closed: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.accepted: collections.Counter[str] = collections.Counter()
         self._accepting = trio.CancelScope()
 
     def stop_accepting(self) -> None:
@@ -94,7 +93,6 @@ class Proxy:
     async def _connection(self, client: trio.SocketStream, service: str, port: int) -> None:
         sup = self.supervisor
         sup.connection_opened(service)
-        self.accepted[service] += 1
         try:
             inst = sup.request(service)
             buffered = b""

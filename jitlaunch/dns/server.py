@@ -41,11 +41,9 @@ class Resolver:
         self.catalog = Catalog(config.dns, config.services)
         self._cache: dict[tuple[bool, bytes], tuple[int, bytes, str | None]] = {}
         self.held = 0
-        self.queries = 0
 
     def answer_now(self, wire: bytes, udp: bool) -> Response:
         """Answer at once, or say the answer must be held (``pending``)."""
-        self.queries += 1
         sup = self.supervisor
         key = (udp, wire[2:])
         hit = self._cache.get(key)
