@@ -6,6 +6,7 @@ process is terminated (then killed), its pipes are closed and its reader thread 
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -168,7 +169,7 @@ def user_guest(accel: str, name: str = "hello", extra_append: str = "") -> tuple
 
 
 def user_guest_ports(
-    accel: str, n: int, name: str = "hello", extra_append: str = ""
+    accel: str, n: int, name: str = "hello", extra_append: str = "", extra: list[str] | None = None
 ) -> tuple[Guest, list[int], int]:
     """Like user_guest with n host ports forwarded to guest port 80. slirp listens with a
     backlog of 1 per forward, so a burst of connects to one port is paced by SYN
@@ -178,15 +179,37 @@ def user_guest_ports(
     fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{p}-:80" for p in tports)
     netdev = f"user,id=n0,{fwd},hostfwd=udp:127.0.0.1:{uport}-:7"
     append = f"name={name} {extra_append}".strip()
-    return Guest(qemu_argv(accel, append, netdev)), tports, uport
+    return Guest(qemu_argv(accel, append, netdev, extra=extra)), tports, uport
+
+
+def hmp(qmp_path: str, command: str, timeout: float = 5.0) -> str:
+    """Run one human monitor command over a QMP socket; its text output."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(qmp_path)
+        f = s.makefile("rb")
+        f.readline()  # greeting
+        out = ""
+        for cmd in (
+            {"execute": "qmp_capabilities"},
+            {"execute": "human-monitor-command", "arguments": {"command-line": command}},
+        ):
+            s.sendall(json.dumps(cmd).encode() + b"\n")
+            while "return" not in (reply := json.loads(f.readline())):
+                if "error" in reply:
+                    raise AssertionError(f"QMP {command!r}: {reply['error']}")
+            out = reply["return"] if isinstance(reply["return"], str) else ""
+        return out
 
 
 # --- a small HTTP/1.1 client that checks framing strictly -------------------------------------
 
 
 class HttpConn:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, source: tuple[str, int] | None = None
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
         self.buf = b""
 
     def close(self) -> None:
