@@ -10,15 +10,19 @@ accelerator (KVM when /dev/kvm opens, and TCG) it measures, in one jitlaunch dae
 * running: the instance is up;
 * wait: answer mode ``wait`` (the DNS reply waits for READY), from cold;
 
-and beside them, the floor: QEMU started directly with a host port forward, timed from the
-process start to the first byte of an HTTP reply (the client retries connect+GET), with no
-jitlaunch involved. "overhead" is cold minus floor, both medians.
+and beside them, two floors with no jitlaunch involved:
+
+* floor: QEMU started directly with a host port forward, timed from the process start to the
+  first byte of an HTTP reply (the client retries connect+GET); "overhead" is cold minus floor;
+* direct: connect+GET straight to the running instance's host port forward (no DNS, no
+  proxy); "running overhead" is running minus direct. All of them medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -137,6 +141,28 @@ def one_request(dns: tuple[str, int], name: str, port: int) -> float:
     return (t1 - t0) * 1000
 
 
+def direct_request(port: int) -> float:
+    """connect, GET, first byte, straight to a QEMU host port forward. Milliseconds."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(REQUEST)
+        first = c.recv(1)
+        t1 = time.perf_counter()
+    if not first:
+        raise BenchError(f"port {port}: connection closed without a reply")
+    return (t1 - t0) * 1000
+
+
+def forward_port(pid: int) -> int:
+    """The host port of a QEMU's user-networking forward to guest port 80."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    for arg in argv:
+        if m := re.search(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:80\b", arg):
+            return int(m.group(1))
+    raise BenchError(f"QEMU pid {pid} has no forward to port 80")
+
+
 def floor_run(accel: str, logdir: Path) -> float:
     """QEMU process start to the first byte of an HTTP reply, no jitlaunch."""
     port = free_port()
@@ -188,8 +214,9 @@ def main() -> int:
             group.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(conf)])
             poll(lambda: _dns_up(dns), 30, "jitlaunch's DNS", procs=group)
             for accel in accels:
-                res: dict[str, list[float]] = {k: [] for k in ("cold", "pool", "running", "wait")}
-                for kind in res:
+                res: dict[str, list[float]] = {}
+                for kind in ("cold", "pool", "running", "wait"):
+                    res[kind] = []
                     name = f"{kind}-{accel}"
                     if kind == "running":
                         one_request(dns, f"{name}.jit.test", 8080)  # boot it once
@@ -204,13 +231,17 @@ def main() -> int:
                             # puts it in the pool: give that a moment.
                             time.sleep(0.05)
                         res[kind].append(one_request(dns, f"{name}.jit.test", 8080))
+                    if kind == "running":
+                        (pid,) = qemu_pids(state, name)
+                        port = forward_port(pid)
+                        res["direct"] = [direct_request(port) for _ in range(args.runs)]
                     group.check_alive()
                 floor = [floor_run(accel, state) for _ in range(args.runs)]
                 results[accel] = {k: stats(v) for k, v in res.items()}
                 results[accel]["floor"] = stats(floor)
-                results[accel]["overhead"] = {
-                    "median": results[accel]["cold"]["median"] - results[accel]["floor"]["median"]
-                }
+                med = {k: v["median"] for k, v in results[accel].items()}
+                results[accel]["overhead"] = {"median": med["cold"] - med["floor"]}
+                results[accel]["running overhead"] = {"median": med["running"] - med["direct"]}
     text = report(results, args.runs)
     print(text)
     write_results("coldstart", {"machine": machine_info(), "runs": args.runs, "results": results},
@@ -233,18 +264,21 @@ def report(results: dict[str, dict[str, dict[str, float]]], runs: int) -> str:
         "",
     ]
     rows = [["case", *[f"{a} median" for a in results], *[f"{a} p90" for a in results]]]
-    for kind in ("cold", "pool", "running", "wait", "floor"):
+    for kind in ("cold", "pool", "running", "wait", "floor", "direct"):
         rows.append([
             kind,
             *[f"{results[a][kind]['median']:.2f}" for a in results],
             *[f"{results[a][kind]['p90']:.2f}" for a in results],
         ])
-    rows.append(["overhead", *[f"{results[a]['overhead']['median']:.2f}" for a in results],
-                 *["" for _ in results]])
+    for kind in ("overhead", "running overhead"):
+        rows.append([kind, *[f"{results[a][kind]['median']:.2f}" for a in results],
+                     *["" for _ in results]])
     lines.append(table(rows))
     lines.append("")
     lines.append("floor = QEMU process start to first HTTP byte, no jitlaunch; "
                  "overhead = cold - floor (medians)")
+    lines.append("direct = connect+GET to the running instance's port forward, no DNS, no proxy; "
+                 "running overhead = running - direct (medians)")
     if "kvm" in results:
         for kind, target in TARGETS_KVM.items():
             got = results["kvm"][kind]["median"]

@@ -57,6 +57,9 @@ CMDLINE_FIELDS = ("ip", "prefix", "gateway", "port", "name", "instance")
 #: User networking: the guest's address and gateway are QEMU's slirp defaults.
 USER_IP, USER_PREFIX, USER_GATEWAY = "10.0.2.15", 24, "10.0.2.2"
 _READY = re.compile(rb"^READY\s")
+#: A taken pool member is refilled this long after, so that the new member's boot (tens of
+#: ms of host CPU) does not compete with the instance just woken for its first requests.
+POOL_REFILL_DELAY = 0.25
 _KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure")
 
 
@@ -481,6 +484,7 @@ class QemuBackend(Backend):
                     pool.append(handle)
             self._refill = trio.Event()
             await self._refill.wait()
+            await trio.sleep(POOL_REFILL_DELAY)
 
     async def _pool_member(self, svc: ServiceConfig) -> QemuHandle:
         """An instance booted to its READY line and then paused: taking it is a QMP cont."""
