@@ -141,6 +141,28 @@ async def test_warm_pool_hit(state: Path, block: str) -> None:
         assert len(qemus(state)) == 2
 
 
+async def test_pool_fill_is_retried_after_a_failure(state: Path, block: str) -> None:
+    """A pool member that fails to boot is tried again after the backoff, not only when a
+    lookup takes one (nothing would ever take from an empty pool)."""
+    kernel = state / "k.elf"
+    kernel.write_bytes(b"not a kernel" * 100)  # QEMU: "invalid kernel header", exits at once
+    text = service(f"{block}.1", extra='max_instances = 2\nretry_backoff = "200ms"', qemu="pool = 1")
+    cfg = load(config_text(state, text.replace(str(KERNEL), str(kernel))))
+    async with running(cfg) as d:
+        logs = [state / "logs" / "uk.pool.log", state / "logs" / "uk.pool.log.1"]
+        await wait_until(lambda: any(p.exists() and b"invalid kernel header" in p.read_bytes()
+                                     for p in logs))
+        pool = d.backends["qemu"].pools["uk"]  # type: ignore[attr-defined]
+        assert not pool
+        kernel.write_bytes(KERNEL.read_bytes())
+        await wait_until(lambda: len(pool) == 1)
+        pooled_pid = pool[0].pid
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200")
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.handle is not None and inst.handle.pid == pooled_pid
+
+
 async def test_concurrent_lookups_boot_one_vm(state: Path, block: str) -> None:
     cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"')))
     async with running(cfg) as d:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import kvm_usable  # noqa: E402
+from common import kvm_usable
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 IMAGE = ROOT / "images" / "build" / "hello.elf"

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -471,20 +472,33 @@ class QemuBackend(Backend):
         return killed
 
     async def _keep_pools(self) -> None:
+        """Keep every service's pool full. A member that fails to boot is tried again after
+        the service's retry backoff (doubling up to its maximum), not only after a take."""
+        failures: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
         while True:
             for svc in self.services:
                 settings: QemuSettings = svc.settings
                 pool = self.pools[svc.name]
+                if retry_at.get(svc.name, -math.inf) > trio.current_time():
+                    continue
                 while len(pool) < settings.pool and settings.kernel in self.image_ids:
                     try:
                         handle = await self._pool_member(svc)
                     except BootFailed as exc:
-                        log.error("%s: cannot fill the warm pool: %s", svc.name, exc)
+                        failures[svc.name] = n = failures.get(svc.name, 0) + 1
+                        delay = min(svc.retry_backoff * 2 ** (n - 1), svc.retry_backoff_max)
+                        retry_at[svc.name] = trio.current_time() + delay
+                        log.error("%s: cannot fill the warm pool: %s; next attempt in %g s",
+                                  svc.name, exc, delay)
                         break
+                    failures.pop(svc.name, None)
                     pool.append(handle)
             self._refill = trio.Event()
-            await self._refill.wait()
-            await trio.sleep(POOL_REFILL_DELAY)
+            with trio.move_on_at(min(retry_at.values(), default=math.inf)):
+                await self._refill.wait()
+                await trio.sleep(POOL_REFILL_DELAY)
+            retry_at = {k: v for k, v in retry_at.items() if v > trio.current_time()}
 
     async def _pool_member(self, svc: ServiceConfig) -> QemuHandle:
         """An instance booted to its READY line and then paused: taking it is a QMP cont."""
