@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -238,3 +239,47 @@ async def test_sigterm_stops_every_instance(tmp_path: Path, block: str) -> None:
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_leftovers_of_a_killed_daemon_are_killed_at_the_next_start(
+    tmp_path: Path, block: str
+) -> None:
+    """A daemon killed outright cannot stop its children (nor their own children); the next
+    daemon on the same state directory finds them by their marker and kills them."""
+    cmd = f"sh -c 'sleep 300 & exec {DEMO}'".replace('"', '\\"')
+    conf = tmp_path / "jl.toml"
+    text = config_text(tmp_path, service("hello", f"{block}.1", command=cmd, extra='answer = "wait"'))
+    conf.write_text(text.replace("127.0.0.1:0", f"{block}.53:5353"))
+    with open(tmp_path / "log", "wb") as logfile:
+        proc = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=logfile
+        )
+    try:
+        with trio.fail_after(20):
+            while True:
+                with trio.move_on_after(0.5):
+                    try:
+                        if (await query_udp((f"{block}.53", 5353), "hello.jit.test")).rr:
+                            break
+                    except OSError:
+                        pass
+                await trio.sleep(0.05)
+        orphans = children_of(proc.pid)
+        assert len(orphans) == 2  # the instance and the sleep it left behind
+        proc.kill()  # SIGKILL: the daemon stops nothing
+        await proc.wait()
+        assert all(alive(k) for k in orphans)
+    finally:
+        proc.kill()
+        await proc.wait()
+    # A daemon on another state directory leaves them alone; the owner's next start does not.
+    other = load(config_text(tmp_path / "other", service("hello", f"{block}.2")))
+    async with running(other):
+        assert all(alive(k) for k in orphans)
+    try:
+        async with running(load(text)):
+            await wait_until(lambda: not any(alive(k) for k in orphans))
+    finally:
+        for k in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, 9)

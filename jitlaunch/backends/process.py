@@ -6,6 +6,11 @@ child runs in its own session and process group, with its output appended to a p
 log file in the state directory (the previous instance's log is kept as ``.log.1``). It is
 stopped with SIGTERM to the whole group, then SIGKILL after the grace period.
 
+Leftovers: every child gets ``JITLAUNCH_INSTANCE=<state dir>:<service>#<n>`` in its
+environment, and its own children inherit it. A daemon that was killed outright cannot stop
+them, so at start the backend kills every process whose environment carries its state
+directory's marker: it can prove they are its own, and a daemon owns its state directory.
+
 Addresses: with ``subnet`` set (for example ``127.77.1.0/24``), each instance gets a free
 address of its own in it and listens on the service's own ports there, so DNS can hand that
 address over. Without it, the instance listens on ``127.0.0.1`` on a free port the proxy
@@ -22,6 +27,7 @@ import signal
 import string
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +41,7 @@ from .base import Backend, Handle, free_port, open_instance_log, probe_tcp
 log = logging.getLogger(__name__)
 
 STOP_MODES = ("destroy", "shutdown")
+MARKER = "JITLAUNCH_INSTANCE"
 PLACEHOLDERS = ("address", "port", "name", "instance", "python")
 
 
@@ -153,7 +160,38 @@ class ProcessBackend(Backend):
 
     def __init__(self, state_dir: Path) -> None:
         self.log_dir = state_dir / "logs"
+        self.marker = f"{MARKER}={state_dir.resolve()}:"
         self._in_use: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for pid in await trio.to_thread.run_sync(self._kill_leftovers):
+            log.warning("killed process %d left over from an earlier run", pid)
+        task_status.started()
+        await trio.sleep_forever()
+
+    def _kill_leftovers(self) -> list[int]:
+        """SIGKILL every process carrying our marker (none of ours is running yet); wait,
+        bounded, until they are gone, since they may still hold addresses and ports."""
+        marker = self.marker.encode()
+        killed = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:  # gone, or not ours to read
+                continue
+            if any(var.startswith(marker) for var in env):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(int(entry))
+        deadline = time.monotonic() + 5
+        while killed and time.monotonic() < deadline and any(_running(p) for p in killed):
+            time.sleep(0.01)
+        return killed
 
     def _allocate(self, settings: ProcessSettings) -> str:
         assert settings.subnet is not None
@@ -194,6 +232,7 @@ class ProcessBackend(Backend):
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
         env = dict(os.environ)
         env.update(settings.environment)
+        env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
         try:
             process = await trio.lowlevel.open_process(
                 argv,
@@ -209,3 +248,12 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a killed orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
