@@ -10,6 +10,7 @@ import abc
 import errno
 import shlex
 import socket
+import time
 from pathlib import Path
 from typing import IO
 
@@ -93,6 +94,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Block (in a worker thread) until every pid has exited or ``timeout`` passes. A zombie
+    counts as gone: a killed orphan has let go of its ports and taps and only waits for init
+    to reap it."""
+    deadline = time.monotonic() + timeout
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str]) -> IO[bytes]:

@@ -27,7 +27,6 @@ import signal
 import string
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +35,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from .base import Backend, Handle, free_port, open_instance_log, probe_tcp
+from .base import Backend, Handle, free_port, open_instance_log, probe_tcp, wait_gone
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +187,7 @@ class ProcessBackend(Backend):
                 except ProcessLookupError:
                     continue
                 killed.append(int(entry))
-        deadline = time.monotonic() + 5
-        while killed and time.monotonic() < deadline and any(_running(p) for p in killed):
-            time.sleep(0.01)
+        wait_gone(killed)
         return killed
 
     def _allocate(self, settings: ProcessSettings) -> str:
@@ -248,12 +245,3 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (a killed orphan waits for init to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

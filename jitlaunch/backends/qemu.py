@@ -37,7 +37,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -46,7 +45,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed, ProtocolError
-from .base import Backend, Handle, free_port, open_instance_log, probe_tcp
+from .base import Backend, Handle, free_port, open_instance_log, probe_tcp, wait_gone
 from .qmp import QMP
 
 log = logging.getLogger("jitlaunch.qemu")
@@ -464,11 +463,7 @@ class QemuBackend(Backend):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-        for pid in killed:  # wait (bounded) until they are gone: they may hold our taps
-            for _ in range(500):
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.01)
+        wait_gone(killed)  # they may still hold our taps
         return killed
 
     async def _keep_pools(self) -> None:
