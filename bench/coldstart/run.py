@@ -131,26 +131,22 @@ def one_request(dns: tuple[str, int], name: str, port: int) -> float:
         reply = DNSRecord.parse(u.recv(4096))
     if not reply.rr:
         raise BenchError(f"{name}: no answer ({reply.header.rcode})")
-    addr = str(reply.rr[0].rdata)
-    with socket.create_connection((addr, port), timeout=30) as c:
-        c.sendall(REQUEST)
-        first = c.recv(1)
-        t1 = time.perf_counter()
-        if not first:
-            raise BenchError(f"{name}: connection closed without a reply")
-    return (t1 - t0) * 1000
+    return (first_byte(str(reply.rr[0].rdata), port) - t0) * 1000
 
 
 def direct_request(port: int) -> float:
     """connect, GET, first byte, straight to a QEMU host port forward. Milliseconds."""
     t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+    return (first_byte("127.0.0.1", port) - t0) * 1000
+
+
+def first_byte(addr: str, port: int) -> float:
+    """connect, send GET /, and return perf_counter() at the first byte of the reply."""
+    with socket.create_connection((addr, port), timeout=30) as c:
         c.sendall(REQUEST)
-        first = c.recv(1)
-        t1 = time.perf_counter()
-    if not first:
-        raise BenchError(f"port {port}: connection closed without a reply")
-    return (t1 - t0) * 1000
+        if not c.recv(1):
+            raise BenchError(f"{addr}:{port}: connection closed without a reply")
+        return time.perf_counter()
 
 
 def forward_port(pid: int) -> int:
