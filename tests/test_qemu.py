@@ -125,6 +125,14 @@ async def test_idle_teardown_in_every_stop_mode(state: Path, block: str, mode: s
             assert "-incoming" in log
 
 
+async def served_by(d, block: str, pid: int) -> None:  # type: ignore[no-untyped-def]
+    """A request through the front is answered, by the instance with QEMU pid ``pid``."""
+    body = await http_get(f"{block}.1", 18080)
+    assert body.startswith(b"HTTP/1.1 200")
+    inst = d.supervisor.services["uk"].instance
+    assert inst is not None and inst.handle is not None and inst.handle.pid == pid
+
+
 async def test_warm_pool_hit(state: Path, block: str) -> None:
     cfg = load(config_text(state, service(
         f"{block}.1", extra="max_instances = 2", qemu="pool = 1")))
@@ -133,10 +141,7 @@ async def test_warm_pool_hit(state: Path, block: str) -> None:
         pool = backend.pools["uk"]  # type: ignore[attr-defined]
         await wait_until(lambda: len(pool) == 1)
         pooled_pid = pool[0].pid
-        body = await http_get(f"{block}.1", 18080)
-        assert body.startswith(b"HTTP/1.1 200")
-        inst = d.supervisor.services["uk"].instance
-        assert inst is not None and inst.handle is not None and inst.handle.pid == pooled_pid
+        await served_by(d, block, pooled_pid)
         await wait_until(lambda: len(pool) == 1 and pool[0].pid != pooled_pid)  # refilled
         assert len(qemus(state)) == 2
 
@@ -157,10 +162,7 @@ async def test_pool_fill_is_retried_after_a_failure(state: Path, block: str) -> 
         kernel.write_bytes(KERNEL.read_bytes())
         await wait_until(lambda: len(pool) == 1)
         pooled_pid = pool[0].pid
-        body = await http_get(f"{block}.1", 18080)
-        assert body.startswith(b"HTTP/1.1 200")
-        inst = d.supervisor.services["uk"].instance
-        assert inst is not None and inst.handle is not None and inst.handle.pid == pooled_pid
+        await served_by(d, block, pooled_pid)
 
 
 async def test_concurrent_lookups_boot_one_vm(state: Path, block: str) -> None:
