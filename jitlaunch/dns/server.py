@@ -6,8 +6,8 @@ queries per connection, held answers sent as they complete (out of order, which 
 allows), idle connections closed after ``tcp_idle_timeout``, and at most
 ``max_tcp_connections`` open at once.
 
-Replies are cached by the query bytes less the ID, for the supervisor's current generation:
-repeated queries for a ready service cost a dictionary look-up, not a parse.
+The answers themselves (the cache, held ``wait`` answers) come from
+:class:`~jitlaunch.dns.authority.Authority`.
 """
 
 from __future__ import annotations
@@ -19,68 +19,16 @@ import struct
 import trio
 
 from ..config import Config, Endpoint
-from ..errors import BootFailed, ListenError, listen_error
-from ..lifecycle.supervisor import ServiceAnswer, Supervisor
-from .answer import Catalog, Response, respond
+from ..errors import ListenError, listen_error
+from ..lifecycle.supervisor import Supervisor
+from .authority import Authority
 
 log = logging.getLogger("jitlaunch.dns")
 
-CACHE_SIZE = 4096
 #: Datagrams answered per wake-up before other tasks get a turn.
 UDP_BATCH = 64
 #: Queries held at once for booting ``wait`` services; past it new ones are dropped.
 MAX_HELD = 1024
-
-
-class Resolver:
-    """Answers queries for the servers: the cache, the supervisor calls, held answers."""
-
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
-        self.config = config
-        self.supervisor = supervisor
-        self.catalog = Catalog(config.dns, config.services)
-        self._cache: dict[tuple[bool, bytes], tuple[int, bytes, str | None]] = {}
-        self.held = 0
-
-    def answer_now(self, wire: bytes, udp: bool) -> Response:
-        """Answer at once, or say the answer must be held (``pending``)."""
-        sup = self.supervisor
-        key = (udp, wire[2:])
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == sup.generation:
-            _, tail, service = hit
-            if service is not None:
-                sup.request(service)
-            return Response(wire[:2] + tail, service, cacheable=True)
-        generation = sup.generation
-        resp = respond(wire, self.catalog, sup.answer, udp=udp)
-        if resp.service is not None:
-            sup.request(resp.service)
-        if resp.cacheable and resp.reply is not None:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key] = (generation, resp.reply[2:], resp.service)
-        return resp
-
-    async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
-        """Wait for a ``wait`` service to be ready (or fail), then answer."""
-        sup = self.supervisor
-        svc = self.config.service(service)
-        failed = False
-        self.held += 1
-        try:
-            with trio.fail_after(svc.boot_timeout + 1):
-                await sup.acquire(service)
-        except (BootFailed, trio.TooSlowError):
-            failed = True
-        finally:
-            self.held -= 1
-
-        def lookup(name: str) -> ServiceAnswer:
-            ans = sup.answer(name)
-            return ServiceAnswer(servfail=True) if failed or ans.pending else ans
-
-        return respond(wire, self.catalog, lookup, udp=udp).reply
 
 
 def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
@@ -136,7 +84,7 @@ async def serve_dns(
     Binds first, then reports the bound endpoints (with real ports when 0 was configured)
     through ``task_status``. Raises ListenError if an endpoint cannot be bound.
     """
-    resolver = Resolver(config, supervisor)
+    authority = Authority(config, supervisor)
     pairs: list[tuple[socket.socket, trio.socket.SocketType]] = []
     try:
         for ep in config.dns.listen:
@@ -146,9 +94,9 @@ async def serve_dns(
         async with trio.open_nursery() as nursery:
             tcp_slots = trio.CapacityLimiter(config.dns.max_tcp_connections)
             for udp, tcp in pairs:
-                nursery.start_soon(_serve_udp, udp, resolver)
+                nursery.start_soon(_serve_udp, udp, authority)
                 listener = trio.SocketListener(tcp)
-                nursery.start_soon(_serve_tcp, listener, resolver, tcp_slots)
+                nursery.start_soon(_serve_tcp, listener, authority, tcp_slots)
             log.info("DNS on %s (UDP and TCP)", ", ".join(str(b) for b in bound))
             task_status.started(bound)
     finally:
@@ -157,7 +105,7 @@ async def serve_dns(
             tcp.close()
 
 
-async def _serve_udp(sock: socket.socket, resolver: Resolver) -> None:
+async def _serve_udp(sock: socket.socket, authority: Authority) -> None:
     # Datagrams are taken in batches with plain non-blocking calls and one wait per batch:
     # trio's checkpoint in every socket call would cost more than a cached answer does.
     async with trio.open_nursery() as nursery:
@@ -171,10 +119,10 @@ async def _serve_udp(sock: socket.socket, resolver: Resolver) -> None:
                 except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
                     log.debug("UDP receive error: %s", exc)
                     continue
-                resp = resolver.answer_now(wire, udp=True)
+                resp = authority.answer_now(wire, udp=True)
                 if resp.pending and resp.service is not None:
-                    if resolver.held < MAX_HELD:
-                        nursery.start_soon(_udp_held, sock, resolver, wire, addr, resp.service)
+                    if authority.held < MAX_HELD:
+                        nursery.start_soon(_udp_held, sock, authority, wire, addr, resp.service)
                 elif resp.reply is not None:
                     await _udp_send(sock, resp.reply, addr)
 
@@ -191,15 +139,15 @@ async def _udp_send(sock: socket.socket, reply: bytes, addr: tuple[object, ...])
 
 
 async def _udp_held(
-    sock: socket.socket, resolver: Resolver, wire: bytes, addr: tuple[object, ...], service: str
+    sock: socket.socket, authority: Authority, wire: bytes, addr: tuple[object, ...], service: str
 ) -> None:
-    reply = await resolver.answer_held(wire, True, service)
+    reply = await authority.answer_held(wire, True, service)
     if reply is not None:
         await _udp_send(sock, reply, addr)
 
 
 async def _serve_tcp(
-    listener: trio.SocketListener, resolver: Resolver, slots: trio.CapacityLimiter
+    listener: trio.SocketListener, authority: Authority, slots: trio.CapacityLimiter
 ) -> None:
     async with trio.open_nursery() as nursery:
         while True:
@@ -215,21 +163,21 @@ async def _serve_tcp(
                 log.warning("DNS TCP: too many connections; closing a new one")
                 await trio.aclose_forcefully(stream)
                 continue
-            nursery.start_soon(_tcp_connection, stream, resolver, slots)
+            nursery.start_soon(_tcp_connection, stream, authority, slots)
 
 
 async def _tcp_connection(
-    stream: trio.SocketStream, resolver: Resolver, slots: trio.CapacityLimiter
+    stream: trio.SocketStream, authority: Authority, slots: trio.CapacityLimiter
 ) -> None:
     send_lock = trio.Lock()
-    idle = resolver.config.dns.tcp_idle_timeout
+    idle = authority.config.dns.tcp_idle_timeout
 
     async def send(reply: bytes) -> None:
         async with send_lock:
             await stream.send_all(struct.pack("!H", len(reply)) + reply)
 
     async def held(wire: bytes, service: str) -> None:
-        reply = await resolver.answer_held(wire, False, service)
+        reply = await authority.answer_held(wire, False, service)
         if reply is not None:
             await send(reply)
 
@@ -248,7 +196,7 @@ async def _tcp_connection(
                             break
                         wire = bytes(buf[2 : 2 + length])
                         del buf[: 2 + length]
-                        resp = resolver.answer_now(wire, udp=False)
+                        resp = authority.answer_now(wire, udp=False)
                         if resp.pending and resp.service is not None:
                             nursery.start_soon(held, wire, resp.service)
                         elif resp.reply is not None:
