@@ -391,7 +391,6 @@ def main() -> int:
         for t in threads:
             t.start()
         peak_fds = peak_rss = 0
-        reports: list[tuple[set[int], set[int]]] = []
         while time.monotonic() < soak.deadline:
             time.sleep(1.0)
             procs.remember_children()
@@ -411,12 +410,11 @@ def main() -> int:
                     http_get(*f)
                 except OSError:
                     pass
-            live = {p for p in _descendants(daemon.pid) if alive(p) and p not in soak.stopped_pids}
+            procs.remember_children()  # the report's signal may end a daemon that mishandles it
             reported = status_report(daemon.pid, log)
             if reported is None:
                 figures["status_report"] = "the daemon writes no SIGUSR1 status report; not checked"
             else:
-                reports.append((reported, live))
                 # A process instance's pid is its session leader; QEMU's is QEMU itself.
                 missing = reported - {p for p in _descendants(daemon.pid) if alive(p)}
                 if missing:
