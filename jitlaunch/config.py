@@ -104,6 +104,11 @@ class ServiceConfig:
     retry_backoff: float
     retry_backoff_max: float
     extra_names: int = 0
+    # Health of a ready instance: a probe every interval (math.inf: never), each bounded by
+    # the timeout; this many failures in a row and it is hung.
+    health_interval: float = 10.0
+    health_timeout: float = 2.0
+    health_failures: int = 3
 
     @property
     def front_v4(self) -> tuple[str, ...]:
@@ -414,6 +419,9 @@ def _parse_service(
         retry_backoff=pick("retry_backoff").duration("retry_backoff", 1),
         retry_backoff_max=pick("retry_backoff_max").duration("retry_backoff_max", 60),
         extra_names=len(names) - len(dns.zones),
+        health_interval=pick("health_interval").duration("health_interval", 10),
+        health_timeout=pick("health_timeout").duration("health_timeout", 2),
+        health_failures=pick("health_failures").integer("health_failures", 3, low=1, high=1000),
     )
     t.done()
     pool = getattr(settings, "pool", 0)
@@ -429,7 +437,8 @@ def _parse_service(
 
 _DEFAULT_KEYS = (
     "backend", "answer", "idle_timeout", "boot_timeout", "stop", "max_instances", "ttl",
-    "booting_ttl", "retry_backoff", "retry_backoff_max",
+    "booting_ttl", "retry_backoff", "retry_backoff_max", "health_interval", "health_timeout",
+    "health_failures",
 )
 
 

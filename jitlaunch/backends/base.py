@@ -55,7 +55,22 @@ class Handle(abc.ABC):
         ``grace`` seconds for a polite stop before forcing it. Returns True when the
         instance's state was kept (pause, save) and a later :meth:`Backend.start` with this
         handle resumes it. Called shielded; must finish in bounded time and release
-        everything (processes, files, addresses) when it returns False."""
+        everything (processes, files, addresses) when it returns False. ``destroy`` with a
+        ``grace`` of 0 (a dead or hung instance) kills at once without asking politely."""
+
+    def alive(self) -> bool:
+        """Cheap and synchronous: True while the instance's process exists and is not a
+        zombie. A dead instance must never be handed out (DNS, the proxy), even in the few
+        milliseconds before :meth:`wait_exited` has noticed. The default looks at
+        :attr:`pid` in /proc (True when there is no pid to look at)."""
+        return self.pid is None or _running(self.pid)
+
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
+        """A health probe of a ready instance: None if it is healthy, else a short reason
+        (``"connect to 127.0.0.1:8080 refused"``). Must return within about ``timeout``
+        seconds (the caller bounds it too) and never raise for an unhealthy instance: every
+        failure is a reason. The default knows nothing to probe and says healthy."""
+        return None
 
     def describe(self) -> str:
         """A short description for logs and reprs: ``pid=4242 127.77.1.2``."""
@@ -106,11 +121,8 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    state = process_state(pid)
+    return state is not None and state != "Z"
 
 
 def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str]) -> IO[bytes]:
@@ -122,6 +134,33 @@ def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str])
     f = open(path, "ab", buffering=0)
     f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
     return f
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` in /proc (``R``, ``S``, ``T`` stopped, ``Z``), or None
+    if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+async def connect_check(host: str, port: int, timeout: float) -> str | None:  # noqa: ASYNC109
+    """One TCP connect to ``host:port`` bounded by ``timeout``: None if it was accepted,
+    else why not. For health probes; never raises for a failed connect."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    with trio.move_on_after(timeout):
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except OSError as exc:
+            return f"connect to {where} failed: {exc.strerror or exc}"
+        finally:
+            sock.close()
+        return None
+    return f"connect to {where} timed out after {timeout:g} s"
 
 
 async def probe_tcp(host: str, port: int, interval: float = PROBE_INTERVAL) -> None:

@@ -35,7 +35,16 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from .base import Backend, Handle, free_port, open_instance_log, probe_tcp, wait_gone
+from .base import (
+    Backend,
+    Handle,
+    connect_check,
+    free_port,
+    open_instance_log,
+    probe_tcp,
+    process_state,
+    wait_gone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +132,21 @@ class ProcessHandle(Handle):
 
     async def wait_ready(self) -> None:
         await probe_tcp(self.host, next(iter(self.port_map.values())))
+
+    def alive(self) -> bool:
+        # trio's returncode polls (waitpid WNOHANG): a zombie child counts as gone at once.
+        return self.process.returncode is None
+
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
+        """Healthy if the process is not stopped (SIGSTOP) and its first port accepts."""
+        if self.process.returncode is not None:
+            return "the process has exited"
+        state = process_state(self.process.pid)
+        if state == "T":
+            return "the process is stopped (SIGSTOP)"
+        if state in ("Z", "X", None):
+            return "the process is exiting"
+        return await connect_check(self.host, next(iter(self.port_map.values())), timeout)
 
     async def wait_exited(self) -> str:
         code = await self.process.wait()

@@ -45,7 +45,16 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed, ProtocolError
-from .base import Backend, Handle, free_port, open_instance_log, probe_tcp, wait_gone
+from .base import (
+    Backend,
+    Handle,
+    connect_check,
+    free_port,
+    open_instance_log,
+    probe_tcp,
+    process_state,
+    wait_gone,
+)
 from .qmp import QMP
 
 log = logging.getLogger("jitlaunch.qemu")
@@ -193,6 +202,7 @@ class QemuHandle(Handle):
         self._failure: BootFailed | None = None
         self.restoring: Path | None = None
         self.paused = False
+        self._probing = trio.Lock()
 
     def describe(self) -> str:
         return f"{super().describe()} {self.accel}".strip()
@@ -300,6 +310,36 @@ class QemuHandle(Handle):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()  # QEMU only pauses on it; nothing more will happen
 
+    # ---- health ----------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        # trio's returncode polls (waitpid WNOHANG): a zombie counts as gone at once.
+        return self.proc.returncode is None
+
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
+        """Healthy if QEMU runs (not SIGSTOPped), the service's first port accepts a
+        connection (the host forward, or the guest's own address) and QMP ``query-status``
+        says ``running`` (not paused by a ``stop``, not crashed). Probes are serialized: the
+        QMP connection carries one command at a time."""
+        if self.proc.returncode is not None:
+            return "QEMU has exited"
+        if process_state(self.proc.pid) == "T":
+            return "QEMU is stopped (SIGSTOP)"
+        with trio.move_on_after(timeout):
+            async with self._probing:
+                host, port = self.endpoint(self.service.ports[0])
+                reason = await connect_check(host, port, timeout)
+                if reason is not None:
+                    return reason
+                try:
+                    status = (await (await self.qmp()).execute("query-status")).get("status")
+                except (ProtocolError, OSError, trio.TooSlowError) as exc:
+                    return f"QMP query-status failed: {exc}"
+                if status != "running":
+                    return f"the guest is {status} (QMP query-status)"
+                return None
+        return f"no QMP answer within {timeout:g} s"
+
     # ---- control ---------------------------------------------------------------------------
 
     async def qmp(self) -> QMP:
@@ -331,7 +371,9 @@ class QemuHandle(Handle):
     async def stop(self, mode: str, grace: float) -> bool:
         kept = False
         try:
-            if self.proc.returncode is None:
+            # destroy with no grace (a dead or hung instance) kills at once: a frozen QEMU
+            # would not answer QMP.
+            if self.proc.returncode is None and (mode != "destroy" or grace > 0):
                 with trio.move_on_after(grace + 5):
                     kept = await self._stop(mode, grace)
         except (ProtocolError, OSError) as exc:

@@ -25,15 +25,23 @@ from dataclasses import dataclass
 
 import trio
 
+from ..aio import first_of
 from ..backends.base import Backend, Handle
 from ..config import Config, ServiceConfig
 from ..errors import BootFailed, BootTimeout, InBackoff
+from ..logutil import LimitedLog
 from .state import LIVE, Event, State, next_state
 
 log = logging.getLogger("jitlaunch.supervisor")
 
 #: Extra time, beyond a service's stop grace, that a stop may take before we give up on it.
 STOP_MARGIN = 10.0
+#: The longest health probe :meth:`Supervisor.report_unreachable` waits for.
+UNREACHABLE_PROBE_TIMEOUT = 1.0
+#: Extra time a backend's probe may take beyond its timeout before we stop waiting.
+PROBE_MARGIN = 0.5
+
+_limited = LimitedLog(log)
 
 
 class Instance:
@@ -47,6 +55,12 @@ class Instance:
         self.error: BootFailed | None = None
         self.started_at = math.nan
         self.ready_at = math.nan
+        #: Why a ready instance was declared dead or hung (set once, by :meth:`Supervisor._condemn`).
+        self.cause: str | None = None
+        #: Set when the instance is condemned: its task stops watching and releases it.
+        self.condemned = trio.Event()
+        #: Set once the instance's resources have been released (its task is done with it).
+        self.released = trio.Event()
 
     @property
     def label(self) -> str:
@@ -98,6 +112,8 @@ class ServiceRuntime:
         self.boots = 0
         self.boot_failures = 0
         self.deaths = 0
+        self.hung = 0
+        self.unreachable_reports = 0
         self.idle_stops = 0
 
     def __repr__(self) -> str:
@@ -160,6 +176,8 @@ class Supervisor:
         now = trio.current_time()
         rt.last_activity = now
         inst = rt.instance
+        if inst is not None and inst.state is State.READY and not self._alive(inst):
+            self._condemn(rt, inst, "its process is gone", hung=False)
         if inst is not None and inst.state in (State.STARTING, State.READY):
             return inst
         if inst is not None and inst.state in (State.DRAINING, State.STOPPING):
@@ -183,7 +201,9 @@ class Supervisor:
             while inst.state is State.STARTING:
                 await rt.changed.wait()
             if inst.state is State.READY:
-                return inst
+                if self._alive(inst):
+                    return inst
+                self._condemn(rt, inst, "its process is gone", hung=False)
             if inst.state is State.FAILED:
                 # A fresh exception of the same kind for each waiter (BootTimeout stays one).
                 failure = inst.error or BootFailed("boot failed")
@@ -191,6 +211,32 @@ class Supervisor:
             # Draining or stopping: a new instance starts once this one is released.
             while inst.state in (State.DRAINING, State.STOPPING):
                 await rt.changed.wait()
+
+    async def report_unreachable(self, inst: Instance, reason: str) -> None:
+        """The proxy could not reach READY instance ``inst``: the connect was refused, reset
+        before any byte, or no first byte came in time (``reason`` says which).
+
+        Checks it at once: if its process is gone or a health probe (bounded by
+        ``min(health_timeout, 1 s)``) fails, the instance is released (logged, counted,
+        destroyed) before this returns, so the next :meth:`acquire` starts a new one. If it
+        is healthy it is left as it is (the client's problem was transient). Never raises
+        for the instance's failures; cancellation propagates.
+        """
+        rt = self.services[inst.service.name]
+        rt.unreachable_reports += 1
+        if inst.state is State.READY and inst.handle is not None:
+            if not self._alive(inst):
+                self._condemn(rt, inst, f"its process is gone ({reason})", hung=False)
+            else:
+                timeout = min(rt.config.health_timeout, UNREACHABLE_PROBE_TIMEOUT)
+                found = await self._probe(inst, timeout)
+                if found is not None and inst.state is State.READY:
+                    self._condemn(
+                        rt, inst, f"unreachable ({reason}) and its health probe failed: {found}",
+                        hung=self._alive(inst),
+                    )
+        if inst.condemned.is_set():
+            await inst.released.wait()
 
     def touch(self, name: str) -> None:
         """Note activity (a proxied byte) without starting anything."""
@@ -235,6 +281,77 @@ class Supervisor:
         rt.changed.set()
         rt.changed = trio.Event()
 
+    @staticmethod
+    def _alive(inst: Instance) -> bool:
+        """Whether the instance's process still exists; a backend error counts as alive (the
+        health probe and wait_exited decide then)."""
+        if inst.handle is None:
+            return False
+        try:
+            return inst.handle.alive()
+        except Exception:
+            _limited.error("alive", "%s: alive() failed", inst.label, exc_info=True)
+            return True
+
+    async def _probe(self, inst: Instance, timeout: float) -> str | None:  # noqa: ASYNC109
+        """One health probe, bounded by ``timeout`` (plus a margin for a slow backend), with
+        every error of the backend turned into a reason. Cancelled when the instance stops
+        being ready (its release must not share the backend's control channel with it)."""
+        handle = inst.handle
+        if handle is None:
+            return "no handle"
+
+        async def probe() -> str | None:
+            with trio.move_on_after(timeout + PROBE_MARGIN):
+                try:
+                    return await handle.probe(timeout)
+                except Exception as exc:
+                    return f"probe error: {exc!r}"
+            return f"no answer within {timeout:g} s"
+
+        async def leaving() -> None:
+            await inst.condemned.wait()
+
+        which, found = await first_of(probe, leaving)
+        return found if which == 0 else None
+
+    def _condemn(self, rt: ServiceRuntime, inst: Instance, cause: str, *, hung: bool) -> None:
+        """Declare a ready (or draining) instance dead or hung, synchronously: from now on it
+        is never handed out; its task stops watching and destroys it at once."""
+        if inst.state not in (State.READY, State.DRAINING) or inst.condemned.is_set():
+            return
+        inst.cause = cause
+        inst.fire(Event.DIED)
+        if hung:
+            rt.hung += 1
+            log.warning("%s is hung: %s; destroying it", inst.label, cause)
+        else:
+            rt.deaths += 1
+            log.warning("%s went away by itself: %s", inst.label, cause)
+        inst.condemned.set()
+        self._notify(rt)
+
+    async def _health(self, rt: ServiceRuntime, inst: Instance) -> None:
+        """Probe the ready instance every ``health_interval``; after ``health_failures``
+        failures in a row, condemn it as hung and return."""
+        svc = rt.config
+        failures = 0
+        while True:
+            await trio.sleep(svc.health_interval)
+            found = await self._probe(inst, svc.health_timeout)
+            if found is None:
+                failures = 0
+                continue
+            failures += 1
+            log.info("%s: health probe %d of %d failed: %s", inst.label, failures,
+                     svc.health_failures, found)
+            if failures >= svc.health_failures:
+                self._condemn(
+                    rt, inst, f"{failures} health probes failed in a row (last: {found})",
+                    hung=self._alive(inst),
+                )
+                return
+
     def _start(self, rt: ServiceRuntime) -> Instance:
         assert self._nursery is not None
         saved = rt.instance if rt.instance is not None and rt.instance.state is State.SAVED else None
@@ -277,9 +394,10 @@ class Supervisor:
             self._notify(rt)
             died = await self._watch(rt, inst)
             if died is not None:
-                rt.deaths += 1
-                log.warning("%s went away by itself: %s", inst.label, died)
-                inst.fire(Event.DIED)
+                self._condemn(rt, inst, died, hung=False)
+                died = inst.cause or died
+            elif inst.condemned.is_set():
+                died = inst.cause or "condemned"
             else:
                 rt.idle_stops += 1
                 log.info(
@@ -287,10 +405,21 @@ class Supervisor:
                     rt.config.stop,
                 )
                 inst.fire(Event.STOP)
-            self._notify(rt)
+                self._notify(rt)
+        except Exception:
+            # A bug here must end only this instance, never the daemon: log it and release.
+            _limited.error("instance-task", "%s: unexpected error; releasing it", inst.label,
+                           exc_info=True)
+            died = died or "internal error"
         finally:
             with trio.CancelScope(shield=True):
-                await self._release(rt, inst, died)
+                try:
+                    await self._release(rt, inst, died)
+                except Exception:
+                    _limited.error("release", "%s: unexpected error while releasing it",
+                                   inst.label, exc_info=True)
+                finally:
+                    inst.released.set()
 
     async def _boot(self, rt: ServiceRuntime, inst: Instance, resume: bool) -> None:
         svc = rt.config
@@ -341,24 +470,19 @@ class Supervisor:
         self._notify(rt)
 
     async def _watch(self, rt: ServiceRuntime, inst: Instance) -> str | None:
-        """Wait until the instance dies (return how) or the service is idle (return None)."""
+        """Wait until the instance dies (return how), is condemned (dead or hung: return
+        None with ``inst.condemned`` set) or the service is idle (return None)."""
         assert inst.handle is not None
         handle = inst.handle
-        died: str | None = None
-        async with trio.open_nursery() as watch:
 
-            async def gone() -> None:
-                nonlocal died
-                died = await handle.wait_exited()
-                watch.cancel_scope.cancel()
+        async def health() -> None:
+            await self._health(rt, inst)
+            await trio.sleep_forever()  # condemned: the wait on the event below wins
 
-            async def idle() -> None:
-                await self._until_idle(rt)
-                watch.cancel_scope.cancel()
-
-            watch.start_soon(gone)
-            watch.start_soon(idle)
-        return died
+        which, value = await first_of(
+            handle.wait_exited, lambda: self._until_idle(rt), inst.condemned.wait, health,
+        )
+        return value if which == 0 else None
 
     async def _until_idle(self, rt: ServiceRuntime) -> None:
         while True:
@@ -382,7 +506,8 @@ class Supervisor:
             # nothing is kept, since a paused or saved instance would outlive the daemon.
             plain = died is not None or inst.state is State.FAILED or self._closing
             mode = "destroy" if plain else svc.stop
-            grace = getattr(svc.settings, "grace", 5.0)
+            # A dead or hung instance is killed at once: it would not stop politely.
+            grace = 0.0 if died is not None else getattr(svc.settings, "grace", 5.0)
             with trio.move_on_after(grace + STOP_MARGIN) as scope:
                 try:
                     kept = await inst.handle.stop(mode, grace)
