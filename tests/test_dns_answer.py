@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from dnslib import EDNS0, QTYPE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jitlaunch.config import parse_config
+from jitlaunch.dns import answer
 from jitlaunch.dns.answer import Catalog, Response, respond
 from jitlaunch.lifecycle.supervisor import ServiceAnswer
 
@@ -185,8 +187,11 @@ def test_formerr_for_garbage_with_a_header() -> None:
 
 
 def test_notimp_for_other_opcodes() -> None:
-    q = header(0x0101, 2 << 11) + question("hello.jit.test", 1)  # STATUS
-    assert run(q).reply == header(0x0101, QR | (2 << 11) | 4) + question("hello.jit.test", 1)
+    q = header(0x0101, 2 << 11 | RD) + question("hello.jit.test", 1)  # STATUS
+    # Header only, as NSD answers: the rest of the message may mean something else.
+    assert run(q).reply == header(0x0101, QR | (2 << 11) | RD | 4, qd=0)
+    q = header(0x0102, 5 << 11, ar=1) + question("jit.test", 6) + opt(4096, do=True)  # UPDATE
+    assert run(q).reply == header(0x0102, QR | (5 << 11) | 4, qd=0, ar=1) + opt(1232, do=True)
 
 
 def test_nothing_for_short_packets_and_responses() -> None:
@@ -255,15 +260,62 @@ VALID = [
 
 
 def check(wire: bytes) -> None:
+    """The fuzz invariant: no internal error, and a reply (if any) that parses, is a response
+    and echoes the ID; over UDP it fits the largest payload we ever allow."""
     for udp in (True, False):
         resp = run(wire, udp)
         assert isinstance(resp, Response)
+        assert not resp.internal_error, wire.hex()
         if resp.reply is not None:
             assert len(resp.reply) >= 12
             assert resp.reply[:2] == wire[:2]  # same ID
             assert resp.reply[2] & 0x80  # QR set
+            DNSRecord.parse(resp.reply)
             if udp:
                 assert len(resp.reply) <= 1232
+        else:
+            assert len(wire) < 12 or wire[2] & 0x80 or resp.pending
+
+
+def test_the_fuzz_invariant_catches_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the answer logic must fail the fuzz tests, not pass as a SERVFAIL."""
+
+    def broken(*args: object) -> Response:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(answer, "_respond", broken)
+    resp = run(VALID[0])
+    assert resp.internal_error
+    assert resp.reply == header(1, QR | RD | 2, qd=0)  # header-only SERVFAIL, built with struct
+    with pytest.raises(AssertionError):
+        check(VALID[0])
+
+
+def test_bad_names_get_formerr_not_an_exception() -> None:
+    """RFC 1035 2.3.4 and 4.1.4; dnslib's pack() raised on these in the SERVFAIL fallback."""
+    bad = [
+        b"\x40" + b"a" * 64 + b"\0",  # a 64-byte label
+        (b"\x3f" + b"a" * 63) * 4 + b"\0",  # 256 octets
+        b"\xc0\x0c",  # a pointer to itself
+        b"\xc0\x02",  # a pointer into the header
+        b"\x01a\xc0\x20",  # a pointer forwards
+        b"\x41a\0",  # label type 0x40
+    ]
+    for qname in bad:
+        # With the question unreadable, an OPT after it cannot be found either.
+        for ar, tail in ((0, b""), (1, opt(4096))):
+            q = header(0x77, RD, ar=ar) + qname + struct.pack("!HH", 1, 1) + tail
+            for udp in (True, False):
+                resp = run(q, udp)
+                assert resp.reply == header(0x77, QR | RD | 1, qd=0), qname
+                assert not resp.internal_error
+
+
+def test_formerr_carries_an_opt_when_the_query_had_one() -> None:
+    """RFC 6891 6.1.1 and 7: records in the answer section make the query malformed."""
+    a_rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 30, 4) + bytes(4)
+    q = header(0x78, 0, an=1, ar=1) + question("hello.jit.test", 1) + a_rr + opt(4096, do=True)
+    assert run(q).reply == header(0x78, QR | 1, qd=0, ar=1) + opt(1232, do=True)
 
 
 @settings(max_examples=800, deadline=None)

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,8 +31,11 @@ from dnslib import AAAA, CLASS, EDNS0, NS, QTYPE, RCODE, RR, SOA, A, DNSHeader, 
 
 from ..config import DnsConfig, ServiceConfig, Zone
 from ..lifecycle.supervisor import ServiceAnswer
+from ..logutil import LimitedLog
+from . import wire as w
 
 log = logging.getLogger("jitlaunch.dns")
+_limited = LimitedLog(log)
 
 OPCODE_QUERY = 0
 CLASS_ANY = 255
@@ -51,13 +53,15 @@ class Response:
     asks for (to note activity and start it). ``pending`` means the reply is held: the
     service answers in ``wait`` mode and is booting; call :func:`respond` again once it is
     ready or has failed. ``cacheable`` says the reply depends only on the query bytes (less
-    the ID) and the supervisor's state.
+    the ID) and the supervisor's state. ``internal_error`` means answering failed on a bug:
+    the reply is a header-only SERVFAIL, and tests assert that this never happens.
     """
 
     reply: bytes | None
     service: str | None = None
     pending: bool = False
     cacheable: bool = False
+    internal_error: bool = False
 
 
 class Catalog:
@@ -94,11 +98,13 @@ class Catalog:
         return None
 
 
-def _formerr(wire: bytes) -> bytes:
-    ident, flags = struct.unpack_from("!HH", wire)
-    # QR=1, keep opcode and RD, RCODE=FORMERR, all counts zero.
-    out_flags = 0x8000 | (flags & 0x7800) | (flags & 0x0100) | RCODE.FORMERR
-    return struct.pack("!HHHHHH", ident, out_flags, 0, 0, 0, 0)
+def _error_reply(q: w.Query, edns_payload: int) -> bytes:
+    """FORMERR or NOTIMP: header only (as NSD), opcode and RD kept, and an OPT when the query
+    had one (RFC 6891 7)."""
+    flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | q.error
+    if q.edns is None:
+        return w.header(q.ident, flags)
+    return w.header(q.ident, flags, ar=1) + w.opt_record(edns_payload, 0, q.edns.flags & w.EDNS_DO)
 
 
 def _soa_rr(zone: Zone, ttl: int) -> RR:
@@ -117,16 +123,21 @@ def respond(
     if len(wire) < 12 or wire[2] & 0x80:
         return Response(None)
     try:
-        query = DNSRecord.parse(wire)
-    except Exception:  # dnslib raises many kinds of errors on garbage
-        return Response(_formerr(wire))
-    try:
+        parsed = w.parse_query(wire)
+        if parsed.error:
+            return Response(_error_reply(parsed, catalog.edns_payload))
+        try:
+            query = DNSRecord.parse(wire)
+        except Exception:  # dnslib raises many kinds of errors on garbage
+            parsed.error = w.FORMERR
+            return Response(_error_reply(parsed, catalog.edns_payload))
         return _respond(query, catalog, lookup, udp)
-    except Exception:  # a bug must cost one answer, not the server: SERVFAIL it
-        log.exception("internal error answering %s", query.q)
-        reply = DNSRecord(DNSHeader(id=query.header.id, qr=1, rcode=RCODE.SERVFAIL,
-                                    rd=query.header.rd), q=query.q)
-        return Response(reply.pack())
+    except Exception:
+        # A bug must cost one answer, not the server. The fallback cannot fail, and the
+        # flag lets tests (and the counters) see that this path was taken.
+        _limited.error("internal", "internal error answering a query of %d bytes", len(wire),
+                       exc_info=True)
+        return Response(w.servfail_for(wire), internal_error=True)
 
 
 def _respond(

@@ -1,0 +1,326 @@
+"""DNS at the wire level: parse a query, build replies from bytes. No I/O, no dnslib.
+
+:func:`parse_query` reads a query message the way an authoritative server needs it and
+never raises for any input of at least 12 bytes: what is wrong with the message is reported
+in :attr:`Query.error` (FORMERR or NOTIMP), together with whatever could still be read (the
+OPT record, so that an error reply can carry one). The rules:
+
+* opcode other than QUERY: NOTIMP (checked first, as NSD does: a new opcode may give the
+  rest of the message another meaning);
+* names (RFC 1035 3.1, 4.1.4; 2.3.4): labels of at most 63 octets, names of at most 255
+  octets, compression pointers only backwards, to an earlier name, never into the header
+  and never in a loop; label types 0x40 and 0x80 are not used: otherwise FORMERR;
+* exactly one question (or none, with an OPT: an EDNS probe), no records in the answer and
+  authority sections, in the additional section one OPT (at most) and nothing else, the OPT
+  owned by the root and made of whole options, sections that end within the message, an
+  RCODE of 0 in the query: otherwise FORMERR;
+* bytes after the last record are ignored (as NSD does).
+
+A name is kept in its uncompressed wire form, as asked (``b"\\x03www\\x07example\\x00"``):
+labels may hold any byte, dots included, and are compared case-insensitively for ASCII only
+(RFC 4343) by lower-casing the wire form, which never changes a length byte (all < 0x40).
+
+The builders are small functions over bytes, used by the reply templates in answer.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import NamedTuple
+
+from ..errors import ProtocolError
+
+HEADER = struct.Struct("!HHHHHH")
+_RR_FIXED = struct.Struct("!HHIH")
+_U16 = struct.Struct("!H")
+_TYPE_CLASS = struct.Struct("!HH")
+
+# Header flag bits (RFC 1035 4.1.1, RFC 4035 3.2).
+QR = 0x8000
+OPCODE_MASK = 0x7800
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+AD = 0x0020
+CD = 0x0010
+RCODE_MASK = 0x000F
+
+OPCODE_QUERY = 0
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+
+TYPE_A, TYPE_NS, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 28, 41
+TYPE_IXFR, TYPE_AXFR, TYPE_ANY = 251, 252, 255
+CLASS_IN, CLASS_ANY = 1, 255
+
+MAX_NAME = 255
+MAX_LABEL = 63
+#: The OPT's DO bit, in the TTL field (RFC 3225).
+EDNS_DO = 0x8000
+
+
+class FormError(ProtocolError):
+    """A DNS message does not follow RFC 1035's format (answered with FORMERR)."""
+
+
+class Edns(NamedTuple):
+    """The fixed fields of a query's OPT record (RFC 6891 6.1.3)."""
+
+    payload: int
+    ext_rcode: int
+    version: int
+    flags: int  # DO and Z
+    has_options: bool
+
+    @property
+    def do(self) -> bool:
+        return bool(self.flags & EDNS_DO)
+
+
+class Query:
+    """A parsed query: what the answer logic needs, and nothing else.
+
+    ``error`` is 0, FORMERR or NOTIMP; with an error, only ``ident``, ``flags`` and
+    ``edns`` (when the OPT could still be read) are meaningful. ``question`` is the question
+    section exactly as sent, ``qname`` the question's name in wire form as asked.
+    ``canonical`` is True when the message is one well-formed query with no bytes after it and
+    no EDNS options: then the message less its ID says all that the reply depends on.
+    """
+
+    __slots__ = ("canonical", "edns", "error", "flags", "ident", "qclass", "qname", "qtype",
+                 "question")
+
+    def __init__(self, ident: int, flags: int) -> None:
+        self.ident = ident
+        self.flags = flags
+        self.error = 0
+        self.question = b""
+        self.qname = b""
+        self.qtype = 0
+        self.qclass = 0
+        self.edns: Edns | None = None
+        self.canonical = False
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags & OPCODE_MASK) >> 11
+
+    def __repr__(self) -> str:
+        return (f"<Query id={self.ident} flags={self.flags:#06x} error={self.error} "
+                f"{self.qname!r} {self.qtype}/{self.qclass} edns={self.edns}>")
+
+
+def read_name(wire: bytes, pos: int) -> tuple[bytes, int]:
+    """Read the name at ``pos``; return it uncompressed in wire form and the offset after it.
+
+    Raises FormError for a label longer than 63 octets, a name longer than 255, a reserved
+    label type, a compression pointer that points into the header, forwards or in a loop,
+    or a name that runs past the end of the message.
+    """
+    out = bytearray()
+    end = -1  # where the name ends in the message: after the first pointer, if any
+    limit = len(wire)
+    # Each pointer must point before the start of the bytes read so far (RFC 1035 4.1.4:
+    # "a prior occurrence"); so the targets strictly decrease and a loop cannot happen.
+    floor = pos
+    while True:
+        if pos >= limit:
+            raise FormError("name runs past the end of the message")
+        length = wire[pos]
+        if length == 0:
+            out.append(0)
+            if len(out) > MAX_NAME:
+                raise FormError("name longer than 255 octets")
+            return bytes(out), (pos + 1 if end < 0 else end)
+        kind = length & 0xC0
+        if kind == 0xC0:
+            if pos + 1 >= limit:
+                raise FormError("compression pointer runs past the end of the message")
+            target = ((length & 0x3F) << 8) | wire[pos + 1]
+            if target < 12:
+                raise FormError("compression pointer into the header")
+            if target >= floor:
+                raise FormError("compression pointer forwards or in a loop")
+            if end < 0:
+                end = pos + 2
+            pos = floor = target
+            continue
+        if kind:
+            raise FormError(f"label type {kind:#04x} is not used (RFC 6891 5)")
+        if pos + 1 + length > limit:
+            raise FormError("label runs past the end of the message")
+        out += wire[pos : pos + 1 + length]
+        if len(out) >= MAX_NAME:  # with the final zero octet, over 255
+            raise FormError("name longer than 255 octets")
+        pos += 1 + length
+
+
+def _skip_record(wire: bytes, pos: int) -> tuple[bytes, int, int, int, int, int]:
+    """Read one resource record: (owner, type, class, ttl, rdata offset, offset after it)."""
+    owner, pos = read_name(wire, pos)
+    if pos + 10 > len(wire):
+        raise FormError("record runs past the end of the message")
+    rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
+    pos += 10
+    if pos + rdlength > len(wire):
+        raise FormError("record data runs past the end of the message")
+    return owner, rtype, rclass, ttl, pos, pos + rdlength
+
+
+def parse_query(wire: bytes) -> Query:
+    """Parse a query message of at least 12 bytes (see the module docstring). Never raises."""
+    ident, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(wire)
+    q = Query(ident, flags)
+    if flags & OPCODE_MASK:
+        q.error = NOTIMP
+        # Look for an OPT anyway, so that the NOTIMP can carry one (RFC 6891 7).
+        try:
+            _read_sections(wire, q, qdcount, ancount, nscount, arcount)
+        except FormError:
+            pass
+        q.canonical = False
+        return q
+    try:
+        end = _read_sections(wire, q, qdcount, ancount, nscount, arcount)
+    except FormError:
+        q.error = FORMERR
+        return q
+    if ancount or nscount or flags & RCODE_MASK or qdcount > 1 or (qdcount == 0 and q.edns is None):
+        q.error = FORMERR
+        return q
+    # No question but an OPT: an EDNS probe (or a DNS cookie request, RFC 7873 5.4), which
+    # NSD answers with NOERROR and an OPT; the answer logic does the same.
+    q.canonical = end == len(wire) and (q.edns is None or not q.edns.has_options)
+    return q
+
+
+def _read_sections(
+    wire: bytes, q: Query, qdcount: int, ancount: int, nscount: int, arcount: int
+) -> int:
+    pos = 12
+    for i in range(qdcount):
+        start = pos
+        name, pos = read_name(wire, pos)
+        if pos + 4 > len(wire):
+            raise FormError("question runs past the end of the message")
+        if i == 0:
+            q.qname = name
+            q.qtype, q.qclass = _TYPE_CLASS.unpack_from(wire, pos)
+            q.question = wire[start : pos + 4]
+        pos += 4
+    for _ in range(ancount + nscount):
+        # Records here make the query malformed (as NSD has it); they are still read so that
+        # an OPT in the additional section can be found for the FORMERR reply.
+        _, rtype, _, _, _, pos = _skip_record(wire, pos)
+    edns: Edns | None = None
+    bad = False
+    for _ in range(arcount):
+        owner, rtype, rclass, ttl, rdata, pos = _skip_record(wire, pos)
+        if rtype == TYPE_OPT and owner == b"\0" and edns is None and _options_fit(wire, rdata, pos):
+            edns = Edns(rclass, ttl >> 24, (ttl >> 16) & 0xFF, ttl & 0xFFFF, pos > rdata)
+        else:
+            # A second OPT, an OPT not owned by the root (RFC 6891 6.1.1), or any other
+            # record (we have no TSIG keys): the query is malformed.
+            bad = True
+    q.edns = edns
+    if bad:
+        raise FormError("unexpected record in the additional section")
+    return pos
+
+
+def _options_fit(wire: bytes, pos: int, end: int) -> bool:
+    """Whether the OPT's data is a sequence of whole options (RFC 6891 6.1.2)."""
+    while pos < end:
+        if pos + 4 > end:
+            return False
+        pos += 4 + _U16.unpack_from(wire, pos + 2)[0]
+    return pos == end
+
+
+# ---- building -------------------------------------------------------------------------
+
+
+def header(ident: int, flags: int, qd: int = 0, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return HEADER.pack(ident, flags, qd, an, ns, ar)
+
+
+def opt_record(payload: int, ext_rcode: int = 0, flags: int = 0) -> bytes:
+    """An OPT record (RFC 6891 6.1.2): root owner, version 0, no options."""
+    return b"\0" + _RR_FIXED.pack(TYPE_OPT, payload, (ext_rcode << 24) | flags, 0)
+
+
+def servfail_for(wire: bytes) -> bytes:
+    """A header-only SERVFAIL for a message of at least 12 bytes. Cannot fail."""
+    ident, flags = struct.unpack_from("!HH", wire)
+    return HEADER.pack(ident, QR | (flags & (OPCODE_MASK | RD)) | SERVFAIL, 0, 0, 0, 0)
+
+
+def name_to_wire(name: str) -> bytes:
+    """A configured name (dotted text, no escapes, no final dot) in wire form."""
+    out = bytearray()
+    for label in name.split("."):
+        if label:
+            raw = label.encode()
+            out.append(len(raw))
+            out += raw
+    out.append(0)
+    return bytes(out)
+
+
+def suffixes(name: bytes) -> list[tuple[int, bytes]]:
+    """Every suffix of a wire-form name at a label boundary, with its offset, longest first."""
+    out = []
+    pos = 0
+    while name[pos]:
+        out.append((pos, name[pos:]))
+        pos += 1 + name[pos]
+    out.append((pos, name[pos:]))
+    return out
+
+
+class Compressor:
+    """Writes names with compression pointers to names written before (RFC 1035 4.1.4).
+
+    Suffixes are matched case-insensitively, so a pointer may point to the question's own
+    spelling of a name (as NSD does too)."""
+
+    def __init__(self) -> None:
+        self.known: dict[bytes, int] = {}
+
+    def note(self, name: bytes, offset: int) -> None:
+        """Remember every suffix of ``name``, written uncompressed at ``offset``."""
+        for pos, suffix in suffixes(name):
+            if suffix != b"\0" and offset + pos < 0x4000:
+                self.known.setdefault(suffix.lower(), offset + pos)
+
+    def write(self, name: bytes, offset: int) -> bytes:
+        """``name`` as written at ``offset``: its labels up to the longest known suffix."""
+        for pos, suffix in suffixes(name):
+            if suffix == b"\0":
+                break
+            target = self.known.get(suffix.lower())
+            if target is not None:
+                for i, _ in suffixes(name[:pos] + b"\0")[:-1]:
+                    if offset + i < 0x4000:
+                        self.known.setdefault(name[i:].lower(), offset + i)
+                return name[:pos] + _U16.pack(0xC000 | target)
+        self.note(name, offset)
+        return name
+
+
+def rr(owner: bytes, rtype: int, ttl: int, rdata: bytes, rclass: int = CLASS_IN) -> bytes:
+    return owner + _RR_FIXED.pack(rtype, rclass, ttl, len(rdata)) + rdata
+
+
+def address_rdata(address: str) -> tuple[int, bytes]:
+    """The type (A or AAAA) and rdata of an IP address in text form."""
+    if ":" in address:
+        return TYPE_AAAA, socket.inet_pton(socket.AF_INET6, address)
+    return TYPE_A, socket.inet_pton(socket.AF_INET, address)
+
+
+def pointer(offset: int) -> bytes:
+    return _U16.pack(0xC000 | offset)
