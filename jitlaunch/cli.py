@@ -121,22 +121,39 @@ def _ours(exc: BaseException) -> JitlaunchError | None:
     return exc if isinstance(exc, JitlaunchError) else None
 
 
+#: Every signal the daemon handles; none of them may end it with its instances orphaned.
+#: SIGINT, SIGTERM: orderly stop (a second one: at once). SIGQUIT: stop at once. SIGHUP:
+#: logged and ignored until reload exists. SIGUSR1: one status line per service. SIGUSR2:
+#: logged and ignored.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+           signal.SIGUSR2)
+
+
 async def _serve(config: Config) -> None:
     from .daemon import Daemon
 
     daemon = Daemon(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
-                    if daemon.stopping:
-                        log.warning("%s again: stopping at once", name)
+                    if signum == signal.SIGHUP:
+                        log.warning("SIGHUP: reloading is not supported yet; ignored")
+                    elif signum == signal.SIGUSR1:
+                        for line in daemon.supervisor.status_lines():
+                            log.info("status: %s", line)
+                    elif signum == signal.SIGUSR2:
+                        log.info("SIGUSR2: ignored")
+                    elif daemon.stopping or signum == signal.SIGQUIT:
+                        log.warning("%s%s: stopping every instance at once, then exiting", name,
+                                    " again" if daemon.stopping else "")
                         nursery.cancel_scope.cancel()
                         return
-                    log.info("%s: stopping every instance, then exiting", name)
-                    daemon.stop()
+                    else:
+                        log.info("%s: stopping every instance, then exiting", name)
+                        daemon.stop()
 
             nursery.start_soon(on_signals)
             await daemon.serve()

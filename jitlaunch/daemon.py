@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from .backends import Backend, create_backends
 from .config import Config, Endpoint
 from .dns.server import serve_dns
-from .errors import ListenError
+from .errors import ListenError, StateDirInUse
 from .lifecycle.supervisor import Supervisor
 from .proxy import Proxy
 
 log = logging.getLogger("jitlaunch")
+
+#: The file in the state directory that a running daemon holds an exclusive flock on.
+LOCK_FILE = "jitlaunch.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this process: an exclusive, non-blocking flock on
+    ``<state_dir>/jitlaunch.lock``, which then holds our pid. Returns the open descriptor
+    (the lock lives as long as it stays open; the kernel drops it if we die).
+
+    Raises StateDirInUse, naming the directory and the holder's pid, if another daemon holds
+    it: that daemon's instances must not be swept as leftovers. Call it before anything
+    touches the directory's contents.
+    """
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ListenError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ListenError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+        raise StateDirInUse(
+            f"the state directory {state_dir} is in use by another jitlaunch daemon{holder}; "
+            "one daemon per state directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass
@@ -52,6 +92,7 @@ class Daemon:
             raise ListenError(
                 f"cannot create the state directory {self.config.daemon.state_dir}: {exc.strerror}"
             ) from exc
+        lock = lock_state_dir(self.config.daemon.state_dir)
         try:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
@@ -70,7 +111,10 @@ class Daemon:
                     await self.supervisor.drain()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                for backend in self.backends.values():
-                    await backend.aclose()
+            try:
+                with trio.CancelScope(shield=True):
+                    for backend in self.backends.values():
+                        await backend.aclose()
+            finally:
+                os.close(lock)  # last: every instance is gone, the next daemon may sweep
             log.info("stopped")

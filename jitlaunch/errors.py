@@ -49,6 +49,10 @@ class InBackoff(BootFailed):
     """The service failed recently and is waiting before its next boot attempt."""
 
 
+class StateDirInUse(JitlaunchError):
+    """Another daemon holds the lock on the state directory (one daemon per directory)."""
+
+
 class IllegalTransition(JitlaunchError):
     """An instance was asked to make a state transition that its state machine forbids."""
 

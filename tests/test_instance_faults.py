@@ -294,3 +294,105 @@ async def test_health_probes_replace_a_hung_qemu(qstate: Path, block: str, how: 
         finally:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---- one daemon per state directory, signals: real daemons ------------------------------------
+
+
+async def spawn(conf: Path, log: Path) -> trio.Process:
+    with open(log, "ab") as logfile:
+        return await trio.lowlevel.open_process(
+            [PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=logfile
+        )
+
+
+async def resolves(server: tuple[str, int], name: str) -> None:
+    """Poll (with a deadline) until ``name`` gets an answer with an address."""
+    from .conftest import query_udp
+
+    with trio.fail_after(20):
+        while True:
+            with trio.move_on_after(0.5):
+                try:
+                    if (await query_udp(server, name)).rr:
+                        return
+                except OSError:
+                    pass
+            await trio.sleep(0.05)
+
+
+def daemon_config(tmp_path: Path, block: str, name: str = "jl.toml") -> Path:
+    conf = tmp_path / name
+    text = config_text(tmp_path / "state", service("hello", f"{block}.1", extra='answer = "wait"'))
+    conf.write_text(text.replace("127.0.0.1:0", f"{block}.53:5353"))
+    return conf
+
+
+async def test_a_second_daemon_on_the_same_state_dir_exits_and_kills_nothing(
+    tmp_path: Path, block: str
+) -> None:
+    from .conftest import children_of
+
+    first = await spawn(daemon_config(tmp_path, block), tmp_path / "first.log")
+    try:
+        await resolves((f"{block}.53", 5353), "hello.jit.test")
+        kids = children_of(first.pid)
+        assert len(kids) == 1
+        # Same state directory, another DNS address: it must not even get to the sweep.
+        other = tmp_path / "second.toml"
+        other.write_text((tmp_path / "jl.toml").read_text().replace(f"{block}.53:5353",
+                                                                    f"{block}.54:5353"))
+        second = await spawn(other, tmp_path / "second.log")
+        with trio.fail_after(20):
+            code = await second.wait()
+        err = (tmp_path / "second.log").read_text()
+        assert code == 1, err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last == (
+            f"jitlaunch: error: the state directory {tmp_path / 'state'} is in use by another "
+            f"jitlaunch daemon (pid {first.pid}); one daemon per state directory"
+        )
+        assert all(alive(k) for k in kids) and first.returncode is None
+        assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await first.wait() == 0
+    # Once the first has gone, the directory is free again.
+    third = await spawn(tmp_path / "jl.toml", tmp_path / "third.log")
+    try:
+        await resolves((f"{block}.53", 5353), "hello.jit.test")
+    finally:
+        third.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await third.wait() == 0
+
+
+async def test_signals_never_orphan_instances(tmp_path: Path, block: str) -> None:
+    from .conftest import children_of
+
+    log = tmp_path / "daemon.log"
+    proc = await spawn(daemon_config(tmp_path, block), log)
+    try:
+        await resolves((f"{block}.53", 5353), "hello.jit.test")
+        kids = children_of(proc.pid)
+        assert len(kids) == 1
+        # SIGHUP, SIGUSR1, SIGUSR2: logged, the daemon and its instance carry on.
+        for sig, line in ((signal.SIGHUP, "SIGHUP: reloading is not supported yet; ignored"),
+                          (signal.SIGUSR1, "status: hello: <Instance hello#1 ready process"),
+                          (signal.SIGUSR2, "SIGUSR2: ignored")):
+            proc.send_signal(sig)
+            await wait_until(lambda line=line: line in log.read_text())
+            assert proc.returncode is None and all(alive(k) for k in kids)
+        assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
+        # SIGQUIT: stop at once, no drain, but nothing left behind.
+        proc.send_signal(signal.SIGQUIT)
+        with trio.fail_after(20):
+            code = await proc.wait()
+        assert code == 0, log.read_text()
+        assert "SIGQUIT: stopping every instance at once" in log.read_text()
+        assert not any(alive(k) for k in kids)
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -164,6 +164,23 @@ class Supervisor:
         for rt in self.services.values():
             await rt.no_connections.wait()
 
+    def status_lines(self) -> list[str]:
+        """One line per service: its instance and state, connections and counters (logged
+        on SIGUSR1)."""
+        lines = []
+        for rt in self.services.values():
+            inst = rt.instance
+            what = repr(inst) if inst is not None else "no instance"
+            backoff = ""
+            if trio.current_time() < rt.retry_at:
+                backoff = f", backing off for {rt.retry_at - trio.current_time():.1f} s"
+            lines.append(
+                f"{rt.config.name}: {what}, {rt.connections} connection(s), {rt.boots} boot(s), "
+                f"{rt.boot_failures} failed, {rt.deaths} died, {rt.hung} hung, "
+                f"{rt.idle_stops} idle stop(s){backoff}"
+            )
+        return lines
+
     # ---- requests from DNS and the proxy ----------------------------------------------
 
     def request(self, name: str) -> Instance | None:
