@@ -69,6 +69,10 @@ class DnsConfig:
     edns_payload: int
     tcp_idle_timeout: float
     max_tcp_connections: int
+    tcp_message_timeout: float = 3.0
+    max_tcp_connections_per_source: int = 32
+    max_held: int = 1024
+    max_held_per_connection: int = 16
 
 
 @dataclass(frozen=True)
@@ -339,6 +343,10 @@ def _parse_dns(root: Table) -> DnsConfig:
         edns_payload=t.integer("edns_payload", 1232, low=512, high=65535),
         tcp_idle_timeout=t.duration("tcp_idle_timeout", 10),
         max_tcp_connections=t.integer("max_tcp_connections", 256, low=1),
+        tcp_message_timeout=t.duration("tcp_message_timeout", 3),
+        max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 32, low=1),
+        max_held=t.integer("max_held", 1024, low=1),
+        max_held_per_connection=t.integer("max_held_per_connection", 16, low=1),
     )
     t.done()
     return cfg

@@ -14,7 +14,7 @@ import trio
 
 from .backends import Backend, create_backends
 from .config import Config, Endpoint
-from .dns.server import serve_dns
+from .dns.server import DnsServer
 from .errors import ListenError, StateDirInUse
 from .lifecycle.supervisor import Supervisor
 from .proxy import Proxy
@@ -67,6 +67,7 @@ class Daemon:
     backends: dict[str, Backend] = field(default_factory=dict)
     supervisor: Supervisor = field(init=False)
     proxy: Proxy = field(init=False)
+    dns: DnsServer = field(init=False)
     dns_endpoints: list[Endpoint] = field(default_factory=list)
     proxy_endpoints: list[Endpoint] = field(default_factory=list)
     _stop: trio.Event = field(default_factory=trio.Event)
@@ -76,6 +77,7 @@ class Daemon:
             self.backends = create_backends(self.config)
         self.supervisor = Supervisor(self.config, self.backends)
         self.proxy = Proxy(self.config, self.supervisor)
+        self.dns = DnsServer(self.config, self.supervisor)
 
     @property
     def stopping(self) -> bool:
@@ -98,7 +100,7 @@ class Daemon:
                 for backend in self.backends.values():
                     await nursery.start(backend.run)
                 await nursery.start(self.supervisor.run)
-                self.dns_endpoints = await nursery.start(serve_dns, self.config, self.supervisor)
+                self.dns_endpoints = await nursery.start(self.dns.serve)
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),

@@ -1,13 +1,26 @@
-"""The DNS servers: thin trio UDP and TCP loops around :func:`jitlaunch.dns.answer.respond`.
+"""The DNS servers: thin trio UDP and TCP loops around the :class:`Authority`.
 
 UDP answers each datagram in the receive loop; a query held for a ``wait`` service is moved to
 its own task so the loop never blocks. TCP follows RFC 7766: two-byte length framing, several
 queries per connection, held answers sent as they complete (out of order, which section 6.2.1
-allows), idle connections closed after ``tcp_idle_timeout``, and at most
-``max_tcp_connections`` open at once.
+allows).
 
-The answers themselves (the cache, held ``wait`` answers) come from
-:class:`~jitlaunch.dns.authority.Authority`.
+Everything here faces the internet, so every bound is explicit (all in ``[dns]``):
+
+* TCP: at most ``max_tcp_connections`` open, ``max_tcp_connections_per_source`` from one
+  address (RFC 7766 section 10); more are closed at once. A connection is closed after
+  ``tcp_idle_timeout`` without a query, when a query has not arrived whole within
+  ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
+  for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
+* Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together (past it a
+  UDP query is dropped, a TCP connection stops reading until one completes) and
+  ``max_held_per_connection`` on one TCP connection (past it the connection stops reading).
+
+No exception from one datagram or one connection reaches the serving nursery: each task
+catches at its top, counts the event in :attr:`DnsServer.counts`, logs it through a
+:class:`LimitedLog` (a flood costs one line per kind per interval) and drops that datagram or
+connection alone. A client going away (reset, close without reading) is counted, not logged
+as an error; anything else is an internal error, logged with its traceback (rate-limited).
 """
 
 from __future__ import annotations
@@ -15,20 +28,34 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections import Counter
+from collections.abc import Iterator
 
 import trio
 
 from ..config import Config, Endpoint
 from ..errors import ListenError, listen_error
 from ..lifecycle.supervisor import Supervisor
+from ..logutil import LimitedLog
 from .authority import Authority
 
 log = logging.getLogger("jitlaunch.dns")
 
 #: Datagrams answered per wake-up before other tasks get a turn.
 UDP_BATCH = 64
-#: Queries held at once for booting ``wait`` services; past it new ones are dropped.
-MAX_HELD = 1024
+#: Bytes asked of a TCP stream per receive; with one partial message, the most a connection
+#: buffers is a little over twice this.
+TCP_RECEIVE = 65536
+#: What a client going away looks like from our side of a stream.
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+class _SlowQuery(Exception):
+    """A TCP query did not arrive whole within ``tcp_message_timeout`` of its first byte."""
+
+
+class _SlowReader(Exception):
+    """A TCP client did not take a reply within ``tcp_message_timeout``."""
 
 
 def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
@@ -73,138 +100,276 @@ def _bind(sock: socket.socket, host: str, port: int, proto: str) -> None:
         raise listen_error(f"DNS over {proto}", host, port, exc) from exc
 
 
-async def serve_dns(
-    config: Config,
-    supervisor: Supervisor,
-    *,
-    task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve DNS on every ``dns.listen`` endpoint, over UDP and TCP, until cancelled.
 
-    Binds first, then reports the bound endpoints (with real ports when 0 was configured)
-    through ``task_status``. Raises ListenError if an endpoint cannot be bound.
+
+class DnsServer:
+    """DNS over UDP and TCP on every ``dns.listen`` endpoint.
+
+    Start it with ``endpoints = await nursery.start(server.serve)``. :attr:`counts` counts
+    what clients made us do besides answering (``tcp_reset``, ``tcp_slow_query``,
+    ``tcp_slow_reader``, ``tcp_refused``, ``tcp_refused_source``, ``held_dropped``,
+    ``udp_receive_error``, ``udp_send_error``) and ``internal_error``, which must stay 0.
     """
-    authority = Authority(config, supervisor)
-    pairs: list[tuple[socket.socket, trio.socket.SocketType]] = []
-    try:
-        for ep in config.dns.listen:
-            pairs.append(_bind_pair(ep))
-        bound = [Endpoint(ep.host, udp.getsockname()[1]) for ep, (udp, _) in zip(
-            config.dns.listen, pairs, strict=True)]
-        async with trio.open_nursery() as nursery:
-            tcp_slots = trio.CapacityLimiter(config.dns.max_tcp_connections)
-            for udp, tcp in pairs:
-                nursery.start_soon(_serve_udp, udp, authority)
-                listener = trio.SocketListener(tcp)
-                nursery.start_soon(_serve_tcp, listener, authority, tcp_slots)
-            log.info("DNS on %s (UDP and TCP)", ", ".join(str(b) for b in bound))
-            task_status.started(bound)
-    finally:
-        for udp, tcp in pairs:
-            udp.close()
-            tcp.close()
 
+    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+        self.config = config
+        self.authority = Authority(config, supervisor)
+        self.counts: Counter[str] = Counter()
+        #: Open DNS-over-TCP connections, in total and by source address.
+        self.tcp_connections = 0
+        self._per_source: dict[str, int] = {}
+        #: Held ``wait`` answers, UDP and TCP together, bounded by ``dns.max_held``.
+        self.held = 0
+        self._held_free = trio.Event()
+        self._log = LimitedLog(log)
+        self.endpoints: list[Endpoint] = []
 
-async def _serve_udp(sock: socket.socket, authority: Authority) -> None:
-    # Datagrams are taken in batches with plain non-blocking calls and one wait per batch:
-    # trio's checkpoint in every socket call would cost more than a cached answer does.
-    async with trio.open_nursery() as nursery:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(UDP_BATCH):
-                try:
-                    wire, addr = sock.recvfrom(65535)
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
-                    log.debug("UDP receive error: %s", exc)
-                    continue
-                resp = authority.answer_now(wire, udp=True)
-                if resp.pending and resp.service is not None:
-                    if authority.held < MAX_HELD:
-                        nursery.start_soon(_udp_held, sock, authority, wire, addr, resp.service)
-                elif resp.reply is not None:
-                    await _udp_send(sock, resp.reply, addr)
+    def __repr__(self) -> str:
+        where = ", ".join(str(e) for e in self.endpoints) or "unbound"
+        return f"<DnsServer {where} tcp={self.tcp_connections} held={self.held}>"
 
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled.
 
-async def _udp_send(sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
-    try:
+        Binds first, then reports the bound endpoints (with real ports when 0 was configured)
+        through ``task_status``. Raises ListenError if an endpoint cannot be bound.
+        """
+        dns = self.config.dns
+        pairs: list[tuple[socket.socket, trio.socket.SocketType]] = []
         try:
-            sock.sendto(reply, addr)
-        except BlockingIOError:  # send buffer full: wait once, then give up on this reply
-            await trio.lowlevel.wait_writable(sock)
-            sock.sendto(reply, addr)
-    except OSError as exc:
-        log.debug("UDP send to %s failed: %s", addr, exc)
+            for ep in dns.listen:
+                pairs.append(_bind_pair(ep))
+            self.endpoints = [
+                Endpoint(ep.host, udp.getsockname()[1])
+                for ep, (udp, _) in zip(dns.listen, pairs, strict=True)
+            ]
+            async with trio.open_nursery() as nursery:
+                for udp, tcp in pairs:
+                    nursery.start_soon(self._serve_udp, udp)
+                    nursery.start_soon(self._serve_tcp, trio.SocketListener(tcp))
+                log.info("DNS on %s (UDP and TCP)", ", ".join(str(b) for b in self.endpoints))
+                task_status.started(self.endpoints)
+        finally:
+            for udp, tcp in pairs:
+                udp.close()
+                tcp.close()
 
+    # ---- faults -------------------------------------------------------------------------
 
-async def _udp_held(
-    sock: socket.socket, authority: Authority, wire: bytes, addr: tuple[object, ...], service: str
-) -> None:
-    reply = await authority.answer_held(wire, True, service)
-    if reply is not None:
-        await _udp_send(sock, reply, addr)
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        self.counts["internal_error"] += 1
+        self._log.log(
+            logging.ERROR, "internal_error", "DNS: internal error in %s: %r", where, exc,
+            exc_info=True,
+        )
 
+    def _connection_failed(self, exc: Exception) -> None:
+        """Count and log why a TCP connection ended with ``exc``: the client's doing, or ours."""
+        leaves = list(_leaves(exc))
+        if all(isinstance(e, _SlowReader) for e in leaves):
+            self._client_fault("tcp_slow_reader", "a DNS-over-TCP client did not read its replies")
+        elif all(isinstance(e, _SlowQuery) for e in leaves):
+            self._client_fault("tcp_slow_query", "a DNS-over-TCP query did not arrive in time")
+        elif all(isinstance(e, (_CLIENT_GONE, _SlowReader, _SlowQuery)) for e in leaves):
+            self._client_fault("tcp_reset", "a DNS-over-TCP client went away: %s", leaves[0])
+        else:
+            self._internal_error("a DNS-over-TCP connection", exc)
 
-async def _serve_tcp(
-    listener: trio.SocketListener, authority: Authority, slots: trio.CapacityLimiter
-) -> None:
-    async with trio.open_nursery() as nursery:
-        while True:
+    def _client_fault(self, key: str, msg: str, *args: object) -> None:
+        self.counts[key] += 1
+        self._log.log(logging.INFO, key, "DNS: " + msg, *args)
+
+    # ---- UDP ----------------------------------------------------------------------------
+
+    async def _serve_udp(self, sock: socket.socket) -> None:
+        # Datagrams are taken in batches with plain non-blocking calls and one wait per batch:
+        # trio's checkpoint in every socket call would cost more than a cached answer does.
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                for _ in range(UDP_BATCH):
+                    try:
+                        wire, addr = sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                        self._client_fault("udp_receive_error", "UDP receive error: %s", exc)
+                        continue
+                    try:
+                        await self._udp_datagram(sock, wire, addr, nursery)
+                    except Exception as exc:
+                        self._internal_error("a UDP query", exc)
+
+    async def _udp_datagram(
+        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery
+    ) -> None:
+        resp = self.authority.answer_now(wire, udp=True)
+        if resp.pending and resp.service is not None:
+            if self.held >= self.config.dns.max_held:
+                self._client_fault("held_dropped", "too many held answers; dropping a UDP query")
+                return
+            self._hold()
+            nursery.start_soon(self._udp_held, sock, wire, addr, resp.service)
+        elif resp.reply is not None:
+            await self._udp_send(sock, resp.reply, addr)
+
+    async def _udp_held(
+        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], service: str
+    ) -> None:
+        try:
             try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off briefly, keep serving
-                log.warning("DNS TCP accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
+                reply = await self.authority.answer_held(wire, True, service)
+            finally:
+                self._unhold()
+            if reply is not None:
+                await self._udp_send(sock, reply, addr)
+        except Exception as exc:
+            self._internal_error("a held UDP answer", exc)
+
+    async def _udp_send(self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
+        try:
             try:
-                slots.acquire_on_behalf_of_nowait(stream)
-            except trio.WouldBlock:
-                log.warning("DNS TCP: too many connections; closing a new one")
-                await trio.aclose_forcefully(stream)
-                continue
-            nursery.start_soon(_tcp_connection, stream, authority, slots)
+                sock.sendto(reply, addr)
+            except BlockingIOError:  # send buffer full: wait once, then give up on this reply
+                await trio.lowlevel.wait_writable(sock)
+                sock.sendto(reply, addr)
+        except OSError as exc:
+            self._client_fault("udp_send_error", "UDP send failed: %s", exc)
 
+    # ---- held answers -------------------------------------------------------------------
 
-async def _tcp_connection(
-    stream: trio.SocketStream, authority: Authority, slots: trio.CapacityLimiter
-) -> None:
-    send_lock = trio.Lock()
-    idle = authority.config.dns.tcp_idle_timeout
+    def _hold(self) -> None:
+        self.held += 1
 
-    async def send(reply: bytes) -> None:
-        async with send_lock:
-            await stream.send_all(struct.pack("!H", len(reply)) + reply)
+    def _unhold(self) -> None:
+        self.held -= 1
+        self._held_free.set()
+        self._held_free = trio.Event()
 
-    async def held(wire: bytes, service: str) -> None:
-        reply = await authority.answer_held(wire, False, service)
-        if reply is not None:
-            await send(reply)
+    async def _wait_held_slot(self) -> None:
+        while self.held >= self.config.dns.max_held:
+            await self._held_free.wait()
+        self._hold()
 
-    try:
+    # ---- TCP ----------------------------------------------------------------------------
+
+    async def _serve_tcp(self, listener: trio.SocketListener) -> None:
+        dns = self.config.dns
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off briefly, keep serving
+                    self._client_fault("tcp_accept_error", "TCP accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                try:
+                    source = str(stream.socket.getpeername()[0])
+                except OSError:  # reset before we looked
+                    self.counts["tcp_reset"] += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
+                if self.tcp_connections >= dns.max_tcp_connections:
+                    self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                if self._per_source.get(source, 0) >= dns.max_tcp_connections_per_source:
+                    self._client_fault(
+                        "tcp_refused_source", "too many TCP connections from one address; "
+                        "closing a new one from %s", source,
+                    )
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.tcp_connections += 1
+                self._per_source[source] = self._per_source.get(source, 0) + 1
+                nursery.start_soon(self._tcp_connection, stream, source)
+
+    async def _tcp_connection(self, stream: trio.SocketStream, source: str) -> None:
+        try:
+            await self._tcp_session(stream)
+        except Exception as exc:
+            self._connection_failed(exc)
+        finally:
+            self.tcp_connections -= 1
+            left = self._per_source[source] - 1
+            if left:
+                self._per_source[source] = left
+            else:
+                del self._per_source[source]
+            await trio.aclose_forcefully(stream)
+
+    async def _tcp_session(self, stream: trio.SocketStream) -> None:
+        dns = self.config.dns
+        send_lock = trio.Lock()
+        held_here = trio.Semaphore(dns.max_held_per_connection)
+
+        async def send(reply: bytes) -> None:
+            async with send_lock:
+                with trio.move_on_after(dns.tcp_message_timeout) as scope:
+                    await stream.send_all(struct.pack("!H", len(reply)) + reply)
+                if scope.cancelled_caught:
+                    raise _SlowReader
+
+        async def held(wire: bytes, service: str) -> None:
+            try:
+                reply = await self.authority.answer_held(wire, False, service)
+            finally:
+                self._unhold()
+                held_here.release()
+            if reply is not None:
+                await send(reply)
+
         async with trio.open_nursery() as nursery:
             buf = bytearray()
+            # When the first byte of the partial message in ``buf`` arrived (or, if replies
+            # were sent since, when we were ready to read again).
+            started = 0.0
             while True:
-                with trio.move_on_after(idle):
-                    data = await stream.receive_some(65536)
-                    if not data:
+                if buf:
+                    deadline = started + dns.tcp_message_timeout
+                else:
+                    deadline = trio.current_time() + dns.tcp_idle_timeout
+                data: bytes | None = None
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(TCP_RECEIVE)
+                if data is None:
+                    if buf:
+                        raise _SlowQuery
+                    self.counts["tcp_idle"] += 1
+                    break
+                if not data:
+                    break
+                if not buf:
+                    started = trio.current_time()
+                buf += data
+                answered = False
+                while len(buf) >= 2:
+                    (length,) = struct.unpack_from("!H", buf)
+                    if len(buf) < 2 + length:
                         break
-                    buf += data
-                    while len(buf) >= 2:
-                        (length,) = struct.unpack_from("!H", buf)
-                        if len(buf) < 2 + length:
-                            break
-                        wire = bytes(buf[2 : 2 + length])
-                        del buf[: 2 + length]
-                        resp = authority.answer_now(wire, udp=False)
-                        if resp.pending and resp.service is not None:
-                            nursery.start_soon(held, wire, resp.service)
-                        elif resp.reply is not None:
-                            await send(resp.reply)
-                    continue
-                break  # idle timeout
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        slots.release_on_behalf_of(stream)
-        await trio.aclose_forcefully(stream)
+                    wire = bytes(buf[2 : 2 + length])
+                    del buf[: 2 + length]
+                    answered = True
+                    resp = self.authority.answer_now(wire, udp=False)
+                    if resp.pending and resp.service is not None:
+                        # Past either bound, stop reading until a held answer completes.
+                        await held_here.acquire()
+                        await self._wait_held_slot()
+                        nursery.start_soon(held, wire, resp.service)
+                    elif resp.reply is not None:
+                        await send(resp.reply)
+                if answered:
+                    # The rest of ``buf`` came in the data just read; time spent answering
+                    # (a slow reader, a full held bound) is not the client's to pay for.
+                    started = trio.current_time()
+            # Idle or at EOF: the nursery still sends the held answers as they complete.
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
