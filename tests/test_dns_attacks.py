@@ -66,18 +66,6 @@ BAD_QUERIES = {
 }
 
 
-#: Bad names that today's answer code (dnslib) takes an internal error on: the server must
-#: survive them (asserted here), and the wire-level name checks in dns/answer.py, which the
-#: helper working on the answer side is adding, turn them into FORMERR. Until then a test of
-#: one of these ends in xfail once the server part has passed; after, it passes in full.
-ANSWER_SIDE = {"label_64", "label_64_edns", "name_265"}
-
-
-def answer_side_pending(d: Daemon, kind: str) -> None:
-    if kind in ANSWER_SIDE and d.dns.counts["internal_error"]:
-        pytest.xfail("the answer side does not yet reject this name at the wire level")
-
-
 async def assert_serving(d: Daemon) -> None:
     """The daemon answers the next query right, over UDP and TCP."""
     ep = d.dns_endpoints[0]
@@ -116,7 +104,6 @@ async def test_bad_query_over_udp(tmp_path: Path, block: str, kind: str) -> None
                     check_bad_reply(data)
             assert DNSRecord.parse(data).rr
         await assert_serving(d)
-        answer_side_pending(d, kind)
         assert_no_internal_error(d)
 
 
@@ -133,9 +120,6 @@ async def test_bad_query_over_tcp(tmp_path: Path, block: str, kind: str) -> None
             with trio.fail_after(10):
                 while not any(r[:2] == good.pack()[:2] for r in replies):
                     data = await stream.receive_some(65536)
-                    if not data:
-                        await assert_serving(d)
-                        answer_side_pending(d, kind)
                     assert data, "the connection was closed before the good query's reply"
                     buf += data
                     while len(buf) >= 2 and len(buf) >= 2 + (n := struct.unpack_from("!H", buf)[0]):

@@ -206,6 +206,8 @@ class DnsServer:
         self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery
     ) -> None:
         resp = self.authority.answer_now(wire, udp=True)
+        if resp.internal_error:  # logged where it happened
+            self.counts["internal_error"] += 1
         if resp.pending and resp.service is not None:
             if self.held >= self.config.dns.max_held:
                 self._client_fault("held_dropped", "too many held answers; dropping a UDP query")
@@ -353,6 +355,8 @@ class DnsServer:
                     del buf[: 2 + length]
                     answered = True
                     resp = self.authority.answer_now(wire, udp=False)
+                    if resp.internal_error:  # logged where it happened
+                        self.counts["internal_error"] += 1
                     if resp.pending and resp.service is not None:
                         # Past either bound, stop reading until a held answer completes.
                         await held_here.acquire()
