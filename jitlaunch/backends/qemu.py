@@ -29,23 +29,29 @@ states from an earlier run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import logging
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import trio
 
+from ..aio import first_of
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed, ProtocolError
+from ..net.bridge import Lease
 from .base import (
+    PROBE_INTERVAL,
     Backend,
     Handle,
     connect_check,
@@ -70,6 +76,25 @@ _READY = re.compile(rb"^READY\s")
 #: ms of host CPU) does not compete with the instance just woken for its first requests.
 POOL_REFILL_DELAY = 0.25
 _KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure")
+#: QEMU could not bind a host forward's port: someone took it after free_port() chose it.
+_HOSTFWD_TAKEN = re.compile(rb"Could not set up host forwarding rule")
+#: A launch whose host port was taken is retried at once with new ports, this many times in all.
+HOSTFWD_ATTEMPTS = 5
+#: After QEMU exits, how long its console may take to reach EOF (its last words can still be
+#: in the pipe, or on their way from a child that shares it, such as a migration's ``cat``).
+CONSOLE_DRAIN = 1.0
+#: Console lines kept for a failure's message (QEMU's own error is usually the last one).
+TAIL_LINES = 8
+#: QEMU's error lines start with its program name (``qemu-system-x86_64: ...``).
+_QEMU_SAYS = re.compile(r"^[\w./-]*qemu[\w.-]*: ")
+#: Connections in these states of slirp's side toward the guest prove that the guest answered
+#: the SYN (``info usernet``; libslirp's ``tcpstates`` names).
+_ANSWERED = frozenset(
+    ("ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSING", "LAST_ACK", "TIME_WAIT")
+)
+_USERNET_TCP = re.compile(
+    r"^\s*TCP\[(?P<state>[A-Z_0-9]+)\]\s+-?\d+\s+\S+\s+\d+\s+\S+\s+(?P<port>\d+)\s", re.M
+)
 
 
 @dataclass(frozen=True)
@@ -166,6 +191,36 @@ def image_id(path: Path) -> str:
     return h.hexdigest()
 
 
+def guest_answered(usernet: str, guest_port: int) -> bool:
+    """Whether QEMU's ``info usernet`` shows a TCP connection to ``guest_port`` that the guest
+    has answered. Through a host forward slirp accepts the host's connection at once and only
+    then sends its SYN to the guest (``SYN_SENT``); a guest that refuses makes slirp close it."""
+    return any(
+        m["state"] in _ANSWERED and int(m["port"]) == guest_port
+        for m in _USERNET_TCP.finditer(usernet)
+    )
+
+
+def last_words(lines: list[bytes], binary: str) -> str:
+    """The cause to quote from the end of an instance's console: QEMU's own error lines
+    (``qemu-system-x86_64: ...``) if there are any, else the last line; printable, bounded."""
+    text = [" ".join(ln.decode(errors="replace").split()) for ln in lines]
+    text = ["".join(c if c.isprintable() else "?" for c in t) for t in text if t]
+    prog = os.path.basename(binary) + ":"
+    own = [t for t in text if _QEMU_SAYS.match(t) or t.startswith(prog)]
+    words = " / ".join(own[-2:] or text[-1:])
+    return words if len(words) <= 300 else words[:297] + "..."
+
+
+def instance_mac(state_dir: Path, service: str, instance: int | str) -> str:
+    """A locally administered unicast MAC for one instance, the same for the same daemon
+    (state directory), service and instance, so it survives pause and save/restore. Without
+    it QEMU gives every guest 52:54:00:12:34:56, and on a bridge the newest guest with that
+    MAC takes every frame meant for the others."""
+    h = hashlib.sha256(f"{state_dir}\0{service}\0{instance}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02 | (h[0] & 0xFC), *h[1:6]))
+
+
 class QemuHandle(Handle):
     def __init__(
         self,
@@ -180,7 +235,8 @@ class QemuHandle(Handle):
         host_ports: dict[int, int],
         guest_ip: str,
         address: str | None,
-        release_net: list[object],
+        release_net: list[Lease],
+        mac: str,
     ) -> None:
         self.backend = backend
         self.service = service
@@ -195,9 +251,14 @@ class QemuHandle(Handle):
         self.guest_ip = guest_ip
         self.address = address
         self.release_net = release_net
+        self.mac = mac
         self.settings: QemuSettings = service.settings
         self._qmp: QMP | None = None
+        self._qmp_lock = trio.Lock()
         self._line = bytearray()
+        self._tail: deque[bytes] = deque(maxlen=TAIL_LINES)
+        self._console_lock = trio.Lock()
+        self._console_eof = trio.Event()
         self._ready = trio.Event()
         self._failure: BootFailed | None = None
         self.restoring: Path | None = None
@@ -216,35 +277,62 @@ class QemuHandle(Handle):
     # ---- readiness -------------------------------------------------------------------------
 
     async def wait_ready(self) -> None:
-        if self.restoring is not None:
-            await self._wait_restored()
-            return
-        if self.settings.ready == "tcp":
-            await self._probe()
-            return
+        """Return once the guest is ready; BootFailed with the cause if it cannot become so
+        (a KVM failure, a failed restore, QMP not answering)."""
+        try:
+            if self.restoring is not None:
+                await self._wait_restored()
+                return
+            if self.settings.ready == "tcp":
+                await self._probe()
+                return
+        except ProtocolError as exc:
+            raise BootFailed(f"readiness check failed: {exc}") from exc
         await self._ready.wait()
         if self._failure is not None:
             raise self._failure
 
     async def _probe(self) -> None:
+        """``ready = "tcp"``: poll until the guest accepts a connection on its first port,
+        every PROBE_INTERVAL, until the caller's boot timeout cancels us."""
         host, port = self.endpoint(self.service.ports[0])
         if not self.host_ports:
-            await probe_tcp(host, port)
-            return
-        # Through user networking QEMU accepts at once and closes if the guest refuses; a
-        # connection that stays open (or answers) means the guest is listening.
+            while True:
+                try:
+                    await probe_tcp(host, port)
+                    return
+                except OSError as exc:
+                    # The guest's address does not answer ARP yet: not ready, not failed.
+                    if exc.errno not in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        raise BootFailed(f"readiness check failed: {exc}") from exc
+                await trio.sleep(PROBE_INTERVAL)
+        qmp = await self.qmp()
         while True:
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                with trio.move_on_after(0.05):
-                    try:
-                        if await stream.receive_some(1) == b"":
-                            await trio.sleep(0.005)
-                            continue
-                    except trio.BrokenResourceError:
-                        await trio.sleep(0.005)
-                        continue
-                return
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                pass  # the forward is not bound yet: not ready, not failed
+            else:
+                async with stream:
+                    if await self._guest_answers(qmp, stream):
+                        return
+            await trio.sleep(PROBE_INTERVAL)
+
+    async def _guest_answers(self, qmp: QMP, stream: trio.SocketStream) -> bool:
+        """Through user networking slirp accepts our connection before the guest has seen it
+        (and keeps it open while the guest does not answer at all), so an open connection
+        proves nothing. The guest answered once slirp's connection toward it is established
+        (``info usernet``) or it sent a byte; slirp closing ours means the guest refused."""
+        guest_port = self.settings.guest_ports[0]
+        while True:
+            usernet = await qmp.execute("human-monitor-command", **{"command-line": "info usernet"})
+            if isinstance(usernet, str) and guest_answered(usernet, guest_port):
+                return True
+            with trio.move_on_after(PROBE_INTERVAL):
+                try:
+                    return bool(await stream.receive_some(1))
+                except trio.BrokenResourceError:
+                    return False
 
     async def _wait_restored(self) -> None:
         qmp = await self.qmp()
@@ -267,36 +355,79 @@ class QemuHandle(Handle):
         self.restoring = None
         self._ready.set()  # it was ready when it was saved
 
+    async def until_up(self) -> str | None:
+        """Wait until QEMU's QMP monitor answers, and return None; or, if QEMU exits first,
+        return how (:meth:`wait_exited`). QEMU sets up its netdevs, host forwards included,
+        before its monitor starts: once QMP answers, every port of ours is bound."""
+        try:
+            index, value = await first_of(self.qmp, self.wait_exited)
+        except ProtocolError as exc:
+            # Most often QEMU closed the socket as it exited: then its exit is the answer.
+            with trio.move_on_after(CONSOLE_DRAIN + 1):
+                exited: str = await self.wait_exited()
+                return exited
+            raise BootFailed(f"QEMU's monitor did not start: {exc}") from exc
+        return value if index == 1 else None
+
+    def host_port_taken(self) -> bool:
+        """Whether QEMU said it could not bind a host forward's port."""
+        return any(_HOSTFWD_TAKEN.search(line) for line in [*self._tail, bytes(self._line)])
+
     async def wait_exited(self) -> str:
+        """Return how QEMU ended once it has exited and its console has been read to the end
+        (bounded by CONSOLE_DRAIN), so that its last words reach the log and the message."""
         async with trio.open_nursery() as n:
             n.start_soon(self._read_console)
-            code = await self.proc.wait()
+            await self.proc.wait()
+            with trio.move_on_after(CONSOLE_DRAIN):
+                await self._console_eof.wait()
             n.cancel_scope.cancel()
+        return self.exit_message()
+
+    def exit_message(self, when: str = "") -> str:
+        """How QEMU ended (``when`` goes after the verb: " while starting"), with the cause
+        from its console's last lines, and where its log is."""
         if self._failure is not None:
             return f"{self._failure}"
+        code = self.proc.returncode
+        where = f"(log: {self.logfile.name})"
+        if code is None:
+            return f"QEMU is still running {where}"
         if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"QEMU killed by {signal.Signals(-code).name}"
-        return f"QEMU exited with status {code}"
+            try:
+                return f"QEMU killed by {signal.Signals(-code).name}{when} {where}"
+            except ValueError:
+                return f"QEMU killed by signal {-code}{when} {where}"
+        words = last_words([*self._tail, bytes(self._line)], self.settings.binary)
+        return f"QEMU exited with status {code}{when}{': ' + words if words else ''} {where}"
 
     async def _read_console(self) -> None:
-        """Copy the console to the log; spot the READY line and KVM failures."""
+        """Copy the console to the log; spot the READY line and KVM failures. One reader at
+        a time (a second waits for the first to be cancelled); returns at EOF."""
         stdout = self.proc.stdout
         assert stdout is not None
-        while True:
-            data = await stdout.receive_some(65536)
-            if not data:
-                return
-            self.logfile.write(data)
-            self._line += data
-            while (nl := self._line.find(b"\n")) >= 0:
-                line = bytes(self._line[:nl])
-                del self._line[: nl + 1]
-                self._console_line(line)
-            if len(self._line) > 4096:
-                del self._line[:-4096]
+        async with self._console_lock:
+            while not self._console_eof.is_set():
+                try:
+                    data = await stdout.receive_some(65536)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    data = b""
+                if not data:
+                    self._console_eof.set()
+                    return
+                with contextlib.suppress(ValueError, OSError):  # a log closed or full
+                    self.logfile.write(data)
+                self._line += data
+                while (nl := self._line.find(b"\n")) >= 0:
+                    line = bytes(self._line[:nl])
+                    del self._line[: nl + 1]
+                    self._console_line(line)
+                if len(self._line) > 4096:
+                    del self._line[:-4096]
 
     def _console_line(self, line: bytes) -> None:
+        if line.strip():
+            self._tail.append(line[:1024])
         if _READY.match(line):
             self._ready.set()
         elif _KVM_FAILURE.search(line) and self._failure is None:
@@ -344,21 +475,30 @@ class QemuHandle(Handle):
 
     async def qmp(self) -> QMP:
         """The QMP connection, opened on first use. QEMU creates the socket file a moment
-        before it listens on it, so a refused connection is retried (bounded)."""
-        if self._qmp is None:
-            with trio.fail_after(5):
-                while True:
-                    if self.proc.returncode is not None:
-                        raise ProtocolError("QEMU exited before its QMP socket was ready")
-                    if self.qmp_path.exists():
-                        try:
-                            self._qmp = await QMP.connect(str(self.qmp_path))
-                            break
-                        except ProtocolError as exc:
-                            if not isinstance(exc.__cause__, ConnectionRefusedError):
-                                raise
-                    await trio.sleep(0.001)
+        before it listens on it, so a refused connection is retried; QMP answers once QEMU
+        has started, which is part of the boot: bounded by the boot timeout. ProtocolError if
+        QEMU exits first or does not answer in time."""
+        async with self._qmp_lock:
+            if self._qmp is None:
+                limit = self.service.boot_timeout
+                with trio.move_on_after(limit) as scope:
+                    self._qmp = await self._connect_qmp()
+                if scope.cancelled_caught:
+                    raise ProtocolError(f"QMP did not answer within {limit:g} s")
+        assert self._qmp is not None
         return self._qmp
+
+    async def _connect_qmp(self) -> QMP:
+        while True:
+            if self.proc.returncode is not None:
+                raise ProtocolError("QEMU exited before its QMP socket was ready")
+            if self.qmp_path.exists():
+                try:
+                    return await QMP.connect(str(self.qmp_path))
+                except ProtocolError as exc:
+                    if not isinstance(exc.__cause__, ConnectionRefusedError):
+                        raise
+            await trio.sleep(0.001)
 
     async def resume(self) -> None:
         """Run a paused instance again (QMP cont); BootFailed if QEMU does not answer."""
@@ -420,8 +560,10 @@ class QemuHandle(Handle):
         await self.destroy()
         return True
 
-    async def destroy(self) -> None:
-        """Kill QEMU if it still runs and release everything this instance holds."""
+    async def destroy(self, *, close_log: bool = True) -> None:
+        """Kill QEMU if it still runs and release everything this instance holds: the
+        process, its console pipe, QMP, the log (unless ``close_log`` is false: a launch
+        retried with another host port keeps writing to it), files and network."""
         with trio.CancelScope(shield=True):
             if self.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -430,11 +572,14 @@ class QemuHandle(Handle):
             if self._qmp is not None:
                 await self._qmp.aclose()
                 self._qmp = None
-            self.logfile.close()
+            if self.proc.stdout is not None:
+                await self.proc.stdout.aclose()
+            if close_log:
+                self.logfile.close()
             for path in (self.qmp_path, self.pidfile):
                 with contextlib.suppress(OSError):
                     path.unlink()
-            self.backend.release(self)
+            await self.backend.release(self)
 
 
 class QemuBackend(Backend):
@@ -454,6 +599,8 @@ class QemuBackend(Backend):
         self._refill = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._net: dict[str, object] = {}
+        #: Host ports of our user-networking instances, so that two launches never pick one.
+        self._host_ports: set[int] = set()
 
     # ---- lifecycle of the backend itself ------------------------------------------------
 
@@ -617,12 +764,18 @@ class QemuBackend(Backend):
                 for p in (state, meta):
                     with contextlib.suppress(OSError):
                         p.unlink()
-        return await self._launch(service, number=number, incoming=incoming)
+        mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
+        return await self._launch(service, number=number, incoming=incoming, mac=mac)
 
     async def _launch(
         self, service: ServiceConfig, *, number: int = 0, pool: bool = False,
-        incoming: Path | None = None,
+        incoming: Path | None = None, mac: str | None = None,
     ) -> QemuHandle:
+        """Run QEMU for instance ``number`` (or a pool member). With user networking, return
+        once QEMU has bound its host forwards; a port taken between free_port() and QEMU's
+        bind is retried at once with new ports (HOSTFWD_ATTEMPTS in all). BootFailed, naming
+        the cause, if QEMU cannot be run or exits while starting. Releases everything on
+        every error path, cancellation included."""
         settings: QemuSettings = service.settings
         if not settings.kernel.is_file():
             raise BootFailed(f"kernel image {settings.kernel} does not exist")
@@ -631,15 +784,12 @@ class QemuBackend(Backend):
         qmp_path = self.run_dir / f"{tag}.qmp"
         pidfile = self.run_dir / f"{tag}.pid"
         accel = self._accel(settings)
-        host_ports: dict[int, int] = {}
-        release_net: list[object] = []
+        if mac is None:
+            mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
+        release_net: list[Lease] = []
+        address: str | None = None
         if settings.network == "user":
-            ip, prefix, gateway, address = USER_IP, USER_PREFIX, USER_GATEWAY, None
-            fwd = []
-            for front, guest in zip(service.ports, settings.guest_ports, strict=True):
-                host_ports[front] = free_port()
-                fwd.append(f"hostfwd=tcp:127.0.0.1:{host_ports[front]}-:{guest}")
-            netdev = ["-netdev", ",".join(["user", "id=n0", *fwd])]
+            ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
         else:
             from ..net.bridge import attach
 
@@ -647,53 +797,103 @@ class QemuBackend(Backend):
             release_net.append(lease)
             ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
             address = lease.ip
-            netdev = ["-netdev", f"tap,id=n0,ifname={lease.tap},script=no,downscript=no"]
         cmdline = settings.cmdline.format(
             ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
             name=service.name, instance=number,
         )
-        argv = [
-            settings.binary, "-M", settings.machine, "-accel", accel, "-nodefaults", "-no-user-config",
-            "-display", "none", "-m", f"{settings.memory}M", "-smp", str(settings.cpus),
-            "-kernel", str(settings.kernel), "-append", cmdline, "-serial", "stdio",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-name", f"{MARKER}:{service.name}:{number}", "-pidfile", str(pidfile),
-            *netdev, "-device", "virtio-net-device,netdev=n0",
-            *settings.extra_args,
-        ]
-        if incoming is not None:
-            argv += ["-incoming", f"exec:cat {incoming}"]
-        try:
-            # Pool members log apart until taken, so they never rotate a running one's log.
-            log_name = f"{service.name}.pool" if pool else service.name
-            logfile = open_instance_log(self.log_dir, log_name, number, argv)
-        except OSError as exc:
-            self._release_net(release_net)
-            raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
-        try:
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True,
+        logfile: IO[bytes] | None = None
+        for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
+            host_ports: dict[int, int] = {}
+            if release_net:
+                netdev = f"tap,id=n0,ifname={release_net[0].tap},script=no,downscript=no"
+            else:
+                try:
+                    host_ports = self._pick_ports(service.ports)
+                except OSError as exc:
+                    raise BootFailed(f"cannot find a free host port: {exc.strerror or exc}") from exc
+                fwd = [f"hostfwd=tcp:127.0.0.1:{host_ports[front]}-:{guest}"
+                       for front, guest in zip(service.ports, settings.guest_ports, strict=True)]
+                netdev = ",".join(["user", "id=n0", *fwd])
+            argv = [
+                settings.binary, "-M", settings.machine, "-accel", accel, "-nodefaults",
+                "-no-user-config", "-display", "none", "-m", f"{settings.memory}M",
+                "-smp", str(settings.cpus), "-kernel", str(settings.kernel), "-append", cmdline,
+                "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+                "-name", f"{MARKER}:{service.name}:{number}", "-pidfile", str(pidfile),
+                "-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={mac}",
+                *settings.extra_args,
+            ]
+            if incoming is not None:
+                argv += ["-incoming", f"exec:cat {incoming}"]
+            try:
+                if logfile is None:
+                    # Pool members log apart until taken, so they never rotate a running one's log.
+                    log_name = f"{service.name}.pool" if pool else service.name
+                    logfile = open_instance_log(self.log_dir, log_name, number, argv)
+                else:
+                    logfile.write(f"# jitlaunch: again, with other host ports: {shlex.join(argv)}\n"
+                                  .encode())
+            except OSError as exc:
+                self._forget_ports(host_ports)
+                await self._release_net(release_net)
+                if logfile is not None:
+                    logfile.close()
+                raise BootFailed(f"cannot write the instance log in {self.log_dir}: {exc}") from exc
+            try:
+                proc = await trio.lowlevel.open_process(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                logfile.close()
+                self._forget_ports(host_ports)
+                await self._release_net(release_net)
+                raise BootFailed(f"cannot run {settings.binary}: {exc.strerror or exc}") from exc
+            handle = QemuHandle(
+                self, service, number, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
+                address, release_net, mac,
             )
-        except OSError as exc:
-            logfile.close()
-            self._release_net(release_net)
-            raise BootFailed(f"cannot run {settings.binary}: {exc.strerror or exc}") from exc
-        handle = QemuHandle(
-            self, service, number, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
-            address, release_net,
-        )
-        handle.restoring = incoming
-        log.info(
-            "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
-            ", for the warm pool" if pool else "", ", restoring" if incoming else "",
-        )
-        return handle
+            handle.restoring = incoming
+            log.info(
+                "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
+                ", for the warm pool" if pool else "", ", restoring" if incoming else "",
+            )
+            if not host_ports:
+                return handle
+            try:
+                exited = await handle.until_up()
+            except BaseException:
+                await handle.destroy()
+                raise
+            if exited is None:
+                return handle
+            again = handle.host_port_taken() and attempt < HOSTFWD_ATTEMPTS
+            await handle.destroy(close_log=not again)
+            if not again:
+                raise BootFailed(handle.exit_message(" while starting"))
+            log.info("%s#%d: a host port was taken before QEMU could bind it; retrying at once "
+                     "with other ports", service.name, number)
+        raise AssertionError("unreachable")
 
-    def release(self, handle: QemuHandle) -> None:
-        self._release_net(handle.release_net)
-        handle.release_net = []
+    def _pick_ports(self, fronts: tuple[int, ...]) -> dict[int, int]:
+        """A free host port for each front port, none of them one our live instances hold
+        (free_port() only knows about bound sockets, and a starting QEMU binds later)."""
+        ports: dict[int, int] = {}
+        while len(ports) < len(fronts):
+            port = free_port()
+            if port not in self._host_ports:
+                self._host_ports.add(port)
+                ports[fronts[len(ports)]] = port
+        return ports
 
-    def _release_net(self, leases: list[object]) -> None:
+    def _forget_ports(self, ports: dict[int, int]) -> None:
+        self._host_ports.difference_update(ports.values())
+
+    async def release(self, handle: QemuHandle) -> None:
+        self._forget_ports(handle.host_ports)
+        leases, handle.release_net = handle.release_net, []
+        await self._release_net(leases)
+
+    async def _release_net(self, leases: list[Lease]) -> None:
         for lease in leases:
-            lease.release()  # type: ignore[attr-defined]
+            await lease.release()

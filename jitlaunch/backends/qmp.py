@@ -1,9 +1,11 @@
 """A small trio client for QEMU's QMP (the JSON machine protocol) over a unix socket.
 
-One command at a time: :meth:`QMP.execute` sends ``{"execute": ..., "id": n}`` and reads lines
-until the reply with that id, keeping asynchronous events (``{"event": ...}``) in
-:attr:`QMP.events`. Errors come back as :class:`~jitlaunch.errors.ProtocolError` (a broken
-connection, a malformed line) or :class:`QMPError` (QEMU refused the command).
+One command at a time (concurrent callers queue on a lock): :meth:`QMP.execute` sends
+``{"execute": ..., "id": n}`` and reads lines until the reply with that id, keeping
+asynchronous events (``{"event": ...}``) in :attr:`QMP.events`. Errors come back as
+:class:`~jitlaunch.errors.ProtocolError` (a broken connection, a malformed line, no reply
+within :attr:`QMP.reply_timeout`) or :class:`QMPError`
+(QEMU refused the command); never a bare OSError or trio.TooSlowError.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import trio
 from ..errors import ProtocolError
 
 MAX_LINE = 1 << 20
+#: How long a command may wait for its reply before it fails with ProtocolError (the
+#: default of :attr:`QMP.reply_timeout`): QEMU answers in milliseconds unless it is hung
+#: (SIGSTOP, a stuck main loop).
+REPLY_TIMEOUT = 5.0
 
 
 class QMPError(ProtocolError):
@@ -32,6 +38,8 @@ class QMP:
         self._stream = stream
         self._buf = bytearray()
         self._next_id = 0
+        self._lock = trio.StrictFIFOLock()
+        self.reply_timeout = REPLY_TIMEOUT
         self.events: list[dict[str, Any]] = []
 
     @classmethod
@@ -53,7 +61,16 @@ class QMP:
         return qmp
 
     async def execute(self, command: str, **arguments: Any) -> Any:
-        """Run one command and return its ``return`` value."""
+        """Run one command and return its ``return`` value. ProtocolError if QEMU does not
+        answer within :attr:`reply_timeout` seconds (a late reply is skipped by the next
+        command, which matches replies by id)."""
+        async with self._lock:
+            with trio.move_on_after(self.reply_timeout) as scope:
+                return await self._execute(command, arguments)
+        assert scope.cancelled_caught
+        raise ProtocolError(f"QMP {command}: no answer within {self.reply_timeout:g} s")
+
+    async def _execute(self, command: str, arguments: dict[str, Any]) -> Any:
         self._next_id += 1
         ident = self._next_id
         msg: dict[str, Any] = {"execute": command, "id": ident}
@@ -72,13 +89,15 @@ class QMP:
             return reply.get("return")
 
     async def wait_event(self, name: str) -> dict[str, Any]:
-        """Wait for the next event called ``name`` (events already seen count)."""
+        """Wait for the next event called ``name`` (events already seen count). Unbounded:
+        the caller bounds it."""
         while True:
             for i, ev in enumerate(self.events):
                 if ev.get("event") == name:
                     del self.events[: i + 1]
                     return ev
-            await self._read()
+            async with self._lock:
+                await self._read()
 
     async def _read(self) -> dict[str, Any]:
         while True:

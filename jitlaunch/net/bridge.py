@@ -9,6 +9,7 @@ CAP_NET_ADMIN; netlink calls are blocking, so they run in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import logging
@@ -37,15 +38,18 @@ class Lease:
     gateway: str
     released: bool = field(default=False)
 
-    def release(self) -> None:
+    async def release(self) -> None:
+        """Delete the tap (netlink, in a worker thread), then free the address. Idempotent;
+        never raises: a tap that cannot be removed is logged (a later start removes it)."""
         if self.released:
             return
         self.released = True
-        _in_use.get(self.bridge, set()).discard(self.ip)
         try:
-            _delete_link(self.tap)
+            await trio.to_thread.run_sync(_delete_link, self.tap)
         except Exception as exc:  # it must not stop the rest of the release
             log.warning("cannot remove tap %s: %s", self.tap, exc)
+        finally:
+            _in_use.get(self.bridge, set()).discard(self.ip)
 
 
 def _ipr() -> Any:
@@ -63,12 +67,19 @@ def _delete_link(name: str) -> None:
             ipr.link("del", index=idx[0])
 
 
+def _bridge_mac(name: str) -> str:
+    h = hashlib.sha256(f"jitlaunch bridge {name}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02 | (h[0] & 0xFC), *h[1:6]))
+
+
 def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
     gateway = next(subnet.hosts())
     idx = ipr.link_lookup(ifname=name)
     if not idx:
         log.info("creating bridge %s with %s/%d", name, gateway, subnet.prefixlen)
-        ipr.link("add", ifname=name, kind="bridge")
+        # A MAC of its own: otherwise the bridge takes the lowest of its ports' MACs, and
+        # changes it (under the guests' ARP caches) as taps come and go.
+        ipr.link("add", ifname=name, kind="bridge", address=_bridge_mac(name))
         idx = ipr.link_lookup(ifname=name)
     index: int = idx[0]
     addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
@@ -78,15 +89,20 @@ def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
     return index
 
 
-def _attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
+def _reserve(bridge: str, subnet: ipaddress.IPv4Network) -> tuple[str, str]:
+    """Take the subnet's next free address on ``bridge`` (on the event loop, so that two
+    concurrent attaches never get the same one); returns (gateway, address)."""
     used = _in_use.setdefault(bridge, set())
     hosts = subnet.hosts()
     gateway = str(next(hosts))
     ip = next((str(h) for h in hosts if str(h) not in used), None)
     if ip is None:
         raise BootFailed(f"no free address left in {subnet} on bridge {bridge}")
-    # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
-    tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
+    used.add(ip)
+    return gateway, ip
+
+
+def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str) -> None:
     try:
         with _ipr() as ipr:
             bridge_index = _ensure_bridge(ipr, bridge, subnet)
@@ -101,13 +117,21 @@ def _attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
         except Exception:
             pass
         raise BootFailed(f"cannot attach a tap to bridge {bridge}: {exc}") from exc
-    used.add(ip)
-    return Lease(bridge, tap, ip, gateway)
 
 
 async def attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
-    """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address."""
-    return await trio.to_thread.run_sync(_attach, bridge, subnet)
+    """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address.
+    The address is reserved before any blocking call and freed again if the tap cannot be
+    made; BootFailed says why."""
+    gateway, ip = _reserve(bridge, subnet)
+    # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
+    tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
+    try:
+        await trio.to_thread.run_sync(_add_tap, bridge, subnet, tap)
+    except BaseException:
+        _in_use[bridge].discard(ip)
+        raise
+    return Lease(bridge, tap, ip, gateway)
 
 
 def _owner_alive(name: str) -> bool:

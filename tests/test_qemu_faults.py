@@ -1,0 +1,185 @@
+"""The qemu backend under faults, with real QEMU: a host port taken before QEMU binds it, QEMU's
+last words on a failed start, ``ready = "tcp"`` through user networking, QMP that does not
+answer, and bridge networking (MACs, addresses) inside a network namespace of the test's own."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from dnslib import RCODE
+
+from jitlaunch.backends import qemu as qemu_backend
+from jitlaunch.lifecycle.state import State
+
+from .conftest import config_text, http_get, load, query_udp, running, wait_until
+from .test_qemu import KERNEL, image, qemus, server, service, state
+
+__all__ = ["image", "state"]  # the fixtures, used by name
+
+
+@pytest.fixture
+def busy() -> Iterator[socket.socket]:
+    """A listening socket on a free loopback port, as another program would hold it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+async def test_host_port_taken_before_qemu_binds_it_is_retried(
+    state: Path, block: str, busy: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port free_port() picked is taken before QEMU binds it: the launch is retried at once
+    with another port, and the boot neither fails nor counts as a failure."""
+    taken = busy.getsockname()[1]
+    real = qemu_backend.free_port
+    calls = []
+
+    def racy(host: str = "127.0.0.1") -> int:
+        calls.append(host)
+        return taken if len(calls) == 1 else real(host)
+
+    monkeypatch.setattr(qemu_backend, "free_port", racy)
+    cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"')))
+    async with running(cfg) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        rt = d.supervisor.services["uk"]
+        assert rec.header.rcode == RCODE.NOERROR, rt.last_error
+        assert rt.boot_failures == 0 and rt.boots == 1
+        inst = rt.instance
+        assert inst is not None and inst.state is State.READY and inst.handle is not None
+        assert inst.handle.endpoint(18080)[1] != taken
+        assert len(calls) >= 2
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200")
+        assert len(qemus(state)) == 1  # the failed attempt left nothing behind
+        log = (state / "logs" / "uk.log").read_text(errors="replace")
+        assert "Could not set up host forwarding rule" in log  # the first attempt, kept
+
+
+async def test_boot_failure_names_qemus_last_words(state: Path, block: str) -> None:
+    """QEMU refuses the kernel: the boot failure (which the supervisor logs) quotes QEMU's own
+    error line and names the log file."""
+    kernel = state / "k.elf"
+    kernel.write_bytes(b"not a kernel" * 100)
+    text = service(f"{block}.1", extra='answer = "wait"').replace(str(KERNEL), str(kernel))
+    async with running(load(config_text(state, text))) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        assert rec.header.rcode == RCODE.SERVFAIL
+        error = d.supervisor.services["uk"].last_error or ""
+        assert "status 1" in error and "invalid kernel header" in error, error
+        assert str(state / "logs" / "uk.log") in error, error
+        assert not list((state / "run").glob("*"))
+
+
+async def test_console_is_drained_after_qemu_exits(state: Path, block: str) -> None:
+    """QEMU's last words can still be on their way when its exit is seen (here a process that
+    shares the console pipe delivers them 300 ms late): they reach the log and the failure."""
+    kernel = state / "k.elf"
+    kernel.write_bytes(b"not a kernel" * 100)
+    wrapper = state / "late-qemu"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        "exec > >(sleep 0.3; exec cat) 2>&1\n"
+        'exec qemu-system-x86_64 "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    text = service(f"{block}.1", extra='answer = "wait"', qemu=f'binary = "{wrapper}"')
+    text = text.replace(str(KERNEL), str(kernel))
+    async with running(load(config_text(state, text))) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        assert rec.header.rcode == RCODE.SERVFAIL
+        error = d.supervisor.services["uk"].last_error or ""
+        log = (state / "logs" / "uk.log").read_text(errors="replace")
+        assert "invalid kernel header" in log, log
+        assert "invalid kernel header" in error, error
+
+
+async def test_ready_tcp_with_user_networking_boots(state: Path, block: str) -> None:
+    """`ready = "tcp"` through QEMU's host forward: the probe waits for the guest itself to
+    answer (slirp accepts on the host side before the guest listens) and the boot succeeds."""
+    cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"', qemu='ready = "tcp"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        for _ in range(3):
+            rec = await query_udp(server(d), "uk.jit.test")
+            assert rec.header.rcode == RCODE.NOERROR, rt.last_error
+            body = await http_get(f"{block}.1", 18080)
+            assert body.startswith(b"HTTP/1.1 200")
+            inst = rt.instance
+            assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+            os.kill(inst.handle.pid, 9)  # the next round boots a new one
+            await wait_until(lambda: rt.instance is None)
+        assert rt.boot_failures == 0
+
+
+async def test_ready_tcp_waits_for_the_guest_not_for_slirp(state: Path, block: str) -> None:
+    """With the guest's CPUs stopped (QEMU started with -S), slirp still accepts connections to
+    the host forward; the probe must not call that ready. Once the guest runs, it is."""
+    cfg = load(config_text(state, service(
+        f"{block}.1", qemu='ready = "tcp"\nextra_args = ["-S"]')))
+    async with running(cfg) as d:
+        inst = d.supervisor.request("uk")
+        assert inst is not None
+        await wait_until(lambda: inst.handle is not None)
+        handle = inst.handle
+        assert handle is not None
+        qmp = await handle.qmp()  # type: ignore[attr-defined]
+        with trio.move_on_after(1.5):
+            await wait_until(lambda: inst.state is not State.STARTING, timeout=2)
+        assert inst.state is State.STARTING
+        await qmp.execute("cont")
+        await wait_until(lambda: inst.state is State.READY)
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200")
+
+
+# ---- the pure parts -----------------------------------------------------------------------
+
+USERNET = (
+    "Hub -1 (n0):\r\n"
+    "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+    "  TCP[{state}]      12       127.0.0.1 55205       10.0.2.15    {port}     0     0\r\n"
+    "  TCP[HOST_FORWARD]   8       127.0.0.1 55205       10.0.2.15    80     0     0\r\n"
+    "  UDP[236 sec]        9       10.0.2.15   123       10.0.2.2    80     0     0\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("state_", "port", "answered"),
+    [("ESTABLISHED", 80, True), ("CLOSE_WAIT", 80, True), ("SYN_SENT", 80, False),
+     ("ESTABLISHED", 81, False), ("NONE", 80, False)],
+)
+def test_guest_answered_reads_info_usernet(state_: str, port: int, answered: bool) -> None:
+    text = USERNET.format(state=state_, port=port)
+    assert qemu_backend.guest_answered(text, 80) is answered
+    assert not qemu_backend.guest_answered(USERNET.split("  TCP[{state}]")[0], 80)
+
+
+def test_last_words_prefers_qemus_own_lines() -> None:
+    lines = [b"hello: booting", b"qemu-system-x86_64: -kernel k.elf: invalid kernel header", b""]
+    assert qemu_backend.last_words(lines, "qemu-system-x86_64") == (
+        "qemu-system-x86_64: -kernel k.elf: invalid kernel header")
+    assert qemu_backend.last_words([b"a", b"panic: \x1b[31mout of memory\x00"], "/x/kvm") == (
+        "panic: ?[31mout of memory?")
+    assert qemu_backend.last_words([b"kvm: bad", b"guest"], "/x/kvm") == "kvm: bad"
+    assert qemu_backend.last_words([], "qemu") == ""
+    assert len(qemu_backend.last_words([b"x" * 5000], "qemu")) == 300
+
+
+def test_instance_macs_are_distinct_stable_unicast(tmp_path: Path) -> None:
+    macs = {qemu_backend.instance_mac(tmp_path, s, n) for s in ("a", "b") for n in (1, 2, "pool3")}
+    assert len(macs) == 6
+    assert qemu_backend.instance_mac(tmp_path, "a", 1) == qemu_backend.instance_mac(tmp_path, "a", 1)
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert first & 1 == 0 and first & 2 == 2 and len(bytes.fromhex(mac.replace(":", ""))) == 6
