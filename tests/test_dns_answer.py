@@ -14,9 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jitlaunch.config import parse_config
-from jitlaunch.dns import answer
+from jitlaunch.dns import answer, authority
 from jitlaunch.dns.answer import Catalog, Response, respond
+from jitlaunch.dns.authority import Authority
 from jitlaunch.lifecycle.supervisor import ServiceAnswer
+
+from .dnsreply import parse_reply
 
 MANY = ", ".join(f'"127.78.0.{i}"' for i in range(1, 41))
 CONFIG = parse_config(
@@ -175,8 +178,40 @@ def test_refused_outside_every_zone_and_for_other_classes() -> None:
     assert run(q).reply == header(0x4242, QR | RD | 5) + question("example.org", 1)
     q = header(5, 0) + question("hello.jit.test", 16, qclass=3)  # CH TXT
     assert run(q).reply == header(5, QR | 5) + question("hello.jit.test", 16, qclass=3)
-    q = header(6, 0) + question("jit.test", 252)  # AXFR
-    assert run(q).reply == header(6, QR | 5) + question("jit.test", 252)
+    q = header(6, 0) + question("jit.test", 252)  # AXFR: NOTIMP over UDP, REFUSED over TCP
+    assert run(q).reply == header(6, QR | 4) + question("jit.test", 252)
+    assert run(q, udp=False).reply == header(6, QR | 5) + question("jit.test", 252)
+    q = header(7, 0) + question("jit.test", 251)  # IXFR
+    assert run(q).reply == header(7, QR | 5) + question("jit.test", 251)
+    q = header(8, RD) + question("hello.jit.test", 1, qclass=4)  # HS: header only, as NSD
+    assert run(q).reply == header(8, QR | RD | 5, qd=0)
+
+
+def test_labels_are_compared_on_the_wire() -> None:
+    """RFC 1035 3.1, RFC 2181 11: a dot inside a label is not a label boundary."""
+    for qname in (b"\x0bpy.jit.test\0", b"\x08jit.test\0"):
+        q = header(9, 0) + qname + struct.pack("!HH", 1, 1)
+        resp = run(q)
+        assert resp.reply == header(9, QR | 5) + qname + struct.pack("!HH", 1, 1)
+        assert resp.service is None
+    # A label that is not UTF-8 is a name like any other: NXDOMAIN inside the zone.
+    q = header(10, 0) + b"\x02\xff\xfe\x03jit\x04test\0" + struct.pack("!HH", 1, 1)
+    reply = parse_reply(run(q).reply)  # type: ignore[arg-type]
+    assert reply.flags == QR | AA | 3 and reply.authority[0].rtype == 6
+    # Upper case ASCII matches, but only ASCII: a Latin-1 capital does not fold.
+    assert run(header(11, 0) + question("HELLO.JIT.TEST", 1)).service == "hello"
+    q = header(12, 0) + b"\x05h\xc9llo\x03jit\x04test\0" + struct.pack("!HH", 1, 1)
+    assert parse_reply(run(q).reply).flags & 0xF == 3  # type: ignore[arg-type]
+
+
+def test_class_any_is_not_authoritative() -> None:
+    """RFC 6895 3.2: the answer, with AA clear; negative answers without the SOA (as NSD)."""
+    q = header(13, 0) + question("hello.jit.test", 1, qclass=255)
+    expected = header(13, QR, an=1) + question("hello.jit.test", 1, qclass=255) + rr(
+        ptr(12), 1, 30, bytes([127, 77, 1, 5]))
+    assert run(q).reply == expected
+    q = header(14, 0) + question("nope.jit.test", 1, qclass=255)
+    assert run(q).reply == header(14, QR | 3) + question("nope.jit.test", 1, qclass=255)
 
 
 def test_formerr_for_garbage_with_a_header() -> None:
@@ -216,9 +251,18 @@ def test_edns_echoed_with_our_payload_and_do_bit() -> None:
 
 
 def test_badvers_for_unknown_edns_version() -> None:
-    q = header(11, 0, ar=1) + question("hello.jit.test", 1) + opt(4096, version=1)
+    q = header(11, RD, ar=1) + question("hello.jit.test", 1) + opt(4096, version=1, do=True)
     reply = run(q).reply
-    assert reply == header(11, QR, qd=0, ar=1) + b"\x00" + struct.pack("!HHIH", 41, 1232, 1 << 24, 0)
+    assert reply == header(11, QR | RD, ar=1) + question("hello.jit.test", 1) + b"\x00" + struct.pack(
+        "!HHIH", 41, 1232, 1 << 24, 0)
+
+
+def test_edns_probe_without_a_question() -> None:
+    q = header(12, RD, qd=0, ar=1) + opt(4096)
+    assert run(q).reply == header(12, QR | RD, qd=0, ar=1) + opt(1232)
+    q = header(12, RD, qd=0, ar=1) + opt(4096, version=1)
+    assert run(q).reply == header(12, QR | RD | 1, qd=0, ar=1) + opt(1232)
+    assert run(header(12, RD, qd=0)).reply == header(12, QR | RD | 1, qd=0)
 
 
 def test_tc_when_udp_reply_too_large_and_edns_size_respected() -> None:
@@ -270,7 +314,7 @@ def check(wire: bytes) -> None:
             assert len(resp.reply) >= 12
             assert resp.reply[:2] == wire[:2]  # same ID
             assert resp.reply[2] & 0x80  # QR set
-            DNSRecord.parse(resp.reply)
+            parse_reply(resp.reply)
             if udp:
                 assert len(resp.reply) <= 1232
         else:
@@ -347,3 +391,50 @@ def test_dnslib_built_queries_for_every_type() -> None:
         q = DNSRecord.question("hello.jit.test", qtype)
         q.add_ar(EDNS0(udp_len=1232))
         check(q.pack())
+
+
+# ---- the reply cache -------------------------------------------------------------------
+
+
+class FakeSupervisor:
+    generation = 0
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    def request(self, name: str) -> None:
+        self.requests.append(name)
+
+    def answer(self, name: str) -> ServiceAnswer:
+        return STATE[name]
+
+
+def test_cache_keeps_known_names_only_and_ignores_padding() -> None:
+    sup = FakeSupervisor()
+    auth = Authority(CONFIG, sup)  # type: ignore[arg-type]
+    q = header(1, 0) + question("hello.jit.test", 1)
+    first = auth.answer_now(q, udp=True)
+    again = auth.answer_now(header(2, 0) + q[12:], udp=True)
+    assert again.reply is not None and first.reply is not None
+    assert again.reply[2:] == first.reply[2:] and again.reply[:2] == b"\x00\x02"
+    assert sup.requests == ["hello", "hello"]
+    assert sum(len(c) for c in auth._caches) == 1
+    # Padding after the message, unknown names and malformed queries are answered, never kept.
+    for i in range(3000):
+        auth.answer_now(q + i.to_bytes(2, "big"), udp=True)
+        auth.answer_now(header(3, 0) + question(f"r{i}.jit.test", 1), udp=True)
+        auth.answer_now(header(4, 0, qd=2) + question(f"r{i}.jit.test", 1), udp=False)
+    assert sum(len(c) for c in auth._caches) == 1
+    assert auth.internal_errors == 0
+
+
+def test_cache_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(authority, "CACHE_BYTES", 20_000)
+    auth = Authority(CONFIG, FakeSupervisor())  # type: ignore[arg-type]
+    peak = 0
+    for i in range(200):  # distinct keys through case changes, ~700-byte replies over TCP
+        name = "".join(c.upper() if i >> k & 1 else c for k, c in enumerate("many.jit.test"))
+        auth.answer_now(header(1, 0) + question(name, 1), udp=False)
+        assert 0 < auth._cache_bytes <= 20_000
+        peak = max(peak, len(auth._caches[False]))
+    assert 20 <= peak <= 30

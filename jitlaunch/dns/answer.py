@@ -1,33 +1,47 @@
 """The authoritative answer logic: query bytes in, reply bytes out. No I/O.
 
-:func:`respond` implements these rules (RFC 1035, 2308, 6891, 7766, 8482):
+:func:`respond` implements these rules (RFC 1035, 2308, 4343, 6891, 6895, 7766, 8482),
+checked against NSD by tests/test_dns_nsd.py:
 
 * fewer than 12 bytes, or a message with QR set: no reply at all (never answer a response);
-* unparseable: FORMERR, header fields copied, no sections;
-* opcode other than QUERY: NOTIMP; QDCOUNT other than 1 or more than one OPT: FORMERR;
-* an OPT record with a version other than 0: BADVERS; otherwise the OPT is echoed with our
-  payload size and the DO bit copied, and a UDP reply is bounded by the smaller of the
-  client's payload size (at least 512) and ours; without an OPT, by 512 bytes;
-* a name outside every zone: REFUSED (we are never an open resolver); a class other than
-  IN (or ANY): REFUSED; zone transfers: REFUSED;
-* SOA and NS at the apex, with glue for nameservers inside the zone;
-* A and AAAA for service names, from the supervisor's :class:`ServiceAnswer`; a ``wait``
-  service that is booting gives ``pending`` (hold the reply and call again), a failed one
-  SERVFAIL;
+* malformed (see :mod:`jitlaunch.dns.wire`: bad names, sections, records where a query has
+  none, a second OPT or one not owned by the root): FORMERR; an opcode other than QUERY:
+  NOTIMP. Both are the header only (opcode and RD kept) plus an OPT when the query's OPT
+  could be read (RFC 6891 7);
+* no question but an OPT (an EDNS probe): NOERROR with an OPT;
+* an OPT with a version other than 0: BADVERS (with the question); otherwise the OPT is
+  answered with our payload size and the DO bit copied, and a UDP reply is bounded by the
+  smaller of the client's payload size (at least 512) and ours; without an OPT, by 512 bytes;
+* classes other than IN, CH and ANY: REFUSED, header only; CH: REFUSED; zone transfers:
+  AXFR over UDP NOTIMP, over TCP REFUSED, IXFR REFUSED (we serve no secondaries);
+* a name outside every zone: REFUSED (we are never an open resolver);
+* SOA and NS at the apex, with glue for nameservers inside the zone; for ANY both;
+* A and AAAA for service names, from the :class:`ServiceAnswer` the caller looks up (ANY
+  gives both families); a ``wait`` service that is booting gives ``pending`` (hold the
+  reply and call again), a failed one SERVFAIL;
 * NODATA (NOERROR, SOA in the authority section) for other types of a known name and for
   empty non-terminals; NXDOMAIN with the SOA for unknown names inside a zone; the negative
   TTL is the smaller of the SOA's TTL and its minimum (RFC 2308, section 5);
-* names compared case-insensitively (ASCII), the question echoed exactly as asked;
-* a UDP reply too large for the bound: header and question only, with TC set.
+* class ANY: the same answer, but not authoritative (AA=0) and without the SOA of negative
+  answers (RFC 6895 3.2, as NSD does);
+* names compared label by label in wire form, case-insensitively for ASCII only (RFC 4343);
+  a label may hold any byte (a dot, or bytes that are not UTF-8); the question is echoed
+  exactly as asked and answers point to it;
+* flags in replies: QR, AA for authoritative answers, the opcode and RD copied, nothing else;
+* a UDP reply too large for the bound: header and question (and OPT) only, with TC set.
+
+The common replies (NXDOMAIN, NODATA, REFUSED, service answers) are the question copied from
+the query plus precomputed bytes: the SOA record of a zone's negative answers is built once
+per question length, since only the offset of the zone's apex in the question varies.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-
-from dnslib import AAAA, CLASS, EDNS0, NS, QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
+from functools import lru_cache
+from typing import NamedTuple
 
 from ..config import DnsConfig, ServiceConfig, Zone
 from ..lifecycle.supervisor import ServiceAnswer
@@ -37,24 +51,28 @@ from . import wire as w
 log = logging.getLogger("jitlaunch.dns")
 _limited = LimitedLog(log)
 
-OPCODE_QUERY = 0
-CLASS_ANY = 255
-RCODE_BADVERS = 16
 #: Query types that make a service start: the ones a client asks before it connects.
-STARTING_TYPES = frozenset({QTYPE.A, QTYPE.AAAA, QTYPE.ANY})
-_TRANSFERS = frozenset({QTYPE.AXFR, QTYPE.IXFR})
+STARTING_TYPES = frozenset({w.TYPE_A, w.TYPE_AAAA, w.TYPE_ANY})
+CLASS_CH = 3
+_ANSWER_CLASSES = frozenset({w.CLASS_IN, w.CLASS_ANY})
+_KNOWN_CLASSES = frozenset({w.CLASS_IN, CLASS_CH, w.CLASS_ANY})
+_OWNER_Q = w.pointer(12)  # the question's name, where every answer's owner points
+_A_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_A, w.CLASS_IN)
+_AAAA_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_AAAA, w.CLASS_IN)
+_TTL_LEN = struct.Struct("!IH")
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     """The outcome of one query.
 
     ``reply`` is None when nothing must be sent. ``service`` names the service the query
     asks for (to note activity and start it). ``pending`` means the reply is held: the
     service answers in ``wait`` mode and is booting; call :func:`respond` again once it is
     ready or has failed. ``cacheable`` says the reply depends only on the query bytes (less
-    the ID) and the supervisor's state. ``internal_error`` means answering failed on a bug:
-    the reply is a header-only SERVFAIL, and tests assert that this never happens.
+    the ID) and the supervisor's state, and is worth keeping: the query was one canonical
+    message (no trailing bytes, no EDNS options) about a name that exists. ``internal_error``
+    means answering failed on a bug: the reply is a header-only SERVFAIL, and tests assert
+    that this never happens.
     """
 
     reply: bytes | None
@@ -64,52 +82,82 @@ class Response:
     internal_error: bool = False
 
 
+NO_REPLY = Response(None)
+
+
+class ZoneData:
+    """A zone with the bytes of its answers, prepared once."""
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.apex = w.name_to_wire(zone.name)
+        self.negative_ttl = min(zone.soa_ttl, zone.minimum)
+        self.nameservers = tuple(w.name_to_wire(ns) for ns in zone.nameservers)
+        self._mname = w.name_to_wire(zone.mname)
+        self._rname = w.name_to_wire(zone.rname)
+        self._times = struct.pack("!IIIII", zone.serial, zone.refresh, zone.retry, zone.expire,
+                                  zone.minimum)
+        self._negative: dict[int, bytes] = {}
+
+    def soa_record(self, comp: w.Compressor, offset: int, ttl: int) -> bytes:
+        """The SOA record written at ``offset`` with ``comp``'s names before it."""
+        owner = comp.write(self.apex, offset)
+        pos = offset + len(owner) + 10
+        mname = comp.write(self._mname, pos)
+        rname = comp.write(self._rname, pos + len(mname))
+        return w.rr(owner, w.TYPE_SOA, ttl, mname + rname + self._times)
+
+    def negative_soa(self, qname_len: int) -> bytes:
+        """The authority section of NXDOMAIN and NODATA replies for a question name of
+        ``qname_len`` octets in this zone: the same bytes for every such question."""
+        record = self._negative.get(qname_len)
+        if record is None:
+            comp = w.Compressor()
+            comp.known[self.apex] = 12 + qname_len - len(self.apex)
+            record = self.soa_record(comp, 12 + qname_len + 4, self.negative_ttl)
+            self._negative[qname_len] = record
+        return record
+
+
 class Catalog:
-    """The names we answer for, built once from the configuration."""
+    """The names we answer for, built once from the configuration. Names are kept in wire
+    form, lower case."""
 
     def __init__(self, dns: DnsConfig, services: Iterable[ServiceConfig]) -> None:
-        # Longest zone first, so that a child zone wins over its parent.
-        self.zones = sorted(dns.zones, key=lambda z: -len(z.name))
+        self.zones = {w.name_to_wire(z.name): ZoneData(z) for z in dns.zones}
         self.services: dict[bytes, str] = {}
         self.glue: dict[bytes, tuple[str, ...]] = {}
         self.nodes: set[bytes] = set()
         self.edns_payload = dns.edns_payload
         for svc in services:
             for name in svc.names:
-                self.services[name.encode()] = svc.name
-                self._add_node(name)
+                key = w.name_to_wire(name)
+                self.services[key] = svc.name
+                self._add_node(key)
         for zone in dns.zones:
             for ns in zone.nameservers:
-                if self.zone_for(ns.encode()) is not None and dns.nameserver_addresses:
-                    self.glue[ns.encode()] = dns.nameserver_addresses
-                    self._add_node(ns)
+                key = w.name_to_wire(ns)
+                if self.zone_for(key) is not None and dns.nameserver_addresses:
+                    self.glue[key] = dns.nameserver_addresses
+                    self._add_node(key)
 
-    def _add_node(self, name: str) -> None:
+    def _add_node(self, name: bytes) -> None:
         # Every ancestor of a name exists too (empty non-terminals answer NODATA).
-        labels = name.split(".")
-        for i in range(len(labels)):
-            self.nodes.add(".".join(labels[i:]).encode())
+        for _, suffix in w.suffixes(name):
+            self.nodes.add(suffix)
 
-    def zone_for(self, name: bytes) -> Zone | None:
-        for zone in self.zones:
-            z = zone.name.encode()
-            if name == z or name.endswith(b"." + z):
+    def zone_for(self, name: bytes) -> ZoneData | None:
+        """The closest enclosing zone of a lower-case wire-form name, or None."""
+        zones = self.zones
+        pos = 0
+        while True:
+            zone = zones.get(name[pos:])
+            if zone is not None:
                 return zone
-        return None
-
-
-def _error_reply(q: w.Query, edns_payload: int) -> bytes:
-    """FORMERR or NOTIMP: header only (as NSD), opcode and RD kept, and an OPT when the query
-    had one (RFC 6891 7)."""
-    flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | q.error
-    if q.edns is None:
-        return w.header(q.ident, flags)
-    return w.header(q.ident, flags, ar=1) + w.opt_record(edns_payload, 0, q.edns.flags & w.EDNS_DO)
-
-
-def _soa_rr(zone: Zone, ttl: int) -> RR:
-    times = (zone.serial, zone.refresh, zone.retry, zone.expire, zone.minimum)
-    return RR(zone.name + ".", QTYPE.SOA, ttl=ttl, rdata=SOA(zone.mname + ".", zone.rname + ".", times))
+            length = name[pos]
+            if not length:
+                return None
+            pos += 1 + length
 
 
 def respond(
@@ -121,17 +169,9 @@ def respond(
 ) -> Response:
     """Answer one DNS query (see the module docstring for the rules). Never raises."""
     if len(wire) < 12 or wire[2] & 0x80:
-        return Response(None)
+        return NO_REPLY
     try:
-        parsed = w.parse_query(wire)
-        if parsed.error:
-            return Response(_error_reply(parsed, catalog.edns_payload))
-        try:
-            query = DNSRecord.parse(wire)
-        except Exception:  # dnslib raises many kinds of errors on garbage
-            parsed.error = w.FORMERR
-            return Response(_error_reply(parsed, catalog.edns_payload))
-        return _respond(query, catalog, lookup, udp)
+        return _respond(w.parse_query(wire), catalog, lookup, udp)
     except Exception:
         # A bug must cost one answer, not the server. The fallback cannot fail, and the
         # flag lets tests (and the counters) see that this path was taken.
@@ -140,81 +180,132 @@ def respond(
         return Response(w.servfail_for(wire), internal_error=True)
 
 
+def _opt(catalog: Catalog, q: w.Query) -> bytes:
+    edns = q.edns
+    if edns is None:
+        return b""
+    return w.opt_record(catalog.edns_payload, 0, edns.flags & w.EDNS_DO)
+
+
+def _short(q: w.Query, rcode: int, opt: bytes, question: bool) -> bytes:
+    """A reply with no records: the header, the question if asked for, the OPT if any."""
+    flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | rcode
+    if question:
+        return w.header(q.ident, flags, 1, 0, 0, 1 if opt else 0) + q.question + opt
+    return w.header(q.ident, flags, 0, 0, 0, 1 if opt else 0) + opt
+
+
+@lru_cache(maxsize=4096)
+def _address_records(v4: tuple[str, ...], v6: tuple[str, ...], ttl: int,
+                     want_a: bool, want_aaaa: bool) -> tuple[int, bytes]:
+    count = 0
+    out = b""
+    ttl_len4 = _TTL_LEN.pack(ttl, 4)
+    ttl_len16 = _TTL_LEN.pack(ttl, 16)
+    if want_a:
+        for addr in v4:
+            out += _A_HEAD + ttl_len4 + w.address_rdata(addr)[1]
+            count += 1
+    if want_aaaa:
+        for addr in v6:
+            out += _AAAA_HEAD + ttl_len16 + w.address_rdata(addr)[1]
+            count += 1
+    return count, out
+
+
 def _respond(
-    query: DNSRecord, catalog: Catalog, lookup: Callable[[str], ServiceAnswer], udp: bool
+    q: w.Query, catalog: Catalog, lookup: Callable[[str], ServiceAnswer], udp: bool
 ) -> Response:
-    qh = query.header
-    header = DNSHeader(id=qh.id, qr=1, opcode=qh.opcode, rd=qh.rd)
-    reply = DNSRecord(header)
-    opts = [rr for rr in query.ar if rr.rtype == QTYPE.OPT]
-    if len(opts) > 1 or len(query.questions) != 1 or qh.opcode != OPCODE_QUERY:
-        header.rcode = RCODE.NOTIMP if qh.opcode != OPCODE_QUERY else RCODE.FORMERR
-        reply.questions = list(query.questions[:1]) if header.rcode == RCODE.NOTIMP else []
-        return Response(reply.pack())
-    limit = 512
-    if opts:
-        opt = opts[0]
-        version = (opt.ttl >> 16) & 0xFF
-        do_bit = opt.ttl & 0x8000
-        limit = min(max(512, opt.rclass), catalog.edns_payload)
-        reply.add_ar(
-            EDNS0(udp_len=catalog.edns_payload, flags="do" if do_bit else "",
-                  ext_rcode=RCODE_BADVERS >> 4 if version else 0)
-        )
-        if version != 0:
-            return Response(reply.pack())
-    q = query.q
-    reply.add_question(q)
-    name = b".".join(label.lower() for label in q.qname.label)
+    if q.error:
+        return Response(_short(q, q.error, _opt(catalog, q), False))
+    edns = q.edns
+    opt = _opt(catalog, q)
+    if not q.question:  # an EDNS probe (the parser allows no question only with an OPT)
+        assert edns is not None
+        return Response(_short(q, w.FORMERR if edns.version else w.NOERROR, opt, False))
+    if edns is not None and edns.version:
+        badvers = w.opt_record(catalog.edns_payload, w.BADVERS >> 4, 0)
+        return Response(_short(q, 0, badvers, True))
+    qclass, qtype = q.qclass, q.qtype
+    if qclass not in _KNOWN_CLASSES:
+        return Response(_short(q, w.REFUSED, opt, False))
+    if qtype == w.TYPE_AXFR:
+        return Response(_short(q, w.NOTIMP if udp else w.REFUSED, opt, True))
+    name = q.qname.lower()
     zone = catalog.zone_for(name)
-    if zone is None or q.qclass not in (CLASS.IN, CLASS_ANY) or q.qtype in _TRANSFERS:
-        header.rcode = RCODE.REFUSED
-        return Response(reply.pack(), cacheable=True)
-    header.aa = 1
-    negative_ttl = min(zone.soa_ttl, zone.minimum)
-    qtype = q.qtype
+    if zone is None or qclass == CLASS_CH or qtype == w.TYPE_IXFR:
+        return Response(_short(q, w.REFUSED, opt, True))
+
+    limit = min(max(512, edns.payload), catalog.edns_payload) if edns is not None else 512
+    authoritative = qclass != w.CLASS_ANY  # RFC 6895 3.2
+    flags = w.QR | (q.flags & w.RD) | (w.AA if authoritative else 0)
+    qname_len = len(q.qname)
     service = catalog.services.get(name)
-    response_service: str | None = None
-    if name == zone.name.encode():
-        if qtype in (QTYPE.SOA, QTYPE.ANY):
-            reply.add_answer(_soa_rr(zone, zone.soa_ttl))
-        if qtype in (QTYPE.NS, QTYPE.ANY):
-            for ns in zone.nameservers:
-                reply.add_answer(RR(q.qname, QTYPE.NS, ttl=zone.soa_ttl, rdata=NS(ns + ".")))
-            for ns in zone.nameservers:
-                for addr in catalog.glue.get(ns.encode(), ()):
-                    rtype, rdata = (QTYPE.AAAA, AAAA(addr)) if ":" in addr else (QTYPE.A, A(addr))
-                    reply.add_ar(RR(ns + ".", rtype, ttl=zone.soa_ttl, rdata=rdata))
-    elif service is not None:
-        response_service = service if qtype in STARTING_TYPES else None
-        if response_service is not None:
+    asked: str | None = None
+    cacheable = q.canonical
+    an = ar = 0
+    answers = additional = b""
+    if service is not None:
+        if qtype in STARTING_TYPES:
+            asked = service
             ans = lookup(service)
             if ans.pending:
                 return Response(None, service, pending=True)
             if ans.servfail:
-                header.aa = 0
-                header.rcode = RCODE.SERVFAIL
-                return Response(reply.pack(), service)
-            if qtype in (QTYPE.A, QTYPE.ANY):
-                for addr in ans.v4:
-                    reply.add_answer(RR(q.qname, QTYPE.A, ttl=ans.ttl, rdata=A(addr)))
-            if qtype in (QTYPE.AAAA, QTYPE.ANY):
-                for addr in ans.v6:
-                    reply.add_answer(RR(q.qname, QTYPE.AAAA, ttl=ans.ttl, rdata=AAAA(addr)))
+                return Response(_short(q, w.SERVFAIL, opt, True), service)
+            an, answers = _address_records(ans.v4, ans.v6, ans.ttl, qtype != w.TYPE_AAAA,
+                                           qtype != w.TYPE_A)
+    elif name == zone.apex:
+        if qtype in (w.TYPE_SOA, w.TYPE_NS, w.TYPE_ANY):
+            return _apex(q, catalog, zone, flags, opt, limit if udp else 65535)
     elif name in catalog.glue:
-        for addr in catalog.glue[name]:
-            if ":" in addr and qtype in (QTYPE.AAAA, QTYPE.ANY):
-                reply.add_answer(RR(q.qname, QTYPE.AAAA, ttl=zone.soa_ttl, rdata=AAAA(addr)))
-            elif ":" not in addr and qtype in (QTYPE.A, QTYPE.ANY):
-                reply.add_answer(RR(q.qname, QTYPE.A, ttl=zone.soa_ttl, rdata=A(addr)))
+        v4 = tuple(a for a in catalog.glue[name] if ":" not in a)
+        v6 = tuple(a for a in catalog.glue[name] if ":" in a)
+        an, answers = _address_records(v4, v6, zone.zone.soa_ttl, qtype in (w.TYPE_A, w.TYPE_ANY),
+                                       qtype in (w.TYPE_AAAA, w.TYPE_ANY))
     elif name not in catalog.nodes:
-        header.rcode = RCODE.NXDOMAIN
-    if not reply.rr:
-        reply.add_auth(_soa_rr(zone, negative_ttl))
-    packed = reply.pack()
-    if udp and len(packed) > limit:
-        header.tc = 1
-        reply.rr, reply.auth = [], []
-        reply.ar = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
-        packed = reply.pack()
-    return Response(packed, response_service, cacheable=True)
+        flags |= w.NXDOMAIN
+        cacheable = False  # unknown names are many: cached they would push the rest out
+    ns = 0
+    authority = b""
+    if not an and authoritative:
+        ns, authority = 1, zone.negative_soa(qname_len)
+    if opt:
+        ar += 1
+        additional += opt
+    reply = w.header(q.ident, flags, 1, an, ns, ar) + q.question + answers + authority + additional
+    if udp and len(reply) > limit:
+        reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
+    return Response(reply, asked, cacheable=cacheable)
+
+
+def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
+          limit: int) -> Response:
+    """SOA and NS at a zone's apex (with glue): rare enough to build record by record."""
+    comp = w.Compressor()
+    comp.note(q.qname, 12)
+    offset = 12 + len(q.question)
+    answers: list[bytes] = []
+    glue: list[bytes] = []
+    qtype = q.qtype
+    soa_ttl = zone.zone.soa_ttl
+    if qtype in (w.TYPE_SOA, w.TYPE_ANY):
+        answers.append(zone.soa_record(comp, offset, soa_ttl))
+        offset += len(answers[-1])
+    if qtype in (w.TYPE_NS, w.TYPE_ANY):
+        for ns in zone.nameservers:
+            rdata = comp.write(ns, offset + 12)
+            answers.append(w.rr(_OWNER_Q, w.TYPE_NS, soa_ttl, rdata))
+            offset += len(answers[-1])
+        for ns in zone.nameservers:
+            for addr in catalog.glue.get(ns, ()):
+                owner = comp.write(ns, offset)
+                rtype, rdata = w.address_rdata(addr)
+                glue.append(w.rr(owner, rtype, soa_ttl, rdata))
+                offset += len(glue[-1])
+    ar = len(glue) + (1 if opt else 0)
+    reply = (w.header(q.ident, flags, 1, len(answers), 0, ar) + q.question + b"".join(answers)
+             + b"".join(glue) + opt)
+    if len(reply) > limit:
+        reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
+    return Response(reply, None, cacheable=q.canonical)

@@ -9,29 +9,39 @@ from ..errors import BootFailed
 from ..lifecycle.supervisor import ServiceAnswer, Supervisor
 from .answer import Catalog, Response, respond
 
-CACHE_SIZE = 4096
+#: Bounds of the reply cache: entries, and bytes of keys and replies together.
+CACHE_ENTRIES = 4096
+CACHE_BYTES = 4 << 20
 
 
 class Authority:
     """Answers queries for the servers: the reply cache, the supervisor calls, held answers.
 
-    Authoritative only: it never resolves anything. Replies are cached by the query bytes
-    less the ID, for the supervisor's current generation, so repeated queries for a ready
-    service cost a dictionary look-up, not a parse.
+    Authoritative only: it never resolves anything. Replies about names that exist are
+    cached for the supervisor's current generation, keyed by the query less its ID, so that
+    repeated queries for a ready service cost a dictionary look-up, not a parse. Only
+    canonical queries are cached (one message, no trailing bytes, no EDNS options: then the
+    bytes are exactly the question, the flags and the OPT's fields), so padding cannot grow
+    the cache; unknown names are not cached at all (a random-name flood would only push the
+    useful entries out). The cache is emptied when it reaches either bound.
     """
 
     def __init__(self, config: Config, supervisor: Supervisor) -> None:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
-        self._cache: dict[tuple[bool, bytes], tuple[int, bytes, str | None]] = {}
+        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None]], ...] = ({}, {})
+        self._cache_bytes = 0
         self.held = 0
+        #: Queries that hit a bug in the answer logic (answered with a SERVFAIL).
+        self.internal_errors = 0
 
     def answer_now(self, wire: bytes, udp: bool) -> Response:
         """Answer at once, or say the answer must be held (``pending``)."""
         sup = self.supervisor
-        key = (udp, wire[2:])
-        hit = self._cache.get(key)
+        cache = self._caches[udp]
+        key = wire[2:]
+        hit = cache.get(key)
         if hit is not None and hit[0] == sup.generation:
             _, tail, service = hit
             if service is not None:
@@ -42,9 +52,17 @@ class Authority:
         if resp.service is not None:
             sup.request(resp.service)
         if resp.cacheable and resp.reply is not None:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key] = (generation, resp.reply[2:], resp.service)
+            size = len(key) + len(resp.reply)  # 2 more than kept: the ID
+            if len(cache) >= CACHE_ENTRIES or self._cache_bytes + size > CACHE_BYTES:
+                for c in self._caches:
+                    c.clear()
+                self._cache_bytes = 0
+            if hit is not None:  # a stale entry for an older generation
+                self._cache_bytes -= len(key) + len(hit[1])
+            cache[key] = (generation, resp.reply[2:], resp.service)
+            self._cache_bytes += size - 2
+        elif resp.internal_error:
+            self.internal_errors += 1
         return resp
 
     async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
