@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from jitlaunch.backends.base import process_state
 from jitlaunch.lifecycle.state import State
@@ -396,3 +397,208 @@ async def test_signals_never_orphan_instances(tmp_path: Path, block: str) -> Non
     finally:
         proc.kill()
         await proc.wait()
+
+
+# ---- warm pool and paused instances: real QEMU ------------------------------------------------
+
+
+def run_files(state: Path) -> list[str]:
+    return sorted(p.name for p in (state / "run").glob("uk-*"))
+
+
+async def test_a_paused_qemu_that_dies_is_cleaned_up_at_once(qstate: Path, block: str) -> None:
+    state = qstate
+    extra = 'stop = "pause"\nidle_timeout = "300ms"\nhealth_interval = "never"'
+    cfg = load(qemu_config(state, f"{block}.1", extra=extra))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        rt = sup.services["uk"]
+        first = await sup.acquire("uk")
+        assert first.handle is not None and first.handle.pid is not None
+        pid = first.handle.pid
+        await wait_until(lambda: first.state is State.SAVED)
+        assert alive(pid) and len(run_files(state)) == 2  # its QMP socket and pid file
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: rt.instance is None, timeout=5)
+        assert first.state is State.STOPPED and first.handle is None and rt.deaths == 1
+        assert run_files(state) == []
+        # The next start boots a fresh QEMU; only that one runs.
+        second = await sup.acquire("uk")
+        assert second is not first and second.handle is not None
+        assert second.handle.pid != pid and qemus(state) == [second.handle.pid]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+
+
+async def test_a_paused_qemu_is_watched_only_while_saved(qstate: Path, block: str) -> None:
+    """A pause, a resume, a pause again: the resumed instance is the same QEMU, served, and
+    the watch of the paused one does not get in its way."""
+    state = qstate
+    extra = 'stop = "pause"\nidle_timeout = "300ms"\nhealth_interval = "never"'
+    cfg = load(qemu_config(state, f"{block}.1", extra=extra))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        first = await sup.acquire("uk")
+        assert first.handle is not None
+        pid = first.handle.pid
+        for _ in range(2):
+            await wait_until(lambda: first.state is State.SAVED)
+            assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+            assert first.state is State.READY and first.handle is not None
+            assert first.handle.pid == pid
+        assert sup.services["uk"].deaths == 0
+
+
+@pytest.mark.parametrize("where", ["pool", "paused"])
+async def test_a_resume_that_fails_destroys_the_member(qstate: Path, block: str, where: str) -> None:
+    """A frozen paused QEMU (SIGSTOP) cannot resume: after RESUME_TIMEOUT it is destroyed and a
+    fresh instance serves the request; nothing outlives its use."""
+    state = qstate
+    if where == "pool":
+        cfg = load(qemu_config(state, f"{block}.1", extra="max_instances = 2", qemu="pool = 1"))
+    else:
+        extra = 'stop = "pause"\nidle_timeout = "300ms"\nhealth_interval = "never"'
+        cfg = load(qemu_config(state, f"{block}.1", extra=extra))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        if where == "pool":
+            pool = d.backends["qemu"].pools["uk"]  # type: ignore[attr-defined]
+            await wait_until(lambda: len(pool) == 1)
+            frozen = pool[0].pid
+        else:
+            first = await sup.acquire("uk")
+            assert first.handle is not None
+            frozen = first.handle.pid
+            await wait_until(lambda: first.state is State.SAVED)
+        try:
+            os.kill(frozen, signal.SIGSTOP)
+            await wait_until(lambda: process_state(frozen) == "T")
+            assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+            inst = sup.services["uk"].instance
+            assert inst is not None and inst.handle is not None and inst.handle.pid != frozen
+            assert not alive(frozen)
+            assert sup.services["uk"].boot_failures == 0
+        finally:
+            if alive(frozen):
+                os.kill(frozen, signal.SIGKILL)
+
+
+# ---- a backend that raises: no instance task ends the daemon ----------------------------------
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def raising_backend(where: str):  # type: ignore[no-untyped-def]
+    from .test_lifecycle import FakeBackend, FakeHandle
+
+    class RaisingHandle(FakeHandle):
+        async def wait_ready(self) -> None:
+            await super().wait_ready()
+            if where == "wait_ready":
+                raise Boom(where)
+
+        async def wait_exited(self) -> str:
+            if where == "wait_exited":
+                await trio.sleep(1)
+                raise Boom(where)
+            return await super().wait_exited()
+
+        def alive(self) -> bool:
+            if where == "alive":
+                raise Boom(where)
+            return True
+
+        async def probe(self, timeout: float) -> str | None:
+            if where == "probe":
+                raise Boom(where)
+            return None
+
+        async def stop(self, mode: str, grace: float) -> bool:
+            await super().stop(mode, grace)
+            if where == "stop":
+                raise Boom(where)
+            return False
+
+    class RaisingBackend(FakeBackend):
+        async def start(self, service, number, saved):  # type: ignore[no-untyped-def]
+            self.starts.append(trio.current_time())
+            if where == "start":
+                raise Boom(where)
+            if where == "start-oserror":
+                raise OSError(28, "No space left on device")
+            h = RaisingHandle(self.boot_time, None)
+            self.handles.append(h)
+            return h
+
+    return RaisingBackend()
+
+
+@pytest.mark.parametrize(
+    "where", ["start", "start-oserror", "wait_ready", "wait_exited", "alive", "probe", "stop"]
+)
+async def test_a_raising_backend_never_ends_the_supervisor(
+    tmp_path: Path, where: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    from jitlaunch.errors import BootFailed
+    from jitlaunch.lifecycle.supervisor import Supervisor
+
+    from .test_lifecycle import make
+
+    sup, _ = make(tmp_path, 'health_interval = "1s"')
+    backend = raising_backend(where)
+    sup = Supervisor(sup.config, {"process": backend})
+    rt = sup.services["hello"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        for _ in range(3):  # again and again: every failure ends only its own instance
+            try:
+                inst = await sup.acquire("hello")
+            except BootFailed as exc:
+                assert where in ("start", "start-oserror", "wait_ready")
+                if where == "start-oserror":
+                    assert str(exc) == "cannot start it: No space left on device"
+                else:
+                    assert str(exc) == f"internal error: Boom('{where}')"
+                await trio.sleep_until(rt.retry_at)
+                continue
+            sup.request("hello")
+            await trio.sleep(70)  # idle stop, health probes, the raising wait_exited
+            assert inst.state in (State.STOPPED, State.READY)
+        assert len(backend.starts) >= 2
+        if where == "probe":  # every probe "failed": hung after 3 of them, each time
+            assert rt.hung >= 2
+        if where == "wait_exited":  # its watch broke after 1 s: released, a new one each time
+            assert len(backend.starts) == 3 and rt.idle_stops == 0
+        if where in ("stop", "alive"):  # plain idle stops
+            assert rt.idle_stops >= 2
+        nursery.cancel_scope.cancel()
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    from jitlaunch.lifecycle.backoff import backoff_delay
+
+    assert [backoff_delay(n, 1, 5) for n in range(7)] == [0, 1, 2, 4, 5, 5, 5]
+    assert backoff_delay(10_000, 0.2, 60) == 60  # no overflow
+
+
+def test_backend_errors_become_boot_failures_with_a_reason() -> None:
+    from jitlaunch.backends.base import map_errors
+    from jitlaunch.backends.qmp import QMPError
+    from jitlaunch.errors import BootFailed
+
+    cases: list[tuple[BaseException, str]] = [
+        (QMPError("cont", {"class": "GenericError", "desc": "no"}), "cannot resume it: QMP cont: no"),
+        (trio.TooSlowError(), "cannot resume it: timed out"),
+        (ConnectionRefusedError(111, "Connection refused"), "cannot resume it: Connection refused"),
+        (BootFailed("as it is"), "as it is"),
+    ]
+    for raised, message in cases:
+        with pytest.raises(BootFailed) as info, map_errors("cannot resume it"):
+            raise raised
+        assert str(info.value) == message
+    with pytest.raises(KeyError), map_errors("a bug passes"):
+        raise KeyError("x")

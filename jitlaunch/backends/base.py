@@ -7,16 +7,19 @@ state machine and the timing; the backend only does what it is asked and reports
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import shlex
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import trio
 
 from ..config import ServiceConfig
+from ..errors import BootFailed, ProtocolError
 
 #: How often the TCP readiness probe tries to connect (the issue asks for <= 10 ms).
 PROBE_INTERVAL = 0.005
@@ -101,6 +104,25 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release whatever the backend holds beyond its instances (called shielded)."""
+
+
+@contextlib.contextmanager
+def map_errors(what: str) -> Iterator[None]:
+    """Translate the outside world's errors escaping a backend call into BootFailed, with
+    ``what`` failed as the message's start and the original as ``__cause__``: QMP and other
+    protocol errors, OSError, and a trio timeout inside the backend (``trio.TooSlowError``).
+    BootFailed passes as it is; anything else is a bug and passes too (the supervisor logs
+    it with its traceback). Cancellation is never touched."""
+    try:
+        yield
+    except BootFailed:
+        raise
+    except ProtocolError as exc:
+        raise BootFailed(f"{what}: {exc}") from exc
+    except OSError as exc:
+        raise BootFailed(f"{what}: {exc.strerror or exc}") from exc
+    except trio.TooSlowError as exc:
+        raise BootFailed(f"{what}: timed out") from exc
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -49,6 +49,7 @@ import trio
 from ..aio import first_of
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed, ProtocolError
+from ..lifecycle.backoff import backoff_delay
 from ..net.bridge import Lease
 from .base import (
     PROBE_INTERVAL,
@@ -56,6 +57,7 @@ from .base import (
     Handle,
     connect_check,
     free_port,
+    map_errors,
     open_instance_log,
     probe_tcp,
     process_state,
@@ -75,6 +77,8 @@ _READY = re.compile(rb"^READY\s")
 #: A taken pool member is refilled this long after, so that the new member's boot (tens of
 #: ms of host CPU) does not compete with the instance just woken for its first requests.
 POOL_REFILL_DELAY = 0.25
+#: The longest a QMP stop (into the pool) or cont (out of it, or out of a pause) may take.
+RESUME_TIMEOUT = 2.0
 _KVM_FAILURE = re.compile(rb"KVM internal error|emulation failure")
 #: QEMU could not bind a host forward's port: someone took it after free_port() chose it.
 _HOSTFWD_TAKEN = re.compile(rb"Could not set up host forwarding rule")
@@ -501,11 +505,10 @@ class QemuHandle(Handle):
             await trio.sleep(0.001)
 
     async def resume(self) -> None:
-        """Run a paused instance again (QMP cont); BootFailed if QEMU does not answer."""
-        try:
+        """Run a paused instance again (QMP cont); BootFailed if QEMU does not answer within
+        RESUME_TIMEOUT. The caller destroys it when this fails or is cancelled."""
+        with map_errors("cannot resume it"), trio.fail_after(RESUME_TIMEOUT):
             await (await self.qmp()).execute("cont")
-        except ProtocolError as exc:
-            raise BootFailed(f"cannot resume: {exc}") from exc
         self.paused = False
 
     async def stop(self, mode: str, grace: float) -> bool:
@@ -657,7 +660,8 @@ class QemuBackend(Backend):
 
     async def _keep_pools(self) -> None:
         """Keep every service's pool full. A member that fails to boot is tried again after
-        the service's retry backoff (doubling up to its maximum), not only after a take."""
+        the service's retry backoff (doubling up to its maximum), not only after a take.
+        Nothing that goes wrong with one member ends this loop (or the daemon)."""
         failures: dict[str, int] = {}
         retry_at: dict[str, float] = {}
         while True:
@@ -669,12 +673,12 @@ class QemuBackend(Backend):
                 while len(pool) < settings.pool and settings.kernel in self.image_ids:
                     try:
                         handle = await self._pool_member(svc)
-                    except BootFailed as exc:
+                    except Exception as exc:
                         failures[svc.name] = n = failures.get(svc.name, 0) + 1
-                        delay = min(svc.retry_backoff * 2 ** (n - 1), svc.retry_backoff_max)
+                        delay = backoff_delay(n, svc.retry_backoff, svc.retry_backoff_max)
                         retry_at[svc.name] = trio.current_time() + delay
                         log.error("%s: cannot fill the warm pool: %s; next attempt in %g s",
-                                  svc.name, exc, delay)
+                                  svc.name, exc, delay, exc_info=not isinstance(exc, BootFailed))
                         break
                     failures.pop(svc.name, None)
                     pool.append(handle)
@@ -685,29 +689,20 @@ class QemuBackend(Backend):
             retry_at = {k: v for k, v in retry_at.items() if v > trio.current_time()}
 
     async def _pool_member(self, svc: ServiceConfig) -> QemuHandle:
-        """An instance booted to its READY line and then paused: taking it is a QMP cont."""
+        """An instance booted to its READY line and then paused: taking it is a QMP cont.
+        BootFailed if it cannot be had; the half-made member is destroyed on every path."""
         handle = await self._launch(svc, pool=True)
-        exited: str | None = None
         try:
-            with trio.fail_after(svc.boot_timeout):
-                async with trio.open_nursery() as race:
-
-                    async def gone() -> None:
-                        nonlocal exited
-                        exited = await handle.wait_exited()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(gone)
-                    await handle.wait_ready()
-                    race.cancel_scope.cancel()
-            if exited is not None:
-                raise BootFailed(f"{exited} before it was ready")
-            await (await handle.qmp()).execute("stop")
-        except (BootFailed, ProtocolError, trio.TooSlowError) as exc:
+            with map_errors("pool instance not ready"):
+                with trio.fail_after(svc.boot_timeout):
+                    which, exited = await first_of(handle.wait_ready, handle.wait_exited)
+                    if which == 1:
+                        raise BootFailed(f"{exited} before it was ready")
+                with trio.fail_after(RESUME_TIMEOUT):
+                    await (await handle.qmp()).execute("stop")
+        except BaseException:
             await handle.destroy()
-            if isinstance(exc, BootFailed):
-                raise
-            raise BootFailed(f"pool instance not ready: {exc!r}") from exc
+            raise
         handle.paused = True
         return handle
 
@@ -736,21 +731,24 @@ class QemuBackend(Backend):
         return "kvm"
 
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
-        if isinstance(saved, QemuHandle) and saved.paused and saved.proc.returncode is None:
-            await saved.resume()
-            log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
-            return saved
+        if isinstance(saved, QemuHandle):
+            if saved.paused and saved.alive():
+                if await self._resumed(saved, "paused instance"):
+                    log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
+                    return saved
+            else:
+                await saved.destroy()  # a paused one that died: its files and lease go
         pool = self.pools.get(service.name, [])
         while pool:
             handle = pool.pop(0)
             self._refill.set()
-            if handle.proc.returncode is not None:
+            if not handle.alive():
                 await handle.destroy()
                 continue
             handle.number = number
-            await handle.resume()
-            log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
-            return handle
+            if await self._resumed(handle, "warm pool member"):
+                log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
+                return handle
         state = self.saved_path(service.name)
         settings: QemuSettings = service.settings
         incoming = None
@@ -766,6 +764,21 @@ class QemuBackend(Backend):
                         p.unlink()
         mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
         return await self._launch(service, number=number, incoming=incoming, mac=mac)
+
+    async def _resumed(self, handle: QemuHandle, what: str) -> bool:
+        """Resume ``handle``; if that fails (or is cancelled) destroy it, so that a paused
+        QEMU never outlives its use. False when it failed: the caller boots a fresh one."""
+        try:
+            await handle.resume()
+        except BootFailed as exc:
+            await handle.destroy()
+            log.warning("%s: %s pid %s: %s; destroyed it, booting a fresh instance",
+                        handle.service.name, what, handle.pid, exc)
+            return False
+        except BaseException:
+            await handle.destroy()
+            raise
+        return True
 
     async def _launch(
         self, service: ServiceConfig, *, number: int = 0, pool: bool = False,

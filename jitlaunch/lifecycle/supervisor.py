@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import trio
 
 from ..aio import first_of
-from ..backends.base import Backend, Handle
+from ..backends.base import Backend, Handle, map_errors
 from ..config import Config, ServiceConfig
 from ..errors import BootFailed, BootTimeout, InBackoff
 from ..logutil import LimitedLog
+from .backoff import backoff_delay
 from .state import LIVE, Event, State, next_state
 
 log = logging.getLogger("jitlaunch.supervisor")
@@ -61,6 +62,10 @@ class Instance:
         self.condemned = trio.Event()
         #: Set once the instance's resources have been released (its task is done with it).
         self.released = trio.Event()
+        #: While SAVED with a live process (a paused VM): the watch on it, and its end.
+        self.saved_watch = trio.CancelScope()
+        self.unwatched = trio.Event()
+        self.unwatched.set()
 
     @property
     def label(self) -> str:
@@ -377,6 +382,7 @@ class Supervisor:
         else:
             rt.numbers += 1
             inst = Instance(rt.config, rt.numbers)
+        inst.saved_watch.cancel()  # a resume: the task below waits until the watch is off
         inst.fire(Event.START)
         inst.started_at = trio.current_time()
         rt.instance = inst
@@ -390,13 +396,15 @@ class Supervisor:
         died: str | None = None
         try:
             try:
+                await inst.unwatched.wait()  # the saved instance's watch shares its console
                 await self._boot(rt, inst, resume)
             except BootFailed as exc:
                 self._boot_failed(rt, inst, exc)
                 return
             except Exception as exc:
                 # A bug in a backend must not take the daemon down: fail this boot loudly.
-                log.exception("%s: unexpected error while booting", inst.label)
+                _limited.error("boot-bug", "%s: unexpected error while booting", inst.label,
+                               exc_info=True)
                 self._boot_failed(rt, inst, BootFailed(f"internal error: {exc!r}"))
                 return
             inst.fire(Event.READY)
@@ -439,40 +447,25 @@ class Supervisor:
                     inst.released.set()
 
     async def _boot(self, rt: ServiceRuntime, inst: Instance, resume: bool) -> None:
+        """Start the instance and wait until it is ready, bounded by the boot timeout.
+        BootFailed (BootTimeout) with the cause; the backend's own errors are translated."""
         svc = rt.config
         backend = self.backends[svc.backend]
-        exited: str | None = None
-        error: BootFailed | None = None
-        with trio.move_on_after(svc.boot_timeout) as scope:
+        with trio.move_on_after(svc.boot_timeout):
             saved = inst.handle if resume else None
-            inst.handle = await backend.start(svc, inst.number, saved)
+            with map_errors("cannot start it"):
+                inst.handle = await backend.start(svc, inst.number, saved)
             handle = inst.handle
 
-            async with trio.open_nursery() as race:
+            async def ready() -> None:
+                with map_errors("readiness check failed"):
+                    await handle.wait_ready()
 
-                async def ready() -> None:
-                    nonlocal error
-                    try:
-                        await handle.wait_ready()
-                    except BootFailed as exc:
-                        error = exc
-                    except OSError as exc:
-                        error = BootFailed(f"readiness check failed: {exc}")
-                    race.cancel_scope.cancel()
-
-                async def gone() -> None:
-                    nonlocal exited
-                    exited = await handle.wait_exited()
-                    race.cancel_scope.cancel()
-
-                race.start_soon(ready)
-                race.start_soon(gone)
-        if scope.cancelled_caught:
-            raise BootTimeout(f"not ready within the boot timeout of {svc.boot_timeout:g} s")
-        if exited is not None:
-            raise BootFailed(f"{exited} before it was ready")
-        if error is not None:
-            raise error
+            which, exited = await first_of(ready, handle.wait_exited)
+            if which == 1:
+                raise BootFailed(f"{exited} before it was ready")
+            return
+        raise BootTimeout(f"not ready within the boot timeout of {svc.boot_timeout:g} s")
 
     def _boot_failed(self, rt: ServiceRuntime, inst: Instance, exc: BootFailed) -> None:
         svc = rt.config
@@ -480,7 +473,7 @@ class Supervisor:
         inst.fire(Event.FAIL)
         rt.failures += 1
         rt.boot_failures += 1
-        delay = min(svc.retry_backoff * 2 ** (rt.failures - 1), svc.retry_backoff_max)
+        delay = backoff_delay(rt.failures, svc.retry_backoff, svc.retry_backoff_max)
         rt.retry_at = trio.current_time() + delay
         rt.last_error = f"{inst.label} failed to boot: {exc}"
         log.error("%s; next attempt in %g s at the earliest", rt.last_error, delay)
@@ -500,6 +493,26 @@ class Supervisor:
             handle.wait_exited, lambda: self._until_idle(rt), inst.condemned.wait, health,
         )
         return value if which == 0 else None
+
+    async def _watch_saved(self, rt: ServiceRuntime, inst: Instance, handle: Handle) -> None:
+        """Watch a SAVED instance that still has a process (a paused VM) until it is started
+        again (the scope is cancelled) or dies: then release it (files, addresses) so that
+        the next start boots a fresh one."""
+        try:
+            with inst.saved_watch:
+                how = await handle.wait_exited()
+                if inst.state is State.SAVED and inst.handle is handle:
+                    rt.deaths += 1
+                    log.warning("%s went away while %s: %s; cleaning up", inst.label, inst.state,
+                                how)
+                    inst.fire(Event.STOP)
+                    with trio.CancelScope(shield=True):
+                        await self._release(rt, inst, how)
+        except Exception:
+            _limited.error("saved-watch", "%s: unexpected error while watching it", inst.label,
+                           exc_info=True)
+        finally:
+            inst.unwatched.set()
 
     async def _until_idle(self, rt: ServiceRuntime) -> None:
         while True:
@@ -539,6 +552,12 @@ class Supervisor:
             inst.handle = None
         if rt.instance is inst and inst.state is not State.SAVED:
             rt.instance = None
+        if kept and inst.handle is not None and self._nursery is not None and not self._closing \
+                and self._alive(inst):
+            # A paused instance is still a process: if it dies, clean up after it at once.
+            inst.saved_watch = trio.CancelScope()
+            inst.unwatched = trio.Event()
+            self._nursery.start_soon(self._watch_saved, rt, inst, inst.handle)
         self._notify(rt)
         if rt.restart_wanted and not self._closing and self._nursery is not None:
             rt.restart_wanted = False
