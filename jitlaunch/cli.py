@@ -17,6 +17,7 @@ import trio
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, JitlaunchError
+from .fdlimit import raise_nofile_limit
 
 log = logging.getLogger("jitlaunch")
 
@@ -104,6 +105,7 @@ def _run(path: str | None, level: str | None) -> int:
         stream=sys.stderr,
     )
     log.info("jitlaunch %s starting with %s", __version__, config.path)
+    raise_nofile_limit()
     try:
         trio.run(_serve, config)
     except (JitlaunchError, BaseExceptionGroup) as exc:

@@ -80,6 +80,14 @@ class ProxyConfig:
     max_buffer: int
     max_pending: int
     connect_timeout: float
+    # None: derived from the open file limit at start (jitlaunch.fdlimit).
+    max_connections: int | None = None
+    max_connections_per_source: int | None = None
+    max_connecting: int = 32
+    first_data_timeout: float = 10.0
+    answer_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    half_close_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -484,6 +492,16 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
         max_buffer=p.integer("max_buffer", 65536, low=1),
         max_pending=p.integer("max_pending", 256, low=1),
         connect_timeout=p.duration("connect_timeout", 5),
+        max_connections=p.integer("max_connections", low=1) if p.has("max_connections") else None,
+        max_connections_per_source=(
+            p.integer("max_connections_per_source", low=1)
+            if p.has("max_connections_per_source") else None
+        ),
+        max_connecting=p.integer("max_connecting", 32, low=1),
+        first_data_timeout=p.duration("first_data_timeout", 10),
+        answer_timeout=p.duration("answer_timeout", 30),
+        idle_timeout=p.duration("idle_timeout", "10m"),
+        half_close_timeout=p.duration("half_close_timeout", 30),
     )
     p.done()
 

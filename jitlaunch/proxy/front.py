@@ -1,0 +1,430 @@
+"""The proxy's front: listeners on every service's front addresses, admission, and each
+connection from its accept to its close.
+
+A connection to a service with no ready instance starts one, exactly as a lookup does. While
+it boots, the client's first bytes are buffered, bounded three ways: ``proxy.max_buffer``
+bytes per connection, ``proxy.max_pending`` waiting connections per service, and the
+service's boot timeout. Once an instance is ready the proxy connects (at most
+``proxy.max_connecting`` connects per service at once), replays the buffer (and the client's
+EOF if it came already) and relays both ways (:mod:`.relay`).
+
+A connect that is refused or fails, or an instance that resets the connection before sending
+a byte, does not lose the client: the instance is reported to the supervisor (which checks it
+at once and releases it if it is dead or hung), and the client is served by the instance
+``acquire`` gives next, or by the same one once it accepts (a full listen backlog), with the
+client's bytes replayed, until the service's boot timeout has passed since the first failure.
+
+Admission: at most ``max_connections`` connections are open at once, and at most
+``max_connections_per_source`` from one source address (IPv6: one /64); past either, a new
+connection is closed at once. Every connection the proxy closes without serving it, or ends
+on a timer, is counted in :attr:`Proxy.closed` by ``(service, reason)`` and logged (rate
+limited). No exception from one connection reaches the daemon: each connection's task ends
+only itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import logging
+import math
+import socket
+
+import trio
+
+from ..aio import first_of
+from ..config import Config, Endpoint
+from ..errors import BootFailed, listen_error
+from ..fdlimit import FDS_PER_CONNECTION, default_max_connections, nofile_limit, reserve
+from ..lifecycle.state import State
+from ..lifecycle.supervisor import Instance, Supervisor
+from ..logutil import LimitedLog
+from .relay import PipePool, Relay, Timeouts
+
+log = logging.getLogger("jitlaunch.proxy")
+
+#: After a failed accept (EMFILE and friends), wait this long before the next one.
+ACCEPT_PAUSE = 0.1
+#: Between connects to an instance that refused (its listen backlog is full): doubling.
+RETRY_FIRST = 0.005
+RETRY_MAX = 0.25
+#: Relay outcomes that are the proxy closing a connection on a timer.
+TIMERS = ("first_data", "no_answer", "first_answer", "idle", "half_close")
+_FD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Proxy:
+    """Start with ``await nursery.start(proxy.serve)``; it reports the bound front endpoints.
+
+    ``fd_limit`` (default: the process's soft RLIMIT_NOFILE now) sets the defaults of the
+    connection caps, see :mod:`jitlaunch.fdlimit`.
+    """
+
+    def __init__(self, config: Config, supervisor: Supervisor, fd_limit: int | None = None) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        pc = config.proxy
+        self.fd_limit = nofile_limit() if fd_limit is None else fd_limit
+        dns_tcp = config.dns.max_tcp_connections
+        self.max_connections = pc.max_connections or default_max_connections(self.fd_limit, dns_tcp)
+        self.max_per_source = pc.max_connections_per_source or max(1, self.max_connections // 8)
+        self.timeouts = Timeouts(
+            first_data=pc.first_data_timeout,
+            answer=pc.answer_timeout,
+            idle=pc.idle_timeout,
+            half_close=pc.half_close_timeout,
+        )
+        #: Splice pipes: one per two connections at most, so each costs 3 fds at most.
+        self.pipes = PipePool(max(1, self.max_connections // 2))
+        #: Connections open now (admitted, not yet closed), in all and by source.
+        self.open = 0
+        self.by_source: dict[str, int] = {}
+        self.pending: collections.Counter[str] = collections.Counter()
+        #: Connections the proxy closed, unserved or on a timer, by ``(service, reason)``.
+        self.closed: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Relays that ended, by ``(service, outcome)`` (see relay.OUTCOMES).
+        self.ended: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Connects retried after a failure or a reset before the instance answered.
+        self.retries: collections.Counter[str] = collections.Counter()
+        self.accept_errors = 0
+        self._log = LimitedLog(log)
+        self._connecting: dict[str, trio.CapacityLimiter] = {}
+        self._accepting = trio.CancelScope()
+
+    def stop_accepting(self) -> None:
+        """Close the front listeners; connections already open carry on."""
+        self._accepting.cancel()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners: list[tuple[str, int, trio.SocketListener]] = []
+        try:
+            for svc in self.config.services:
+                for addr in svc.front:
+                    for port in svc.ports:
+                        listeners.append((svc.name, port, await _listen(addr, port)))
+            bound = [_endpoint(lst) for _, _, lst in listeners]
+            self._log_limits()
+            async with trio.open_nursery() as connections:
+                with self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for name, port, lst in listeners:
+                            accepting.start_soon(self._accept_loop, lst, name, port, connections)
+                        if bound:
+                            log.info("proxy on %s", ", ".join(str(b) for b in bound))
+                        task_status.started(bound)
+                for _, _, lst in listeners:
+                    await lst.aclose()
+        finally:
+            for _, _, lst in listeners:
+                with trio.CancelScope(shield=True):
+                    await lst.aclose()
+            self.pipes.close()
+
+    def _log_limits(self) -> None:
+        if not self.config.services:
+            return
+        fits = (self.fd_limit - reserve(self.fd_limit, self.config.dns.max_tcp_connections))
+        fits //= FDS_PER_CONNECTION
+        log.info(
+            "proxy: at most %d connections, %d per source (open file limit %d)",
+            self.max_connections, self.max_per_source, self.fd_limit,
+        )
+        if self.max_connections > fits:
+            log.warning(
+                "proxy.max_connections = %d is more than the open file limit of %d allows "
+                "(about %d); past that, connections fail instead of being refused cleanly",
+                self.max_connections, self.fd_limit, fits,
+            )
+
+    # ---- admission -------------------------------------------------------------------
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, service: str, port: int, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: pause, keep serving
+                self.accept_errors += 1
+                self._log.warning(
+                    f"accept:{service}", "proxy: accepting for %s failed: %s; pausing %g s",
+                    service, exc, ACCEPT_PAUSE,
+                )
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            source = _source(stream)
+            refused = self._admit(source)
+            if refused is not None:
+                self._close(service, refused)
+                stream.socket.close()
+                continue
+            self.open += 1
+            self.by_source[source] = self.by_source.get(source, 0) + 1
+            nursery.start_soon(self._connection, stream, service, port, source)
+
+    def _admit(self, source: str) -> str | None:
+        """None to admit a connection from ``source``, else why it is refused."""
+        if self.open >= self.max_connections:
+            return "max_connections"
+        if self.by_source.get(source, 0) >= self.max_per_source:
+            return "max_per_source"
+        return None
+
+    def _close(self, service: str, reason: str, detail: str = "") -> None:
+        self.closed[(service, reason)] += 1
+        level = logging.INFO if reason in TIMERS else logging.WARNING
+        what = "closed on a timer" if reason in TIMERS else "closed unserved"
+        self._log.log(
+            level, f"{reason}:{service}", "proxy: %s connection %s (%s)%s", service, what, reason,
+            f": {detail}" if detail else "",
+        )
+
+    # ---- one connection --------------------------------------------------------------
+
+    async def _connection(
+        self, client: trio.SocketStream, service: str, port: int, source: str
+    ) -> None:
+        """One connection's task: never raises (but Cancelled), always closes the client."""
+        try:
+            await self._handle(client, service, port)
+        except Exception as exc:
+            if _fd_shortage(exc):
+                self._close(service, "fds", str(exc))
+            else:
+                self.closed[(service, "error")] += 1
+                self._log.error(
+                    f"error:{service}", "proxy: %s connection failed: %r", service, exc,
+                    exc_info=True,
+                )
+        finally:
+            self.open -= 1
+            left = self.by_source[source] - 1
+            if left:
+                self.by_source[source] = left
+            else:
+                del self.by_source[source]
+            await trio.aclose_forcefully(client)
+
+    async def _handle(self, client: trio.SocketStream, service: str, port: int) -> None:
+        sup = self.supervisor
+        sup.connection_opened(service)
+        try:
+            inst = sup.request(service)
+            buffered = b""
+            eof = False
+            if inst is None:
+                self._close(service, "backoff")
+                return
+            if inst.state is not State.READY:
+                if self.pending[service] >= self.config.proxy.max_pending:
+                    self._close(service, "pending")
+                    return
+                self.pending[service] += 1
+                try:
+                    got = await self._buffer_until_ready(client, service)
+                finally:
+                    self.pending[service] -= 1
+                if got is None:
+                    return
+                inst, buffered, eof = got
+            await self._serve(client, service, port, inst, buffered, eof)
+        finally:
+            sup.connection_closed(service)
+
+    async def _buffer_until_ready(
+        self, client: trio.SocketStream, service: str
+    ) -> tuple[Instance, bytes, bool] | None:
+        limit = self.config.proxy.max_buffer
+        svc = self.config.service(service)
+        buf = bytearray()
+        eof = False
+
+        async def read() -> str:
+            nonlocal eof
+            while True:
+                data = await client.receive_some(limit - len(buf) + 1)
+                if not data:
+                    eof = True
+                    await trio.sleep_forever()  # keep waiting: the request may be complete
+                buf.extend(data)
+                if len(buf) > limit:
+                    return "buffer"
+
+        async def ready() -> Instance:
+            return await self.supervisor.acquire(service)
+
+        # The supervisor bounds the boot itself; this is only a safety net.
+        with trio.move_on_after(svc.boot_timeout + 1):
+            try:
+                which, value = await first_of(read, ready)
+            except BootFailed as exc:
+                self._close(service, "boot_failed", str(exc))
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._close(service, "client")
+                return None
+            if which == 0:
+                self._close(service, value)
+                return None
+            assert isinstance(value, Instance)
+            return value, bytes(buf), eof
+        self._close(service, "timeout")
+        return None
+
+    async def _serve(
+        self,
+        client: trio.SocketStream,
+        service: str,
+        port: int,
+        inst: Instance,
+        buffered: bytes,
+        eof: bool,
+    ) -> None:
+        """Connect to ``inst`` and relay; on a failed connect or an unanswered reset, report
+        the instance and go on with the next one, within the boot timeout."""
+        svc = self.config.service(service)
+        deadline = math.inf  # set at the first failure
+        delay = RETRY_FIRST
+        while True:
+            upstream, why = await self._connect(inst, service, port)
+            if upstream is not None:
+                relay = Relay(
+                    client, upstream, self.timeouts, self.pipes,
+                    buffered=buffered, client_eof=eof, keep=self.config.proxy.max_buffer,
+                )
+                try:
+                    outcome = await relay.run()
+                finally:
+                    await trio.aclose_forcefully(upstream)
+                self.ended[(service, outcome)] += 1
+                if outcome == "first_answer":
+                    await self._report(inst, "no first byte within proxy.answer_timeout")
+                    if relay.replay is None or inst.state is State.READY:
+                        self._close(service, outcome)
+                        return
+                elif outcome == "unanswered_reset":
+                    if relay.replay is None:
+                        self._close(service, "reset", "the instance reset it before answering")
+                        return
+                    await self._report(inst, "reset a connection before answering")
+                else:
+                    if outcome in TIMERS:
+                        self._close(service, outcome)
+                    return
+                buffered, eof = bytes(relay.replay), relay.client_eof
+                why = outcome
+            elif why == "fds":
+                self._close(service, "fds", "no file descriptor left to connect")
+                return
+            else:
+                await self._report(inst, why)
+            now = trio.current_time()
+            if deadline == math.inf:
+                deadline = now + svc.boot_timeout
+            if now >= deadline:
+                self._close(service, "connect", f"{why}, still after the boot timeout")
+                return
+            self.retries[service] += 1
+            with trio.move_on_at(deadline):
+                try:
+                    nxt = await self.supervisor.acquire(service)
+                except BootFailed as exc:
+                    self._close(service, "boot_failed", str(exc))
+                    return
+                if nxt is inst:  # alive, but not accepting: wait a little
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                else:
+                    delay = RETRY_FIRST
+                inst = nxt
+                continue
+            self._close(service, "connect", f"{why}, still after the boot timeout")
+            return
+
+    async def _connect(
+        self, inst: Instance, service: str, port: int
+    ) -> tuple[trio.SocketStream | None, str]:
+        """A stream to the instance's ``port``, or None and why not: ``gone`` (no handle),
+        ``fds``, ``refused``, ``connect_timeout`` or ``unreachable``."""
+        handle = inst.handle
+        if handle is None:
+            return None, "gone"
+        host, target = handle.endpoint(port)
+        limiter = self._connecting.get(service)
+        if limiter is None:
+            limiter = self._connecting[service] = trio.CapacityLimiter(
+                self.config.proxy.max_connecting
+            )
+        async with limiter:
+            try:
+                sock = trio.socket.socket(
+                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+                )
+            except OSError:
+                return None, "fds"
+            with trio.move_on_after(self.config.proxy.connect_timeout) as timer:
+                try:
+                    await sock.connect((host, target))
+                except ConnectionRefusedError:
+                    sock.close()
+                    return None, "refused"
+                except OSError as exc:
+                    sock.close()
+                    self._log.warning(
+                        f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
+                        inst.label, host, target, exc,
+                    )
+                    return None, "unreachable"
+            if timer.cancelled_caught:
+                sock.close()
+                return None, "connect_timeout"
+        return trio.SocketStream(sock), ""
+
+    async def _report(self, inst: Instance, reason: str) -> None:
+        """Tell the supervisor that ``inst`` let a connection down (it checks the instance)."""
+        report = getattr(self.supervisor, "report_unreachable", None)
+        if report is not None:
+            await report(inst, reason)
+
+
+def _fd_shortage(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it wraps) is running out of descriptors or buffers."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_fd_shortage(e) for e in exc.exceptions)
+    if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
+        return True
+    return exc.__cause__ is not None and _fd_shortage(exc.__cause__)
+
+
+def _source(stream: trio.SocketStream) -> str:
+    """The key a connection is counted under for the per-source cap."""
+    try:
+        addr = stream.socket.getpeername()[0]
+    except OSError:
+        return ""
+    if ":" in addr:
+        return str(ipaddress.IPv6Network(f"{addr.split('%')[0]}/64", strict=False))
+    return str(addr)
+
+
+async def _listen(host: str, port: int) -> trio.SocketListener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise listen_error("the proxy", host, port, exc) from exc
+    return trio.SocketListener(sock)
+
+
+def _endpoint(listener: trio.SocketListener) -> Endpoint:
+    host, port = listener.socket.getsockname()[:2]
+    return Endpoint(host, port)
