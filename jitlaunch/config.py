@@ -59,6 +59,18 @@ class Zone:
 
 
 @dataclass(frozen=True)
+class RrlConfig:
+    """Response rate limiting for DNS over UDP (``[dns.rrl]``); see :mod:`jitlaunch.dns.rrl`."""
+
+    rate: int = 200  # responses per second per source prefix; 0 turns RRL off
+    slip: int = 2  # every slip-th limited response is sent truncated (TC=1); 0 never
+    window: float = 15.0  # seconds over which the rate is averaged
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+    exempt: tuple[str, ...] = ()  # networks never limited ("192.0.2.0/24")
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     listen: tuple[Endpoint, ...]
     zones: tuple[Zone, ...]
@@ -73,6 +85,7 @@ class DnsConfig:
     max_tcp_connections_per_source: int = 32
     max_held: int = 1024
     max_held_per_connection: int = 16
+    rrl: RrlConfig = field(default_factory=RrlConfig)
 
 
 @dataclass(frozen=True)
@@ -355,6 +368,28 @@ def _parse_dns(root: Table) -> DnsConfig:
         max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 32, low=1),
         max_held=t.integer("max_held", 1024, low=1),
         max_held_per_connection=t.integer("max_held_per_connection", 16, low=1),
+        rrl=_parse_rrl(t.sub("rrl")),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_rrl(t: Table) -> RrlConfig:
+    exempt = []
+    for net in t.strings("exempt", []):
+        try:
+            exempt.append(str(ipaddress.ip_network(net, strict=False)))
+        except ValueError:
+            raise t.error(
+                "exempt", f"expected a network such as '192.0.2.0/24' or '2001:db8::/32', got {net!r}"
+            ) from None
+    cfg = RrlConfig(
+        rate=t.integer("rate", 200),
+        slip=t.integer("slip", 2, high=100),
+        window=t.duration("window", 15),
+        ipv4_prefix=t.integer("ipv4_prefix", 24, high=32),
+        ipv6_prefix=t.integer("ipv6_prefix", 56, high=128),
+        exempt=tuple(exempt),
     )
     t.done()
     return cfg

@@ -44,6 +44,19 @@ def test_valid_config_round_trip() -> None:
     assert cfg.dns.nameserver_addresses == ("127.0.0.1",)
 
 
+def test_dns_limits_and_rrl() -> None:
+    dns = parse_config(BASE, "c.toml").dns
+    assert (dns.tcp_message_timeout, dns.max_tcp_connections_per_source) == (3, 32)
+    assert (dns.max_held, dns.max_held_per_connection) == (1024, 16)
+    rrl = dns.rrl
+    assert (rrl.rate, rrl.slip, rrl.window, rrl.ipv4_prefix, rrl.ipv6_prefix, rrl.exempt) == (
+        200, 2, 15, 24, 56, ())
+    text = BASE + 'tcp_message_timeout = "500ms"\n[dns.rrl]\nrate = 0\nexempt = ["10.1.2.3/8", "::1"]\n'
+    dns = parse_config(text, "c.toml").dns
+    assert dns.tcp_message_timeout == 0.5
+    assert dns.rrl.rate == 0 and dns.rrl.exempt == ("10.0.0.0/8", "::1/128")
+
+
 def test_defaults_table_and_durations() -> None:
     cfg = parse_config(
         BASE + '[defaults]\nidle_timeout = "5m"\nboot_timeout = "250ms"\nanswer = "wait"\n' + SERVICE,
@@ -69,6 +82,14 @@ def test_defaults_table_and_durations() -> None:
         (BASE + "colour = 1\n", "conf.toml: dns.colour: unknown key"),
         (BASE + "[dns.soa]\nserial = 1.5\n", "conf.toml: dns.soa.serial: expected an integer, got a number"),
         (BASE + "[surprise]\n", "conf.toml: surprise: unknown key"),
+        (BASE + "[dns.rrl]\nrate = -1\n", "conf.toml: dns.rrl.rate: expected an integer from 0 to"),
+        (BASE + "[dns.rrl]\nipv4_prefix = 33\n",
+         "conf.toml: dns.rrl.ipv4_prefix: expected an integer from 0 to 32"),
+        (BASE + '[dns.rrl]\nexempt = ["10.0.0.0/33"]\n',
+         "conf.toml: dns.rrl.exempt: expected a network such as '192.0.2.0/24'"),
+        (BASE + "[dns.rrl]\nburst = 5\n", "conf.toml: dns.rrl.burst: unknown key"),
+        (BASE + "max_held_per_connection = 0\n",
+         "conf.toml: dns.max_held_per_connection: expected an integer from 1"),
         (BASE + "[daemon]\nstate_dir = 3\n", "conf.toml: daemon.state_dir: expected a path"),
         (BASE + "[proxy]\nmax_buffer = 0\n", "conf.toml: proxy.max_buffer: expected an integer from 1"),
         (BASE + "[defaults]\nbogus = 1\n", "conf.toml: defaults.bogus: unknown key (allowed: backend"),

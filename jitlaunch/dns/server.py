@@ -12,6 +12,7 @@ Everything here faces the internet, so every bound is explicit (all in ``[dns]``
   ``tcp_idle_timeout`` without a query, when a query has not arrived whole within
   ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
   for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
+* UDP replies: response rate limiting per source prefix (``[dns.rrl]``, :mod:`.rrl`).
 * Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together (past it a
   UDP query is dropped, a TCP connection stops reading until one completes) and
   ``max_held_per_connection`` on one TCP connection (past it the connection stops reading).
@@ -38,6 +39,7 @@ from ..errors import ListenError, listen_error
 from ..lifecycle.supervisor import Supervisor
 from ..logutil import LimitedLog
 from .authority import Authority
+from .rrl import RateLimiter, Verdict, truncated
 
 log = logging.getLogger("jitlaunch.dns")
 
@@ -108,13 +110,15 @@ class DnsServer:
     Start it with ``endpoints = await nursery.start(server.serve)``. :attr:`counts` counts
     what clients made us do besides answering (``tcp_reset``, ``tcp_slow_query``,
     ``tcp_slow_reader``, ``tcp_refused``, ``tcp_refused_source``, ``held_dropped``,
-    ``udp_receive_error``, ``udp_send_error``) and ``internal_error``, which must stay 0.
+    ``udp_receive_error``, ``udp_send_error``, ``rrl_slipped``, ``rrl_dropped``) and
+    ``internal_error``, which must stay 0.
     """
 
     def __init__(self, config: Config, supervisor: Supervisor) -> None:
         self.config = config
         self.authority = Authority(config, supervisor)
         self.counts: Counter[str] = Counter()
+        self.rrl = RateLimiter(config.dns.rrl)
         #: Open DNS-over-TCP connections, in total and by source address.
         self.tcp_connections = 0
         self._per_source: dict[str, int] = {}
@@ -231,6 +235,13 @@ class DnsServer:
             self._internal_error("a held UDP answer", exc)
 
     async def _udp_send(self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
+        verdict = self.rrl.check(str(addr[0]), trio.current_time())
+        if verdict is Verdict.DROP:
+            self.counts["rrl_dropped"] += 1
+            return
+        if verdict is Verdict.SLIP:
+            self.counts["rrl_slipped"] += 1
+            reply = truncated(reply)
         try:
             try:
                 sock.sendto(reply, addr)
