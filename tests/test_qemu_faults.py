@@ -5,6 +5,7 @@ answer, and bridge networking (MACs, addresses) inside a network namespace of th
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.aio import first_of
 from jitlaunch.backends import qemu as qemu_backend
+from jitlaunch.errors import BootFailed, ProtocolError
 from jitlaunch.lifecycle.state import State
 
 from .conftest import config_text, http_get, load, query_udp, running, wait_until
@@ -183,3 +186,30 @@ def test_instance_macs_are_distinct_stable_unicast(tmp_path: Path) -> None:
     for mac in macs:
         first = int(mac.split(":")[0], 16)
         assert first & 1 == 0 and first & 2 == 2 and len(bytes.fromhex(mac.replace(":", ""))) == 6
+
+
+async def test_qmp_that_does_not_answer_fails_with_a_reason(state: Path, block: str) -> None:
+    """A frozen QEMU (SIGSTOP) never answers QMP: a resume is a BootFailed naming the timeout,
+    and opening QMP afresh a ProtocolError after the boot timeout, never a hang or a bare
+    trio.TooSlowError."""
+    cfg = load(config_text(state, service(f"{block}.1").replace('"20s"', '"2s"')))
+    async with running(cfg) as d:
+        backend = d.backends["qemu"]
+        handle = await backend.start(cfg.services[0], 99, None)
+        assert isinstance(handle, qemu_backend.QemuHandle) and handle.pid is not None
+        try:
+            with trio.fail_after(15):  # the console is read by wait_exited, as the supervisor does
+                assert (await first_of(handle.wait_ready, handle.wait_exited))[0] == 0
+            qmp = await handle.qmp()
+            qmp.reply_timeout = 0.5
+            os.kill(handle.pid, signal.SIGSTOP)
+            with trio.fail_after(3), pytest.raises(BootFailed, match=r"no answer within 0\.5 s"):
+                await handle.resume()
+            await qmp.aclose()
+            handle._qmp = None
+            with trio.fail_after(5), pytest.raises(ProtocolError, match=r"within 2 s"):
+                await handle.qmp()
+        finally:
+            os.kill(handle.pid, signal.SIGCONT)
+            await handle.destroy()
+        assert not list((state / "run").glob("*"))

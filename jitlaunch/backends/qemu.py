@@ -754,7 +754,10 @@ class QemuBackend(Backend):
         incoming = None
         if state.exists():
             meta = state.with_suffix(".image")
-            valid = meta.exists() and meta.read_text() == self.image_ids.get(settings.kernel)
+            try:
+                valid = meta.exists() and meta.read_text() == self.image_ids.get(settings.kernel)
+            except OSError as exc:
+                raise BootFailed(f"cannot read the saved state's image id {meta}: {exc}") from exc
             if valid:
                 incoming = state
             else:
