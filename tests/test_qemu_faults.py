@@ -5,9 +5,12 @@ answer, and bridge networking (MACs, addresses) inside a network namespace of th
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from jitlaunch.backends import qemu as qemu_backend
 from jitlaunch.errors import BootFailed, ProtocolError
 from jitlaunch.lifecycle.state import State
 
-from .conftest import config_text, http_get, load, query_udp, running, wait_until
+from .conftest import PYTHON, ROOT, config_text, http_get, load, query_udp, running, wait_until
 from .test_qemu import KERNEL, image, qemus, server, service, state
 
 __all__ = ["image", "state"]  # the fixtures, used by name
@@ -213,3 +216,139 @@ async def test_qmp_that_does_not_answer_fails_with_a_reason(state: Path, block: 
             os.kill(handle.pid, signal.SIGCONT)
             await handle.destroy()
         assert not list((state / "run").glob("*"))
+
+
+# ---- bridge networking, inside a network namespace of the test's own -----------------------
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 to create a network namespace",
+)
+
+
+@pytest.fixture
+def netns() -> Iterator[list[str]]:
+    """A fresh network namespace with loopback up; yields the command prefix that runs a
+    program inside it. Deleted afterwards (its taps and bridge go with it)."""
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        inside = ["ip", "netns", "exec", ns]
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
+        yield inside
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+def links(inside: list[str]) -> str:
+    return subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+ATTACH_CONCURRENTLY = """
+import ipaddress, threading, trio
+from jitlaunch.net import bridge
+
+on_loop = []
+real_delete = bridge._delete_link
+
+def delete(name):
+    on_loop.append(threading.current_thread() is threading.main_thread())
+    real_delete(name)
+
+bridge._delete_link = delete
+
+async def main():
+    subnet = ipaddress.IPv4Network("10.77.0.0/24")
+    leases = []
+
+    async def one():
+        leases.append(await bridge.attach("jl0", subnet))
+
+    async with trio.open_nursery() as n:
+        for _ in range(4):
+            n.start_soon(one)
+    print(" ".join(sorted(lease.ip for lease in leases)))
+    async with trio.open_nursery() as n:
+        for lease in leases:
+            n.start_soon(lease.release)
+    print("on the event loop" if any(on_loop) else f"in worker threads: {len(on_loop)}")
+
+trio.run(main)
+"""
+
+
+@needs_netns
+def test_concurrent_attaches_get_distinct_addresses(netns: list[str]) -> None:
+    """Four boots attach to the bridge at once: four addresses (reserved before the blocking
+    netlink calls), and the releases delete the taps in worker threads, not on the loop."""
+    res = subprocess.run([*netns, PYTHON, "-c", ATTACH_CONCURRENTLY], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    ips, where = res.stdout.splitlines()
+    assert len(set(ips.split())) == 4, ips
+    assert where == "in worker threads: 4"
+    assert "jl0" in links(netns) and "jlt" not in links(netns)
+
+
+@needs_netns
+async def test_bridge_pool_refill_keeps_the_handed_out_address(
+    state: Path, netns: list[str]
+) -> None:
+    """conf/bridge.toml (pool = 1): the refill's new member boots after a lookup took the pool
+    member and DNS handed its address over. With one MAC for every guest the refill took that
+    MAC over on the bridge and the address went dark; each guest has its own now."""
+    text = (ROOT / "conf" / "bridge.toml").read_text()
+    assert "pool = 1" in text
+    text = text.replace("[dns]", f'[daemon]\nstate_dir = "{state}"\n\n[dns]')
+    conf = state / "bridge.toml"
+    conf.write_text(text.replace("../images/build/hello.elf", str(KERNEL)))
+    proc = None
+    try:
+        with open(state / "daemon.log", "wb") as logfile:
+            proc = await trio.lowlevel.open_process(
+                [*netns, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+                stderr=logfile)
+
+        async def ask() -> str:
+            res = await trio.run_process(
+                [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                 "hello.jit.test", "A"], capture_stdout=True, check=False)
+            lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
+            return "\n".join(lines).strip()
+
+        async def reachable(addr: str) -> bool:
+            res = await trio.run_process(
+                [*netns, PYTHON, "-c", f"import socket; s = socket.create_connection(('{addr}', 80), 1);"
+                 "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.settimeout(1);"
+                 "assert s.recv(100).startswith(b'HTTP/1.1 200')"],
+                capture_stdout=True, capture_stderr=True, check=False)
+            return res.returncode == 0
+
+        # the pool member is booted and paused before any lookup
+        await wait_until(lambda: len(qemus(state)) == 1, timeout=30)
+        with trio.fail_after(30):
+            while not (addr := await ask()).startswith("10.77.0."):
+                await trio.sleep(0.05)
+        assert await reachable(addr)
+        # the refill boots a second guest on the bridge (READY, then paused)
+        await wait_until(lambda: len(qemus(state)) == 2, timeout=30)
+        pool_log = state / "logs" / "hello.pool.log"
+        await wait_until(lambda: pool_log.exists() and b"READY" in pool_log.read_bytes(),
+                         timeout=30)
+        for _ in range(5):  # the handed-out address keeps answering
+            assert await reachable(addr), f"{addr} went dark after the pool refill"
+        macs = set()
+        for pid in qemus(state):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+            macs |= {a.split("mac=")[1] for a in argv if "mac=" in a}
+        assert len(macs) == 2, macs
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        assert "jlt" not in links(netns)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
