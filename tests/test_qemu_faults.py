@@ -252,9 +252,9 @@ from jitlaunch.net import bridge
 on_loop = []
 real_delete = bridge._delete_link
 
-def delete(name):
+def delete(*args):
     on_loop.append(threading.current_thread() is threading.main_thread())
-    real_delete(name)
+    real_delete(*args)
 
 bridge._delete_link = delete
 
@@ -326,16 +326,16 @@ async def test_bridge_pool_refill_keeps_the_handed_out_address(
             return res.returncode == 0
 
         # the pool member is booted and paused before any lookup
-        await wait_until(lambda: len(qemus(state)) == 1, timeout=30)
+        daemon_log = state / "daemon.log"
+        await wait_until(lambda: b"warm pool member is ready" in daemon_log.read_bytes(), timeout=30)
         with trio.fail_after(30):
             while not (addr := await ask()).startswith("10.77.0."):
                 await trio.sleep(0.05)
         assert await reachable(addr)
         # the refill boots a second guest on the bridge (READY, then paused)
-        await wait_until(lambda: len(qemus(state)) == 2, timeout=30)
-        pool_log = state / "logs" / "hello.pool.log"
-        await wait_until(lambda: pool_log.exists() and b"READY" in pool_log.read_bytes(),
+        await wait_until(lambda: daemon_log.read_bytes().count(b"warm pool member is ready") == 2,
                          timeout=30)
+        assert len(qemus(state)) == 2
         for _ in range(5):  # the handed-out address keeps answering
             assert await reachable(addr), f"{addr} went dark after the pool refill"
         macs = set()
@@ -350,5 +350,8 @@ async def test_bridge_pool_refill_keeps_the_handed_out_address(
         assert "jlt" not in links(netns)
     finally:
         if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGINT)  # a clean stop takes its QEMUs along
+            with trio.move_on_after(20):
+                await proc.wait()
             proc.kill()
             await proc.wait()

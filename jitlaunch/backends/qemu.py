@@ -682,6 +682,7 @@ class QemuBackend(Backend):
                         break
                     failures.pop(svc.name, None)
                     pool.append(handle)
+                    log.info("%s: a warm pool member is ready (%s)", svc.name, handle.describe())
             self._refill = trio.Event()
             with trio.move_on_at(min(retry_at.values(), default=math.inf)):
                 await self._refill.wait()

@@ -9,11 +9,14 @@ CAP_NET_ADMIN; netlink calls are blocking, so they run in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import ipaddress
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +48,7 @@ class Lease:
             return
         self.released = True
         try:
-            await trio.to_thread.run_sync(_delete_link, self.tap)
+            await trio.to_thread.run_sync(_delete_link, self.tap, self.bridge, self.ip)
         except Exception as exc:  # it must not stop the rest of the release
             log.warning("cannot remove tap %s: %s", self.tap, exc)
         finally:
@@ -60,16 +63,33 @@ def _ipr() -> Any:
     return IPRoute()
 
 
-def _delete_link(name: str) -> None:
+def _delete_link(name: str, bridge: str | None = None, ip: str | None = None) -> None:
+    """Delete link ``name``; with ``bridge`` and ``ip``, also forget the host's neighbour
+    entry for ``ip`` there: the next instance to get the address has another MAC, and a
+    stale entry would send its first packets to the old one for seconds."""
     with _ipr() as ipr:
         idx = ipr.link_lookup(ifname=name)
         if idx:
             ipr.link("del", index=idx[0])
+        br = ipr.link_lookup(ifname=bridge) if bridge and ip else []
+        if br:
+            with contextlib.suppress(Exception):  # no entry: nothing to forget
+                ipr.neigh("del", dst=ip, ifindex=br[0])
 
 
 def _bridge_mac(name: str) -> str:
     h = hashlib.sha256(f"jitlaunch bridge {name}".encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x02 | (h[0] & 0xFC), *h[1:6]))
+
+
+@contextlib.contextmanager
+def _unless_exists() -> Iterator[None]:
+    """Ignore netlink's EEXIST: attaches run in worker threads, two may create one thing."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "code", None) != errno.EEXIST:
+            raise
 
 
 def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
@@ -79,12 +99,14 @@ def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
         log.info("creating bridge %s with %s/%d", name, gateway, subnet.prefixlen)
         # A MAC of its own: otherwise the bridge takes the lowest of its ports' MACs, and
         # changes it (under the guests' ARP caches) as taps come and go.
-        ipr.link("add", ifname=name, kind="bridge", address=_bridge_mac(name))
+        with _unless_exists():  # a concurrent attach made it first
+            ipr.link("add", ifname=name, kind="bridge", address=_bridge_mac(name))
         idx = ipr.link_lookup(ifname=name)
     index: int = idx[0]
     addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
     if str(gateway) not in addrs:
-        ipr.addr("add", index=index, address=str(gateway), prefixlen=subnet.prefixlen)
+        with _unless_exists():
+            ipr.addr("add", index=index, address=str(gateway), prefixlen=subnet.prefixlen)
     ipr.link("set", index=index, state="up")
     return index
 
