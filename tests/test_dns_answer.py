@@ -17,7 +17,8 @@ from jitlaunch.config import parse_config
 from jitlaunch.dns import answer, authority
 from jitlaunch.dns.answer import Catalog, Response, respond
 from jitlaunch.dns.authority import Authority
-from jitlaunch.lifecycle.supervisor import ServiceAnswer
+from jitlaunch.lifecycle.answers import ServiceAnswer, ServiceSnapshot, answer_for
+from jitlaunch.lifecycle.state import State
 
 from .dnsreply import parse_reply
 
@@ -57,19 +58,20 @@ command = "x"
 )
 CATALOG = Catalog(CONFIG.dns, CONFIG.services)
 STATE = {
-    "hello": ServiceAnswer(("127.77.1.5",), (), 30),
-    "six": ServiceAnswer(("127.77.0.2",), ("fd00::2",), 1),
-    "slow": ServiceAnswer(pending=True),
-    "many": ServiceAnswer(tuple(f"127.78.0.{i}" for i in range(1, 41)), (), 1),
+    "hello": ServiceSnapshot(State.READY, "127.77.1.5"),  # handed over, TTL 30
+    "six": ServiceSnapshot(State.STARTING),  # the fronts, booting TTL 1
+    "slow": ServiceSnapshot(State.STARTING),  # wait mode: held
+    "many": ServiceSnapshot(State.STARTING),
 }
+NOW = 1000.0
 
 
-def lookup(name: str) -> ServiceAnswer:
+def snapshot(name: str) -> ServiceSnapshot:
     return STATE[name]
 
 
 def run(wire: bytes, udp: bool = True) -> Response:
-    return respond(wire, CATALOG, lookup, udp=udp)
+    return respond(wire, CATALOG, snapshot, NOW, udp=udp)
 
 
 # ---- a tiny independent encoder for expected bytes -------------------------------------
@@ -283,7 +285,7 @@ def test_wait_mode_holds_the_reply_and_servfail_when_failed() -> None:
     q = header(15, 0) + question("slow.jit.test", 1)
     resp = run(q)
     assert resp == Response(None, "slow", pending=True)
-    failed = respond(q, CATALOG, lambda n: ServiceAnswer(servfail=True), udp=True)
+    failed = respond(q, CATALOG, lambda n: ServiceSnapshot(State.FAILED, None, NOW + 1), NOW, udp=True)
     assert failed.reply == header(15, QR | 2) + question("slow.jit.test", 1)
 
 
@@ -405,13 +407,16 @@ class FakeSupervisor:
     def request(self, name: str) -> None:
         self.requests.append(name)
 
-    def answer(self, name: str) -> ServiceAnswer:
+    def snapshot(self, name: str) -> ServiceSnapshot:
         return STATE[name]
 
+    async def acquire(self, name: str) -> None:
+        raise AssertionError("not used")
 
-def test_cache_keeps_known_names_only_and_ignores_padding() -> None:
+
+async def test_cache_keeps_known_names_only_and_ignores_padding() -> None:
     sup = FakeSupervisor()
-    auth = Authority(CONFIG, sup)  # type: ignore[arg-type]
+    auth = Authority(CONFIG, sup)
     q = header(1, 0) + question("hello.jit.test", 1)
     first = auth.answer_now(q, udp=True)
     again = auth.answer_now(header(2, 0) + q[12:], udp=True)
@@ -428,9 +433,9 @@ def test_cache_keeps_known_names_only_and_ignores_padding() -> None:
     assert auth.internal_errors == 0
 
 
-def test_cache_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cache_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(authority, "CACHE_BYTES", 20_000)
-    auth = Authority(CONFIG, FakeSupervisor())  # type: ignore[arg-type]
+    auth = Authority(CONFIG, FakeSupervisor())
     peak = 0
     for i in range(200):  # distinct keys through case changes, ~700-byte replies over TCP
         name = "".join(c.upper() if i >> k & 1 else c for k, c in enumerate("many.jit.test"))
@@ -438,3 +443,45 @@ def test_cache_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert 0 < auth._cache_bytes <= 20_000
         peak = max(peak, len(auth._caches[False]))
     assert 20 <= peak <= 30
+
+
+# ---- the answer-mode policy --------------------------------------------------------------
+
+
+def test_policy_follows_the_mode_and_the_state() -> None:
+    hello, six, slow = (CONFIG.service(n) for n in ("hello", "six", "slow"))
+    booting = ServiceSnapshot(State.STARTING)
+    assert answer_for(hello, ServiceSnapshot(), NOW) == ServiceAnswer(("127.77.0.1",), (), 1)
+    assert answer_for(hello, booting, NOW) == ServiceAnswer(("127.77.0.1",), (), 1)
+    # Ready without an address of its own: the front, with the full TTL.
+    assert answer_for(hello, ServiceSnapshot(State.READY), NOW) == ServiceAnswer(("127.77.0.1",), (), 30)
+    # wait: held while booting; SERVFAIL while backing off with nothing under way.
+    assert answer_for(slow, booting, NOW).pending
+    assert answer_for(slow, ServiceSnapshot(None, None, NOW + 1), NOW).servfail
+    assert answer_for(slow, ServiceSnapshot(State.FAILED, None, NOW + 1), NOW).servfail
+    assert answer_for(slow, ServiceSnapshot(State.FAILED, None, NOW), NOW).pending  # may retry
+    ready = ServiceSnapshot(State.READY, "127.77.1.3")
+    assert answer_for(slow, ready, NOW) == ServiceAnswer(("127.77.1.3",), (), 30)
+    # An IPv4-only instance replaces the IPv4 front only: AAAA keeps the IPv6 front.
+    assert answer_for(six, ready, NOW) == ServiceAnswer(("127.77.1.3",), ("fd00::2",), 30)
+    v6_only = ServiceSnapshot(State.READY, "fd00::99")
+    assert answer_for(six, v6_only, NOW) == ServiceAnswer(("127.77.0.2",), ("fd00::99",), 30)
+
+
+def test_aaaa_after_the_hand_over_keeps_the_ipv6_front() -> None:
+    state = {"six": ServiceSnapshot(State.READY, "127.77.1.6")}
+    q = header(20, 0) + question("six.jit.test", 28)
+    reply = respond(q, CATALOG, state.__getitem__, NOW, udp=True).reply
+    v6 = bytes.fromhex("fd000000000000000000000000000002")
+    assert reply == header(20, QR | AA, an=1) + question("six.jit.test", 28) + rr(ptr(12), 28, 30, v6)
+
+
+def test_dns_does_not_import_the_supervisor() -> None:
+    """The answer logic is pure: nothing under jitlaunch/dns/ imports lifecycle.supervisor."""
+    import pathlib
+
+    for path in (pathlib.Path(answer.__file__).parent).glob("*.py"):
+        assert "supervisor import" not in path.read_text(), path
+    import jitlaunch.lifecycle.answers as policy
+
+    assert "import trio" not in pathlib.Path(policy.__file__).read_text()

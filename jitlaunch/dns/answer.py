@@ -16,9 +16,10 @@ checked against NSD by tests/test_dns_nsd.py:
   AXFR over UDP NOTIMP, over TCP REFUSED, IXFR REFUSED (we serve no secondaries);
 * a name outside every zone: REFUSED (we are never an open resolver);
 * SOA and NS at the apex, with glue for nameservers inside the zone; for ANY both;
-* A and AAAA for service names, from the :class:`ServiceAnswer` the caller looks up (ANY
-  gives both families); a ``wait`` service that is booting gives ``pending`` (hold the
-  reply and call again), a failed one SERVFAIL;
+* A and AAAA for service names, as the answer-mode policy
+  (:func:`jitlaunch.lifecycle.answers.answer_for`) says for the service's snapshot and the
+  time (ANY gives both families); a ``wait`` service that is booting gives ``pending`` (hold
+  the reply and call again), a failed one SERVFAIL;
 * NODATA (NOERROR, SOA in the authority section) for other types of a known name and for
   empty non-terminals; NXDOMAIN with the SOA for unknown names inside a zone; the negative
   TTL is the smaller of the SOA's TTL and its minimum (RFC 2308, section 5);
@@ -44,7 +45,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..config import DnsConfig, ServiceConfig, Zone
-from ..lifecycle.supervisor import ServiceAnswer
+from ..lifecycle.answers import ServiceSnapshot, answer_for
 from ..logutil import LimitedLog
 from . import wire as w
 
@@ -125,14 +126,14 @@ class Catalog:
 
     def __init__(self, dns: DnsConfig, services: Iterable[ServiceConfig]) -> None:
         self.zones = {w.name_to_wire(z.name): ZoneData(z) for z in dns.zones}
-        self.services: dict[bytes, str] = {}
+        self.services: dict[bytes, ServiceConfig] = {}
         self.glue: dict[bytes, tuple[str, ...]] = {}
         self.nodes: set[bytes] = set()
         self.edns_payload = dns.edns_payload
         for svc in services:
             for name in svc.names:
                 key = w.name_to_wire(name)
-                self.services[key] = svc.name
+                self.services[key] = svc
                 self._add_node(key)
         for zone in dns.zones:
             for ns in zone.nameservers:
@@ -160,18 +161,20 @@ class Catalog:
             pos += 1 + length
 
 
-def respond(
-    wire: bytes,
-    catalog: Catalog,
-    lookup: Callable[[str], ServiceAnswer],
-    *,
-    udp: bool,
-) -> Response:
-    """Answer one DNS query (see the module docstring for the rules). Never raises."""
+#: How :func:`respond` learns a service's state: a snapshot by service name.
+Snapshots = Callable[[str], ServiceSnapshot]
+
+
+def respond(wire: bytes, catalog: Catalog, state: Snapshots, now: float, *, udp: bool) -> Response:
+    """Answer one DNS query (see the module docstring for the rules). Never raises.
+
+    ``state`` gives the snapshot of a service the query names, ``now`` the time the
+    answer-mode policy compares with a service's backoff. A pure function of its arguments.
+    """
     if len(wire) < 12 or wire[2] & 0x80:
         return NO_REPLY
     try:
-        return _respond(w.parse_query(wire), catalog, lookup, udp)
+        return _respond(w.parse_query(wire), catalog, state, now, udp)
     except Exception:
         # A bug must cost one answer, not the server. The fallback cannot fail, and the
         # flag lets tests (and the counters) see that this path was taken.
@@ -213,9 +216,7 @@ def _address_records(v4: tuple[str, ...], v6: tuple[str, ...], ttl: int,
     return count, out
 
 
-def _respond(
-    q: w.Query, catalog: Catalog, lookup: Callable[[str], ServiceAnswer], udp: bool
-) -> Response:
+def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bool) -> Response:
     if q.error:
         return Response(_short(q, q.error, _opt(catalog, q), False))
     edns = q.edns
@@ -247,12 +248,12 @@ def _respond(
     answers = additional = b""
     if service is not None:
         if qtype in STARTING_TYPES:
-            asked = service
-            ans = lookup(service)
+            asked = service.name
+            ans = answer_for(service, state(asked), now)
             if ans.pending:
-                return Response(None, service, pending=True)
+                return Response(None, asked, pending=True)
             if ans.servfail:
-                return Response(_short(q, w.SERVFAIL, opt, True), service)
+                return Response(_short(q, w.SERVFAIL, opt, True), asked)
             an, answers = _address_records(ans.v4, ans.v6, ans.ttl, qtype != w.TYPE_AAAA,
                                            qtype != w.TYPE_A)
     elif name == zone.apex:

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import math
+from typing import Protocol
+
 import trio
 
 from ..config import Config
 from ..errors import BootFailed
-from ..lifecycle.supervisor import ServiceAnswer, Supervisor
+from ..lifecycle.answers import ServiceSnapshot
+from ..lifecycle.state import State
 from .answer import Catalog, Response, respond
+
+
+class Services(Protocol):
+    """What the authority needs of the supervisor (which dns/ does not import)."""
+
+    #: Bumped on every change of any service's state; cached replies are for one generation.
+    generation: int
+
+    def request(self, name: str) -> object:
+        """Note a lookup of service ``name`` and make sure it is starting or ready."""
+
+    def snapshot(self, name: str) -> ServiceSnapshot:
+        """Service ``name``'s state now."""
+
+    async def acquire(self, name: str) -> object:
+        """Wait until service ``name`` is ready; BootFailed if it cannot be."""
 
 #: Bounds of the reply cache: entries, and bytes of keys and replies together.
 CACHE_ENTRIES = 4096
@@ -26,7 +46,7 @@ class Authority:
     useful entries out). The cache is emptied when it reaches either bound.
     """
 
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, supervisor: Services) -> None:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
@@ -48,7 +68,7 @@ class Authority:
                 sup.request(service)
             return Response(wire[:2] + tail, service, cacheable=True)
         generation = sup.generation
-        resp = respond(wire, self.catalog, sup.answer, udp=udp)
+        resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
         if resp.service is not None:
             sup.request(resp.service)
         if resp.cacheable and resp.reply is not None:
@@ -79,8 +99,10 @@ class Authority:
         finally:
             self.held -= 1
 
-        def lookup(name: str) -> ServiceAnswer:
-            ans = sup.answer(name)
-            return ServiceAnswer(servfail=True) if failed or ans.pending else ans
+        def state(name: str) -> ServiceSnapshot:
+            snap = sup.snapshot(name)
+            if failed or snap.state is not State.READY:
+                return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL
+            return snap
 
-        return respond(wire, self.catalog, lookup, udp=udp).reply
+        return respond(wire, self.catalog, state, trio.current_time(), udp=udp).reply

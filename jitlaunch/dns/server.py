@@ -36,9 +36,8 @@ import trio
 
 from ..config import Config, Endpoint
 from ..errors import ListenError, listen_error
-from ..lifecycle.supervisor import Supervisor
 from ..logutil import LimitedLog
-from .authority import Authority
+from .authority import Authority, Services
 from .rrl import RateLimiter, Verdict, truncated
 
 log = logging.getLogger("jitlaunch.dns")
@@ -114,7 +113,7 @@ class DnsServer:
     ``internal_error``, which must stay 0.
     """
 
-    def __init__(self, config: Config, supervisor: Supervisor) -> None:
+    def __init__(self, config: Config, supervisor: Services) -> None:
         self.config = config
         self.authority = Authority(config, supervisor)
         self.counts: Counter[str] = Counter()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import trio
 
@@ -30,8 +29,9 @@ from ..backends.base import Backend, Handle, map_errors
 from ..config import Config, ServiceConfig
 from ..errors import BootFailed, BootTimeout, InBackoff
 from ..logutil import LimitedLog
+from .answers import ServiceAnswer, ServiceSnapshot, answer_for
 from .backoff import backoff_delay
-from .state import LIVE, Event, State, next_state
+from .state import Event, State, next_state
 
 log = logging.getLogger("jitlaunch.supervisor")
 
@@ -80,21 +80,6 @@ class Instance:
         described = self.handle.describe() if self.handle else ""
         extra = f" {described}" if described else ""
         return f"<Instance {self.label} {self.state} {self.service.backend}{extra}>"
-
-
-@dataclass(frozen=True)
-class ServiceAnswer:
-    """What DNS should say about a service right now.
-
-    ``pending`` means a ``wait`` service is booting: hold the reply. ``servfail`` means the
-    service cannot be had now (its boot failed).
-    """
-
-    v4: tuple[str, ...] = ()
-    v6: tuple[str, ...] = ()
-    ttl: int = 0
-    pending: bool = False
-    servfail: bool = False
 
 
 class ServiceRuntime:
@@ -278,23 +263,18 @@ class Supervisor:
         if rt.connections == 0:
             rt.no_connections.set()
 
-    def answer(self, name: str) -> ServiceAnswer:
-        """What DNS says about service ``name`` now (see DESIGN.md, answer modes)."""
+    def snapshot(self, name: str) -> ServiceSnapshot:
+        """Service ``name``'s state as DNS needs it (the policy is in answers.py)."""
         rt = self.services[name]
-        svc = rt.config
         inst = rt.instance
-        ready = inst is not None and inst.state is State.READY
-        handle = inst.handle if inst is not None else None
-        if ready and handle is not None and handle.address and svc.answer != "proxy":
-            addr = handle.address
-            v4, v6 = ((addr,), ()) if ":" not in addr else ((), (addr,))
-            return ServiceAnswer(v4, v6, svc.ttl)
-        if svc.answer == "wait" and not ready:
-            starting = inst is not None and inst.state in LIVE
-            if not starting and trio.current_time() < rt.retry_at:
-                return ServiceAnswer(servfail=True)
-            return ServiceAnswer(pending=True)
-        return ServiceAnswer(svc.front_v4, svc.front_v6, svc.ttl if ready else svc.booting_ttl)
+        if inst is None:
+            return ServiceSnapshot(None, None, rt.retry_at)
+        address = inst.handle.address if inst.handle is not None else None
+        return ServiceSnapshot(inst.state, address, rt.retry_at)
+
+    def answer(self, name: str) -> ServiceAnswer:
+        """What DNS says about service ``name`` now (see answers.py)."""
+        return answer_for(self.services[name].config, self.snapshot(name), trio.current_time())
 
     # ---- instance lifecycle ------------------------------------------------------------
 
