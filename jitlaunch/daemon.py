@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from . import systemd as sd
 from .backends import Backend, create_backends
 from .config import Config, Endpoint
 from .dns.server import DnsServer
@@ -70,6 +71,9 @@ class Daemon:
     dns: DnsServer = field(init=False)
     dns_endpoints: list[Endpoint] = field(default_factory=list)
     proxy_endpoints: list[Endpoint] = field(default_factory=list)
+    #: Sockets systemd passed (socket activation); None: read them from the environment.
+    passed: sd.PassedSockets | None = None
+    notifier: sd.Notifier = field(default_factory=sd.Notifier)
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
@@ -96,18 +100,28 @@ class Daemon:
             ) from exc
         lock = lock_state_dir(self.config.daemon.state_dir)
         try:
+            if self.passed is None:
+                self.passed = sd.sort_passed(sd.listen_fds(os.environ, os.getpid()), self.config)
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
                     await nursery.start(backend.run)
                 await nursery.start(self.supervisor.run)
+                self.dns.passed = self.passed.dns
                 self.dns_endpoints = await nursery.start(self.dns.serve)
+                self.proxy.passed = self.passed.fronts
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
                     ", ".join(z.name for z in self.config.dns.zones),
                 )
                 task_status.started(self)
+                nursery.start_soon(
+                    sd.serve_notify, self.notifier, self.supervisor,
+                    sd.watchdog_interval(os.environ, os.getpid()), self._stop,
+                )
                 await self._stop.wait()
+                self.notifier.send(STOPPING=1, STATUS="stopping: draining, then every instance")
+                nursery.start_soon(sd.extend_stop_timeout, self.notifier)
                 self.proxy.stop_accepting()
                 with trio.move_on_after(self.config.daemon.drain_timeout):
                     await self.supervisor.drain()

@@ -12,16 +12,29 @@
   ``$LISTEN_PID`` is our pid, fds 3 .. 3 + ``$LISTEN_FDS`` - 1, named by ``$LISTEN_FDNAMES``
   (colon-separated; ``unknown`` when unnamed). The variables are removed from the
   environment afterwards, so that instances we start never see them.
+* :func:`sort_passed` matches those sockets against the config: ``dns`` sockets against
+  ``dns.listen``, fronts (named ``proxy`` or after their service) against the services'
+  fronts; anything else is a clear error.
+* :func:`status_line` is the one-line ``STATUS=`` summary, and :func:`serve_notify` the task
+  that sends ``READY=1``, keeps ``STATUS=`` current and pings the watchdog.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
 
+import trio
+
+from .config import Config, Endpoint
 from .errors import ListenError
+from .lifecycle.state import State
+from .lifecycle.supervisor import Supervisor
 
 log = logging.getLogger("jitlaunch.systemd")
 
@@ -132,3 +145,182 @@ def describe(sock: socket.socket) -> str:
         return f"{kind} fd {sock.fileno()}"
     where = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return f"{kind} {where}"
+
+
+@dataclass
+class PassedSockets:
+    """The sockets systemd passed, sorted out against the config (see :func:`sort_passed`)."""
+
+    #: One ``(udp, tcp)`` pair per ``dns.listen`` endpoint, in its order; None when no
+    #: ``dns`` socket was passed (the daemon binds them itself).
+    dns: list[tuple[socket.socket, socket.socket]] | None = None
+    #: Listening TCP sockets for fronts, by ``(service, address, port)``; the proxy binds
+    #: the fronts not here itself.
+    fronts: dict[tuple[str, str, int], socket.socket] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for udp, tcp in self.dns or ():
+            udp.close()
+            tcp.close()
+        for sock in self.fronts.values():
+            sock.close()
+
+
+def _where(sock: socket.socket) -> tuple[str, int] | None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    host, port = sock.getsockname()[:2]
+    return str(ipaddress.ip_address(host.split("%")[0])), port
+
+
+def sort_passed(passed: Mapping[str, list[socket.socket]], config: Config) -> PassedSockets:
+    """Match the sockets systemd passed (:func:`listen_fds`) against ``config``.
+
+    * ``dns``: UDP and TCP sockets; when any is passed, every ``dns.listen`` endpoint must
+      have exactly one of each (same address, same port), and each one passed must be one
+      of ``dns.listen``. With none passed, the daemon binds ``dns.listen`` itself.
+    * ``proxy`` or a service's name: listening TCP sockets, each on a front address and
+      port of a service (of that service, when named after it). Fronts not passed are
+      bound by the daemon.
+
+    Raises ListenError, naming the socket and what the config says, for any other name, a
+    socket that matches nothing, a duplicate, or a missing ``dns`` socket; every passed
+    socket is closed then.
+    """
+    out = PassedSockets()
+    try:
+        _sort(passed, config, out)
+    except BaseException:
+        out.close()
+        for socks in passed.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return out
+
+
+def _sort(passed: Mapping[str, list[socket.socket]], config: Config, out: PassedSockets) -> None:
+    services = {s.name: s for s in config.services}
+    unknown = sorted(set(passed) - {"dns", "proxy"} - set(services))
+    if unknown:
+        described = ", ".join(describe(s) for s in passed[unknown[0]])
+        raise ListenError(
+            f"socket activation: a socket named {unknown[0]!r} ({described}) was passed; "
+            f"expected 'dns', 'proxy' or a service name ({', '.join(services) or 'none'}): "
+            "check FileDescriptorName= in the socket unit"
+        )
+    listen = ", ".join(str(e) for e in config.dns.listen)
+    if passed.get("dns"):
+        pairs: dict[tuple[str, int], dict[int, socket.socket]] = {}
+        for sock in passed["dns"]:
+            where = _where(sock)
+            if where is None or sock.type not in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                raise ListenError(
+                    f"socket activation: the dns socket {describe(sock)} is not a UDP or TCP "
+                    "socket"
+                )
+            if Endpoint(*where) not in config.dns.listen:
+                raise ListenError(
+                    f"socket activation: the dns socket {describe(sock)} is not in dns.listen "
+                    f"({listen}); the socket unit and the config must list the same addresses"
+                )
+            kinds = pairs.setdefault(where, {})
+            if sock.type in kinds:
+                raise ListenError(f"socket activation: {describe(sock)} was passed twice")
+            kinds[sock.type] = sock
+        out.dns = []
+        for ep in config.dns.listen:
+            kinds = pairs.pop((ep.host, ep.port), {})
+            for kind, name in ((socket.SOCK_DGRAM, "UDP"), (socket.SOCK_STREAM, "TCP")):
+                if kind not in kinds:
+                    raise ListenError(
+                        f"socket activation: dns.listen {ep} has no {name} socket among those "
+                        f"passed ({', '.join(describe(s) for s in passed['dns'])}); the socket "
+                        "unit and the config must list the same addresses, UDP and TCP"
+                    )
+            udp, tcp = kinds[socket.SOCK_DGRAM], kinds[socket.SOCK_STREAM]
+            udp.setblocking(False)
+            out.dns.append((udp, tcp))
+    for name in ["proxy", *services]:
+        for sock in passed.get(name, []):
+            where = _where(sock)
+            owners = [
+                s.name for s in config.services
+                if (name == "proxy" or name == s.name) and where is not None
+                and where[0] in s.front and where[1] in s.ports
+            ]
+            if where is None or sock.type != socket.SOCK_STREAM or not owners:
+                of = "any service" if name == "proxy" else f"service {name!r}"
+                raise ListenError(
+                    f"socket activation: the {name} socket {describe(sock)} is not a front of "
+                    f"{of} (a TCP socket on one of its front addresses and ports)"
+                )
+            key = (owners[0], *where)
+            if key in out.fronts:
+                raise ListenError(f"socket activation: {describe(sock)} was passed twice")
+            out.fronts[key] = sock
+
+
+def status_line(supervisor: Supervisor) -> str:
+    """``3 services; 1 running, 1 booting; last failure: ...``, for ``STATUS=``."""
+    running = booting = 0
+    failure: tuple[float, str] | None = None
+    for rt in supervisor.services.values():
+        inst = rt.instance
+        if inst is not None and inst.state in (State.READY, State.DRAINING):
+            running += 1
+        elif inst is not None and inst.state is State.STARTING:
+            booting += 1
+        if rt.last_error and (failure is None or rt.last_error_at >= failure[0]):
+            failure = (rt.last_error_at, rt.last_error)
+    count = len(supervisor.services)
+    line = f"{count} service{'s' if count != 1 else ''}; {running} running, {booting} booting"
+    if failure is not None:
+        line += f"; last failure: {failure[1]}"
+    return line[:400]
+
+
+#: How often the STATUS= line is checked for changes (it is sent only when it changed).
+STATUS_INTERVAL = 0.5
+
+
+async def serve_notify(
+    notifier: Notifier, supervisor: Supervisor, watchdog: float | None, until: trio.Event
+) -> None:
+    """Send READY=1 with the first STATUS=, then keep STATUS= current and, when systemd
+    asked for it, send WATCHDOG=1 every half of ``watchdog`` seconds, until ``until`` is set
+    (the daemon is stopping). Start it once every listener and the supervisor are up. Never
+    raises for a failed send (the notifier logs it)."""
+    last = status_line(supervisor)
+    notifier.send(READY=1, STATUS=last)
+    next_ping = math.inf
+    if watchdog is not None:
+        notifier.send(WATCHDOG=1)
+        next_ping = trio.current_time() + watchdog / 2
+    generation = supervisor.generation
+    while True:
+        with trio.move_on_after(min(STATUS_INTERVAL, next_ping - trio.current_time())):
+            await until.wait()
+            return
+        now = trio.current_time()
+        if watchdog is not None and now >= next_ping:
+            notifier.send(WATCHDOG=1)
+            next_ping = now + watchdog / 2
+        if supervisor.generation != generation:
+            generation = supervisor.generation
+            line = status_line(supervisor)
+            if line != last:
+                notifier.send(STATUS=line)
+                last = line
+
+
+#: While the daemon drains, it asks systemd for this much more stop time, every half of it.
+EXTEND_STEP = 20.0
+
+
+async def extend_stop_timeout(notifier: Notifier) -> None:
+    """Send ``EXTEND_TIMEOUT_USEC=`` every half of :data:`EXTEND_STEP` until cancelled, so a
+    long drain is not cut short by ``TimeoutStopSec=``."""
+    while True:
+        notifier.send(EXTEND_TIMEOUT_USEC=int(EXTEND_STEP * 1_000_000))
+        await trio.sleep(EXTEND_STEP / 2)

@@ -13,9 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+from jitlaunch.config import Config, parse_config
 from jitlaunch.errors import ListenError
-from jitlaunch.systemd import Notifier, listen_fds, notify_address, watchdog_interval
+from jitlaunch.lifecycle.supervisor import Supervisor
+from jitlaunch.systemd import (
+    Notifier,
+    listen_fds,
+    notify_address,
+    serve_notify,
+    sort_passed,
+    status_line,
+    watchdog_interval,
+)
 
 from .conftest import ROOT
 
@@ -133,3 +145,169 @@ def test_listen_fds_from_systemd_socket_activate(datagram: bool) -> None:
     assert proc.returncode == 0, err.decode()
     kind = "UDP" if datagram else "TCP"
     assert json.loads(out) == {"dns": [f"{kind} 127.0.0.1:{port}"], "left": []}
+
+
+# ---- sorting passed sockets out against the config ---------------------------------------
+
+
+def _passed_config(port: int, services: str = "") -> Config:
+    return parse_config(f"""
+[daemon]
+state_dir = "/nonexistent"
+[dns]
+listen = ["127.0.0.1:{port}"]
+zones = ["jit.test"]
+{services}
+""", "test.toml")
+
+
+def _pair() -> tuple[socket.socket, socket.socket, int]:
+    """A UDP and a TCP socket bound to the same 127.0.0.1 port, as the socket unit makes."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        tcp = socket.socket()
+        try:
+            tcp.bind(("127.0.0.1", port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen()
+        return udp, tcp, port
+    raise AssertionError("no free port pair")
+
+
+def test_passed_dns_sockets_are_matched_to_dns_listen() -> None:
+    udp, tcp, port = _pair()
+    passed = sort_passed({"dns": [tcp, udp]}, _passed_config(port))
+    assert passed.dns == [(udp, tcp)]
+    assert passed.fronts == {}
+    passed.close()
+    assert udp.fileno() == -1 and tcp.fileno() == -1
+
+
+def test_nothing_passed_means_bind_everything() -> None:
+    passed = sort_passed({}, _passed_config(5353))
+    assert passed.dns is None and passed.fronts == {}
+
+
+@pytest.mark.parametrize("case", ["missing-tcp", "other-port", "unknown-name", "unix", "twice"])
+def test_unexpected_or_missing_passed_sockets_are_clear_errors(case: str) -> None:
+    udp, tcp, port = _pair()
+    extra: list[socket.socket] = []
+    if case == "missing-tcp":
+        passed, config, match = {"dns": [udp]}, _passed_config(port), "has no TCP socket"
+    elif case == "other-port":
+        passed, config, match = {"dns": [udp, tcp]}, _passed_config(port + 1), "is not in dns.listen"
+    elif case == "unknown-name":
+        passed, config, match = {"dns": [udp], "web": [tcp]}, _passed_config(port), "named 'web'"
+    elif case == "unix":
+        extra = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)]
+        passed, config, match = {"dns": [udp, tcp, *extra]}, _passed_config(port), "not a UDP or TCP"
+    else:
+        extra = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+        extra[0].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.close()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (udp, extra[0]):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+        passed, config, match = {"dns": [udp, extra[0], tcp]}, _passed_config(port), "passed twice"
+    with pytest.raises(ListenError, match=match):
+        sort_passed(passed, config)
+    # Every passed socket is closed on an error.
+    assert all(s.fileno() == -1 for socks in passed.values() for s in socks)
+    for s in (udp, tcp, *extra):
+        s.close()
+
+
+def test_passed_fronts_by_service_name_or_proxy() -> None:
+    services = """
+[[service]]
+name = "a"
+front = ["127.0.0.1"]
+ports = [{pa}]
+[service.process]
+command = "true"
+[[service]]
+name = "b"
+front = ["127.0.0.1"]
+ports = [{pb}]
+[service.process]
+command = "true"
+"""
+    a, b = socket.socket(), socket.socket()
+    for s in (a, b):
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+    pa, pb = a.getsockname()[1], b.getsockname()[1]
+    config = _passed_config(5353, services.format(pa=pa, pb=pb))
+    passed = sort_passed({"a": [a], "proxy": [b]}, config)
+    assert passed.dns is None
+    assert passed.fronts == {("a", "127.0.0.1", pa): a, ("b", "127.0.0.1", pb): b}
+    passed.close()
+    # A front passed under another service's name is refused.
+    c = socket.socket()
+    c.bind(("127.0.0.1", 0))
+    c.listen()
+    pc = c.getsockname()[1]
+    with pytest.raises(ListenError, match="not a front of service 'a'"):
+        sort_passed({"a": [c]}, _passed_config(5353, services.format(pa=pa, pb=pc)))
+    assert c.fileno() == -1
+
+
+# ---- READY, STATUS and the watchdog, on virtual time ---------------------------------
+
+
+async def _datagrams(sock: trio.socket.SocketType) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return out
+
+
+async def test_serve_notify_ready_status_and_watchdog(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    receiver, address = _receiver(tmp_path, abstract=False)
+    receiver.setblocking(False)
+    config = _passed_config(5353, """
+[[service]]
+name = "a"
+front = ["127.0.0.1"]
+ports = [8080]
+[service.process]
+command = "true"
+""")
+    supervisor = Supervisor(config, {})
+    notifier = Notifier({"NOTIFY_SOCKET": address})
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_notify, notifier, supervisor, 4.0, stop)
+        await trio.sleep(0.01)
+        assert [m.split("\n") for m in await _datagrams(receiver)] == [
+            ["READY=1", "STATUS=1 service; 0 running, 0 booting"], ["WATCHDOG=1"]]
+        await trio.sleep(4.0)  # pings at 2 s and 4 s: every half of WATCHDOG_USEC
+        assert await _datagrams(receiver) == ["WATCHDOG=1", "WATCHDOG=1"]
+        rt = supervisor.services["a"]
+        rt.last_error, rt.last_error_at = "a#1 failed to boot: exited with status 1", 1.0
+        supervisor.generation += 1
+        await trio.sleep(0.6)
+        assert await _datagrams(receiver) == [
+            "STATUS=1 service; 0 running, 0 booting; last failure: a#1 failed to boot: exited "
+            "with status 1"]
+        supervisor.generation += 1  # a change that does not change the line sends nothing
+        await trio.sleep(0.6)
+        assert await _datagrams(receiver) == []
+        stop.set()
+    notifier.close()
+    receiver.close()
+
+
+def test_status_line_counts_states() -> None:
+    config = _passed_config(5353)
+    assert status_line(Supervisor(config, {})) == "0 services; 0 running, 0 booting"

@@ -94,6 +94,12 @@ def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def _adopt(udp: socket.socket, tcp: socket.socket) -> tuple[socket.socket, trio.socket.SocketType]:
+    """A (udp, tcp) pair systemd bound, as :func:`_bind_pair` returns one."""
+    udp.setblocking(False)
+    return udp, trio.socket.from_stdlib_socket(tcp)
+
+
 def _bind(sock: socket.socket, host: str, port: int, proto: str) -> None:
     try:
         sock.bind((host, port))  # a numeric address: never blocks
@@ -126,6 +132,8 @@ class DnsServer:
         self._held_free = trio.Event()
         self._log = LimitedLog(log)
         self.endpoints: list[Endpoint] = []
+        #: Socket activation: one (udp, tcp) pair per ``dns.listen`` endpoint, bound by systemd.
+        self.passed: list[tuple[socket.socket, socket.socket]] | None = None
 
     def __repr__(self) -> str:
         where = ", ".join(str(e) for e in self.endpoints) or "unbound"
@@ -143,7 +151,7 @@ class DnsServer:
         pairs: list[tuple[socket.socket, trio.socket.SocketType]] = []
         try:
             for ep in dns.listen:
-                pairs.append(_bind_pair(ep))
+                pairs.append(_bind_pair(ep) if self.passed is None else _adopt(*self.passed[len(pairs)]))
             self.endpoints = [
                 Endpoint(ep.host, udp.getsockname()[1])
                 for ep, (udp, _) in zip(dns.listen, pairs, strict=True)

@@ -92,6 +92,7 @@ class ServiceRuntime:
         self.failures = 0
         self.retry_at = -math.inf
         self.last_error: str | None = None
+        self.last_error_at = -math.inf  # trio time of last_error
         self.last_activity = -math.inf
         self.connections = 0
         self.no_connections = trio.Event()
@@ -456,6 +457,7 @@ class Supervisor:
         delay = backoff_delay(rt.failures, svc.retry_backoff, svc.retry_backoff_max)
         rt.retry_at = trio.current_time() + delay
         rt.last_error = f"{inst.label} failed to boot: {exc}"
+        rt.last_error_at = trio.current_time()
         log.error("%s; next attempt in %g s at the earliest", rt.last_error, delay)
         self._notify(rt)
 

@@ -91,6 +91,8 @@ class Proxy:
         self._log = LimitedLog(log)
         self._connecting: dict[str, trio.CapacityLimiter] = {}
         self._accepting = trio.CancelScope()
+        #: Fronts systemd bound (socket activation), by (service, address, port).
+        self.passed: dict[tuple[str, str, int], socket.socket] = {}
 
     def stop_accepting(self) -> None:
         """Close the front listeners; connections already open carry on."""
@@ -104,7 +106,12 @@ class Proxy:
             for svc in self.config.services:
                 for addr in svc.front:
                     for port in svc.ports:
-                        listeners.append((svc.name, port, await _listen(addr, port)))
+                        given = self.passed.pop((svc.name, addr, port), None)
+                        listener = (
+                            trio.SocketListener(trio.socket.from_stdlib_socket(given))
+                            if given is not None else await _listen(addr, port)
+                        )
+                        listeners.append((svc.name, port, listener))
             bound = [_endpoint(lst) for _, _, lst in listeners]
             self._log_limits()
             async with trio.open_nursery() as connections:

@@ -1,0 +1,245 @@
+"""Our units under a real systemd (252 here), PID 1 of its own namespaces (tests/systemd_ns.py).
+
+One systemd for the module. systemd/jitlaunch.service and jitlaunch.socket are used as
+shipped, with one drop-in of the test's: ExecStart= runs this checkout's .venv and config,
+WatchdogSec= is short, and the Python the .venv was made from is bound in read-only when it
+lives under /root or /home (ProtectHome= hides those). The daemon's state directory is
+/var/lib/jitlaunch of the namespace, in the overlay's throw-away upper layer.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import systemd_ns
+from .conftest import ROOT
+from .systemd_ns import SystemdNamespace, systemd_namespace
+
+why_not = systemd_ns.available()
+pytestmark = pytest.mark.skipif(why_not is not None, reason=why_not or "")
+
+UNITS = ROOT / "systemd"
+WATCHDOG = 3.0
+CONFIG = """
+[daemon]
+drain_timeout = "2s"
+
+[dns]
+listen = ["0.0.0.0:53"]
+zones = ["jit.test"]
+nameserver_addresses = ["127.0.0.1"]
+
+[[service]]
+name = "py"
+front = ["127.77.0.2"]
+ports = [8080]
+idle_timeout = "5m"
+[service.process]
+command = "{python} -m jitlaunch.demo_http --address {address} --port {port} --name {name}"
+subnet = "127.77.1.0/24"
+"""
+
+
+def _dropin() -> str:
+    lines = [
+        "[Service]",
+        "ExecStart=",
+        f"ExecStart={ROOT}/.venv/bin/jitlaunch run --config /etc/jitlaunch/jitlaunch.toml",
+        f"WatchdogSec={WATCHDOG:g}s",
+    ]
+    base = Path(sys.base_prefix).resolve()
+    if base.parts[1:2] in (("root",), ("home",)):
+        lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def ns() -> Iterator[SystemdNamespace]:
+    units = {
+        "jitlaunch.service": (UNITS / "jitlaunch.service").read_text(),
+        "jitlaunch.socket": (UNITS / "jitlaunch.socket").read_text(),
+        "jitlaunch.service.d/test.conf": _dropin(),
+    }
+    with systemd_namespace(units) as ns:
+        # SupplementaryGroups=kvm needs the group; the overlay keeps /etc/group throw-away.
+        ns.run(["sh", "-c", "getent group kvm >/dev/null || groupadd -r kvm"])
+        ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG)
+        yield ns
+
+
+@pytest.fixture(autouse=True)
+def _fresh(ns: SystemdNamespace) -> None:
+    # Each test restarts the service a few times: without this, systemd's start rate limit
+    # (5 in 10 s) would fail a later test's start.
+    ns.systemctl("reset-failed", "jitlaunch.service", "jitlaunch.socket", check=False)
+
+
+def _dig(ns: SystemdNamespace, name: str, *extra: str) -> list[str]:
+    out = ns.run(["dig", "+short", "+time=5", "+tries=1", "@127.0.0.1", name, *extra],
+                 namespaces="-n").stdout
+    return out.split()
+
+
+def _active(ns: SystemdNamespace) -> bool:
+    return ns.show("jitlaunch.service", "ActiveState") == "active"
+
+
+def _main_pid(ns: SystemdNamespace) -> int:
+    return int(ns.show("jitlaunch.service", "MainPID"))
+
+
+def _running(ns: SystemdNamespace) -> None:
+    """The service active and READY (Type=notify: active only once READY=1 arrived)."""
+    ns.systemctl("start", "jitlaunch.socket", "jitlaunch.service")
+    ns.wait_for(lambda: _active(ns), what="jitlaunch.service active")
+
+
+def _boot_py(ns: SystemdNamespace) -> int:
+    """Look py up, wait until its instance is ready; return the instance's pid (host)."""
+    ns.run([f"{ROOT}/.venv/bin/jitlaunch", "probe", "py.jit.test", "--server", "127.0.0.1:53",
+            "--port", "8080"], namespaces="-n")
+    kids = [p for p in ns.cgroup_pids("jitlaunch.service")
+            if "demo_http" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def test_the_namespace_leaves_the_host_alone(ns: SystemdNamespace) -> None:
+    # PID 1 of this machine and this process stay where they were; the namespace's systemd
+    # sits in its own init.scope under the test's cgroup.
+    assert "0::/\n" in Path("/proc/1/cgroup").read_text()
+    assert Path("/proc/self/cgroup").read_text().splitlines()[-1] == "0::/"
+    assert ns.pid in [int(p) for p in (
+        systemd_ns.UNIFIED / ns.cgroup / "init.scope" / "cgroup.procs").read_text().split()]
+    assert ns.run(["cat", "/proc/1/cgroup"]).stdout.strip().endswith("0::/init.scope")
+
+
+def test_the_namespace_cannot_change_kernel_settings(ns: SystemdNamespace) -> None:
+    _running(ns)  # pulls in sysinit.target, whose units would apply sysctl.d
+    probe = ns.run(["sh", "-c", "echo 1 > /proc/sys/fs/protected_regular"], check=False)
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr
+    for unit in ("systemd-sysctl.service", "systemd-modules-load.service"):
+        assert ns.show(unit, "LoadState") == "masked"
+
+
+def test_security_exposure_is_what_the_unit_says(ns: SystemdNamespace) -> None:
+    # The unit as shipped, without the test's drop-in, under another name.
+    ns.write("/etc/systemd/system/jlanalyze.service", (UNITS / "jitlaunch.service").read_text())
+    ns.systemctl("daemon-reload")
+    out = ns.run(["systemd-analyze", "security", "--no-pager", "jlanalyze.service"]).stdout
+    score = re.search(r"Overall exposure level for jlanalyze.service: ([0-9.]+)", out)
+    assert score is not None, out
+    claimed = re.search(r"security jitlaunch.service` \(systemd 252\): ([0-9.]+)",
+                        (UNITS / "jitlaunch.service").read_text())
+    assert claimed is not None
+    assert float(score.group(1)) <= float(claimed.group(1))
+
+
+def test_socket_activation_serves_udp_and_tcp_with_our_status(ns: SystemdNamespace) -> None:
+    ns.systemctl("stop", "jitlaunch.service")
+    ns.systemctl("start", "jitlaunch.socket")
+    assert ns.show("jitlaunch.service", "ActiveState") == "inactive"
+    # The first query starts the service through the socket and is answered by it.
+    assert _dig(ns, "py.jit.test") == ["127.77.0.2"]
+    assert _active(ns)
+    assert _dig(ns, "py.jit.test", "+tcp") == ["127.77.0.2"]
+    assert _dig(ns, "jit.test", "NS", "+tcp") == ["ns.jit.test."]
+    status = ns.systemctl("status", "--no-pager", "jitlaunch.service", check=False).stdout
+    assert "Active: active (running)" in status, status
+    assert re.search(r'Status: "1 service; [01] running, [01] booting"', status), status
+
+
+def test_status_line_follows_the_instances(ns: SystemdNamespace) -> None:
+    _running(ns)
+    _boot_py(ns)
+    ns.wait_for(lambda: ns.show("jitlaunch.service", "StatusText")
+                == "1 service; 1 running, 0 booting", timeout=5, what="STATUS= update")
+
+
+@pytest.mark.slow
+def test_watchdog_restarts_a_stuck_daemon(ns: SystemdNamespace) -> None:
+    _running(ns)
+    old = _main_pid(ns)
+    restarts = int(ns.show("jitlaunch.service", "NRestarts"))
+    ns.run(["kill", "-STOP", str(old)])
+    stuck = time.monotonic()
+    ns.wait_for(lambda: _main_pid(ns) not in (0, old) and _active(ns),
+                timeout=WATCHDOG + 15, what="a restart by the watchdog")
+    assert time.monotonic() - stuck < WATCHDOG + 10
+    assert int(ns.show("jitlaunch.service", "NRestarts")) == restarts + 1
+    assert _dig(ns, "py.jit.test") == ["127.77.0.2"] or _dig(ns, "py.jit.test")
+
+
+def test_stop_leaves_nothing_in_the_cgroup(ns: SystemdNamespace) -> None:
+    _running(ns)
+    instance = _boot_py(ns)
+    group = ns.show("jitlaunch.service", "ControlGroup")
+    ns.systemctl("stop", "jitlaunch.service")
+    procs = systemd_ns.UNIFIED / ns.cgroup / group.lstrip("/") / "cgroup.procs"
+    assert not procs.exists() or procs.read_text().split() == []
+    assert not Path(f"/proc/{instance}").exists() or "Z" in _state(instance)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.parametrize("how", ["restart", "sigkill"])
+def test_restart_and_a_killed_daemon_come_back_serving(ns: SystemdNamespace, how: str) -> None:
+    _running(ns)
+    instance = _boot_py(ns)
+    old = _main_pid(ns)
+    if how == "restart":
+        ns.systemctl("restart", "jitlaunch.service")
+    else:
+        ns.run(["kill", "-KILL", str(old)])
+    ns.wait_for(lambda: _main_pid(ns) not in (0, old) and _active(ns), timeout=20,
+                what="the service back")
+    ns.wait_for(lambda: _state(instance) in ("gone", "Z"), timeout=10,
+                what="the old instance gone")
+    assert _dig(ns, "py.jit.test") == ["127.77.0.2"]
+    again = _boot_py(ns)
+    assert again != instance
+
+
+def test_the_journal_of_a_failed_start_names_the_problem(ns: SystemdNamespace) -> None:
+    # A config whose dns.listen differs from the socket unit: a clear error, no crash loop.
+    ns.systemctl("stop", "jitlaunch.service")
+    ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG.replace("0.0.0.0:53", "127.0.0.1:53"))
+    try:
+        ns.systemctl("start", "jitlaunch.socket")
+        ns.systemctl("start", "jitlaunch.service", check=False)
+        ns.wait_for(lambda: ns.show("jitlaunch.service", "ActiveState") in ("failed", "activating"),
+                    what="the failed start")
+        ns.wait_for(lambda: "socket activation: the dns socket UDP 0.0.0.0:53 is not in "
+                    "dns.listen (127.0.0.1:53)" in _journal(ns), timeout=10,
+                    what="the error in the journal")
+    finally:
+        ns.systemctl("stop", "jitlaunch.service")
+        ns.systemctl("reset-failed", "jitlaunch.service", check=False)
+        ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG)
+
+
+def _journal(ns: SystemdNamespace) -> str:
+    # By identifier: a process that exits at once may be gone before journald can tell its
+    # unit from its cgroup, but its stdout stream always carries the identifier.
+    return ns.run(["journalctl", "-t", "jitlaunch", "--no-pager", "-o", "cat"]).stdout
+
+
+def test_a_namespace_removes_its_cgroups_mounts_and_files() -> None:
+    with systemd_namespace({}) as other:
+        dirs = [systemd_ns.UNIFIED / other.cgroup, systemd_ns.NAMED / other.cgroup, other.base]
+        assert all(d.exists() for d in dirs)
+        pid = other.pid
+    assert not any(d.exists() for d in dirs)
+    assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+    assert str(other.base) not in Path("/proc/self/mountinfo").read_text()
