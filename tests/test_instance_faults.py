@@ -62,13 +62,14 @@ def wait_reapable(pid: int) -> None:
 
 
 def wait_refused(host: str, port: int) -> None:
-    """Block (without letting trio run) until a connect to ``host:port`` is refused."""
+    """Block (without letting trio run) until a connect to ``host:port`` is refused (or reset:
+    the listener went away while the handshake was under way)."""
     deadline = time.monotonic() + 5
     while True:
         assert time.monotonic() < deadline, f"{host}:{port} still accepts"
         try:
             socket.create_connection((host, port), timeout=1).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return
         time.sleep(0.001)
 
