@@ -113,7 +113,10 @@ async def test_report_unreachable_releases_a_just_killed_instance(tmp_path: Path
         # Released before it returned: the next acquire starts a new instance.
         assert first.state is State.STOPPED and first.handle is None
         second = await sup.acquire("hello")
-        assert second is not first and sup.services["hello"].deaths == 1
+        rt = sup.services["hello"]
+        # Dead, or (while the kernel still tears the killed process down, its listener
+        # already closed) hung: released either way, counted once.
+        assert second is not first and rt.deaths + rt.hung == 1
 
 
 async def test_report_unreachable_keeps_a_healthy_instance(tmp_path: Path, block: str) -> None:
