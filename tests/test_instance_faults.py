@@ -98,6 +98,26 @@ async def test_a_dead_ready_instance_is_never_handed_out(tmp_path: Path, block: 
         assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
 
 
+async def test_dns_never_hands_over_a_dead_instance(tmp_path: Path, block: str) -> None:
+    from .conftest import answers, query_udp
+
+    text = service("hello", f"{block}.1").replace('grace = "5s"', f'subnet = "{block}.128/25"')
+    cfg = load(config_text(tmp_path, text))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        first = await sup.acquire("hello")
+        assert first.handle is not None and first.handle.pid is not None
+        assert first.handle.address == f"{block}.129"
+        os.kill(first.handle.pid, signal.SIGKILL)
+        wait_reapable(first.handle.pid)
+        assert first.state is State.READY
+        # The first look at it (here the DNS answer) sees it dead: the front address.
+        rec = await query_udp(server, "hello.jit.test")
+        assert answers(rec) == [f"{block}.1"]
+        assert first.state is not State.READY and sup.services["hello"].deaths == 1
+
+
 async def test_report_unreachable_releases_a_just_killed_instance(tmp_path: Path, block: str) -> None:
     cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
     async with running(cfg) as d:

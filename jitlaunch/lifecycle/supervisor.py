@@ -268,6 +268,8 @@ class Supervisor:
         """Service ``name``'s state as DNS needs it (the policy is in answers.py)."""
         rt = self.services[name]
         inst = rt.instance
+        if inst is not None and inst.state is State.READY and not self._alive(inst):
+            self._condemn(rt, inst, "its process is gone", hung=False)  # never hand it out
         if inst is None:
             return ServiceSnapshot(None, None, rt.retry_at)
         address = inst.handle.address if inst.handle is not None else None
