@@ -118,6 +118,25 @@ async def test_dns_never_hands_over_a_dead_instance(tmp_path: Path, block: str) 
         assert first.state is not State.READY and sup.services["hello"].deaths == 1
 
 
+async def test_the_first_request_after_a_kill_is_served(tmp_path: Path, block: str) -> None:
+    """Through the front, in the death window: the proxy's connect is refused, it reports
+    the instance, the supervisor releases it, and the client is served by the next one."""
+    cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        rt = sup.services["hello"]
+        for n in range(1, 6):
+            inst = await sup.acquire("hello")
+            assert inst.number == n and inst.handle is not None and inst.handle.pid is not None
+            host, port = inst.handle.endpoint(8080)
+            os.kill(inst.handle.pid, signal.SIGKILL)
+            wait_refused(host, port)
+            assert inst.state is State.READY  # the supervisor has not seen it die
+            assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
+            assert rt.instance is not None and rt.instance.number == n + 1
+        assert rt.deaths + rt.hung == 5
+
+
 async def test_report_unreachable_releases_a_just_killed_instance(tmp_path: Path, block: str) -> None:
     cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
     async with running(cfg) as d:
