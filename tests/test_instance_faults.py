@@ -645,3 +645,19 @@ def test_backend_errors_become_boot_failures_with_a_reason() -> None:
         assert str(info.value) == message
     with pytest.raises(KeyError), map_errors("a bug passes"):
         raise KeyError("x")
+
+
+async def test_health_probes_replace_a_guest_that_stopped_listening(qstate: Path, block: str) -> None:
+    """Through user networking QEMU accepts for the guest; the probe sees the guest refuse
+    (here: the forward points at a port the guest does not listen on) and replaces it."""
+    state = qstate
+    extra = 'health_interval = "200ms"\nhealth_timeout = "1s"\nhealth_failures = 2'
+    qemu = 'cmdline = "ip={ip}/{prefix} gw={gateway} port=80 name={name}"'
+    text = qemu_config(state, f"{block}.1", extra=extra, qemu=qemu)
+    cfg = load(text.replace("guest_ports = [80]", "guest_ports = [81]"))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        first = await sup.acquire("uk")
+        await wait_until(lambda: first.state is State.STOPPED, timeout=15)
+        assert sup.services["uk"].hung == 1
+        assert first.cause is not None and "the guest refused a connection on port 81" in first.cause

@@ -452,28 +452,39 @@ class QemuHandle(Handle):
         return self.proc.returncode is None
 
     async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
-        """Healthy if QEMU runs (not SIGSTOPped), the service's first port accepts a
-        connection (the host forward, or the guest's own address) and QMP ``query-status``
-        says ``running`` (not paused by a ``stop``, not crashed). Probes are serialized: the
-        QMP connection carries one command at a time."""
+        """Healthy if QEMU runs (not SIGSTOPped), QMP ``query-status`` says ``running`` (not
+        paused by a ``stop``, not crashed), and the guest accepts a connection on the
+        service's first port: on its own address, or through the host forward, where slirp
+        accepts for the guest, so the guest's answer is checked as for ``ready = "tcp"``.
+        Probes are serialized: the QMP connection carries one command at a time."""
         if self.proc.returncode is not None:
             return "QEMU has exited"
         if process_state(self.proc.pid) == "T":
             return "QEMU is stopped (SIGSTOP)"
         with trio.move_on_after(timeout):
             async with self._probing:
-                host, port = self.endpoint(self.service.ports[0])
-                reason = await connect_check(host, port, timeout)
-                if reason is not None:
-                    return reason
                 try:
-                    status = (await (await self.qmp()).execute("query-status")).get("status")
-                except (ProtocolError, OSError, trio.TooSlowError) as exc:
+                    qmp = await self.qmp()
+                    status = (await qmp.execute("query-status")).get("status")
+                except (ProtocolError, OSError) as exc:
                     return f"QMP query-status failed: {exc}"
                 if status != "running":
                     return f"the guest is {status} (QMP query-status)"
-                return None
-        return f"no QMP answer within {timeout:g} s"
+                host, port = self.endpoint(self.service.ports[0])
+                if not self.host_ports:
+                    return await connect_check(host, port, timeout)
+                try:
+                    stream = await trio.open_tcp_stream(host, port)
+                except OSError as exc:
+                    return f"connect to the host forward {host}:{port} failed: {exc.strerror or exc}"
+                async with stream:
+                    try:
+                        if await self._guest_answers(qmp, stream):
+                            return None
+                    except (ProtocolError, OSError) as exc:
+                        return f"QMP info usernet failed: {exc}"
+                return f"the guest refused a connection on port {self.settings.guest_ports[0]}"
+        return f"no answer within {timeout:g} s"
 
     # ---- control ---------------------------------------------------------------------------
 
