@@ -661,3 +661,92 @@ async def test_health_probes_replace_a_guest_that_stopped_listening(qstate: Path
         await wait_until(lambda: first.state is State.STOPPED, timeout=15)
         assert sup.services["uk"].hung == 1
         assert first.cause is not None and "the guest refused a connection on port 81" in first.cause
+
+
+# ---- health timing on virtual time (a fake backend: the supervisor's logic alone) --------------
+
+
+def probing_backend(probe_time: float):  # type: ignore[no-untyped-def]
+    from .test_lifecycle import FakeBackend, FakeHandle
+
+    class ProbedHandle(FakeHandle):
+        sick: str | None = None
+        probes: list[float]
+
+        async def probe(self, timeout: float) -> str | None:
+            self.probes.append(trio.current_time())
+            await trio.sleep(probe_time)
+            return self.sick
+
+    class ProbedBackend(FakeBackend):
+        async def start(self, service, number, saved):  # type: ignore[no-untyped-def]
+            self.starts.append(trio.current_time())
+            h = ProbedHandle(self.boot_time, None)
+            h.probes = []
+            self.handles.append(h)
+            return h
+
+    return ProbedBackend()
+
+
+async def test_hung_after_n_failed_probes_in_a_row_at_exact_times(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from jitlaunch.lifecycle.supervisor import Supervisor
+
+    from .test_lifecycle import make
+
+    cfg = make(tmp_path, 'health_interval = "5s"\nhealth_timeout = "2s"\nhealth_failures = 3')[0].config
+    backend = probing_backend(probe_time=0.5)
+    sup = Supervisor(cfg, {"process": backend})
+    rt = sup.services["hello"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        first = await sup.acquire("hello")
+        t_ready = trio.current_time()
+        handle = backend.handles[0]
+        sup.connection_opened("hello")  # keeps it from idling
+        # Two failures, then a success: the count starts again.
+        await trio.sleep(1)
+        handle.sick = "connect refused"
+        await trio.sleep(10.5)  # probes at +5 and +10.5 failed
+        handle.sick = None
+        await trio.sleep(5.5)  # the one at +16 passed
+        handle.sick = "connect refused"
+        while first.state is State.READY:
+            await rt.changed.wait()
+        # Probes every 5 s after the previous one ended: +5, +10.5, +16, +21.5, +27, +32.5.
+        assert [p - t_ready for p in handle.probes] == pytest.approx([5, 10.5, 16, 21.5, 27, 32.5])
+        assert trio.current_time() - t_ready == pytest.approx(33)
+        assert rt.hung == 1 and first.cause == (
+            "3 health probes failed in a row (last: connect refused)"
+        )
+        await first.released.wait()
+        assert handle.stopped_with == "destroy" and trio.current_time() - t_ready == pytest.approx(33)
+        sup.connection_closed("hello")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_reports_shares_one_check(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from jitlaunch.lifecycle.supervisor import Supervisor
+
+    from .test_lifecycle import make
+
+    cfg = make(tmp_path, 'health_interval = "never"')[0].config
+    backend = probing_backend(probe_time=0.3)
+    sup = Supervisor(cfg, {"process": backend})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        first = await sup.acquire("hello")
+        handle = backend.handles[0]
+        handle.sick = "connect refused"
+        t0 = trio.current_time()
+        async with trio.open_nursery() as reports:
+            for _ in range(100):
+                reports.start_soon(sup.report_unreachable, first, "refused")
+        assert len(handle.probes) == 1 and trio.current_time() - t0 == pytest.approx(0.3)
+        assert first.state is State.STOPPED and sup.services["hello"].hung == 1
+        assert sup.services["hello"].unreachable_reports == 100
+        nursery.cancel_scope.cancel()

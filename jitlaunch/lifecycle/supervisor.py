@@ -62,6 +62,8 @@ class Instance:
         self.condemned = trio.Event()
         #: Set once the instance's resources have been released (its task is done with it).
         self.released = trio.Event()
+        #: Set while report_unreachable checks it: further reports wait for that check.
+        self.checking: trio.Event | None = None
         #: While SAVED with a live process (a paused VM): the watch on it, and its end.
         self.saved_watch = trio.CancelScope()
         self.unwatched = trio.Event()
@@ -235,14 +237,21 @@ class Supervisor:
         if inst.state is State.READY and inst.handle is not None:
             if not self._alive(inst):
                 self._condemn(rt, inst, f"its process is gone ({reason})", hung=False)
+            elif inst.checking is not None:
+                await inst.checking.wait()  # a burst of reports shares one check
             else:
-                timeout = min(rt.config.health_timeout, UNREACHABLE_PROBE_TIMEOUT)
-                found = await self._probe(inst, timeout)
-                if found is not None and inst.state is State.READY:
-                    self._condemn(
-                        rt, inst, f"unreachable ({reason}) and its health probe failed: {found}",
-                        hung=self._alive(inst),
-                    )
+                inst.checking = trio.Event()
+                try:
+                    timeout = min(rt.config.health_timeout, UNREACHABLE_PROBE_TIMEOUT)
+                    found = await self._probe(inst, timeout)
+                    if found is not None and inst.state is State.READY:
+                        self._condemn(
+                            rt, inst, f"unreachable ({reason}) and its health probe failed: "
+                            f"{found}", hung=self._alive(inst),
+                        )
+                finally:
+                    inst.checking.set()
+                    inst.checking = None
         if inst.condemned.is_set():
             await inst.released.wait()
 
