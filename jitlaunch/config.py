@@ -104,6 +104,15 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``[metrics]``); see :mod:`jitlaunch.metrics`."""
+
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 9464),)  # empty: no endpoint
+    timeout: float = 10.0  # a scrape's request must arrive, and its reply be taken, within this
+    max_connections: int = 16  # open at once; more are closed at once
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     state_dir: Path
     drain_timeout: float
@@ -151,6 +160,7 @@ class Config:
     dns: DnsConfig
     proxy: ProxyConfig
     services: tuple[ServiceConfig, ...] = field(default=())
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:
@@ -540,6 +550,14 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
     )
     p.done()
 
+    m = root.sub("metrics")
+    metrics = MetricsConfig(
+        listen=tuple(_endpoint(m, "listen", v) for v in m.strings("listen", ["127.0.0.1:9464"])),
+        timeout=m.duration("timeout", 10),
+        max_connections=m.integer("max_connections", 16, low=1, high=4096),
+    )
+    m.done()
+
     defaults = root.sub("defaults")
     for key in defaults.data:
         if key not in _DEFAULT_KEYS:
@@ -554,7 +572,9 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
     )
     root.done()
     _check_unique(path, services)
-    return Config(path=path, daemon=daemon, dns=dns, proxy=proxy, services=services)
+    return Config(
+        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics
+    )
 
 
 def _check_unique(path: str, services: tuple[ServiceConfig, ...]) -> None:

@@ -1,4 +1,4 @@
-"""The daemon: one nursery that starts the supervisor, DNS and the proxy, in that order."""
+"""The daemon: one nursery that starts the supervisor, DNS, the proxy and metrics, in that order."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
 from .backends import Backend, create_backends
@@ -18,6 +19,7 @@ from .config import Config, Endpoint
 from .dns.server import DnsServer
 from .errors import ListenError, StateDirInUse
 from .lifecycle.supervisor import Supervisor
+from .metrics import Metrics, new_registry
 from .proxy import Proxy
 
 log = logging.getLogger("jitlaunch")
@@ -71,6 +73,10 @@ class Daemon:
     dns: DnsServer = field(init=False)
     dns_endpoints: list[Endpoint] = field(default_factory=list)
     proxy_endpoints: list[Endpoint] = field(default_factory=list)
+    #: The daemon's own metrics registry (never the global default one).
+    registry: CollectorRegistry = field(default_factory=new_registry)
+    metrics: Metrics = field(init=False)
+    metrics_endpoints: list[Endpoint] = field(default_factory=list)
     #: Sockets systemd passed (socket activation); None: read them from the environment.
     passed: sd.PassedSockets | None = None
     notifier: sd.Notifier = field(default_factory=sd.Notifier)
@@ -82,6 +88,10 @@ class Daemon:
         self.supervisor = Supervisor(self.config, self.backends)
         self.proxy = Proxy(self.config, self.supervisor)
         self.dns = DnsServer(self.config, self.supervisor)
+        self.metrics = Metrics(
+            self.config, self.registry, supervisor=self.supervisor, dns=self.dns,
+            proxy=self.proxy, backends=self.backends,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -110,6 +120,7 @@ class Daemon:
                 self.dns_endpoints = await nursery.start(self.dns.serve)
                 self.proxy.passed = self.passed.fronts
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
+                self.metrics_endpoints = await nursery.start(self.metrics.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
                     ", ".join(z.name for z in self.config.dns.zones),

@@ -33,12 +33,21 @@ def fresh_block() -> str:
 DEMO = f"{PYTHON} -m jitlaunch.demo_http --address {{address}} --port {{port}} --name {{name}}"
 
 
-def config_text(state_dir: Path, services: str, dns: str = "", top: str = "") -> str:
+#: Test daemons serve metrics on a free port (the default, 9464, would collide).
+METRICS = 'listen = ["127.0.0.1:0"]'
+
+
+def config_text(
+    state_dir: Path, services: str, dns: str = "", top: str = "", metrics: str = METRICS
+) -> str:
     return f"""
 [daemon]
 state_dir = "{state_dir}"
 drain_timeout = "2s"
 {top}
+[metrics]
+{metrics}
+
 [dns]
 listen = ["127.0.0.1:0"]
 zones = ["jit.test"]

@@ -32,10 +32,14 @@ class Handle(abc.ABC):
         address: the instance's own address if clients can reach it directly (DNS hands it
             over once the instance is ready), else None: the front address stays in the path.
         pid: the host process id, for logs and the repr, or None.
+        wake: how :meth:`Backend.start` got it, set by the backend on each start: ``cold``
+            (a fresh boot), ``pool`` (a warm pool member), ``resume`` (a paused instance) or
+            ``restore`` (from saved state). For the metrics' wake-up histogram.
     """
 
     address: str | None = None
     pid: int | None = None
+    wake: str = "cold"
 
     @abc.abstractmethod
     def endpoint(self, port: int) -> tuple[str, int]:

@@ -747,6 +747,7 @@ class QemuBackend(Backend):
             if saved.paused and saved.alive():
                 if await self._resumed(saved, "paused instance"):
                     log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
+                    saved.wake = "resume"
                     return saved
             else:
                 await saved.destroy()  # a paused one that died: its files and lease go
@@ -760,6 +761,7 @@ class QemuBackend(Backend):
             handle.number = number
             if await self._resumed(handle, "warm pool member"):
                 log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
+                handle.wake = "pool"
                 return handle
         state = self.saved_path(service.name)
         settings: QemuSettings = service.settings
@@ -778,7 +780,9 @@ class QemuBackend(Backend):
                     with contextlib.suppress(OSError):
                         p.unlink()
         mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
-        return await self._launch(service, number=number, incoming=incoming, mac=mac)
+        launched = await self._launch(service, number=number, incoming=incoming, mac=mac)
+        launched.wake = "restore" if incoming is not None else "cold"
+        return launched
 
     async def _resumed(self, handle: QemuHandle, what: str) -> bool:
         """Resume ``handle``; if that fails (or is cancelled) destroy it, so that a paused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Protocol
 
@@ -11,6 +12,7 @@ from ..config import Config
 from ..errors import BootFailed
 from ..lifecycle.answers import ServiceSnapshot
 from ..lifecycle.state import State
+from . import stats
 from .answer import Catalog, Response, respond
 
 
@@ -50,11 +52,14 @@ class Authority:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
-        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None]], ...] = ({}, {})
+        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, stats.Key]], ...] = ({}, {})
         self._cache_bytes = 0
         self.held = 0
         #: Queries that hit a bug in the answer logic (answered with a SERVFAIL).
         self.internal_errors = 0
+        #: Queries answered (or dropped), by ``(transport, qtype, rcode)`` (see :mod:`.stats`);
+        #: a held answer is counted when it is sent.
+        self.queries: collections.Counter[stats.Key] = collections.Counter()
 
     def answer_now(self, wire: bytes, udp: bool) -> Response:
         """Answer at once, or say the answer must be held (``pending``)."""
@@ -63,7 +68,8 @@ class Authority:
         key = wire[2:]
         hit = cache.get(key)
         if hit is not None and hit[0] == sup.generation:
-            _, tail, service = hit
+            _, tail, service, counted = hit
+            self.queries[counted] += 1
             if service is not None:
                 sup.request(service)
             return Response(wire[:2] + tail, service, cacheable=True)
@@ -71,6 +77,9 @@ class Authority:
         resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
         if resp.service is not None:
             sup.request(resp.service)
+        counted = stats.key_of(wire, resp.reply, udp)
+        if not resp.pending:
+            self.queries[counted] += 1
         if resp.cacheable and resp.reply is not None:
             size = len(key) + len(resp.reply)  # 2 more than kept: the ID
             if len(cache) >= CACHE_ENTRIES or self._cache_bytes + size > CACHE_BYTES:
@@ -79,7 +88,7 @@ class Authority:
                 self._cache_bytes = 0
             if hit is not None:  # a stale entry for an older generation
                 self._cache_bytes -= len(key) + len(hit[1])
-            cache[key] = (generation, resp.reply[2:], resp.service)
+            cache[key] = (generation, resp.reply[2:], resp.service, counted)
             self._cache_bytes += size - 2
         elif resp.internal_error:
             self.internal_errors += 1
@@ -105,4 +114,6 @@ class Authority:
                 return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL
             return snap
 
-        return respond(wire, self.catalog, state, trio.current_time(), udp=udp).reply
+        reply = respond(wire, self.catalog, state, trio.current_time(), udp=udp).reply
+        self.queries[stats.key_of(wire, reply, udp)] += 1
+        return reply

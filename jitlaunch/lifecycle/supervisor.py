@@ -18,9 +18,10 @@ share that boot. Rules:
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -58,6 +59,7 @@ class Instance:
         self.ready_at = math.nan
         #: Why a ready instance was declared dead or hung (set once, by :meth:`Supervisor._condemn`).
         self.cause: str | None = None
+        self.hung = False
         #: Set when the instance is condemned: its task stops watching and releases it.
         self.condemned = trio.Event()
         #: Set once the instance's resources have been released (its task is done with it).
@@ -108,6 +110,11 @@ class ServiceRuntime:
         self.hung = 0
         self.unreachable_reports = 0
         self.idle_stops = 0
+        self.readies = 0  # boots that reached READY
+        self.boot_timeouts = 0  # of boot_failures, those not ready within the boot timeout
+        #: Instances stopped (not failed boots), by ``(reason, mode)``: reason ``idle``,
+        #: ``died``, ``hung`` or ``shutdown``; mode the stop mode used.
+        self.stops: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"<Service {self.config.name} {self.instance!r} connections={self.connections}>"
@@ -124,6 +131,8 @@ class Supervisor:
         self.generation = 0
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        #: Called with each instance as it becomes ready (the metrics' wake-up histogram).
+        self.on_ready: Callable[[Instance], None] | None = None
 
     # ---- running ---------------------------------------------------------------------
 
@@ -335,6 +344,7 @@ class Supervisor:
         if inst.state not in (State.READY, State.DRAINING) or inst.condemned.is_set():
             return
         inst.cause = cause
+        inst.hung = hung
         inst.fire(Event.DIED)
         if hung:
             rt.hung += 1
@@ -404,10 +414,13 @@ class Supervisor:
             # The idle clock starts when the instance can first be used, not at the lookup.
             rt.last_activity = max(rt.last_activity, inst.ready_at)
             rt.failures = 0
+            rt.readies += 1
             log.info(
                 "%s ready in %.1f ms (%s)", inst.label,
                 (inst.ready_at - inst.started_at) * 1000, inst.handle.describe() if inst.handle else "",
             )
+            if self.on_ready is not None:
+                self.on_ready(inst)
             self._notify(rt)
             died = await self._watch(rt, inst)
             if died is not None:
@@ -465,6 +478,8 @@ class Supervisor:
         inst.fire(Event.FAIL)
         rt.failures += 1
         rt.boot_failures += 1
+        if isinstance(exc, BootTimeout):
+            rt.boot_timeouts += 1
         delay = backoff_delay(rt.failures, svc.retry_backoff, svc.retry_backoff_max)
         rt.retry_at = trio.current_time() + delay
         rt.last_error = f"{inst.label} failed to boot: {exc}"
@@ -529,6 +544,10 @@ class Supervisor:
             # nothing is kept, since a paused or saved instance would outlive the daemon.
             plain = died is not None or inst.state is State.FAILED or self._closing
             mode = "destroy" if plain else svc.stop
+            if inst.state is not State.FAILED:
+                reason = ("hung" if inst.hung else "died") if died is not None \
+                    else "shutdown" if self._closing else "idle"
+                rt.stops[(reason, mode)] += 1
             # A dead or hung instance is killed at once: it would not stop politely.
             grace = 0.0 if died is not None else getattr(svc.settings, "grace", 5.0)
             with trio.move_on_after(grace + STOP_MARGIN) as scope:

@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import math
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -87,6 +88,14 @@ class Proxy:
         self.ended: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Connects retried after a failure or a reset before the instance answered.
         self.retries: collections.Counter[str] = collections.Counter()
+        #: Connections accepted (admitted or refused at a cap), by service.
+        self.accepted: collections.Counter[str] = collections.Counter()
+        #: Bytes relayed by ``(service, direction)`` (``to_instance``, ``to_client``), counted
+        #: when each relay ends.
+        self.bytes: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Called with ``(service, seconds)`` when a connection held for a boot is released
+        #: to its instance (the metrics' hold histogram).
+        self.on_held: Callable[[str, float], None] | None = None
         self.accept_errors = 0
         self._log = LimitedLog(log)
         self._connecting: dict[str, trio.CapacityLimiter] = {}
@@ -162,6 +171,7 @@ class Proxy:
                 )
                 await trio.sleep(ACCEPT_PAUSE)
                 continue
+            self.accepted[service] += 1
             source = _source(stream)
             refused = self._admit(source)
             if refused is not None:
@@ -230,12 +240,15 @@ class Proxy:
                     self._close(service, "pending")
                     return
                 self.pending[service] += 1
+                held_at = trio.current_time()
                 try:
                     got = await self._buffer_until_ready(client, service)
                 finally:
                     self.pending[service] -= 1
                 if got is None:
                     return
+                if self.on_held is not None:
+                    self.on_held(service, trio.current_time() - held_at)
                 inst, buffered, eof = got
             await self._serve(client, service, port, inst, buffered, eof)
         finally:
@@ -306,6 +319,8 @@ class Proxy:
                     outcome = await relay.run()
                 finally:
                     await trio.aclose_forcefully(upstream)
+                    self.bytes[(service, "to_instance")] += relay.activity.client_bytes
+                    self.bytes[(service, "to_client")] += relay.activity.instance_bytes
                 self.ended[(service, outcome)] += 1
                 if outcome == "first_answer":
                     await self._report(inst, "no first byte within proxy.answer_timeout")

@@ -1,0 +1,328 @@
+"""Metrics: the endpoint over real sockets under bad input, and every counter moving by
+exactly what a real daemon did (real processes, real DNS, the real proxy); promtool checks
+the exposition."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from jitlaunch.config import Endpoint
+from jitlaunch.daemon import Daemon
+from jitlaunch.dns import stats
+
+from .conftest import DEMO, PYTHON, config_text, http_get, load, query_udp, running, wait_until
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def service(name: str, front: str, command: str = DEMO, extra: str = "", idle: str = "60") -> str:
+    return f"""
+[[service]]
+name = "{name}"
+front = ["{front}"]
+ports = [8080]
+answer = "proxy"
+idle_timeout = {idle}
+retry_backoff = 60
+{extra}
+[service.process]
+command = "{command}"
+grace = "2s"
+"""
+
+
+async def fetch(ep: Endpoint, request: bytes) -> bytes:
+    """Send ``request`` as it is and read the whole reply (the server closes)."""
+    stream = await trio.open_tcp_stream(ep.host, ep.port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data
+
+
+async def scrape_text(d: Daemon) -> str:
+    reply = await fetch(d.metrics_endpoints[0], b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return body.decode()
+
+
+async def scrape(d: Daemon) -> dict[Sample, float]:
+    out: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(await scrape_text(d)):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def get(samples: dict[Sample, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: dict[Sample, float], after: dict[Sample, float]) -> dict[Sample, float]:
+    """Every sample that changed, by how much (process_* and the endpoint's own excepted)."""
+    changed = {}
+    for key in before.keys() | after.keys():
+        if key[0].startswith(("process_", "jitlaunch_metrics_requests")):
+            continue
+        d = after.get(key, 0.0) - before.get(key, 0.0)
+        if d:
+            changed[key] = d
+    return changed
+
+
+def counters(changed: dict[Sample, float]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The changes of counters and histogram counts, in a readable form."""
+    return {
+        (name, tuple(sorted(labels))): v for (name, labels), v in changed.items()
+        if name.endswith(("_total", "_count"))
+    }
+
+
+def L(**labels: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
+# ---- pure parts ------------------------------------------------------------------------------
+
+
+def test_dns_stats_keys_are_bounded() -> None:
+    from dnslib import DNSRecord
+
+    assert stats.key_of(DNSRecord.question("a.jit.test", "AAAA").pack(), b"\0\0\x84\x03", True) == (
+        "udp", "AAAA", "NXDOMAIN")
+    assert stats.qtype_of(DNSRecord.question("a.b", "NAPTR").pack()) == "other"
+    assert stats.qtype_of(b"\0" * 12 + b"\xc0\x0c\0\1") == "other"  # a pointer as the name
+    assert stats.qtype_of(b"\0" * 12 + b"\x05ab") == "other"  # cut short
+    assert stats.rcode_of(None) == "none"
+    assert stats.rcode_of(b"\0\0\x80\x0b") == "other"
+
+
+def test_metrics_config(tmp_path: Path) -> None:
+    cfg = load(config_text(tmp_path, "", metrics=""))
+    assert cfg.metrics.listen == (Endpoint("127.0.0.1", 9464),)
+    assert cfg.metrics.timeout == 10 and cfg.metrics.max_connections == 16
+    cfg = load(config_text(tmp_path, "", metrics='listen = []\ntimeout = "2s"\nmax_connections = 3'))
+    assert cfg.metrics.listen == () and cfg.metrics.timeout == 2 and cfg.metrics.max_connections == 3
+    with pytest.raises(Exception, match=r"metrics\.listen: expected ADDRESS:PORT"):
+        load(config_text(tmp_path, "", metrics='listen = ["localhost"]'))
+    with pytest.raises(Exception, match=r"metrics\.colour: unknown key"):
+        load(config_text(tmp_path, "", metrics='colour = "red"'))
+
+
+# ---- the endpoint ----------------------------------------------------------------------------
+
+
+async def test_scrape_names_and_build_info(tmp_path: Path, block: str) -> None:
+    async with running(load(config_text(tmp_path, service("hello", f"{block}.1")))) as d:
+        text = await scrape_text(d)
+        samples = await scrape(d)
+    assert get(samples, "jitlaunch_build_info", version="0.1.0") == 1
+    assert get(samples, "process_open_fds") > 0  # the process collector, on our registry
+    assert get(samples, "jitlaunch_instances", service="hello", state="ready") == 0
+    assert get(samples, "jitlaunch_wake_seconds_count", service="hello", path="cold") == 0
+    assert 'le="0.001"' in text and 'le="10.0"' in text
+    for line in text.splitlines():
+        if line.startswith("# TYPE jitlaunch_"):
+            _, _, name, kind = line.split()
+            assert kind != "counter" or name.endswith("_total"), line
+    assert "127." not in text and "source" not in text  # no address as a label
+
+
+async def test_two_daemons_in_one_process_have_their_own_metrics(tmp_path: Path) -> None:
+    from .conftest import fresh_block
+
+    a = load(config_text(tmp_path / "a", service("one", f"{fresh_block()}.1")))
+    b = load(config_text(tmp_path / "b", service("two", f"{fresh_block()}.1")))
+    async with running(a) as da, running(b) as db:
+        sa, sb = await scrape(da), await scrape(db)
+    assert ("jitlaunch_services", frozenset()) in sa
+    assert any(dict(k[1]).get("service") == "one" for k in sa)
+    assert not any(dict(k[1]).get("service") == "one" for k in sb)
+
+
+async def test_no_listen_no_endpoint(tmp_path: Path, block: str) -> None:
+    async with running(load(config_text(tmp_path, service("h", f"{block}.1"), metrics="listen = []"))) as d:
+        assert d.metrics_endpoints == []
+        assert (await query_udp(("127.0.0.1", d.dns_endpoints[0].port), "h.jit.test")).header.rcode == 0
+
+
+async def test_an_address_in_use_is_logged_and_the_daemon_serves(
+    tmp_path: Path, block: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(load(config_text(tmp_path / "a", service("h", f"{block}.1")))) as first:
+        taken = first.metrics_endpoints[0]
+        text = config_text(tmp_path / "b", service("h", f"{block}.2"), metrics=f'listen = ["{taken}"]')
+        async with running(load(text)) as d:
+            assert d.metrics_endpoints == []
+            ep = d.dns_endpoints[0]
+            assert (await query_udp((ep.host, ep.port), "h.jit.test")).header.rcode == 0
+    assert f"metrics: cannot listen on {taken}" in caplog.text
+
+
+async def test_bad_requests_get_errors_and_the_daemon_is_unaffected(tmp_path: Path, block: str) -> None:
+    async with running(load(config_text(tmp_path, service("hello", f"{block}.1")))) as d:
+        ep = d.metrics_endpoints[0]
+        cases = {
+            b"GET / HTTP/1.1\r\n\r\n": b"HTTP/1.1 404 ",
+            b"GET /metricsx HTTP/1.1\r\n\r\n": b"HTTP/1.1 404 ",
+            b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n": b"HTTP/1.1 405 ",
+            b"\x00\xff\x16\x03\x01garbage\r\n\r\n": b"HTTP/1.1 400 ",
+            b"GET /metrics\r\n\r\n": b"HTTP/1.1 400 ",  # HTTP/0.9
+            b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n": b"HTTP/1.1 400 ",
+        }
+        for request, status in cases.items():
+            assert (await fetch(ep, request)).startswith(status), request[:40]
+        head = await fetch(ep, b"HEAD /metrics?x=1 HTTP/1.1\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        # A client that sends garbage and goes away at once.
+        for _ in range(20):
+            stream = await trio.open_tcp_stream(ep.host, ep.port)
+            await stream.send_all(b"\x01\x02\x03")
+            await trio.aclose_forcefully(stream)
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_metrics_requests_total", outcome="404") == 2
+        assert get(samples, "jitlaunch_metrics_requests_total", outcome="405") == 1
+        assert get(samples, "jitlaunch_metrics_requests_total", outcome="error") == 0
+        dns = d.dns_endpoints[0]
+        assert (await query_udp((dns.host, dns.port), "hello.jit.test")).header.rcode == 0
+        assert not d.stopping
+
+
+async def test_a_slow_client_is_timed_out(tmp_path: Path, block: str) -> None:
+    text = config_text(tmp_path, service("hello", f"{block}.1"), metrics=(
+        'listen = ["127.0.0.1:0"]\ntimeout = "300ms"'))
+    async with running(load(text)) as d:
+        ep = d.metrics_endpoints[0]
+        stream = await trio.open_tcp_stream(ep.host, ep.port)
+        async with stream:
+            start = trio.current_time()
+            await stream.send_all(b"GET /met")
+            with trio.fail_after(5):
+                while await stream.receive_some(1024):
+                    pass
+            assert 0.25 < trio.current_time() - start < 3
+        await wait_until(lambda: d.metrics.http["timeout"] == 1)
+        assert (await scrape(d))
+
+
+async def test_many_connections_are_capped_and_the_daemon_is_unaffected(
+    tmp_path: Path, block: str
+) -> None:
+    text = config_text(tmp_path, service("hello", f"{block}.1"), metrics=(
+        'listen = ["127.0.0.1:0"]\ntimeout = "2s"\nmax_connections = 4'))
+    async with running(load(text)) as d:
+        ep = d.metrics_endpoints[0]
+        streams = [await trio.open_tcp_stream(ep.host, ep.port) for _ in range(12)]
+        try:
+            await wait_until(lambda: d.metrics.open == 4 and d.metrics.http["refused"] == 8)
+            dns = d.dns_endpoints[0]
+            assert (await query_udp((dns.host, dns.port), "hello.jit.test")).header.rcode == 0
+        finally:
+            for s in streams:
+                await trio.aclose_forcefully(s)
+        await wait_until(lambda: d.metrics.open == 0)
+        assert get(await scrape(d), "jitlaunch_metrics_requests_total", outcome="refused") == 8
+
+
+# ---- the counters move by exactly what happened --------------------------------------------------
+
+
+async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: str) -> None:
+    front = f"{block}.1"
+    text = config_text(tmp_path, service("hello", front, idle='"300ms"'))
+    async with running(load(text)) as d:
+        rt = d.supervisor.services["hello"]
+        s0 = await scrape(d)
+        # A connection to the front starts the boot and is held until the instance is ready.
+        reply = await http_get(front, 8080)
+        assert b"200" in reply.split(b"\r\n", 1)[0]
+        ep = d.dns_endpoints[0]
+        assert (await query_udp((ep.host, ep.port), "hello.jit.test")).header.rcode == 0
+        assert (await query_udp((ep.host, ep.port), "nope.jit.test", "MX")).header.rcode == 3
+        await wait_until(lambda: rt.connections == 0)
+        s1 = await scrape(d)
+        assert counters(delta(s0, s1)) == {
+            ("jitlaunch_boots_started_total", L(service="hello", backend="process")): 1,
+            ("jitlaunch_boots_total", L(service="hello", backend="process", result="ready")): 1,
+            ("jitlaunch_wake_seconds_count", L(service="hello", path="cold")): 1,
+            ("jitlaunch_proxy_hold_seconds_count", L(service="hello")): 1,
+            ("jitlaunch_proxy_connections_accepted_total", L(service="hello")): 1,
+            ("jitlaunch_proxy_relays_ended_total", L(service="hello", outcome="done")): 1,
+            ("jitlaunch_proxy_bytes_total", L(service="hello", direction="to_instance")):
+                get(s1, "jitlaunch_proxy_bytes_total", service="hello", direction="to_instance"),
+            ("jitlaunch_proxy_bytes_total", L(service="hello", direction="to_client")): len(reply),
+            ("jitlaunch_dns_queries_total", L(transport="udp", qtype="A", rcode="NOERROR")): 1,
+            ("jitlaunch_dns_queries_total", L(transport="udp", qtype="MX", rcode="NXDOMAIN")): 1,
+        }
+        assert get(s1, "jitlaunch_proxy_bytes_total", service="hello", direction="to_instance") > 30
+        assert get(s1, "jitlaunch_instances", service="hello", state="ready") == 1
+        wake = get(s1, "jitlaunch_wake_seconds_sum", service="hello", path="cold")
+        inst_time = rt.instance.ready_at - rt.instance.started_at if rt.instance else -1
+        assert wake == pytest.approx(inst_time)
+        await wait_until(lambda: rt.idle_stops == 1 and rt.instance is None)
+        s2 = await scrape(d)
+        assert counters(delta(s1, s2)) == {
+            ("jitlaunch_stops_total", L(service="hello", reason="idle", mode="destroy")): 1,
+        }
+        assert get(s2, "jitlaunch_instances", service="hello", state="ready") == 0
+
+
+async def test_failed_boot_timeout_and_proxy_drops_counted_exactly(tmp_path: Path, block: str) -> None:
+    exits = f"{PYTHON} -c 'raise SystemExit(3)'"
+    sleeps = f"{PYTHON} -c 'import time; time.sleep(30)'"
+    text = config_text(tmp_path, service("bad", f"{block}.1", exits) + service(
+        "slow", f"{block}.2", sleeps, extra='boot_timeout = "300ms"'))
+    async with running(load(text)) as d:
+        bad = d.supervisor.services["bad"]
+        slow = d.supervisor.services["slow"]
+        s0 = await scrape(d)
+        # Held for a boot that fails: closed unserved (boot_failed); the next one: backoff.
+        assert await http_get(f"{block}.1", 8080) == b""
+        assert bad.boot_failures == 1
+        assert await http_get(f"{block}.1", 8080) == b""
+        ep = d.dns_endpoints[0]
+        await query_udp((ep.host, ep.port), "slow.jit.test", "AAAA")
+        await wait_until(lambda: slow.boot_failures == 1 and slow.instance is None, 10)
+        s1 = await scrape(d)
+        assert counters(delta(s0, s1)) == {
+            ("jitlaunch_boots_started_total", L(service="bad", backend="process")): 1,
+            ("jitlaunch_boots_total", L(service="bad", backend="process", result="failed")): 1,
+            ("jitlaunch_boots_started_total", L(service="slow", backend="process")): 1,
+            ("jitlaunch_boots_total", L(service="slow", backend="process", result="timeout")): 1,
+            ("jitlaunch_proxy_connections_accepted_total", L(service="bad")): 2,
+            ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="boot_failed")): 1,
+            ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="backoff")): 1,
+            ("jitlaunch_dns_queries_total", L(transport="udp", qtype="AAAA", rcode="NOERROR")): 1,
+        }
+        assert get(s1, "jitlaunch_backoff_failures", service="bad") == 1
+        assert get(s1, "jitlaunch_instances", service="bad", state="failed") == 0  # released
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) missing")
+async def test_promtool_accepts_a_scrape_after_every_path(tmp_path: Path, block: str) -> None:
+    exits = f"{PYTHON} -c 'raise SystemExit(3)'"
+    text = config_text(tmp_path, service("hello", f"{block}.1") + service("bad", f"{block}.2", exits),
+                       dns="[dns.rrl]\nrate = 1\nslip = 2\nwindow = 1")
+    async with running(load(text)) as d:
+        assert b"200" in (await http_get(f"{block}.1", 8080))[:20]
+        assert await http_get(f"{block}.2", 8080) == b""
+        assert await http_get(f"{block}.2", 8080) == b""
+        ep = d.dns_endpoints[0]
+        for _ in range(4):
+            with trio.move_on_after(0.5):
+                await query_udp((ep.host, ep.port), "hello.jit.test")
+        body = await scrape_text(d)
+    assert "jitlaunch_dns_responses_limited_total{action=\"dropped\"}" in body
+    result = subprocess.run(["promtool", "check", "metrics"], input=body.encode(),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
