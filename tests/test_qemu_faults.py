@@ -355,3 +355,25 @@ async def test_bridge_pool_refill_keeps_the_handed_out_address(
                 await proc.wait()
             proc.kill()
             await proc.wait()
+
+
+async def test_mac_is_kept_across_save_and_restore(state: Path, block: str) -> None:
+    """stop = "save": the restored QEMU gets the MAC the guest booted with; a new instance
+    another one. (The state directory's name has a space: the migration commands quote it.)"""
+    state = state / "a dir"
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra='idle_timeout = "300ms"\nstop = "save"\nanswer = "proxy"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None and isinstance(inst.handle, qemu_backend.QemuHandle)
+        mac = inst.handle.mac
+        await wait_until(lambda: inst.state is State.SAVED, timeout=20)
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        assert rt.instance is inst and isinstance(inst.handle, qemu_backend.QemuHandle)
+        assert inst.handle.restoring is None  # restored, not booted afresh
+        assert inst.handle.mac == mac
+        log = (state / "logs" / "uk.log").read_text(errors="replace")
+        assert "-incoming" in log and f"mac={mac}" in log
+    assert mac != qemu_backend.instance_mac(state, "uk", 2)

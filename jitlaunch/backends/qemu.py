@@ -559,18 +559,26 @@ class QemuHandle(Handle):
     async def _save(self, qmp: QMP) -> bool:
         path = self.backend.saved_path(self.service.name)
         tmp = path.with_suffix(".tmp")
-        await qmp.execute("stop")
-        await qmp.execute("migrate", uri=f"exec:cat > {tmp}")
-        while True:
-            info = await qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise ProtocolError(f"saving the state failed: {info.get('error-desc', status)}")
-            await trio.sleep(0.002)
-        tmp.replace(path)
-        path.with_suffix(".image").write_text(self.backend.image_ids[self.settings.kernel])
+        try:
+            await qmp.execute("stop")
+            # exec: runs through /bin/sh, so the path is quoted (a state_dir may have spaces).
+            await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
+            while True:
+                info = await qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    raise ProtocolError(
+                        f"saving the state failed: {info.get('error-desc', status)}")
+                await trio.sleep(0.002)
+            tmp.replace(path)
+            path.with_suffix(".image").write_text(self.backend.image_ids[self.settings.kernel])
+        except BaseException:
+            for p in (tmp, path, path.with_suffix(".image")):  # no half-written state
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
         await self.destroy()
         return True
 
@@ -856,7 +864,7 @@ class QemuBackend(Backend):
                 *settings.extra_args,
             ]
             if incoming is not None:
-                argv += ["-incoming", f"exec:cat {incoming}"]
+                argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
             try:
                 if logfile is None:
                     # Pool members log apart until taken, so they never rotate a running one's log.

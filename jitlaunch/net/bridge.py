@@ -47,12 +47,14 @@ class Lease:
         if self.released:
             return
         self.released = True
-        try:
-            await trio.to_thread.run_sync(_delete_link, self.tap, self.bridge, self.ip)
-        except Exception as exc:  # it must not stop the rest of the release
-            log.warning("cannot remove tap %s: %s", self.tap, exc)
-        finally:
-            _in_use.get(self.bridge, set()).discard(self.ip)
+        # Shielded: a cancelled caller must not leave the tap behind (netlink is quick).
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(_delete_link, self.tap, self.bridge, self.ip)
+            except Exception as exc:  # it must not stop the rest of the release
+                log.warning("cannot remove tap %s: %s", self.tap, exc)
+            finally:
+                _in_use.get(self.bridge, set()).discard(self.ip)
 
 
 def _ipr() -> Any:
