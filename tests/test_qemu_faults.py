@@ -377,3 +377,42 @@ async def test_mac_is_kept_across_save_and_restore(state: Path, block: str) -> N
         log = (state / "logs" / "uk.log").read_text(errors="replace")
         assert "-incoming" in log and f"mac={mac}" in log
     assert mac != qemu_backend.instance_mac(state, "uk", 2)
+
+
+async def test_no_fd_or_file_leaks_over_failed_and_killed_boots(state: Path, block: str) -> None:
+    """Boots that fail at start-up (a bad kernel) and instances killed from outside leave the
+    daemon's fd count where it was, and nothing in run/."""
+    kernel = state / "k.elf"
+    kernel.write_bytes(KERNEL.read_bytes())
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra='answer = "wait"\nretry_backoff = "10ms"\nretry_backoff_max = "10ms"'
+    ).replace(str(KERNEL), str(kernel))))
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+
+        async def cycle(good: bool) -> None:
+            kernel.write_bytes(KERNEL.read_bytes() if good else b"not a kernel" * 100)
+            with trio.fail_after(20):
+                while (await query_udp(server(d), "uk.jit.test")).header.rcode != (
+                        RCODE.NOERROR if good else RCODE.SERVFAIL):
+                    await trio.sleep(0.02)
+            if good:
+                inst = rt.instance
+                assert inst is not None and inst.handle is not None and inst.handle.pid
+                os.kill(inst.handle.pid, signal.SIGKILL)
+                await wait_until(lambda: rt.instance is None)
+            else:
+                await wait_until(lambda: rt.instance is None or rt.instance.state is State.FAILED)
+
+        await cycle(True)
+        await cycle(False)
+        before = fds()
+        for good in (True, False, True, False):
+            await cycle(good)
+        await wait_until(lambda: not list((state / "run").glob("*")))
+        assert fds() == before
+        assert not qemus(state)
