@@ -6,6 +6,7 @@ replies are built shows up as a changed byte.
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -20,6 +21,7 @@ from jitlaunch.dns.authority import Authority
 from jitlaunch.lifecycle.answers import ServiceAnswer, ServiceSnapshot, answer_for
 from jitlaunch.lifecycle.state import State
 
+from .dnsgen import random_query
 from .dnsreply import parse_reply
 
 MANY = ", ".join(f'"127.78.0.{i}"' for i in range(1, 41))
@@ -185,6 +187,16 @@ def test_refused_outside_every_zone_and_for_other_classes() -> None:
     assert run(q, udp=False).reply == header(6, QR | 5) + question("jit.test", 252)
     q = header(7, 0) + question("jit.test", 251)  # IXFR
     assert run(q).reply == header(7, QR | 5) + question("jit.test", 251)
+    # Transfers of anything but a zone: NOTAUTH (as NSD); AXFR over TCP like IXFR.
+    q = header(7, 0) + question("hello.jit.test", 251)
+    assert run(q).reply == header(7, QR | 9) + question("hello.jit.test", 251)
+    q = header(7, 0) + question("example.org", 252)
+    assert run(q, udp=False).reply == header(7, QR | 9) + question("example.org", 252)
+    assert run(q).reply == header(7, QR | 4) + question("example.org", 252)
+    # The client's SOA in an IXFR query's authority section is allowed.
+    soa = b"\xc0\x0c" + struct.pack("!HHIH", 6, 1, 0, 0)
+    q = header(7, 0, ns=1) + question("jit.test", 251) + soa
+    assert run(q).reply == header(7, QR | 5) + question("jit.test", 251)
     q = header(8, RD) + question("hello.jit.test", 1, qclass=4)  # HS: header only, as NSD
     assert run(q).reply == header(8, QR | RD | 5, qd=0)
 
@@ -262,8 +274,12 @@ def test_badvers_for_unknown_edns_version() -> None:
 def test_edns_probe_without_a_question() -> None:
     q = header(12, RD, qd=0, ar=1) + opt(4096)
     assert run(q).reply == header(12, QR | RD, qd=0, ar=1) + opt(1232)
+    # Not a probe: FORMERR, and with the question count wrong, RD is cleared too (as NSD).
     q = header(12, RD, qd=0, ar=1) + opt(4096, version=1)
-    assert run(q).reply == header(12, QR | RD | 1, qd=0, ar=1) + opt(1232)
+    assert run(q).reply == header(12, QR | 1, qd=0, ar=1) + opt(1232)
+    q = header(12, RD, qd=2) + question("hello.jit.test", 1) + question("six.jit.test", 1)
+    assert run(q).reply == header(12, QR | 1, qd=0)
+    # ...unless not even one question can be read (NSD reads one whatever QDCOUNT says).
     assert run(header(12, RD, qd=0)).reply == header(12, QR | RD | 1, qd=0)
 
 
@@ -386,6 +402,16 @@ def test_mutated_queries_never_raise(base: bytes, edits: list[tuple[int, int, st
         elif kind == "d" and pos < len(wire):
             del wire[pos]
     check(bytes(wire))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.integers(0, 2**64), st.integers(0, 0xFFFF))
+def test_generated_queries_never_take_the_internal_error_path(seed: int, ident: int) -> None:
+    """Varied queries, well-formed and not (tests/dnsgen.py), and each cut at a random point."""
+    rng = random.Random(seed)
+    wire = random_query(rng, ident)
+    check(wire)
+    check(wire[: rng.randrange(len(wire) + 1)])
 
 
 def test_dnslib_built_queries_for_every_type() -> None:

@@ -12,8 +12,9 @@ checked against NSD by tests/test_dns_nsd.py:
 * an OPT with a version other than 0: BADVERS (with the question); otherwise the OPT is
   answered with our payload size and the DO bit copied, and a UDP reply is bounded by the
   smaller of the client's payload size (at least 512) and ours; without an OPT, by 512 bytes;
-* classes other than IN, CH and ANY: REFUSED, header only; CH: REFUSED; zone transfers:
-  AXFR over UDP NOTIMP, over TCP REFUSED, IXFR REFUSED (we serve no secondaries);
+* classes other than IN, CH and ANY: REFUSED, header only; CH: REFUSED; zone transfers (we
+  serve no secondaries): AXFR over UDP NOTIMP; otherwise REFUSED for a zone's apex and
+  NOTAUTH for other names, as NSD answers when no transfer is allowed;
 * a name outside every zone: REFUSED (we are never an open resolver);
 * SOA and NS at the apex, with glue for nameservers inside the zone; for ANY both;
 * A and AAAA for service names, as the answer-mode policy
@@ -55,7 +56,6 @@ _limited = LimitedLog(log)
 #: Query types that make a service start: the ones a client asks before it connects.
 STARTING_TYPES = frozenset({w.TYPE_A, w.TYPE_AAAA, w.TYPE_ANY})
 CLASS_CH = 3
-_ANSWER_CLASSES = frozenset({w.CLASS_IN, w.CLASS_ANY})
 _KNOWN_CLASSES = frozenset({w.CLASS_IN, CLASS_CH, w.CLASS_ANY})
 _OWNER_Q = w.pointer(12)  # the question's name, where every answer's owner points
 _A_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_A, w.CLASS_IN)
@@ -230,11 +230,18 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
     qclass, qtype = q.qclass, q.qtype
     if qclass not in _KNOWN_CLASSES:
         return Response(_short(q, w.REFUSED, opt, False))
-    if qtype == w.TYPE_AXFR:
-        return Response(_short(q, w.NOTIMP if udp else w.REFUSED, opt, True))
+    if qclass == CLASS_CH:
+        return Response(_short(q, w.REFUSED, opt, True))
     name = q.qname.lower()
+    if qtype == w.TYPE_AXFR or qtype == w.TYPE_IXFR:
+        # We serve no secondaries (as NSD answers with no transfer allowed): AXFR over UDP
+        # is NOTIMP; otherwise REFUSED for a zone of ours, NOTAUTH for any other name.
+        if qtype == w.TYPE_AXFR and udp:
+            return Response(_short(q, w.NOTIMP, opt, True))
+        refused = name in catalog.zones
+        return Response(_short(q, w.REFUSED if refused else w.NOTAUTH, opt, True))
     zone = catalog.zone_for(name)
-    if zone is None or qclass == CLASS_CH or qtype == w.TYPE_IXFR:
+    if zone is None:
         return Response(_short(q, w.REFUSED, opt, True))
 
     limit = min(max(512, edns.payload), catalog.edns_payload) if edns is not None else 512

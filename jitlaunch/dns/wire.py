@@ -10,10 +10,13 @@ OPT record, so that an error reply can carry one). The rules:
 * names (RFC 1035 3.1, 4.1.4; 2.3.4): labels of at most 63 octets, names of at most 255
   octets, compression pointers only backwards, to an earlier name, never into the header
   and never in a loop; label types 0x40 and 0x80 are not used: otherwise FORMERR;
-* exactly one question (or none, with an OPT: an EDNS probe), no records in the answer and
-  authority sections, in the additional section one OPT (at most) and nothing else, the OPT
-  owned by the root and made of whole options, sections that end within the message, an
-  RCODE of 0 in the query: otherwise FORMERR;
+* an RCODE in the query, or a first question that cannot be read: FORMERR;
+* a question count other than 1: FORMERR with RD cleared too, except for an EDNS probe (no
+  question, nothing but one OPT of version 0), which is answered;
+* records in the answer section, or in the authority section (except for IXFR, whose query
+  carries the client's SOA there), in the additional section anything but one OPT, an OPT
+  whose owner is not the root written as one zero octet, or whose data is not whole options
+  (version 0), sections that run past the end of the message: FORMERR;
 * bytes after the last record are ignored (as NSD does).
 
 A name is kept in its uncompressed wire form, as asked (``b"\\x03www\\x07example\\x00"``):
@@ -49,7 +52,7 @@ RCODE_MASK = 0x000F
 
 OPCODE_QUERY = 0
 
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, NOTAUTH = 0, 1, 2, 3, 4, 5, 9
 BADVERS = 16
 
 TYPE_A, TYPE_NS, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 28, 41
@@ -174,27 +177,42 @@ def parse_query(wire: bytes) -> Query:
     """Parse a query message of at least 12 bytes (see the module docstring). Never raises."""
     ident, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(wire)
     q = Query(ident, flags)
-    if flags & OPCODE_MASK:
-        q.error = NOTIMP
-        # Look for an OPT anyway, so that the NOTIMP can carry one (RFC 6891 7).
-        try:
-            _read_sections(wire, q, qdcount, ancount, nscount, arcount)
-        except FormError:
-            pass
-        q.canonical = False
-        return q
     try:
         end = _read_sections(wire, q, qdcount, ancount, nscount, arcount)
     except FormError:
+        end = -1  # malformed; but the OPT, if it was read, still goes into the reply
+    if flags & OPCODE_MASK:
+        q.error = NOTIMP
+        return q
+    # As NSD does: one question is read whatever QDCOUNT says; if it cannot be, or the query
+    # carries an RCODE, FORMERR (RD kept).
+    if flags & RCODE_MASK or not (q.question if qdcount == 1 else _question_reads(wire)):
         q.error = FORMERR
         return q
-    if ancount or nscount or flags & RCODE_MASK or qdcount > 1 or (qdcount == 0 and q.edns is None):
+    if qdcount != 1:
+        if (qdcount == 0 and end >= 0 and not ancount and not nscount and arcount == 1
+                and q.edns is not None and not q.edns.version):
+            # No question but an OPT: an EDNS probe (or a DNS cookie request, RFC 7873
+            # 5.4), answered with NOERROR and an OPT.
+            return q
+        q.flags &= ~RD  # FORMERR with the flags cleared, RD too (as NSD has it)
         q.error = FORMERR
         return q
-    # No question but an OPT: an EDNS probe (or a DNS cookie request, RFC 7873 5.4), which
-    # NSD answers with NOERROR and an OPT; the answer logic does the same.
-    q.canonical = end == len(wire) and (q.edns is None or not q.edns.has_options)
+    # Records in the answer section, or in the authority section except for IXFR (whose
+    # query carries the client's SOA there, RFC 1995 3), make a query malformed.
+    if end < 0 or ancount or (nscount and q.qtype != TYPE_IXFR):
+        q.error = FORMERR
+        return q
+    q.canonical = end == len(wire) and not nscount and (q.edns is None or not q.edns.has_options)
     return q
+
+
+def _question_reads(wire: bytes) -> bool:
+    try:
+        _, pos = read_name(wire, 12)
+    except FormError:
+        return False
+    return pos + 4 <= len(wire)
 
 
 def _read_sections(
@@ -218,8 +236,15 @@ def _read_sections(
     edns: Edns | None = None
     bad = False
     for _ in range(arcount):
-        owner, rtype, rclass, ttl, rdata, pos = _skip_record(wire, pos)
-        if rtype == TYPE_OPT and owner == b"\0" and edns is None and _options_fit(wire, rdata, pos):
+        # The OPT's owner must be the root written as one zero octet: NSD, too, rejects a
+        # compression pointer there, even one to a root name.
+        literal_root = pos < len(wire) and wire[pos] == 0
+        _, rtype, rclass, ttl, rdata, pos = _skip_record(wire, pos)
+        # Options are only read for version 0: a later version may define them otherwise
+        # (and NSD answers BADVERS without reading them either).
+        version = (ttl >> 16) & 0xFF
+        if (rtype == TYPE_OPT and literal_root and edns is None
+                and (version or _options_fit(wire, rdata, pos))):
             edns = Edns(rclass, ttl >> 24, (ttl >> 16) & 0xFF, ttl & 0xFFFF, pos > rdata)
         else:
             # A second OPT, an OPT not owned by the root (RFC 6891 6.1.1), or any other
