@@ -1,4 +1,5 @@
-"""The command line: ``jitlaunch run``, ``jitlaunch check`` and ``jitlaunch probe``.
+"""The command line: ``jitlaunch run``, ``check``, ``probe``, and ``status``, ``start``,
+``stop`` (which talk to a running daemon over its control socket, see control.py).
 
 Exit status: 0 on success, 1 when the daemon or the probe fails at run time, 2 for bad input
 (command line or configuration). Errors are one line on stderr, never a traceback.
@@ -7,6 +8,7 @@ Exit status: 0 on success, 1 when the daemon or the probe fails at run time, 2 f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -53,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--tcp", action="store_true", help="ask over TCP instead of UDP")
     probe.add_argument("--ipv6", action="store_true", help="ask for AAAA instead of A")
 
+    _add_control_commands(sub)
+
     args = parser.parse_args(argv)
+    if args.command in ("status", "start", "stop"):
+        return _control(args)
     if args.command == "check":
         return _check(args.file)
     if args.command == "probe":
@@ -61,6 +67,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_probe(args)
     return _run(args.config, args.log_level)
+
+
+def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    where = (
+        "the control socket (default: /run/jitlaunch/control.sock when it exists, else "
+        "control.sock in the state directory of --config)"
+    )
+    status = sub.add_parser("status", help="show the running daemon's services and instances")
+    start = sub.add_parser("start", help="start a service's instance and wait until it is ready")
+    stop = sub.add_parser("stop", help="stop a service's instance now, in its stop mode")
+    for command in (start, stop):
+        command.add_argument("service", metavar="SERVICE")
+    status.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+    for command in (status, start, stop):
+        command.add_argument("--socket", metavar="PATH", help=where)
+        command.add_argument("--config", "-c", metavar="FILE",
+                             help="the daemon's config file, to find its state directory")
+
+
+def _control(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .control import ControlError, call, client_socket, format_status
+
+    try:
+        path = Path(args.socket) if args.socket else client_socket(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    request = {"command": args.command}
+    if args.command != "status":
+        request["service"] = args.service
+    try:
+        reply = call(path, request)
+    except ControlError as exc:
+        return _fail(str(exc), 1)
+    if not reply.get("ok"):
+        return _fail(str(reply.get("error")), 2 if reply.get("kind") == "bad-request" else 1)
+    if args.command == "status":
+        print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+    elif args.command == "start":
+        inst = reply.get("instance") or {}
+        print(f"{inst.get('label')} {inst.get('state')}"
+              + (f" at {inst['address']}" if inst.get("address") else ""))
+    else:
+        stopped = reply.get("stopped")
+        print(f"{stopped} {reply.get('state')}" if stopped else f"{args.service}: no instance running")
+    return 0
 
 
 def _check(path: str) -> int:

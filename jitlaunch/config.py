@@ -117,6 +117,8 @@ class DaemonConfig:
     state_dir: Path
     drain_timeout: float
     log_level: str
+    # The group (besides root) allowed on the control socket; None: root only.
+    control_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -527,6 +529,7 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
         log_level=d.string(
             "log_level", "info", choices=("debug", "info", "warning", "error")
         ),
+        control_group=d.string("control_group") if d.has("control_group") else None,
     )
     d.done()
 

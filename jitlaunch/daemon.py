@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from . import systemd as sd
 from .backends import Backend, create_backends
 from .config import Config, Endpoint
+from .control import ControlServer, control_path
 from .dns.server import DnsServer
 from .errors import ListenError, StateDirInUse
 from .lifecycle.supervisor import Supervisor
@@ -80,6 +81,7 @@ class Daemon:
     #: Sockets systemd passed (socket activation); None: read them from the environment.
     passed: sd.PassedSockets | None = None
     notifier: sd.Notifier = field(default_factory=sd.Notifier)
+    control: ControlServer | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
@@ -121,6 +123,9 @@ class Daemon:
                 self.proxy.passed = self.passed.fronts
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
                 self.metrics_endpoints = await nursery.start(self.metrics.serve)
+                self.control = ControlServer(
+                    self.config, self.supervisor, control_path(self.config, os.environ))
+                await nursery.start(self.control.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
                     ", ".join(z.name for z in self.config.dns.zones),

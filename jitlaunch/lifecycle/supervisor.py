@@ -62,6 +62,8 @@ class Instance:
         self.hung = False
         #: Set when the instance is condemned: its task stops watching and releases it.
         self.condemned = trio.Event()
+        #: Set by :meth:`Supervisor.stop` (``jitlaunch stop``): stop it now, as if idle.
+        self.stop_wanted = trio.Event()
         #: Set once the instance's resources have been released (its task is done with it).
         self.released = trio.Event()
         #: Set while report_unreachable checks it: further reports wait for that check.
@@ -264,6 +266,16 @@ class Supervisor:
         if inst.condemned.is_set():
             await inst.released.wait()
 
+    def stop(self, name: str) -> Instance | None:
+        """Stop service ``name``'s instance now, in its stop mode, as if it had gone idle
+        (open connections are cut); one that is booting stops once ready. Returns that
+        instance (wait on its ``released``), or None when none is starting or ready."""
+        inst = self.services[name].instance
+        if inst is None or inst.state not in (State.STARTING, State.READY):
+            return None
+        inst.stop_wanted.set()
+        return inst
+
     def touch(self, name: str) -> None:
         """Note activity (a proxied byte) without starting anything."""
         self.services[name].last_activity = trio.current_time()
@@ -428,6 +440,10 @@ class Supervisor:
                 died = inst.cause or died
             elif inst.condemned.is_set():
                 died = inst.cause or "condemned"
+            elif inst.stop_wanted.is_set():
+                log.info("%s: stopping on request (%s)", inst.label, rt.config.stop)
+                inst.fire(Event.STOP)
+                self._notify(rt)
             else:
                 rt.idle_stops += 1
                 log.info(
@@ -499,6 +515,7 @@ class Supervisor:
 
         which, value = await first_of(
             handle.wait_exited, lambda: self._until_idle(rt), inst.condemned.wait, health,
+            inst.stop_wanted.wait,
         )
         return value if which == 0 else None
 
