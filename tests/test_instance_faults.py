@@ -137,6 +137,36 @@ async def test_the_first_request_after_a_kill_is_served(tmp_path: Path, block: s
         assert rt.deaths + rt.hung == 5
 
 
+async def test_a_frozen_instance_behind_the_front_is_replaced(tmp_path: Path, block: str) -> None:
+    """SIGSTOP: the kernel still accepts connections for it, nothing answers. The proxy's
+    answer timer reports it; the supervisor finds it stopped and replaces it at once."""
+    text = config_text(tmp_path, service("hello", f"{block}.1", extra='health_interval = "never"'),
+                       top="").replace("[dns]", '[proxy]\nanswer_timeout = "1s"\n[dns]')
+    cfg = load(text)
+    async with running(cfg) as d:
+        sup = d.supervisor
+        rt = sup.services["hello"]
+        first = await sup.acquire("hello")
+        assert first.handle is not None and first.handle.pid is not None
+        pid = first.handle.pid
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            await wait_until(lambda: process_state(pid) == "T")
+            with trio.fail_after(10):
+                while True:  # the first request(s) may be closed unanswered
+                    try:
+                        if (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200"):
+                            break
+                    except trio.BrokenResourceError:
+                        pass
+            assert first.state is State.STOPPED and not alive(pid)
+            assert rt.hung == 1 and first.cause is not None and "SIGSTOP" in first.cause
+            assert rt.instance is not None and rt.instance is not first
+        finally:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_report_unreachable_releases_a_just_killed_instance(tmp_path: Path, block: str) -> None:
     cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
     async with running(cfg) as d:
@@ -447,6 +477,21 @@ async def test_signals_never_orphan_instances(tmp_path: Path, block: str) -> Non
 
 def run_files(state: Path) -> list[str]:
     return sorted(p.name for p in (state / "run").glob("uk-*"))
+
+
+async def test_status_names_every_instance_and_pool_member(qstate: Path, block: str) -> None:
+    cfg = load(qemu_config(qstate, f"{block}.1", extra="max_instances = 2", qemu="pool = 1"))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        pool = d.backends["qemu"].pools["uk"]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(pool) == 1)
+        inst = await sup.acquire("uk")
+        await wait_until(lambda: len(pool) == 1)  # refilled
+        assert inst.handle is not None
+        lines = sup.status_lines()
+        assert lines[0].startswith(f"uk: <Instance uk#1 ready qemu pid={inst.handle.pid} ")
+        assert lines[1] == f"uk: warm pool 1 of 1: pid={pool[0].pid}"
+        assert sorted(qemus(qstate)) == sorted([inst.handle.pid, pool[0].pid])
 
 
 async def test_a_paused_qemu_that_dies_is_cleaned_up_at_once(qstate: Path, block: str) -> None:

@@ -106,6 +106,11 @@ class Backend(abc.ABC):
         task_status.started()
         await trio.sleep_forever()
 
+    def status_lines(self) -> list[str]:
+        """Lines about instances the backend holds beyond the supervisor's (a warm pool), for
+        the daemon's status report; each names its processes as ``pid=N``."""
+        return []
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release whatever the backend holds beyond its instances (called shielded)."""
 

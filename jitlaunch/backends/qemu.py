@@ -726,6 +726,16 @@ class QemuBackend(Backend):
         handle.paused = True
         return handle
 
+    def status_lines(self) -> list[str]:
+        lines = []
+        for svc in self.services:
+            size = svc.settings.pool
+            if size:
+                members = " ".join(f"pid={h.pid}" for h in self.pools[svc.name])
+                lines.append(f"{svc.name}: warm pool {len(self.pools[svc.name])} of {size}"
+                             f"{': ' + members if members else ''}")
+        return lines
+
     async def aclose(self) -> None:
         for pool in self.pools.values():
             while pool:

@@ -183,6 +183,8 @@ class Supervisor:
                 f"{rt.boot_failures} failed, {rt.deaths} died, {rt.hung} hung, "
                 f"{rt.idle_stops} idle stop(s){backoff}"
             )
+        for backend in self.backends.values():
+            lines += backend.status_lines()
         return lines
 
     # ---- requests from DNS and the proxy ----------------------------------------------
