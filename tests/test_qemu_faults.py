@@ -359,8 +359,8 @@ async def test_bridge_pool_refill_keeps_the_handed_out_address(
 
 async def test_mac_is_kept_across_save_and_restore(state: Path, block: str) -> None:
     """stop = "save": the restored QEMU gets the MAC the guest booted with; a new instance
-    another one. (The state directory's name has a space: the migration commands quote it.)"""
-    state = state / "a dir"
+    another one. (The state directory has a space and a comma: QEMU and the shell see it quoted.)"""
+    state = state / "a dir, too"
     cfg = load(config_text(state, service(
         f"{block}.1", extra='idle_timeout = "300ms"\nstop = "save"\nanswer = "proxy"')))
     async with running(cfg) as d:

@@ -216,6 +216,11 @@ def last_words(lines: list[bytes], binary: str) -> str:
     return words if len(words) <= 300 else words[:297] + "..."
 
 
+def qemu_opt(value: str) -> str:
+    """``value`` as one value in a QEMU option list, where a comma is written twice."""
+    return value.replace(",", ",,")
+
+
 def instance_mac(state_dir: Path, service: str, instance: int | str) -> str:
     """A locally administered unicast MAC for one instance, the same for the same daemon
     (state directory), service and instance, so it survives pause and save/restore. Without
@@ -868,7 +873,7 @@ class QemuBackend(Backend):
                 settings.binary, "-M", settings.machine, "-accel", accel, "-nodefaults",
                 "-no-user-config", "-display", "none", "-m", f"{settings.memory}M",
                 "-smp", str(settings.cpus), "-kernel", str(settings.kernel), "-append", cmdline,
-                "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+                "-serial", "stdio", "-qmp", f"unix:{qemu_opt(str(qmp_path))},server=on,wait=off",
                 "-name", f"{MARKER}:{service.name}:{number}", "-pidfile", str(pidfile),
                 "-netdev", netdev, "-device", f"virtio-net-device,netdev=n0,mac={mac}",
                 *settings.extra_args,
