@@ -326,3 +326,164 @@ async def test_promtool_accepts_a_scrape_after_every_path(tmp_path: Path, block:
     result = subprocess.run(["promtool", "check", "metrics"], input=body.encode(),
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- alert rules -------------------------------------------------------------------------------
+
+RULES = Path(__file__).resolve().parent.parent / "conf" / "prometheus" / "jitlaunch-rules.yml"
+
+# promtool's unit tests: series over time in, the alerts that must be firing out.
+RULE_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'up{{job="jitlaunch", instance="h:9464"}}'
+        values: '1 1 0 0 0'
+      - series: 'jitlaunch_boots_total{{job="jitlaunch", instance="h:9464", service="hello", backend="qemu", result="failed"}}'
+        values: '0 1 2 3 3'
+      - series: 'jitlaunch_boots_total{{job="jitlaunch", instance="h:9464", service="ok", backend="qemu", result="failed"}}'
+        values: '0 0 1 1 1'
+      - series: 'jitlaunch_proxy_connections_active{{job="jitlaunch", instance="h:9464", service="hello"}}'
+        values: '90x10'
+      - series: 'jitlaunch_proxy_max_connections{{job="jitlaunch", instance="h:9464"}}'
+        values: '100x10'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: JitlaunchDown
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: JitlaunchDown
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: jitlaunch, instance: "h:9464"}}
+            exp_annotations:
+              summary: "jitlaunch on h:9464 cannot be scraped"
+              description: "The daemon (or its metrics endpoint) has been unreachable for 1 minute: no service on this host can be woken."
+      - eval_time: 2m
+        alertname: JitlaunchBootFailures
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: JitlaunchBootFailures
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: jitlaunch, instance: "h:9464", service: hello}}
+            exp_annotations:
+              summary: "hello failed to boot 3 times in 10 minutes"
+              description: "Boots of hello on h:9464 fail or time out; lookups get SERVFAIL (wait mode) or held connections are closed, and the service backs off. See the daemon's log and <state_dir>/logs/hello.log."
+      - eval_time: 4m
+        alertname: JitlaunchProxyNearConnectionLimit
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: JitlaunchProxyNearConnectionLimit
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: jitlaunch, instance: "h:9464"}}
+            exp_annotations:
+              summary: "the proxy on h:9464 holds 90% of its max_connections"
+              description: "Past proxy.max_connections new connections are closed at once (jitlaunch_proxy_connections_closed_total{{reason=\\"max_connections\\"}})."
+"""  # noqa: E501 - promtool compares whole annotations
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) missing")
+def test_alert_rules_check_and_fire(tmp_path: Path) -> None:
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert b"SUCCESS: 7 rules found" in check.stdout
+    tests = tmp_path / "rules-test.yml"
+    tests.write_text(RULE_TESTS.format(rules=RULES))
+    result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- a real Prometheus -------------------------------------------------------------------------
+
+PROMETHEUS_CONFIG = """
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files: ["{rules}"]
+scrape_configs:
+  - job_name: jitlaunch
+    static_configs:
+      - targets: ["{target}"]
+"""
+
+
+async def prometheus_query(port: int, query: str) -> list[dict[str, object]]:
+    """One instant query through Prometheus's HTTP API; the result vector."""
+    import json
+    from urllib.parse import quote
+
+    reply = await fetch(
+        Endpoint("127.0.0.1", port),
+        f"GET /api/v1/query?query={quote(query)} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    if b"Transfer-Encoding: chunked" in head:
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            chunks.append(rest[:n])
+            rest = rest[n + 2 :]
+        body = b"".join(chunks)
+    answer = json.loads(body)
+    assert answer["status"] == "success", answer
+    result: list[dict[str, object]] = answer["data"]["result"]
+    return result
+
+
+def value(result: list[dict[str, object]]) -> float | None:
+    if len(result) != 1:
+        return None
+    sample = result[0]["value"]
+    assert isinstance(sample, list)
+    return float(sample[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus missing")
+async def test_a_real_prometheus_reads_the_wakeup_and_boot_counters(tmp_path: Path, block: str) -> None:
+    from jitlaunch.backends.base import free_port
+
+    front = f"{block}.1"
+    async with running(load(config_text(tmp_path / "state", service("hello", front)))) as d:
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(PROMETHEUS_CONFIG.format(rules=RULES, target=d.metrics_endpoints[0]))
+        with open(tmp_path / "prometheus.log", "wb") as log:
+            proc = await trio.lowlevel.open_process(
+                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        try:
+            # The cold boot and a few lookups happen while Prometheus finds its target.
+            assert b"200" in (await http_get(front, 8080))[:20]
+            ep = d.dns_endpoints[0]
+            for _ in range(3):
+                assert (await query_udp((ep.host, ep.port), "hello.jit.test")).header.rcode == 0
+            queries = {
+                'jitlaunch_wake_seconds_count{job="jitlaunch", service="hello", path="cold"}': 1.0,
+                'jitlaunch_boots_total{job="jitlaunch", service="hello", result="ready"}': 1.0,
+                'jitlaunch_dns_queries_total{job="jitlaunch", transport="udp", qtype="A"}': 3.0,
+                'up{job="jitlaunch"}': 1.0,
+            }
+            got: dict[str, float | None] = {}
+            with trio.move_on_after(40):
+                while got != queries:
+                    assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                    await trio.sleep(0.25)
+                    try:
+                        got = {q: value(await prometheus_query(port, q)) for q in queries}
+                    except OSError:  # not listening yet
+                        continue
+            assert got == queries, (tmp_path / "prometheus.log").read_text()[-2000:]
+            # The rules loaded and evaluate: none of them fires on a healthy daemon.
+            assert await prometheus_query(port, 'ALERTS{alertstate="firing"}') == []
+        finally:
+            proc.kill()
+            with trio.CancelScope(shield=True), trio.fail_after(10):
+                await proc.wait()
