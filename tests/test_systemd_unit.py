@@ -9,6 +9,7 @@ lives under /root or /home (ProtectHome= hides those). The daemon's state direct
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -29,6 +30,7 @@ WATCHDOG = 3.0
 CONFIG = """
 [daemon]
 drain_timeout = "2s"
+control_group = "jlctl"
 
 [dns]
 listen = ["0.0.0.0:53"]
@@ -69,6 +71,10 @@ def ns() -> Iterator[SystemdNamespace]:
     with systemd_namespace(units) as ns:
         # SupplementaryGroups=kvm needs the group; the overlay keeps /etc/group throw-away.
         ns.run(["sh", "-c", "getent group kvm >/dev/null || groupadd -r kvm"])
+        # The control group, a member of it and a user outside it.
+        ns.run(["groupadd", "-r", "jlctl"])
+        ns.run(["useradd", "-r", "-M", "-G", "jlctl", "jlmember"])
+        ns.run(["useradd", "-r", "-M", "jloutsider"])
         ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG)
         yield ns
 
@@ -138,7 +144,7 @@ def test_security_exposure_is_what_the_unit_says(ns: SystemdNamespace) -> None:
     claimed = re.search(r"security jitlaunch.service` \(systemd 252\): ([0-9.]+)",
                         (UNITS / "jitlaunch.service").read_text())
     assert claimed is not None
-    assert float(score.group(1)) <= float(claimed.group(1))
+    assert float(score.group(1)) == float(claimed.group(1)), "update the comment in the unit"
 
 
 def test_socket_activation_serves_udp_and_tcp_with_our_status(ns: SystemdNamespace) -> None:
@@ -243,3 +249,47 @@ def test_a_namespace_removes_its_cgroups_mounts_and_files() -> None:
     assert not any(d.exists() for d in dirs)
     assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
     assert str(other.base) not in Path("/proc/self/mountinfo").read_text()
+
+
+def _jitlaunch(ns: SystemdNamespace, *args: str) -> list[str]:
+    out = ns.run([f"{ROOT}/.venv/bin/jitlaunch", *args]).stdout
+    return out.splitlines()
+
+
+def test_jitlaunch_status_start_stop_against_the_unit(ns: SystemdNamespace) -> None:
+    _running(ns)
+    ns.systemctl("restart", "jitlaunch.service")  # no instance from an earlier test
+    ns.wait_for(lambda: _active(ns), what="jitlaunch.service active")
+    sock = "/run/jitlaunch/control.sock"
+    mode = ns.run(["stat", "-c", "%a %U %G", sock]).stdout.split()
+    assert mode == ["660", "root", "jlctl"]
+    assert _jitlaunch(ns, "status")[1].split()[:3] == ["py", "process", "stopped"]
+    assert _jitlaunch(ns, "start", "py") == ["py#1 ready at 127.77.1.1"]
+    assert _jitlaunch(ns, "status")[1].split()[:5] == ["py", "process", "ready",
+                                                         _jitlaunch_pid(ns), "127.77.1.1"]
+    ns.wait_for(lambda: ns.show("jitlaunch.service", "StatusText")
+                == "1 service; 1 running, 0 booting", timeout=5, what="STATUS= update")
+    assert _jitlaunch(ns, "stop", "py") == ["py#1 stopped"]
+    assert _jitlaunch(ns, "status")[1].split()[:3] == ["py", "process", "stopped"]
+
+
+def _jitlaunch_pid(ns: SystemdNamespace) -> str:
+    reply = json.loads("\n".join(_jitlaunch(ns, "status", "--json")))
+    return str(reply["services"][0]["instance"]["pid"])
+
+
+# A client with the system Python only: the users of the namespace cannot read a .venv made
+# from a Python under /root.
+_CLIENT = ("import socket; s = socket.socket(socket.AF_UNIX); "
+           "s.connect('/run/jitlaunch/control.sock'); "
+           "s.sendall(b'{\"version\": 1, \"command\": \"status\"}\\n'); "
+           "print(s.makefile().readline(), end='')")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs /usr/bin/python3")
+def test_only_root_and_the_control_group_are_served(ns: SystemdNamespace) -> None:
+    _running(ns)
+    member = ns.run(["/usr/bin/python3", "-c", _CLIENT], user="jlmember")
+    assert json.loads(member.stdout)["ok"] is True
+    outsider = ns.run(["/usr/bin/python3", "-c", _CLIENT], user="jloutsider", check=False)
+    assert outsider.returncode != 0 and "PermissionError" in outsider.stderr
