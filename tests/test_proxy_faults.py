@@ -182,3 +182,77 @@ async def test_silent_and_half_closed_connections_are_closed(tmp_path: Path, blo
         await wait_until(lambda: d.proxy.open == 0)
         assert d.proxy.closed[("hello", "first_data")] == 1
         assert d.proxy.closed[("hello", "half_close")] == 1
+
+
+async def test_first_get_after_a_sigkill_is_served(tmp_path: Path, block: str) -> None:
+    """An instance killed right before a connect is still READY for a few milliseconds; the
+    connection is held for the next instance instead of being reset."""
+    front = f"{block}.1"
+    async with running(load(config_text(tmp_path, service(front)))) as d:
+        rt = d.supervisor.services["hello"]
+        for _ in range(3):
+            inst = await d.supervisor.acquire("hello")
+            assert inst.handle is not None
+            os.kill(inst.handle.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+            reply = await http_get(front, 18080)
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            assert rt.instance is not None and rt.instance is not inst
+        assert not d.proxy.closed
+
+
+BACKLOG_SERVER = """
+import socket, sys, threading, time
+
+def serve(c):
+    c.settimeout(5)
+    data = b""
+    try:
+        while not data.endswith(b"\\n"):
+            chunk = c.recv(100)
+            if not chunk:
+                break
+            data += chunk
+        c.sendall(b"ok " + data)
+    except OSError:
+        pass
+    c.close()
+
+time.sleep(0.3)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+async def test_held_connections_all_served_by_an_instance_with_a_tiny_backlog(
+    tmp_path: Path, block: str
+) -> None:
+    (tmp_path / "backlog.py").write_text(BACKLOG_SERVER)
+    front = f"{block}.1"
+    cmd = f"{PYTHON} {tmp_path / 'backlog.py'} {{address}} {{port}}"
+    text = config_text(tmp_path, service(front, command=cmd, extra='boot_timeout = "20s"'))
+    count = 256
+    replies: dict[int, bytes] = {}
+    async with running(load(text)) as d:
+
+        async def client(i: int) -> None:
+            stream = await trio.open_tcp_stream(front, 18080)
+            async with stream:
+                await stream.send_all(f"{i}\n".encode())
+                data = b""
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while chunk := await stream.receive_some(100):
+                        data += chunk
+                replies[i] = data
+
+        with trio.move_on_after(60):
+            async with trio.open_nursery() as n:
+                for i in range(count):
+                    n.start_soon(client, i)
+        bad = {i: r for i, r in replies.items() if r != f"ok {i}\n".encode()}
+        assert (len(replies), bad) == (count, {}), (d.proxy.ended, d.proxy.closed, d.proxy.retries)
+        assert not d.proxy.closed

@@ -13,6 +13,8 @@ a byte, does not lose the client: the instance is reported to the supervisor (wh
 at once and releases it if it is dead or hung), and the client is served by the instance
 ``acquire`` gives next, or by the same one once it accepts (a full listen backlog), with the
 client's bytes replayed, until the service's boot timeout has passed since the first failure.
+A connection the instance's kernel never accepted (a full listen backlog: our bytes stay
+unacknowledged) is reset and connected again the same way, without a report.
 
 Admission: at most ``max_connections`` connections are open at once, and at most
 ``max_connections_per_source`` from one source address (IPv6: one /64); past either, a new
@@ -25,11 +27,13 @@ only itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import logging
 import math
 import socket
+import struct
 from collections.abc import Callable
 
 import trio
@@ -38,6 +42,7 @@ from ..aio import first_of
 from ..config import Config, Endpoint
 from ..errors import BootFailed, listen_error
 from ..fdlimit import FDS_PER_CONNECTION, default_max_connections, nofile_limit, reserve
+from ..lifecycle.backoff import backoff_delay
 from ..lifecycle.state import State
 from ..lifecycle.supervisor import Instance, Supervisor
 from ..logutil import LimitedLog
@@ -50,8 +55,13 @@ ACCEPT_PAUSE = 0.1
 #: Between connects to an instance that refused (its listen backlog is full): doubling.
 RETRY_FIRST = 0.005
 RETRY_MAX = 0.25
+#: The longest a connect keeps its max_connecting slot while waiting for the first byte.
+CONNECT_HOLD = 0.25
 #: Relay outcomes that are the proxy closing a connection on a timer.
 TIMERS = ("first_data", "no_answer", "first_answer", "idle", "half_close")
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a RST
+# struct tcp_info up to tcpi_unacked: u8 state, ca_state, retransmits, ...; u32 unacked at 24.
+_TCP_INFO_LEN = 28
 _FD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -307,20 +317,11 @@ class Proxy:
         the instance and go on with the next one, within the boot timeout."""
         svc = self.config.service(service)
         deadline = math.inf  # set at the first failure
-        delay = RETRY_FIRST
+        refusals = 0  # in a row, by the same live instance
         while True:
-            upstream, why = await self._connect(inst, service, port)
-            if upstream is not None:
-                relay = Relay(
-                    client, upstream, self.timeouts, self.pipes,
-                    buffered=buffered, client_eof=eof, keep=self.config.proxy.max_buffer,
-                )
-                try:
-                    outcome = await relay.run()
-                finally:
-                    await trio.aclose_forcefully(upstream)
-                    self.bytes[(service, "to_instance")] += relay.activity.client_bytes
-                    self.bytes[(service, "to_client")] += relay.activity.instance_bytes
+            why, relay = await self._attempt(client, service, port, inst, buffered, eof)
+            if relay is not None:
+                outcome = why
                 self.ended[(service, outcome)] += 1
                 if outcome == "first_answer":
                     await self._report(inst, "no first byte within proxy.answer_timeout")
@@ -331,11 +332,17 @@ class Proxy:
                     if relay.replay is None:
                         self._close(service, "reset", "the instance reset it before answering")
                         return
-                    await self._report(inst, "reset a connection before answering")
+                    if inst.state is State.READY:
+                        await self._report(inst, "reset a connection before answering")
+                elif outcome == "unaccepted":
+                    if relay.replay is None:
+                        self._close(service, "reset", "the instance did not accept it")
+                        return
                 else:
                     if outcome in TIMERS:
                         self._close(service, outcome)
                     return
+                assert relay.replay is not None
                 buffered, eof = bytes(relay.replay), relay.client_eof
                 why = outcome
             elif why == "fds":
@@ -356,15 +363,88 @@ class Proxy:
                 except BootFailed as exc:
                     self._close(service, "boot_failed", str(exc))
                     return
-                if nxt is inst:  # alive, but not accepting: wait a little
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
+                if nxt is inst:  # alive, but not accepting (a full backlog): wait a little
+                    refusals += 1
+                    await trio.sleep(backoff_delay(refusals, RETRY_FIRST, RETRY_MAX))
                 else:
-                    delay = RETRY_FIRST
+                    refusals = 0
                 inst = nxt
                 continue
             self._close(service, "connect", f"{why}, still after the boot timeout")
             return
+
+    async def _attempt(
+        self,
+        client: trio.SocketStream,
+        service: str,
+        port: int,
+        inst: Instance,
+        buffered: bytes,
+        eof: bool,
+    ) -> tuple[str, Relay | None]:
+        """Connect to ``inst`` and relay: the outcome and the relay, or why the connect
+        failed and None.
+
+        A connect takes one of the service's ``max_connecting`` slots and keeps it until the
+        instance sends its first byte (at most ``CONNECT_HOLD``): an instance whose listen
+        backlog is full drops connections it has not accepted yet, so a burst of held
+        connections is let through only as fast as the instance answers.
+        """
+        limiter = self._connecting.get(service)
+        if limiter is None:
+            limiter = self._connecting[service] = trio.CapacityLimiter(
+                self.config.proxy.max_connecting
+            )
+        token = object()
+        await limiter.acquire_on_behalf_of(token)
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                limiter.release_on_behalf_of(token)
+
+        try:
+            upstream, why = await self._connect(inst, service, port)
+            if upstream is None:
+                return why, None
+
+            async def closed_unanswered() -> bool:
+                # A FIN before any byte: from a dying instance (replay elsewhere), or the
+                # service's own way of saying no (pass it on).
+                await self._report(inst, "closed a connection before answering")
+                return inst.state is not State.READY
+
+            relay = Relay(
+                client, upstream, self.timeouts, self.pipes,
+                buffered=buffered, client_eof=eof, keep=self.config.proxy.max_buffer,
+                closed_unanswered=closed_unanswered,
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def hold() -> None:
+                        with trio.move_on_after(CONNECT_HOLD):
+                            await relay.answered.wait()
+                        release()
+                        await _watch_accepted(upstream.socket, relay)
+
+                    nursery.start_soon(hold)
+                    outcome = await relay.run()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if not relay.activity.instance_bytes:
+                    # Unanswered: a reset, not a FIN after our unacknowledged bytes, so that
+                    # an instance that accepts it late never sees a request we replay.
+                    with contextlib.suppress(OSError):
+                        upstream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                await trio.aclose_forcefully(upstream)
+                self.bytes[(service, "to_instance")] += relay.activity.client_bytes
+                self.bytes[(service, "to_client")] += relay.activity.instance_bytes
+            return outcome, relay
+        finally:
+            release()
 
     async def _connect(
         self, inst: Instance, service: str, port: int
@@ -375,41 +455,55 @@ class Proxy:
         if handle is None:
             return None, "gone"
         host, target = handle.endpoint(port)
-        limiter = self._connecting.get(service)
-        if limiter is None:
-            limiter = self._connecting[service] = trio.CapacityLimiter(
-                self.config.proxy.max_connecting
+        try:
+            sock = trio.socket.socket(
+                socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
             )
-        async with limiter:
+        except OSError:
+            return None, "fds"
+        with trio.move_on_after(self.config.proxy.connect_timeout) as timer:
             try:
-                sock = trio.socket.socket(
-                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
-                )
-            except OSError:
-                return None, "fds"
-            with trio.move_on_after(self.config.proxy.connect_timeout) as timer:
-                try:
-                    await sock.connect((host, target))
-                except ConnectionRefusedError:
-                    sock.close()
-                    return None, "refused"
-                except OSError as exc:
-                    sock.close()
-                    self._log.warning(
-                        f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
-                        inst.label, host, target, exc,
-                    )
-                    return None, "unreachable"
-            if timer.cancelled_caught:
+                await sock.connect((host, target))
+            except ConnectionRefusedError:
                 sock.close()
-                return None, "connect_timeout"
+                return None, "refused"
+            except OSError as exc:
+                sock.close()
+                self._log.warning(
+                    f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
+                    inst.label, host, target, exc,
+                )
+                return None, "unreachable"
+        if timer.cancelled_caught:
+            sock.close()
+            return None, "connect_timeout"
         return trio.SocketStream(sock), ""
 
     async def _report(self, inst: Instance, reason: str) -> None:
-        """Tell the supervisor that ``inst`` let a connection down (it checks the instance)."""
-        report = getattr(self.supervisor, "report_unreachable", None)
-        if report is not None:
-            await report(inst, reason)
+        """Tell the supervisor that ``inst`` let a connection down; it checks the instance at
+        once and releases it if it is dead or hung."""
+        await self.supervisor.report_unreachable(inst, reason)
+
+
+async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
+    """Until the instance answers: if its kernel leaves our bytes unacknowledged past a
+    retransmission, it never accepted the connection (its listen backlog overflowed, and
+    Linux drops the handshake's last ACK then), so abandon the relay as ``unaccepted``: the
+    caller replays the bytes on a new connection. Returns once the bytes are acknowledged."""
+    delay = CONNECT_HOLD
+    while not relay.answered.is_set():
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except OSError:
+            return
+        retransmits, unacked = info[2], struct.unpack_from("I", info, 24)[0]
+        if unacked == 0 and relay.activity.client_bytes:
+            return
+        if unacked and retransmits:
+            relay.abandon("unaccepted")
+            return
+        await trio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def _fd_shortage(exc: BaseException) -> bool:

@@ -30,7 +30,7 @@ import contextlib
 import fcntl
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -46,9 +46,10 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 #: How a relay can end. ``done``: both sides sent EOF. ``client_reset``/``instance_reset``:
 #: that side broke the connection. ``unanswered_reset``: the instance broke it before sending
-#: a byte (replayable). The rest are the timers above.
+#: a byte (replayable). ``unaccepted``: abandoned by the caller (:meth:`Relay.abandon`)
+#: because the instance never accepted it. The rest are the timers above.
 OUTCOMES = (
-    "done", "client_reset", "instance_reset", "unanswered_reset",
+    "done", "client_reset", "instance_reset", "unanswered_reset", "unaccepted",
     "first_data", "no_answer", "first_answer", "idle", "half_close",
 )
 
@@ -179,7 +180,9 @@ class Relay:
     ``buffered`` (and ``client_eof``) are what the client sent before the relay began; they
     are sent to the instance first. Until the instance answers, the client's bytes are kept
     in :attr:`replay` (``None`` once more than ``keep`` bytes were sent, or once the instance
-    answered). Neither stream is closed here.
+    answered). If the instance sends EOF before any byte while the replay is kept,
+    ``closed_unanswered()`` decides: True ends the relay as ``unanswered_reset`` (the
+    instance is dead: replay elsewhere), False passes the EOF on. Neither stream is closed.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class Relay:
         buffered: bytes = b"",
         client_eof: bool = False,
         keep: int = 0,
+        closed_unanswered: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -203,6 +207,10 @@ class Relay:
         self.buffered = buffered
         self.client_eof = client_eof
         self._outcome: str | None = None
+        #: Set at the instance's first byte.
+        self.answered = trio.Event()
+        self.closed_unanswered = closed_unanswered
+        self._scope = trio.CancelScope()
         # Set when the deadline may have moved earlier (the timers sleep until then).
         self._earlier = trio.Event()
 
@@ -217,6 +225,8 @@ class Relay:
         self._earlier.set()
 
     def _note_instance(self, n: int) -> None:
+        if not self.activity.instance_bytes:
+            self.answered.set()
         self.activity.from_instance(n, trio.current_time())
         self.replay = None
 
@@ -232,9 +242,17 @@ class Relay:
                 await self.upstream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return "unanswered_reset"
-        _, outcome = await first_of(self._both_ways, self._timers)
-        assert isinstance(outcome, str)
-        return outcome
+        with self._scope:
+            _, outcome = await first_of(self._both_ways, self._timers)
+            assert isinstance(outcome, str)
+            return outcome
+        return self._outcome or "unanswered_reset"
+
+    def abandon(self, outcome: str) -> None:
+        """End the relay at once with ``outcome``, if the instance has not answered yet."""
+        if not self.activity.instance_bytes:
+            self._outcome = outcome
+            self._scope.cancel()
 
     async def _both_ways(self) -> str:
         async with trio.open_nursery() as both:
@@ -256,6 +274,16 @@ class Relay:
         src, dst = (self.client, self.upstream) if from_client else (self.upstream, self.client)
         try:
             await self._pump(src, dst, from_client)
+            if (
+                not from_client
+                and not self.activity.instance_bytes
+                and self.replay is not None
+                and self.closed_unanswered is not None
+                and await self.closed_unanswered()
+            ):
+                self._outcome = "unanswered_reset"
+                both.cancel()
+                return
             self._note_eof()
             if from_client:
                 self.client_eof = True
