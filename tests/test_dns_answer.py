@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 
 from jitlaunch.config import parse_config
 from jitlaunch.dns import answer, authority
+from jitlaunch.dns import wire as wire_mod
 from jitlaunch.dns.answer import Catalog, Response, respond
 from jitlaunch.dns.authority import Authority
 from jitlaunch.lifecycle.answers import ServiceAnswer, ServiceSnapshot, answer_for
 from jitlaunch.lifecycle.state import State
 
-from .dnsgen import random_query
+from .dnsgen import random_name, random_query
 from .dnsreply import parse_reply
 
 MANY = ", ".join(f'"127.78.0.{i}"' for i in range(1, 41))
@@ -412,6 +413,28 @@ def test_generated_queries_never_take_the_internal_error_path(seed: int, ident: 
     wire = random_query(rng, ident)
     check(wire)
     check(wire[: rng.randrange(len(wire) + 1)])
+
+
+def test_the_fast_path_says_what_the_parser_path_says() -> None:
+    """Where the fast path answers (REFUSED, NXDOMAIN, NODATA of the common query), the
+    general path gives the very same bytes and cacheability."""
+    rng = random.Random(5)
+    answered = 0
+    for i in range(6000):
+        wire = random_query(rng, i)
+        if i % 2:  # the common shape, more often than random_query makes it
+            qtype = rng.choice([1, 28, 15, 255, 16, 6, 2, 251])
+            wire = header(i, rng.choice([0, RD])) + random_name(rng) + struct.pack("!HH", qtype, 1)
+            if i % 4 == 1:
+                wire = wire[:11] + b"\x01" + wire[12:] + opt(rng.choice([0, 512, 4096]), do=i % 8 == 1)
+        simple = wire_mod.scan_simple(wire)
+        fast = None if simple is None else answer._respond_simple(wire, simple, CATALOG)
+        if fast is not None:
+            answered += 1
+            for udp in (True, False):
+                general = answer._respond(wire_mod.parse_query(wire), CATALOG, snapshot, NOW, udp)
+                assert fast == general, wire.hex()
+    assert answered > 1000
 
 
 def test_dnslib_built_queries_for_every_type() -> None:

@@ -206,3 +206,64 @@ def test_generated_messages_never_raise(
     assert q.error in (0, w.FORMERR, w.NOTIMP)
     if q.error == 0:
         assert len(q.qname) <= 255 or q.question == b""
+
+
+# ---- the fast path's reader ------------------------------------------------------------
+
+OPT0 = opt(1400, 0x8000)
+
+
+def test_scan_simple_reads_the_common_query() -> None:
+    assert w.scan_simple(header(1, w.RD) + HELLO + A_IN) == (12 + len(HELLO) + 4, 1, -1, False)
+    msg = header(1, 0, ar=1) + HELLO + struct.pack("!HH", 28, 1) + OPT0
+    assert w.scan_simple(msg) == (12 + len(HELLO) + 4, 28, 1400, True)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        header(1, 0) + HELLO + struct.pack("!HH", 1, 3),  # class CH
+        header(1, 0) + HELLO + A_IN + b"x",  # a byte after the message
+        header(1, 0, ar=1) + HELLO + A_IN + opt(512, 1 << 16),  # version 1
+        header(1, 0, ar=1) + HELLO + A_IN + opt(512, 0, b"\x00\x0a\x00\x00"),  # an option
+        header(1, 0, ar=1) + HELLO + A_IN + b"\xc0\x0c" + OPT0[1:],  # owner not a zero octet
+        header(1, 0, ar=1) + HELLO + A_IN + OPT0 + b"x",
+        header(1, 0, ar=2) + HELLO + A_IN + OPT0 + OPT0,
+        header(1, 0, qd=2) + HELLO + A_IN + HELLO + A_IN,
+        header(1, 0, an=1) + HELLO + A_IN,
+        header(1, 1 << 11) + HELLO + A_IN,  # opcode
+        header(1, 1) + HELLO + A_IN,  # an RCODE
+        header(1, 0) + b"\xc0\x0c" + A_IN,  # a pointer
+        header(1, 0) + b"\x40" + b"a" * 64 + b"\x00" + A_IN,
+        header(1, 0) + (b"\x3f" + b"a" * 63) * 4 + b"\x00" + A_IN,  # 257 octets
+    ],
+)
+def test_scan_simple_leaves_the_rest_to_the_parser(message: bytes) -> None:
+    assert w.scan_simple(message) is None
+
+
+@pytest.mark.parametrize("message", [header(7, w.RD) + HELLO + A_IN,
+                                     header(8, 0, ar=1) + HELLO + A_IN + OPT0])
+def test_scan_simple_every_prefix(message: bytes) -> None:
+    assert w.scan_simple(message) is not None
+    for n in range(len(message)):
+        assert w.scan_simple(message[:n]) is None, n
+
+
+# ---- templates ---------------------------------------------------------------------------
+
+
+def test_negative_soa_template_golden_bytes() -> None:
+    apex = b"\x03jit\x04test\x00"
+    soa = w.SoaTemplate(apex, b"\x02ns" + apex, b"\x0ahostmaster" + apex, (1, 3600, 600, 86400, 30), 30)
+    # For "hello.jit.test" (16 octets) the apex is at 12 + 6 = 18 (0x12).
+    expected = (b"\xc0\x12" + struct.pack("!HHIH", 6, 1, 30, 38) + b"\x02ns\xc0\x12"
+                + b"\x0ahostmaster\xc0\x12" + struct.pack("!IIIII", 1, 3600, 600, 86400, 30))
+    assert soa.negative(len(HELLO)) == expected
+    assert soa.negative(len(HELLO)) is soa.negative(len(HELLO))  # made once per length
+    # An SOA whose names lie outside the zone: the second compresses against the first.
+    other = w.SoaTemplate(apex, b"\x02ns\x03org\x00", b"\x02hm\x03org\x00", (1, 2, 3, 4, 5), 5)
+    rec = other.negative(len(HELLO))
+    mname_at = 12 + len(HELLO) + 4 + 12
+    assert rec[12:] == b"\x02ns\x03org\x00" + b"\x02hm" + struct.pack("!H", 0xC000 | mname_at + 3) + (
+        struct.pack("!IIIII", 1, 2, 3, 4, 5))

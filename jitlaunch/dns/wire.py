@@ -207,6 +207,39 @@ def parse_query(wire: bytes) -> Query:
     return q
 
 
+def scan_simple(wire: bytes) -> tuple[int, int, int, bool] | None:
+    """Read the common query fast: opcode QUERY, no RCODE, one question of class IN with an
+    uncompressed name, and nothing else but perhaps one OPT of version 0 without options,
+    and no byte after it. Returns (offset after the question, qtype, the OPT's payload size
+    or -1 without one, DO), or None for any other message (read it with :func:`parse_query`).
+    """
+    n = len(wire)
+    if n < 17 or wire[2] & 0xF8 or wire[3] & 0x0F or wire[4:11] != b"\0\x01\0\0\0\0\0":
+        return None
+    arcount = wire[11]
+    pos = 12
+    while True:
+        length = wire[pos]
+        if not length:
+            break
+        if length > MAX_LABEL:
+            return None
+        pos += length + 1
+        if pos >= n:
+            return None
+    qend = pos + 5
+    if pos - 11 > MAX_NAME or qend > n or wire[pos + 3] or wire[pos + 4] != CLASS_IN:
+        return None
+    qtype = (wire[pos + 1] << 8) | wire[pos + 2]
+    if arcount == 0:
+        return (qend, qtype, -1, False) if qend == n else None
+    # owner (the root), type OPT, payload size, extended RCODE, version 0, flags, no data
+    if (arcount != 1 or n != qend + 11 or wire[qend : qend + 3] != b"\0\0\x29" or wire[qend + 6]
+            or wire[qend + 9] or wire[qend + 10]):
+        return None
+    return qend, qtype, (wire[qend + 3] << 8) | wire[qend + 4], bool(wire[qend + 7] & 0x80)
+
+
 def _question_reads(wire: bytes) -> bool:
     try:
         _, pos = read_name(wire, 12)
@@ -349,3 +382,42 @@ def address_rdata(address: str) -> tuple[int, bytes]:
 
 def pointer(offset: int) -> bytes:
     return _U16.pack(0xC000 | offset)
+
+
+class SoaTemplate:
+    """A zone's SOA record as bytes, for the answer at the apex and for the authority
+    section of negative answers (RFC 2308 3).
+
+    A negative answer's SOA record depends on the question only through the length of its
+    name: the record's owner and the names in it point to the zone's apex inside the
+    question, whose offset is fixed by that length. So each length's bytes are made once and
+    every NXDOMAIN and NODATA of the zone is the query's question plus those bytes.
+    """
+
+    def __init__(self, apex: bytes, mname: bytes, rname: bytes,
+                 times: tuple[int, int, int, int, int], negative_ttl: int) -> None:
+        self.apex = apex
+        self._mname = mname
+        self._rname = rname
+        self._times = struct.pack("!IIIII", *times)
+        self.negative_ttl = negative_ttl
+        self._negative: dict[int, bytes] = {}
+
+    def record(self, comp: Compressor, offset: int, ttl: int) -> bytes:
+        """The SOA record written at ``offset``, compressed against ``comp``'s names."""
+        owner = comp.write(self.apex, offset)
+        pos = offset + len(owner) + 10
+        mname = comp.write(self._mname, pos)
+        rname = comp.write(self._rname, pos + len(mname))
+        return rr(owner, TYPE_SOA, ttl, mname + rname + self._times)
+
+    def negative(self, qname_len: int) -> bytes:
+        """The SOA record that follows a question whose name (in this zone) is ``qname_len``
+        octets long, with the negative TTL."""
+        record = self._negative.get(qname_len)
+        if record is None:
+            comp = Compressor()
+            comp.known[self.apex] = 12 + qname_len - len(self.apex)
+            record = self.record(comp, 12 + qname_len + 4, self.negative_ttl)
+            self._negative[qname_len] = record
+        return record
