@@ -180,6 +180,9 @@ def test_last_words_prefers_qemus_own_lines() -> None:
     assert qemu_backend.last_words([b"kvm: bad", b"guest"], "/x/kvm") == "kvm: bad"
     assert qemu_backend.last_words([], "qemu") == ""
     assert len(qemu_backend.last_words([b"x" * 5000], "qemu")) == 300
+    long = b"qemu-system-x86_64: -qmp unix:/" + b"x" * 400 + b".qmp: UNIX socket path is too long"
+    words = qemu_backend.last_words([long], "qemu-system-x86_64")
+    assert words.startswith("qemu-system-x86_64: -qmp") and words.endswith("is too long")
 
 
 def test_instance_macs_are_distinct_stable_unicast(tmp_path: Path) -> None:

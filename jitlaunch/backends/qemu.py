@@ -6,6 +6,13 @@ images that print nothing), every byte is appended to the service's log, and a K
 ``emulation failure`` in QEMU's output fails the boot with that cause instead of hanging.
 QEMU is controlled over QMP on a unix socket in ``<state_dir>/run``.
 
+Launch: each guest gets its own MAC (:func:`instance_mac`). With user networking a start
+returns once QMP answers, which QEMU does only after binding its host forwards; a forward's
+port taken by someone else since free_port() chose it makes QEMU exit at once, and the launch
+is retried with new ports (HOSTFWD_ATTEMPTS), invisibly to the supervisor. When QEMU exits,
+its console is read to EOF (bounded) before the exit is reported, and the report quotes its
+last words (:func:`last_words`) and names the log.
+
 Accelerator: ``accel = "auto"`` uses KVM when /dev/kvm opens and TCG otherwise; if a kernel
 hits a KVM emulation failure under ``auto``, later boots of that kernel use TCG. The choice is
 logged for every instance.
@@ -213,7 +220,9 @@ def last_words(lines: list[bytes], binary: str) -> str:
     prog = os.path.basename(binary) + ":"
     own = [t for t in text if _QEMU_SAYS.match(t) or t.startswith(prog)]
     words = " / ".join(own[-2:] or text[-1:])
-    return words if len(words) <= 300 else words[:297] + "..."
+    # QEMU's messages end with the point (``prog: -option value: what is wrong``): a long
+    # one keeps its start and its end.
+    return words if len(words) <= 300 else f"{words[:95]} ... {words[-200:]}"
 
 
 def qemu_opt(value: str) -> str:
