@@ -311,3 +311,18 @@ command = "true"
 def test_status_line_counts_states() -> None:
     config = _passed_config(5353)
     assert status_line(Supervisor(config, {})) == "0 services; 0 running, 0 booting"
+
+
+def test_the_production_example_matches_the_socket_unit() -> None:
+    """conf/production.toml is valid, sets its glue, and its dns.listen names exactly the
+    sockets systemd/jitlaunch.socket listens on (else the daemon would refuse to start)."""
+    from jitlaunch.config import load_config
+
+    config = load_config(ROOT / "conf" / "production.toml")
+    assert config.dns.nameserver_addresses and config.daemon.control_group == "jitlaunch"
+    unit = (ROOT / "systemd" / "jitlaunch.socket").read_text().splitlines()
+    udp = [line.split("=", 1)[1] for line in unit if line.startswith("ListenDatagram=")]
+    tcp = [line.split("=", 1)[1] for line in unit if line.startswith("ListenStream=")]
+    listen = [str(e) for e in config.dns.listen]
+    assert udp == tcp == listen
+    assert "FileDescriptorName=dns" in unit
