@@ -18,8 +18,9 @@ The rules (``[dns.rrl]``, see :class:`~jitlaunch.config.RrlConfig`):
   all, ``slip = 1`` truncates them all.
 * Sources in an ``exempt`` network are never limited. ``rate = 0`` turns RRL off.
 
-The state is a fixed table of :data:`BUCKETS` buckets (about 1.3 MB, allocated only when RRL
-is on), indexed by a keyed hash of the prefix: a flood from spoofed sources costs no memory.
+The state is a fixed table of :data:`BUCKETS` buckets (20 bytes each: 1.3 MB, allocated only
+when RRL is on), indexed by a keyed hash of the prefix: a flood from spoofed sources costs no
+memory.
 Prefixes that share a bucket share its balance, which can only limit sooner, never let more
 through.
 """
@@ -73,7 +74,7 @@ class RateLimiter:
         size = buckets if self.enabled else 0
         self._balance = array("d", bytes(8 * size))
         self._stamp = array("d", [-math.inf]) * size
-        self._limited = array("L", bytes(array("L").itemsize * size))
+        self._limited = array("I", bytes(4 * size))
         #: Counters, read by tests and metrics (``checked`` only while enabled).
         self.checked = 0
         self.limited = 0
