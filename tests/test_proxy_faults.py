@@ -256,3 +256,37 @@ async def test_held_connections_all_served_by_an_instance_with_a_tiny_backlog(
         bad = {i: r for i, r in replies.items() if r != f"ok {i}\n".encode()}
         assert (len(replies), bad) == (count, {}), (d.proxy.ended, d.proxy.closed, d.proxy.retries)
         assert not d.proxy.closed
+
+
+async def test_slowloris_cannot_hold_a_ready_service_up(tmp_path: Path, block: str) -> None:
+    """Connections trickling a byte every 100 ms into a request the instance never sees end
+    are closed at answer_timeout, and the service then idles out."""
+    front = f"{block}.1"
+    text = with_proxy(
+        config_text(tmp_path, service(front, extra='idle_timeout = "1s"')),
+        'answer_timeout = "500ms"',
+    )
+    async with running(load(text)) as d:
+        rt = d.supervisor.services["hello"]
+        await d.supervisor.acquire("hello")
+        ended: list[float] = []
+
+        async def slowloris() -> None:
+            stream = await trio.open_tcp_stream(front, 18080)
+            async with stream:
+                start = trio.current_time()
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while True:
+                        await stream.send_all(b"G")
+                        with trio.move_on_after(0.1):
+                            if await stream.receive_some(10) == b"":
+                                break
+                ended.append(trio.current_time() - start)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for _ in range(20):
+                    n.start_soon(slowloris)
+        assert len(ended) == 20 and min(ended) >= 0.5
+        assert d.proxy.closed[("hello", "first_answer")] == 20
+        await wait_until(lambda: rt.idle_stops == 1, 20)
