@@ -326,3 +326,47 @@ def test_the_production_example_matches_the_socket_unit() -> None:
     listen = [str(e) for e in config.dns.listen]
     assert udp == tcp == listen
     assert "FileDescriptorName=dns" in unit
+
+
+async def test_a_daemon_notifies_ready_status_stopping_and_extends_its_drain(
+    tmp_path: Path, block: str
+) -> None:
+    """A real daemon (in-process) with a notify socket of the test's: READY=1 with the first
+    STATUS= only once it serves, STATUS= after a boot, then STOPPING=1 and
+    EXTEND_TIMEOUT_USEC= while a connection keeps the drain going."""
+    from jitlaunch.daemon import Daemon
+
+    from .conftest import DEMO, config_text
+
+    receiver, address = _receiver(tmp_path, abstract=True)
+    receiver.setblocking(False)
+    config = parse_config(config_text(tmp_path / "state", f"""
+[[service]]
+name = "py"
+front = ["{block}.1"]
+ports = [8080]
+[service.process]
+command = "{DEMO}"
+subnet = "{block}.128/25"
+"""), "test.toml")
+    daemon = Daemon(config, notifier=Notifier({"NOTIFY_SOCKET": address}))
+    got: list[str] = []
+
+    async def until(line: str) -> None:
+        with trio.fail_after(15):
+            while line not in got:
+                got.extend(await _datagrams(receiver))
+                await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        await until("READY=1\nSTATUS=1 service; 0 running, 0 booting")
+        stream = await trio.open_tcp_stream(f"{block}.1", 8080)  # boots py, holds the drain
+        await until("STATUS=1 service; 1 running, 0 booting")
+        daemon.stop()
+        await until("STOPPING=1\nSTATUS=stopping: draining, then every instance")
+        await until("EXTEND_TIMEOUT_USEC=20000000")
+        await stream.aclose()  # the drain ends; the daemon stops
+    assert got.index("READY=1\nSTATUS=1 service; 0 running, 0 booting") == 0
+    daemon.notifier.close()
+    receiver.close()
