@@ -122,6 +122,10 @@ def _check(path: str) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     print(summary(config))
+    from .checks import deployment_warnings
+
+    for warning in deployment_warnings(config):
+        print(f"jitlaunch: warning: {warning}", file=sys.stderr)
     return 0
 
 
