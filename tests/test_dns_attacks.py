@@ -401,3 +401,61 @@ async def test_an_internal_error_costs_one_query(
         await assert_serving(d)
     tracebacks = [r for r in caplog.records if r.exc_info and "internal error" in r.getMessage()]
     assert len(tracebacks) == 1
+
+
+async def test_a_whole_64k_message_in_pieces_then_a_query(tmp_path: Path, block: str) -> None:
+    """The largest message TCP can frame, sent in uneven pieces, is read whole (and answered
+    FORMERR: a query with 65,000 bytes of trailing records that are not there), and the query
+    behind it on the same connection is answered."""
+    async with running(load(daemon_config(tmp_path, block))) as d:
+        ep = d.dns_endpoints[0]
+        big = header(ident=0x4242, qd=1, ar=5) + b"\x00\x00\x01\x00\x01" + b"\xff" * (65535 - 17)
+        wire = frame(big) + QUERY
+        stream = await trio.open_tcp_stream(ep.host, ep.port)
+        async with stream:
+            for i in range(0, len(wire), 7919):
+                await stream.send_all(wire[i : i + 7919])
+            buf = b""
+            replies: list[bytes] = []
+            with trio.fail_after(10):
+                while len(replies) < 2:
+                    data = await stream.receive_some(65536)
+                    assert data
+                    buf += data
+                    while len(buf) >= 2 and len(buf) >= 2 + (n := struct.unpack_from("!H", buf)[0]):
+                        replies.append(buf[2 : 2 + n])
+                        buf = buf[2 + n :]
+        assert replies[0][:2] == b"\x42\x42"
+        check_bad_reply(replies[0])
+        assert DNSRecord.parse(replies[1]).header.rcode == RCODE.NXDOMAIN
+        assert_no_internal_error(d)
+
+
+async def test_over_ipv6(tmp_path: Path, block: str) -> None:
+    """The bounds hold on an IPv6 listener too: per-source TCP limit from ::1."""
+    text = daemon_config(tmp_path, block, "max_tcp_connections_per_source = 1")
+    cfg = load(text.replace('listen = ["127.0.0.1:0"]', 'listen = ["[::1]:0"]'))
+    async with running(cfg) as d:
+        ep = d.dns_endpoints[0]
+        assert ep.host == "::1"
+        first = await trio.open_tcp_stream("::1", ep.port)
+        async with first:
+            await first.send_all(QUERY)
+            with trio.fail_after(10):
+                assert await first.receive_some(4096)
+            second = await trio.open_tcp_stream("::1", ep.port)
+            async with second:
+                with trio.fail_after(10):
+                    assert await second.receive_some(10) == b""
+        assert d.dns.counts["tcp_refused_source"] == 1
+        await trio.to_thread.run_sync(connect_and_reset, ep)
+        sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.connect(("::1", ep.port))
+            await sock.send(BAD_QUERIES["label_64"])
+            await sock.send(QUERY[2:])
+            with trio.fail_after(10):
+                replies = [await sock.recv(4096) for _ in range(2)]
+        check_bad_reply(replies[0])
+        assert DNSRecord.parse(replies[1]).header.rcode == RCODE.NXDOMAIN
+        assert_no_internal_error(d)

@@ -188,3 +188,21 @@ async def test_an_exempt_network_is_not_limited(tmp_path: Path, block: str) -> N
                 replies = [DNSRecord.parse(await sock.recv(4096)) for _ in range(40)]
         assert all(r.rr and not r.header.tc for r in replies)
         assert d.dns.rrl.limited == 0
+
+
+async def test_ipv6_sources_are_limited_too(tmp_path: Path, block: str) -> None:
+    services = SERVICE.replace("FRONT", f"{block}.1").replace("DEMO", DEMO)
+    text = config_text(tmp_path, services, "[dns.rrl]\nrate = 2\nslip = 1")
+    cfg = load(text.replace('listen = ["127.0.0.1:0"]', 'listen = ["[::1]:0"]'))
+    async with running(cfg) as d:
+        ep = d.dns_endpoints[0]
+        sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.connect(("::1", ep.port))
+            for _ in range(10):
+                await sock.send(QUESTION.pack())
+            with trio.fail_after(10):
+                replies = [DNSRecord.parse(await sock.recv(4096)) for _ in range(10)]  # slip 1
+        # Two sent whole, the rest truncated (a token more if time passed in between).
+        truncated_count = sum(r.header.tc for r in replies)
+        assert 7 <= truncated_count <= 8 and d.dns.rrl.limited == truncated_count

@@ -44,9 +44,9 @@ log = logging.getLogger("jitlaunch.dns")
 
 #: Datagrams answered per wake-up before other tasks get a turn.
 UDP_BATCH = 64
-#: Bytes asked of a TCP stream per receive; with one partial message, the most a connection
-#: buffers is a little over twice this.
-TCP_RECEIVE = 65536
+#: Bytes asked of a TCP stream per receive beyond the rest of the message being read, so that
+#: a connection buffers at most one whole message (65,537 bytes) plus this.
+TCP_READ_AHEAD = 4096
 #: What a client going away looks like from our side of a stream.
 _CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
@@ -351,9 +351,12 @@ class DnsServer:
                     deadline = started + dns.tcp_message_timeout
                 else:
                     deadline = trio.current_time() + dns.tcp_idle_timeout
+                want = TCP_READ_AHEAD
+                if len(buf) >= 2:
+                    want = max(want, 2 + struct.unpack_from("!H", buf)[0] - len(buf))
                 data: bytes | None = None
                 with trio.move_on_at(deadline):
-                    data = await stream.receive_some(TCP_RECEIVE)
+                    data = await stream.receive_some(want)
                 if data is None:
                     if buf:
                         raise _SlowQuery
