@@ -123,6 +123,20 @@ async def test_ready_tcp_with_user_networking_boots(state: Path, block: str) -> 
             assert body.startswith(b"HTTP/1.1 200")
             inst = rt.instance
             assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+            # the probe tells connections apart: ours is found by slirp's host socket
+            assert isinstance(inst.handle, qemu_backend.QemuHandle)
+            host, port = inst.handle.endpoint(18080)
+            qmp = await inst.handle.qmp()
+            async with await trio.open_tcp_stream(host, port) as stream:
+                fd = None
+                with trio.fail_after(5):
+                    while fd is None:
+                        fd = qemu_backend.slirp_fd(inst.handle.pid, port, stream.socket.getsockname()[1])
+                        await trio.sleep(0.005)
+                    while not qemu_backend.guest_answered(
+                            await qmp.execute("human-monitor-command", **{"command-line": "info usernet"}),
+                            80, fd):
+                        await trio.sleep(0.005)
             os.kill(inst.handle.pid, 9)  # the next round boots a new one
             await wait_until(lambda: rt.instance is None)
         assert rt.boot_failures == 0
@@ -168,6 +182,8 @@ USERNET = (
 def test_guest_answered_reads_info_usernet(state_: str, port: int, answered: bool) -> None:
     text = USERNET.format(state=state_, port=port)
     assert qemu_backend.guest_answered(text, 80) is answered
+    assert qemu_backend.guest_answered(text, 80, fd=12) is answered
+    assert not qemu_backend.guest_answered(text, 80, fd=13)  # another client's connection
     assert not qemu_backend.guest_answered(USERNET.split("  TCP[{state}]")[0], 80)
 
 

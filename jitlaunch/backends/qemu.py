@@ -104,7 +104,7 @@ _ANSWERED = frozenset(
     ("ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSING", "LAST_ACK", "TIME_WAIT")
 )
 _USERNET_TCP = re.compile(
-    r"^\s*TCP\[(?P<state>[A-Z_0-9]+)\]\s+-?\d+\s+\S+\s+\d+\s+\S+\s+(?P<port>\d+)\s", re.M
+    r"^\s*TCP\[(?P<state>[A-Z_0-9]+)\]\s+(?P<fd>-?\d+)\s+\S+\s+\d+\s+\S+\s+(?P<port>\d+)\s", re.M
 )
 
 
@@ -202,14 +202,38 @@ def image_id(path: Path) -> str:
     return h.hexdigest()
 
 
-def guest_answered(usernet: str, guest_port: int) -> bool:
-    """Whether QEMU's ``info usernet`` shows a TCP connection to ``guest_port`` that the guest
-    has answered. Through a host forward slirp accepts the host's connection at once and only
-    then sends its SYN to the guest (``SYN_SENT``); a guest that refuses makes slirp close it."""
+def guest_answered(usernet: str, guest_port: int, fd: int | None = None) -> bool:
+    """Whether QEMU's ``info usernet`` shows a TCP connection to ``guest_port`` (the one on
+    slirp's host socket ``fd``, if given) that the guest has answered. Through a host forward
+    slirp accepts the host's connection at once and only then sends its SYN to the guest
+    (``SYN_SENT``); a guest that refuses makes slirp close it."""
     return any(
         m["state"] in _ANSWERED and int(m["port"]) == guest_port
+        and (fd is None or int(m["fd"]) == fd)
         for m in _USERNET_TCP.finditer(usernet)
     )
+
+
+def slirp_fd(qemu_pid: int, host_port: int, client_port: int) -> int | None:
+    """QEMU's file descriptor for the host side of our connection from 127.0.0.1:client_port
+    to its forward on 127.0.0.1:host_port (the FD column of ``info usernet``), or None while
+    slirp has not accepted it yet. Blocking (/proc); OSError if /proc cannot be read."""
+    want = f"0100007F:{host_port:04X} 0100007F:{client_port:04X} "
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 9 and f"{fields[1]} {fields[2]} " == want:
+                inode = fields[9]
+                break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for fd in os.listdir(f"/proc/{qemu_pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{qemu_pid}/fd/{fd}") == target:
+                return int(fd)
+    return None
 
 
 def last_words(lines: list[bytes], binary: str) -> str:
@@ -340,12 +364,25 @@ class QemuHandle(Handle):
         """Through user networking slirp accepts our connection before the guest has seen it
         (and keeps it open while the guest does not answer at all), so an open connection
         proves nothing. The guest answered once slirp's connection toward it is established
-        (``info usernet``) or it sent a byte; slirp closing ours means the guest refused."""
+        (``info usernet``) or it sent a byte; slirp closing ours means the guest refused.
+        Other clients' connections to the same port are told apart by slirp's host socket
+        (:func:`slirp_fd`), so that an old established one does not answer for ours."""
         guest_port = self.settings.guest_ports[0]
+        host_port = stream.socket.getpeername()[1]
+        client_port = stream.socket.getsockname()[1]
+        fd: int | None = None
         while True:
             usernet = await qmp.execute("human-monitor-command", **{"command-line": "info usernet"})
+            # Cheap first: /proc is read only once some connection has been answered.
             if isinstance(usernet, str) and guest_answered(usernet, guest_port):
-                return True
+                if fd is None:
+                    try:
+                        fd = await trio.to_thread.run_sync(
+                            slirp_fd, self.proc.pid, host_port, client_port)
+                    except OSError:
+                        return True  # /proc unreadable: any answered connection counts
+                if fd is not None and guest_answered(usernet, guest_port, fd):
+                    return True
             with trio.move_on_after(PROBE_INTERVAL):
                 try:
                     return bool(await stream.receive_some(1))
