@@ -74,7 +74,7 @@ FD_SLACK = 16
 CLIENT_TIMEOUT = 15.0
 
 
-def config(tmp: Path, dns_port: int, block: str) -> str:
+def config(tmp: Path, dns_port: int, block: str, metrics_port: int) -> str:
     uk = f"""
 backend = "qemu"
 ports = [8080]
@@ -93,6 +93,12 @@ drain_timeout = "2s"
 [dns]
 listen = ["127.0.0.1:{dns_port}"]
 zones = ["soak.test"]
+
+[dns.rrl]
+rate = 0
+
+[metrics]
+listen = ["127.0.0.1:{metrics_port}"]
 
 [defaults]
 answer = "proxy"
@@ -203,8 +209,11 @@ class Soak:
             try:
                 ok = getattr(self, f"conn_{kind}")(host, port)
                 self.count(f"{kind} {'served' if ok else 'unserved'}")
-            except OSError:
+                if not ok:
+                    self.count(f"unserved by {service}: no reply")
+            except OSError as exc:
                 self.count(f"{kind} unserved")
+                self.count(f"unserved by {service}: {type(exc).__name__}")
             time.sleep(random.uniform(0.01, 0.1))
 
     def conn_short(self, host: str, port: int) -> bool:
@@ -295,6 +304,29 @@ class Soak:
                 s.close()
 
 
+#: Series of the daemon's own metrics quoted in the results: why it closed connections, how
+#: relays ended, why instances stopped.
+QUOTED = ("jitlaunch_proxy_connections_closed_total", "jitlaunch_proxy_relays_ended_total",
+          "jitlaunch_stops_total", "jitlaunch_proxy_retries_total",
+          "jitlaunch_unreachable_reports_total")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's metrics in QUOTED, summed by series name and labels (zeros left out)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    found: dict[str, float] = {}
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith(QUOTED):
+            key, _, value = line.rpartition(" ")
+            if float(value):
+                found[key] = float(value)
+    return found
+
+
 def proc_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -372,7 +404,8 @@ def main() -> int:
         block = loopback_block()
         dns_port = free_port()
         cfg = tmp / "soak.toml"
-        cfg.write_text(config(tmp, dns_port, block))
+        metrics_port = free_port()
+        cfg.write_text(config(tmp, dns_port, block, metrics_port))
         daemon = procs.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(cfg)], cwd=tmp)
         log = tmp / "jitlaunch.log"
         fronts = {"py": (f"{block}.1", 8080), "uk": (f"{block}.2", 8080), "ukp": (f"{block}.3", 8080)}
@@ -411,6 +444,10 @@ def main() -> int:
                 except OSError:
                     pass
             procs.remember_children()  # the report's signal may end a daemon that mishandles it
+            try:
+                figures.update(scrape(metrics_port))
+            except OSError as exc:
+                violations.append(f"the metrics endpoint did not answer: {exc}")
             reported = status_report(daemon.pid, log)
             if reported is None:
                 figures["status_report"] = "the daemon writes no SIGUSR1 status report; not checked"
