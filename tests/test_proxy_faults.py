@@ -4,6 +4,7 @@ out of file descriptors, connection caps, timers, dead instances and full listen
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -13,7 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
+
+from jitlaunch.proxy.relay import Relay
 
 from .conftest import DEMO, PYTHON, config_text, http_get, load, running, wait_until
 
@@ -290,3 +294,31 @@ async def test_slowloris_cannot_hold_a_ready_service_up(tmp_path: Path, block: s
         assert len(ended) == 20 and min(ended) >= 0.5
         assert d.proxy.closed[("hello", "first_answer")] == 20
         await wait_until(lambda: rt.idle_stops == 1, 20)
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (RuntimeError("a bug"), "error"),
+        (ExceptionGroup("from a nursery", [OSError(errno.EMFILE, "Too many open files")]), "fds"),
+    ],
+)
+async def test_a_failing_connection_ends_only_itself(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch, failure: Exception, reason: str
+) -> None:
+    real = Relay.run
+    calls = 0
+
+    async def fails_once(self: Relay) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise failure
+        return await real(self)
+
+    monkeypatch.setattr(Relay, "run", fails_once)
+    front = f"{block}.1"
+    async with running(load(config_text(tmp_path, service(front)))) as d:
+        assert await http_get(front, 18080) == b""
+        assert d.proxy.closed[("hello", reason)] == 1
+        assert (await http_get(front, 18080)).startswith(b"HTTP/1.1 200")

@@ -209,3 +209,46 @@ def test_pipe_pool_lends_at_most_its_limit(limit: int) -> None:
     assert pool.open == 1  # one kept, the rest closed
     pool.close()
     assert pool.open == 0
+
+
+def socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
+    import socket
+
+    a, b = socket.socketpair()
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
+    )
+
+
+@pytest.mark.parametrize("limit", [0, 1, 4])
+async def test_relay_moves_bulk_both_ways_with_or_without_pipes(limit: int) -> None:
+    """Splice with pipes from the pool, or copy when none is left: the same bytes arrive."""
+    user, client = socket_streams()
+    upstream, instance = socket_streams()
+    pool = PipePool(limit)
+    up = bytes(range(256)) * 8192  # 2 MiB each way, more than the socket buffers
+    down = bytes(reversed(range(256))) * 8192
+    got_up = bytearray()
+    got_down = bytearray()
+
+    async def send(stream: trio.SocketStream, data: bytes) -> None:
+        await stream.send_all(data)
+        await stream.send_eof()
+
+    async def receive(stream: trio.SocketStream, into: bytearray) -> None:
+        while chunk := await stream.receive_some(65536):
+            into.extend(chunk)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(send, user, up)
+            n.start_soon(send, instance, down)
+            n.start_soon(receive, user, got_down)
+            n.start_soon(receive, instance, got_up)
+            assert await Relay(client, upstream, T, pool, keep=1000).run() == "done"
+    assert bytes(got_up) == up and bytes(got_down) == down
+    assert pool.open <= limit
+    pool.close()
+    for s in (user, client, upstream, instance):
+        await s.aclose()
