@@ -81,7 +81,7 @@ class Notifier:
             self._sock.sendto(message, self.address)
         except OSError as exc:
             if not self._failed:  # once: a gone supervisor would otherwise log every ping
-                log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+                log.warning("cannot notify systemd at %r: %s", self.address, exc)
                 self._failed = True
             return False
         self._failed = False

@@ -370,3 +370,31 @@ subnet = "{block}.128/25"
     assert got.index("READY=1\nSTATUS=1 service; 0 running, 0 booting") == 0
     daemon.notifier.close()
     receiver.close()
+
+
+async def test_a_daemon_serves_on_a_passed_front(tmp_path: Path, block: str) -> None:
+    """A front socket systemd bound (named after its service) is used as it is: the daemon
+    binding it again would fail, as the address is taken by the passed socket."""
+    from jitlaunch.daemon import Daemon
+
+    from .conftest import DEMO, config_text, http_get
+
+    front = socket.socket()
+    front.bind((f"{block}.1", 8080))
+    front.listen()
+    config = parse_config(config_text(tmp_path / "state", f"""
+[[service]]
+name = "py"
+front = ["{block}.1"]
+ports = [8080]
+[service.process]
+command = "{DEMO}"
+"""), "test.toml")
+    passed = sort_passed({"py": [front]}, config)
+    assert passed.fronts == {("py", f"{block}.1", 8080): front}
+    daemon = Daemon(config, passed=passed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        assert b"Hello from py" in await http_get(f"{block}.1", 8080)
+        daemon.stop()
+    assert front.fileno() == -1  # closed with the proxy
