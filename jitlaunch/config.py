@@ -117,6 +117,7 @@ class DaemonConfig:
     state_dir: Path
     drain_timeout: float
     log_level: str
+    query_log_rate: int = 100  # DNS query log lines per second at debug level; 0: none
     # The group (besides root) allowed on the control socket; None: root only.
     control_group: str | None = None
 
@@ -529,6 +530,7 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
         log_level=d.string(
             "log_level", "info", choices=("debug", "info", "warning", "error")
         ),
+        query_log_rate=d.integer("query_log_rate", 100, high=100_000),
         control_group=d.string("control_group") if d.has("control_group") else None,
     )
     d.done()

@@ -283,7 +283,7 @@ class DaemonCollector(Collector):
             "jitlaunch_dns_queries", "DNS queries by transport, query type and response code "
             "(rcode none: no reply)", labels=["transport", "qtype", "rcode"],
         )
-        for (transport, qtype, rcode), n in sorted(dns.authority.queries.items()):
+        for (transport, qtype, rcode), (n,) in sorted(dns.authority.queries.items()):
             queries.add_metric([transport, qtype, rcode], n)
         yield queries
         limited = CounterMetricFamily(

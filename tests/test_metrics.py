@@ -154,6 +154,7 @@ async def test_no_listen_no_endpoint(tmp_path: Path, block: str) -> None:
     async with running(load(config_text(tmp_path, service("h", f"{block}.1"), metrics="listen = []"))) as d:
         assert d.metrics_endpoints == []
         assert (await query_udp(("127.0.0.1", d.dns_endpoints[0].port), "h.jit.test")).header.rcode == 0
+        assert all(n == [0] for n in d.dns.authority.queries.values())  # nobody reads them
 
 
 async def test_an_address_in_use_is_logged_and_the_daemon_serves(
@@ -487,3 +488,63 @@ async def test_a_real_prometheus_reads_the_wakeup_and_boot_counters(tmp_path: Pa
             proc.kill()
             with trio.CancelScope(shield=True), trio.fail_after(10):
                 await proc.wait()
+
+
+# ---- the DNS query log -------------------------------------------------------------------------
+
+
+def test_query_log_is_rate_limited() -> None:
+    import logging
+
+    from jitlaunch.dns.querylog import QueryLog, qname_of, qtype_text
+
+    now = [100.0]
+    logger = logging.getLogger("test.querylog")
+    logger.setLevel(logging.DEBUG)
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    qlog = QueryLog(2, logger, clock=lambda: now[0])
+    qlog.refresh()
+    assert qlog.enabled
+    from dnslib import DNSRecord
+
+    wire = bytes(DNSRecord.question("a.jit.test", "TXT").pack())
+    written = [qlog.query(wire, b"\0\0\x84\x00", "udp", "192.0.2.1", 0.0001) for _ in range(5)]
+    assert written == [True, True, False, False, False]
+    now[0] += 1.0
+    assert qlog.query(wire, None, "tcp", "2001:db8::1", 0.002)
+    assert lines == [
+        "query udp 192.0.2.1 a.jit.test. TXT NOERROR 0.100 ms",
+        "query udp 192.0.2.1 a.jit.test. TXT NOERROR 0.100 ms",
+        "query tcp 2001:db8::1 a.jit.test. TXT none 2.000 ms (3 more queries not logged)",
+    ]
+    assert qlog.skipped_total == 3
+    assert qname_of(b"\0" * 12 + b"\x03a.\xff\x00\x00\x01\x00\x01") == "a\\046\\255."
+    assert qname_of(b"\0" * 12 + b"\x05ab") == "?"
+    assert qtype_text(b"\0" * 12 + b"\x00\xff\xfe\x00\x01") == "TYPE65534"
+    off = QueryLog(0, logger)
+    off.refresh()
+    assert not off.enabled
+
+
+async def test_query_log_lines_over_udp_and_tcp(
+    tmp_path: Path, block: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from .conftest import query_tcp
+
+    caplog.set_level(logging.DEBUG, logger="jitlaunch.dns.queries")
+    async with running(load(config_text(tmp_path, service("hello", f"{block}.1")))) as d:
+        ep = d.dns_endpoints[0]
+        await query_udp((ep.host, ep.port), "hello.jit.test")
+        await query_tcp((ep.host, ep.port), [("nope.jit.test", "MX")])
+    msgs = [r.getMessage() for r in caplog.records if r.name == "jitlaunch.dns.queries"]
+    assert len(msgs) == 2, msgs
+    assert msgs[0].startswith("query udp 127.0.0.1 hello.jit.test. A NOERROR ")
+    assert msgs[1].startswith("query tcp 127.0.0.1 nope.jit.test. MX NXDOMAIN ")

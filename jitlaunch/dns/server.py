@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -38,6 +39,7 @@ from ..config import Config, Endpoint
 from ..errors import ListenError, listen_error
 from ..logutil import LimitedLog
 from .authority import Authority, Services
+from .querylog import QueryLog
 from .rrl import RateLimiter, Verdict, truncated
 
 log = logging.getLogger("jitlaunch.dns")
@@ -131,6 +133,8 @@ class DnsServer:
         self.held = 0
         self._held_free = trio.Event()
         self._log = LimitedLog(log)
+        #: The debug log of queries (rate-limited; see :mod:`.querylog`).
+        self.query_log = QueryLog(config.daemon.query_log_rate)
         self.endpoints: list[Endpoint] = []
         #: Socket activation: one (udp, tcp) pair per ``dns.listen`` endpoint, bound by systemd.
         self.passed: list[tuple[socket.socket, socket.socket]] | None = None
@@ -149,6 +153,7 @@ class DnsServer:
         """
         dns = self.config.dns
         pairs: list[tuple[socket.socket, trio.socket.SocketType]] = []
+        self.query_log.refresh()
         try:
             for ep in dns.listen:
                 pairs.append(_bind_pair(ep) if self.passed is None else _adopt(*self.passed[len(pairs)]))
@@ -216,7 +221,11 @@ class DnsServer:
     async def _udp_datagram(
         self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery
     ) -> None:
+        qlog = self.query_log
+        start = time.perf_counter() if qlog.enabled else 0.0
         resp = self.authority.answer_now(wire, udp=True)
+        if qlog.enabled and not resp.pending:
+            qlog.query(wire, resp.reply, "udp", addr[0], time.perf_counter() - start)
         if resp.internal_error:  # logged where it happened
             self.counts["internal_error"] += 1
         if resp.pending and resp.service is not None:
@@ -232,10 +241,13 @@ class DnsServer:
         self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], service: str
     ) -> None:
         try:
+            start = time.perf_counter()
             try:
                 reply = await self.authority.answer_held(wire, True, service)
             finally:
                 self._unhold()
+            if self.query_log.enabled:
+                self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
             if reply is not None:
                 await self._udp_send(sock, reply, addr)
         except Exception as exc:
@@ -308,7 +320,7 @@ class DnsServer:
 
     async def _tcp_connection(self, stream: trio.SocketStream, source: str) -> None:
         try:
-            await self._tcp_session(stream)
+            await self._tcp_session(stream, source)
         except Exception as exc:
             self._connection_failed(exc)
         finally:
@@ -320,8 +332,9 @@ class DnsServer:
                 del self._per_source[source]
             await trio.aclose_forcefully(stream)
 
-    async def _tcp_session(self, stream: trio.SocketStream) -> None:
+    async def _tcp_session(self, stream: trio.SocketStream, source: str) -> None:
         dns = self.config.dns
+        qlog = self.query_log
         send_lock = trio.Lock()
         held_here = trio.Semaphore(dns.max_held_per_connection)
 
@@ -333,11 +346,14 @@ class DnsServer:
                     raise _SlowReader
 
         async def held(wire: bytes, service: str) -> None:
+            start = time.perf_counter()
             try:
                 reply = await self.authority.answer_held(wire, False, service)
             finally:
                 self._unhold()
                 held_here.release()
+            if qlog.enabled:
+                qlog.query(wire, reply, "tcp", source, time.perf_counter() - start)
             if reply is not None:
                 await send(reply)
 
@@ -375,7 +391,10 @@ class DnsServer:
                     wire = bytes(buf[2 : 2 + length])
                     del buf[: 2 + length]
                     answered = True
+                    start = time.perf_counter() if qlog.enabled else 0.0
                     resp = self.authority.answer_now(wire, udp=False)
+                    if qlog.enabled and not resp.pending:
+                        qlog.query(wire, resp.reply, "tcp", source, time.perf_counter() - start)
                     if resp.internal_error:  # logged where it happened
                         self.counts["internal_error"] += 1
                     if resp.pending and resp.service is not None:
