@@ -459,3 +459,38 @@ async def test_over_ipv6(tmp_path: Path, block: str) -> None:
         check_bad_reply(replies[0])
         assert DNSRecord.parse(replies[1]).header.rcode == RCODE.NXDOMAIN
         assert_no_internal_error(d)
+
+
+async def test_slow_senders_cannot_hold_every_slot(tmp_path: Path, block: str) -> None:
+    """The issue's attack, scaled down: every TCP slot taken by a connection that sends a
+    byte every 100 ms (far inside the idle timeout). Each is closed tcp_message_timeout after
+    its query's first byte, and then a new client is served."""
+    dns = ('max_tcp_connections = 3\nmax_tcp_connections_per_source = 3\n'
+           'tcp_message_timeout = "300ms"\ntcp_idle_timeout = "10s"')
+    async with running(load(daemon_config(tmp_path, block, dns))) as d:
+        ep = d.dns_endpoints[0]
+        streams = [await trio.open_tcp_stream(ep.host, ep.port) for _ in range(3)]
+        closed = 0
+
+        async def dribble(stream: trio.SocketStream) -> None:
+            nonlocal closed
+            try:
+                for byte in QUERY:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.1)  # a slow sender, not a wait for a condition
+                raise AssertionError("a slow sender was allowed to finish its query")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                closed += 1
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for s in streams:
+                    nursery.start_soon(dribble, s)
+                while d.dns.counts["tcp_slow_query"] < 3:
+                    await trio.sleep(0.01)
+                # The server closed them all; our writes notice on their next byte.
+        assert closed == 3 and d.dns.counts["tcp_slow_query"] == 3
+        for s in streams:
+            await s.aclose()
+        await assert_serving(d)
+        assert_no_internal_error(d)
