@@ -435,3 +435,39 @@ async def test_no_fd_or_file_leaks_over_failed_and_killed_boots(state: Path, blo
         await wait_until(lambda: not list((state / "run").glob("*")))
         assert fds() == before
         assert not qemus(state)
+
+
+@needs_netns
+async def test_bridge_ready_tcp_boots(state: Path, netns: list[str]) -> None:
+    """`ready = "tcp"` in bridge mode: the probe connects to the guest's own address before it
+    answers ARP; unreachable is "not yet", and the boot succeeds well within its timeout."""
+    text = (ROOT / "conf" / "bridge.toml").read_text().replace("pool = 1", 'ready = "tcp"')
+    text = text.replace("[dns]", f'[daemon]\nstate_dir = "{state}"\n\n[dns]')
+    conf = state / "bridge.toml"
+    conf.write_text(text.replace("../images/build/hello.elf", str(KERNEL)))
+    proc = None
+    try:
+        with open(state / "daemon.log", "wb") as logfile:
+            proc = await trio.lowlevel.open_process(
+                [*netns, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+                stderr=logfile)
+        daemon_log = state / "daemon.log"
+        await wait_until(lambda: b"serving" in daemon_log.read_bytes(), timeout=30)
+        res = await trio.run_process(
+            [*netns, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
+             "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+            check=False)
+        assert res.returncode == 0, res.stderr.decode() + daemon_log.read_text()
+        assert b"HTTP/1.1 200 OK" in res.stdout
+        log = daemon_log.read_text()
+        assert "hello#1 ready in" in log and "failed to boot" not in log, log
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            with trio.move_on_after(20):
+                await proc.wait()
+            proc.kill()
+            await proc.wait()
