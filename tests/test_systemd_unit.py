@@ -54,19 +54,53 @@ def _dropin() -> str:
         "ExecStart=",
         f"ExecStart={ROOT}/.venv/bin/jitlaunch run --config /etc/jitlaunch/jitlaunch.toml",
         f"WatchdogSec={WATCHDOG:g}s",
+        # py's front comes from systemd too, named after the service.
+        "Sockets=jitlaunch.socket jitlaunch-py.socket",
     ]
     base = Path(sys.base_prefix).resolve()
     if base.parts[1:2] in (("root",), ("home",)):
         lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
-    return "\n".join(lines) + "\n"
+    return "[Unit]\nRequires=jitlaunch-py.socket\nAfter=jitlaunch-py.socket\n" + \
+        "\n".join(lines) + "\n"
+
+
+FRONT_SOCKET = """[Socket]
+ListenStream=127.77.0.2:8080
+FileDescriptorName=py
+Service=jitlaunch.service
+"""
+
+
+#: Global kernel settings a systemd boot would set from sysctl.d (not namespaced): the
+#: module checks that none of them changed on the host.
+HOST_SETTINGS = ("fs/protected_fifos", "fs/protected_hardlinks", "fs/protected_regular",
+                 "fs/protected_symlinks", "kernel/sysrq", "kernel/core_uses_pid",
+                 "kernel/pid_max")
+
+
+def _host_state() -> dict[str, str]:
+    state = {"/proc/1/cgroup": Path("/proc/1/cgroup").read_text(),
+             "/proc/self/cgroup": Path("/proc/self/cgroup").read_text()}
+    for name in HOST_SETTINGS:
+        path = Path("/proc/sys") / name
+        if path.exists():
+            state[str(path)] = path.read_text()
+    return state
 
 
 @pytest.fixture(scope="module")
 def ns() -> Iterator[SystemdNamespace]:
+    before = _host_state()
+    yield from _namespace()
+    assert _host_state() == before, "the namespace's systemd changed something on the host"
+
+
+def _namespace() -> Iterator[SystemdNamespace]:
     units = {
         "jitlaunch.service": (UNITS / "jitlaunch.service").read_text(),
         "jitlaunch.socket": (UNITS / "jitlaunch.socket").read_text(),
         "jitlaunch.service.d/test.conf": _dropin(),
+        "jitlaunch-py.socket": FRONT_SOCKET,
     }
     with systemd_namespace(units) as ns:
         # SupplementaryGroups=kvm needs the group; the overlay keeps /etc/group throw-away.
@@ -293,3 +327,13 @@ def test_only_root_and_the_control_group_are_served(ns: SystemdNamespace) -> Non
     assert json.loads(member.stdout)["ok"] is True
     outsider = ns.run(["/usr/bin/python3", "-c", _CLIENT], user="jloutsider", check=False)
     assert outsider.returncode != 0 and "PermissionError" in outsider.stderr
+
+
+def test_a_front_passed_by_systemd_is_served(ns: SystemdNamespace) -> None:
+    _running(ns)
+    # The listening socket on py's front is shared by systemd (which bound it) and the
+    # daemon (which was passed it), and py is served through it.
+    listening = ns.run(["ss", "-Hltnp", "src", "127.77.0.2:8080"], namespaces="-n").stdout
+    users = set(re.findall(r'\("([^"]+)",pid=', listening))
+    assert len(listening.splitlines()) == 1 and users == {"systemd", "jitlaunch"}, listening
+    _boot_py(ns)
