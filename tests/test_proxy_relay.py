@@ -193,7 +193,7 @@ async def test_replay_copy_is_bounded(autojump_clock: trio.abc.Clock) -> None:
     dead = Resetting(after=2)
     await user.send_all(b"x" * 101)
     relay = Relay(client, dead, T, None, keep=100)
-    assert await relay.run() == "unanswered_reset"
+    assert await relay.run() == "instance_reset"  # nothing to replay
     assert relay.replay is None
 
 
@@ -252,3 +252,39 @@ async def test_relay_moves_bulk_both_ways_with_or_without_pipes(limit: int) -> N
     pool.close()
     for s in (user, client, upstream, instance):
         await s.aclose()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "client_eof", "asked"),
+    [(b"GET", False, True), (b"", False, False), (b"GET", True, False), (b"", True, False)],
+)
+async def test_an_unanswered_close_is_questioned_only_with_a_request_pending(
+    autojump_clock: trio.abc.Clock, request_bytes: bytes, client_eof: bool, asked: bool
+) -> None:
+    """A close after the client's EOF, or on a connection that asked nothing, is an answer
+    in itself; only a close in the face of a pending request may mean a dying instance."""
+    user, client, upstream, instance = pairs()
+    questions = 0
+
+    async def closed_unanswered() -> bool:
+        nonlocal questions
+        questions += 1
+        return True
+
+    async def both() -> None:
+        if request_bytes:
+            await user.send_all(request_bytes)
+        if client_eof:
+            await user.send_eof()
+        await trio.sleep(1)
+        await instance.send_eof()
+        if not client_eof:
+            await trio.sleep(1)
+            await user.send_eof()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(both)
+        relay = Relay(client, upstream, T, None, keep=100, closed_unanswered=closed_unanswered)
+        outcome = await relay.run()
+    assert questions == int(asked)
+    assert outcome == ("unanswered_reset" if asked else "done")

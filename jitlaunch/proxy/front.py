@@ -341,6 +341,8 @@ class Proxy:
                 else:
                     if outcome in TIMERS:
                         self._close(service, outcome)
+                    elif outcome == "instance_reset" and not relay.activity.instance_bytes:
+                        self._close(service, "reset", "the instance reset it before answering")
                     return
                 assert relay.replay is not None
                 buffered, eof = bytes(relay.replay), relay.client_eof

@@ -180,9 +180,10 @@ class Relay:
     ``buffered`` (and ``client_eof``) are what the client sent before the relay began; they
     are sent to the instance first. Until the instance answers, the client's bytes are kept
     in :attr:`replay` (``None`` once more than ``keep`` bytes were sent, or once the instance
-    answered). If the instance sends EOF before any byte while the replay is kept,
-    ``closed_unanswered()`` decides: True ends the relay as ``unanswered_reset`` (the
-    instance is dead: replay elsewhere), False passes the EOF on. Neither stream is closed.
+    answered). If the instance sends EOF before any byte while the client has sent bytes
+    (all kept) but not its EOF, ``closed_unanswered()`` decides: True ends the relay as
+    ``unanswered_reset`` (the instance is dead: replay elsewhere), False passes the EOF on.
+    Neither stream is closed.
     """
 
     def __init__(
@@ -242,6 +243,14 @@ class Relay:
             return outcome
         return self._outcome or "unanswered_reset"
 
+    def _unanswered(self) -> bool:
+        """The client sent bytes, all kept for a replay, and the instance sent none."""
+        return (
+            self.activity.client_bytes > 0
+            and not self.activity.instance_bytes
+            and self.replay is not None
+        )
+
     def abandon(self, outcome: str) -> None:
         """End the relay at once with ``outcome``, if the instance has not answered yet."""
         if not self.activity.instance_bytes:
@@ -275,8 +284,8 @@ class Relay:
             await self._pump(src, dst, from_client)
             if (
                 not from_client
-                and not self.activity.instance_bytes
-                and self.replay is not None
+                and self._unanswered()
+                and not self.client_eof  # else the close may well be the answer to the EOF
                 and self.closed_unanswered is not None
                 and await self.closed_unanswered()
             ):
@@ -294,7 +303,7 @@ class Relay:
             client_side = (exc.side == "src") == from_client
             if client_side:
                 self._outcome = "client_reset"
-            elif self.activity.instance_bytes == 0:
+            elif self._unanswered():
                 self._outcome = "unanswered_reset"
             else:
                 self._outcome = "instance_reset"
