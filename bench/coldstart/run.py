@@ -59,6 +59,9 @@ TARGETS_KVM = {"cold": 40.0, "pool": 8.0, "running": 1.0, "overhead": 5.0}
 
 def config(state: Path, dns_port: int, block: str, accels: list[str]) -> str:
     out = [f"""
+[metrics]
+listen = []  # the default port may be taken; this benchmark does not scrape
+
 [daemon]
 state_dir = "{state}"
 log_level = "warning"

@@ -87,6 +87,9 @@ PYTHON = sys.executable
 def config(tmp: Path, port: int, front: str) -> str:
     demo = f"{PYTHON} -m jitlaunch.demo_http --address {{address}} --port {{port}} --name {{name}}"
     return f"""
+[metrics]
+listen = []  # the default port may be taken; this benchmark does not scrape
+
 [daemon]
 state_dir = "{tmp / 'state'}"
 drain_timeout = "1s"
