@@ -118,6 +118,7 @@ class DaemonConfig:
     drain_timeout: float
     log_level: str
     query_log_rate: int = 100  # DNS query log lines per second at debug level; 0: none
+    instance_log_max: int = 10 << 20  # bytes per instance log before it is rotated; 0: no cap
     # The group (besides root) allowed on the control socket; None: root only.
     control_group: str | None = None
 
@@ -531,6 +532,7 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
             "log_level", "info", choices=("debug", "info", "warning", "error")
         ),
         query_log_rate=d.integer("query_log_rate", 100, high=100_000),
+        instance_log_max=d.integer("instance_log_max", 10 << 20, high=2**62),
         control_group=d.string("control_group") if d.has("control_group") else None,
     )
     d.done()

@@ -20,6 +20,7 @@ from .control import ControlServer, control_path
 from .dns.server import DnsServer
 from .errors import ListenError, StateDirInUse
 from .lifecycle.supervisor import Supervisor
+from .logcap import serve_log_caps
 from .metrics import Metrics, new_registry
 from .proxy import Proxy
 
@@ -125,6 +126,10 @@ class Daemon:
                 self.proxy.passed = self.passed.fronts
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
                 self.metrics_endpoints = await nursery.start(self.metrics.serve)
+                nursery.start_soon(
+                    serve_log_caps, self.config.daemon.state_dir / "logs",
+                    self.config.daemon.instance_log_max,
+                )
                 self.control = ControlServer(
                     self.config, self.supervisor, control_path(self.config, os.environ))
                 await nursery.start(self.control.serve)

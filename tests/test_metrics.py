@@ -548,3 +548,67 @@ async def test_query_log_lines_over_udp_and_tcp(
     assert len(msgs) == 2, msgs
     assert msgs[0].startswith("query udp 127.0.0.1 hello.jit.test. A NOERROR ")
     assert msgs[1].startswith("query tcp 127.0.0.1 nope.jit.test. MX NXDOMAIN ")
+
+
+# ---- instance logs capped ----------------------------------------------------------------------
+
+CHATTY = """
+import socket, sys, time
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+n = 0
+while True:
+    n += 1
+    sys.stdout.write(f"line {n:08d} " + "x" * 200 + "\\n")
+    if n % 50 == 0:
+        sys.stdout.flush()
+        time.sleep(0.01)
+"""
+
+
+def test_rotate_keeps_the_writer_appending(tmp_path: Path) -> None:
+    import os
+
+    from jitlaunch.logcap import rotate_if_large
+
+    path = tmp_path / "svc.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, b"old " * 100)
+        assert not rotate_if_large(path, 400)
+        os.write(fd, b"more")
+        assert rotate_if_large(path, 400)
+        os.write(fd, b"new")
+        assert path.read_bytes() == b"new"
+        assert (tmp_path / "svc.log.1").read_bytes() == b"old " * 100 + b"more"
+        assert not (tmp_path / "svc.log.1.tmp").exists()
+    finally:
+        os.close(fd)
+
+
+async def test_a_chatty_instance_cannot_grow_its_log_past_the_cap(tmp_path: Path, block: str) -> None:
+    script = tmp_path / "chatty.py"
+    script.write_text(CHATTY)
+    cap = 200_000
+    command = f"{PYTHON} {script} {{address}} {{port}}"
+    text = config_text(tmp_path / "state", service("chatty", f"{block}.1", command),
+                       top=f"instance_log_max = {cap}")
+    async with running(load(text)) as d:
+        ep = d.dns_endpoints[0]
+        await query_udp((ep.host, ep.port), "chatty.jit.test")
+        logs = tmp_path / "state" / "logs"
+        rt = d.supervisor.services["chatty"]
+        await wait_until(lambda: (logs / "chatty.log.1").exists(), 20)
+        first = (logs / "chatty.log.1").stat().st_mtime_ns
+        await wait_until(lambda: (logs / "chatty.log.1").stat().st_mtime_ns != first, 20)
+        sizes = []
+        for _ in range(40):
+            sizes.append((logs / "chatty.log").stat().st_size)
+            await trio.sleep(0.05)
+        assert rt.instance is not None and rt.instance.handle is not None and rt.instance.handle.alive()
+    older = (logs / "chatty.log.1").read_bytes()
+    assert len(older) > cap
+    # One interval's writes (0.5 s; the writer makes about 1 MB/s) beyond the cap, with a
+    # margin for a busy machine; unbounded, the log would pass 2 MB in these 2 s alone.
+    assert max(sizes) < cap + 1_500_000, sizes
+    assert min(sizes) < cap, sizes
+    assert sorted(p.name for p in logs.iterdir()) == ["chatty.log", "chatty.log.1"]
