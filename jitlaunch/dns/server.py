@@ -12,6 +12,7 @@ Everything here faces the internet, so every bound is explicit (all in ``[dns]``
   ``tcp_idle_timeout`` without a query, when a query has not arrived whole within
   ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
   for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
+  A connection buffers at most one whole message plus :data:`TCP_READ_AHEAD` bytes.
 * UDP replies: response rate limiting per source prefix (``[dns.rrl]``, :mod:`.rrl`).
 * Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together (past it a
   UDP query is dropped, a TCP connection stops reading until one completes) and
