@@ -17,6 +17,7 @@ QTYPES = {
 #: Response codes by name (RFC 1035, 2136); the others (never sent by us) are ``other``.
 RCODES = {
     0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+    9: "NOTAUTH",
 }
 
 #: A counter key: ``(transport, qtype, rcode)``.
