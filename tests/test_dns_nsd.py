@@ -12,9 +12,11 @@ in :func:`reconcile`, each with its reason; everything else must match.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -140,11 +142,14 @@ zone:
     try:
         yield "127.0.0.1", port
     finally:
-        proc.terminate()
+        # NSD forks a server and xfrd; its session is its own, so the group takes them all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
