@@ -377,3 +377,35 @@ def test_the_comparison_can_fail() -> None:
                   replace(base, flags=QR)):
         ours, nsd = reconcile(query, base, other)
         assert view(ours) != view(nsd)
+
+
+async def test_a_label_with_dots_boots_nothing(tmp_path: Path) -> None:
+    """``py\\.jit\\.test.`` is one label, outside every zone: REFUSED over UDP and TCP, and the
+    service ``py`` is not started; ``py.jit.test.`` itself does start it."""
+    block = fresh_block()
+    services = f"""
+[[service]]
+name = "py"
+front = ["{block}.1"]
+ports = [8080]
+answer = "proxy"
+boot_timeout = "5m"
+[service.process]
+command = "sleep 300"
+"""
+    config = load(config_text(tmp_path / "state", services, dns="[dns.rrl]\nrate = 0\n"))
+    one_label = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x0bpy.jit.test\x00\x00\x01\x00\x01"
+    async with running(config) as daemon:
+        ep = daemon.dns_endpoints[0]
+        server = (ep.host, ep.port)
+        (udp, _), (tcp, closed) = await exchange_udp(server, [one_label]), await exchange_tcp(
+            server, [one_label])
+        for reply in (udp[1], tcp[1]):
+            parsed = parse_reply(reply)
+            assert parsed.rcode == REFUSED and parsed.question[0][0] == b"\x0bpy.jit.test\x00"
+        assert not closed
+        rt = daemon.supervisor.services["py"]
+        assert rt.boots == 0
+        proper = struct.pack("!HHHHHH", 2, 0x0100, 1, 0, 0, 0) + b"\x02py\x03jit\x04test\x00\x00\x01\x00\x01"
+        replies, _ = await exchange_udp(server, [proper])
+        assert parse_reply(replies[2]).answer and rt.boots == 1
