@@ -20,6 +20,10 @@ from dnslib import RCODE
 
 from jitlaunch.aio import first_of
 from jitlaunch.backends import qemu as qemu_backend
+from jitlaunch.backends.console import last_words
+from jitlaunch.backends.qemu import backend as qemu_launch
+from jitlaunch.backends.qemu.settings import instance_mac
+from jitlaunch.backends.qemu.usernet import guest_answered, slirp_fd
 from jitlaunch.errors import BootFailed, ProtocolError
 from jitlaunch.lifecycle.state import State
 
@@ -47,14 +51,14 @@ async def test_host_port_taken_before_qemu_binds_it_is_retried(
     """The port free_port() picked is taken before QEMU binds it: the launch is retried at once
     with another port, and the boot neither fails nor counts as a failure."""
     taken = busy.getsockname()[1]
-    real = qemu_backend.free_port
+    real = qemu_launch.free_port
     calls = []
 
     def racy(host: str = "127.0.0.1") -> int:
         calls.append(host)
         return taken if len(calls) == 1 else real(host)
 
-    monkeypatch.setattr(qemu_backend, "free_port", racy)
+    monkeypatch.setattr(qemu_launch, "free_port", racy)
     cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"')))
     async with running(cfg) as d:
         rec = await query_udp(server(d), "uk.jit.test")
@@ -131,9 +135,9 @@ async def test_ready_tcp_with_user_networking_boots(state: Path, block: str) -> 
                 fd = None
                 with trio.fail_after(5):
                     while fd is None:
-                        fd = qemu_backend.slirp_fd(inst.handle.pid, port, stream.socket.getsockname()[1])
+                        fd = slirp_fd(inst.handle.pid, port, stream.socket.getsockname()[1])
                         await trio.sleep(0.005)
-                    while not qemu_backend.guest_answered(
+                    while not guest_answered(
                             await qmp.execute("human-monitor-command", **{"command-line": "info usernet"}),
                             80, fd):
                         await trio.sleep(0.005)
@@ -181,30 +185,30 @@ USERNET = (
 )
 def test_guest_answered_reads_info_usernet(state_: str, port: int, answered: bool) -> None:
     text = USERNET.format(state=state_, port=port)
-    assert qemu_backend.guest_answered(text, 80) is answered
-    assert qemu_backend.guest_answered(text, 80, fd=12) is answered
-    assert not qemu_backend.guest_answered(text, 80, fd=13)  # another client's connection
-    assert not qemu_backend.guest_answered(USERNET.split("  TCP[{state}]")[0], 80)
+    assert guest_answered(text, 80) is answered
+    assert guest_answered(text, 80, fd=12) is answered
+    assert not guest_answered(text, 80, fd=13)  # another client's connection
+    assert not guest_answered(USERNET.split("  TCP[{state}]")[0], 80)
 
 
 def test_last_words_prefers_qemus_own_lines() -> None:
     lines = [b"hello: booting", b"qemu-system-x86_64: -kernel k.elf: invalid kernel header", b""]
-    assert qemu_backend.last_words(lines, "qemu-system-x86_64") == (
+    assert last_words(lines, "qemu-system-x86_64") == (
         "qemu-system-x86_64: -kernel k.elf: invalid kernel header")
-    assert qemu_backend.last_words([b"a", b"panic: \x1b[31mout of memory\x00"], "/x/kvm") == (
+    assert last_words([b"a", b"panic: \x1b[31mout of memory\x00"], "/x/kvm") == (
         "panic: ?[31mout of memory?")
-    assert qemu_backend.last_words([b"kvm: bad", b"guest"], "/x/kvm") == "kvm: bad"
-    assert qemu_backend.last_words([], "qemu") == ""
-    assert len(qemu_backend.last_words([b"x" * 5000], "qemu")) == 300
+    assert last_words([b"kvm: bad", b"guest"], "/x/kvm") == "kvm: bad"
+    assert last_words([], "qemu") == ""
+    assert len(last_words([b"x" * 5000], "qemu")) == 300
     long = b"qemu-system-x86_64: -qmp unix:/" + b"x" * 400 + b".qmp: UNIX socket path is too long"
-    words = qemu_backend.last_words([long], "qemu-system-x86_64")
+    words = last_words([long], "qemu-system-x86_64")
     assert words.startswith("qemu-system-x86_64: -qmp") and words.endswith("is too long")
 
 
 def test_instance_macs_are_distinct_stable_unicast(tmp_path: Path) -> None:
-    macs = {qemu_backend.instance_mac(tmp_path, s, n) for s in ("a", "b") for n in (1, 2, "pool3")}
+    macs = {instance_mac(tmp_path, s, n) for s in ("a", "b") for n in (1, 2, "pool3")}
     assert len(macs) == 6
-    assert qemu_backend.instance_mac(tmp_path, "a", 1) == qemu_backend.instance_mac(tmp_path, "a", 1)
+    assert instance_mac(tmp_path, "a", 1) == instance_mac(tmp_path, "a", 1)
     for mac in macs:
         first = int(mac.split(":")[0], 16)
         assert first & 1 == 0 and first & 2 == 2 and len(bytes.fromhex(mac.replace(":", ""))) == 6
@@ -266,7 +270,7 @@ def links(inside: list[str]) -> str:
 
 ATTACH_CONCURRENTLY = """
 import ipaddress, threading, trio
-from jitlaunch.net import bridge
+from jitlaunch.backends import bridge
 
 on_loop = []
 real_delete = bridge._delete_link
@@ -395,7 +399,7 @@ async def test_mac_is_kept_across_save_and_restore(state: Path, block: str) -> N
         assert inst.handle.mac == mac
         log = (state / "logs" / "uk.log").read_text(errors="replace")
         assert "-incoming" in log and f"mac={mac}" in log
-    assert mac != qemu_backend.instance_mac(state, "uk", 2)
+    assert mac != instance_mac(state, "uk", 2)
 
 
 async def test_no_fd_or_file_leaks_over_failed_and_killed_boots(state: Path, block: str) -> None:

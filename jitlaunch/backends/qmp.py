@@ -1,8 +1,8 @@
 """A small trio client for QEMU's QMP (the JSON machine protocol) over a unix socket.
 
 One command at a time (concurrent callers queue on a lock): :meth:`QMP.execute` sends
-``{"execute": ..., "id": n}`` and reads lines until the reply with that id, keeping
-asynchronous events (``{"event": ...}``) in :attr:`QMP.events`. Errors come back as
+``{"execute": ..., "id": n}`` and reads lines until the reply with that id, skipping
+asynchronous events (``{"event": ...}``): nothing here waits for one. Errors come back as
 :class:`~jitlaunch.errors.ProtocolError` (a broken connection, a malformed line, no reply
 within :attr:`QMP.reply_timeout`) or :class:`QMPError`
 (QEMU refused the command); never a bare OSError or trio.TooSlowError.
@@ -40,7 +40,6 @@ class QMP:
         self._next_id = 0
         self._lock = trio.StrictFIFOLock()
         self.reply_timeout = REPLY_TIMEOUT
-        self.events: list[dict[str, Any]] = []
 
     @classmethod
     async def connect(cls, path: str) -> QMP:
@@ -88,17 +87,6 @@ class QMP:
                 raise QMPError(command, reply["error"])
             return reply.get("return")
 
-    async def wait_event(self, name: str) -> dict[str, Any]:
-        """Wait for the next event called ``name`` (events already seen count). Unbounded:
-        the caller bounds it."""
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev.get("event") == name:
-                    del self.events[: i + 1]
-                    return ev
-            async with self._lock:
-                await self._read()
-
     async def _read(self) -> dict[str, Any]:
         while True:
             nl = self._buf.find(b"\n")
@@ -111,10 +99,6 @@ class QMP:
                     raise ProtocolError(f"malformed QMP line: {line[:200]!r}") from exc
                 if not isinstance(msg, dict):
                     raise ProtocolError(f"malformed QMP line: {line[:200]!r}")
-                if "event" in msg:
-                    self.events.append(msg)
-                    if len(self.events) > 1000:
-                        del self.events[:500]
                 return msg
             if len(self._buf) > MAX_LINE:
                 raise ProtocolError("QMP line too long")

@@ -1,0 +1,334 @@
+"""The qemu backend: launching QEMU for a service's instances, the warm pool, the
+accelerator choice and the sweep of an earlier run's leftovers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from typing import IO
+
+import trio
+
+from ...aio import first_of
+from ...config import ServiceConfig
+from ...errors import BootFailed
+from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
+from ..bridge import Lease
+from ..pool import WarmPools
+from .argv import build_argv, tap_netdev, user_netdev
+from .handle import RESUME_TIMEOUT, QemuHandle
+from .settings import (
+    MARKER,
+    USER_GATEWAY,
+    USER_IP,
+    USER_PREFIX,
+    QemuSettings,
+    image_id,
+    instance_mac,
+    kvm_usable,
+)
+
+log = logging.getLogger("jitlaunch.qemu")
+
+#: A launch whose host port was taken is retried at once with new ports, this many times in all.
+HOSTFWD_ATTEMPTS = 5
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(self, state_dir: Path, services: list[ServiceConfig]) -> None:
+        self.state_dir = state_dir
+        self.run_dir = state_dir / "run"
+        self.saved_dir = state_dir / "saved"
+        self.log_dir = state_dir / "logs"
+        self.services = services
+        self.warm: WarmPools[QemuHandle] = WarmPools(
+            services, size=lambda s: s.settings.pool,
+            fillable=lambda s: s.settings.kernel in self.image_ids,
+            make=self._pool_member, log=log,
+        )
+        self.pools = self.warm.pools
+        self.image_ids: dict[Path, str] = {}
+        self._kvm: bool | None = None
+        self._kvm_broken: set[Path] = set()
+        self._counter = 0
+        #: Host ports of our user-networking instances, so that two launches never pick one.
+        self._host_ports: set[int] = set()
+
+    # ---- lifecycle of the backend itself ------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for d in (self.run_dir, self.saved_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        await self.clean_leftovers()
+        for svc in self.services:
+            settings: QemuSettings = svc.settings
+            if not settings.kernel.is_file():
+                log.error("%s: kernel image %s does not exist (make -C images builds the "
+                          "bundled one)", svc.name, settings.kernel)
+                continue
+            self.image_ids[settings.kernel] = await trio.to_thread.run_sync(
+                image_id, settings.kernel
+            )
+        task_status.started()
+        await self.warm.keep()
+
+    async def clean_leftovers(self) -> None:
+        """Kill our QEMU processes from an earlier run and remove their files and taps."""
+        for pid in await trio.to_thread.run_sync(self._kill_leftovers):
+            log.warning("killed QEMU pid %d left over from an earlier run", pid)
+        for leftover in [*self.run_dir.iterdir(), *self.saved_dir.iterdir()]:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if any(s.settings.network == "bridge" for s in self.services):
+            from ..bridge import remove_leftover_taps
+
+            try:
+                for tap in await trio.to_thread.run_sync(remove_leftover_taps):
+                    log.warning("removed tap %s left over from an earlier run", tap)
+            except Exception as exc:
+                log.warning("cannot look for leftover taps: %s", exc)
+
+    def _kill_leftovers(self) -> list[int]:
+        killed = []
+        for pidfile in self.run_dir.glob("*.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            # Ours only if its command line names this very pid file and carries our marker.
+            if str(pidfile).encode() in argv and any(a.startswith(MARKER.encode()) for a in argv):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        wait_gone(killed)  # they may still hold our taps
+        return killed
+
+    async def _pool_member(self, svc: ServiceConfig) -> QemuHandle:
+        """An instance booted to its READY line and then paused: taking it is a QMP cont.
+        BootFailed if it cannot be had; the half-made member is destroyed on every path."""
+        handle = await self._launch(svc, pool=True)
+        try:
+            with map_errors("pool instance not ready"):
+                with trio.fail_after(svc.boot_timeout):
+                    which, exited = await first_of(handle.wait_ready, handle.wait_exited)
+                    if which == 1:
+                        raise BootFailed(f"{exited} before it was ready")
+                with trio.fail_after(RESUME_TIMEOUT):
+                    await (await handle.qmp()).execute("stop")
+        except BaseException:
+            await handle.destroy()
+            raise
+        handle.paused = True
+        return handle
+
+    def status_lines(self) -> list[str]:
+        return self.warm.status_lines()
+
+    async def aclose(self) -> None:
+        for member in self.warm.drain():
+            await member.destroy()
+
+    # ---- instances ---------------------------------------------------------------------------
+
+    def kvm_failed(self, kernel: Path) -> None:
+        self._kvm_broken.add(kernel)
+
+    def saved_path(self, service: str) -> Path:
+        return self.saved_dir / f"{service}.state"
+
+    def _accel(self, settings: QemuSettings) -> str:
+        if settings.accel != "auto":
+            return settings.accel
+        if self._kvm is None:
+            self._kvm = kvm_usable()
+        if not self._kvm:
+            return "tcg"
+        if settings.kernel in self._kvm_broken:
+            return "tcg"
+        return "kvm"
+
+    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
+        if isinstance(saved, QemuHandle):
+            if saved.paused and saved.alive():
+                if await self._resumed(saved, "paused instance"):
+                    log.info("%s#%d resumed (%s)", service.name, number, saved.accel)
+                    saved.wake = "resume"
+                    return saved
+            else:
+                await saved.destroy()  # a paused one that died: its files and lease go
+        while (handle := self.warm.take(service.name)) is not None:
+            if not handle.alive():
+                await handle.destroy()
+                continue
+            handle.number = number
+            if await self._resumed(handle, "warm pool member"):
+                log.info("%s#%d taken from the warm pool (%s)", service.name, number, handle.accel)
+                handle.wake = "pool"
+                return handle
+        state = self.saved_path(service.name)
+        settings: QemuSettings = service.settings
+        incoming = None
+        if state.exists():
+            meta = state.with_suffix(".image")
+            try:
+                valid = meta.exists() and meta.read_text() == self.image_ids.get(settings.kernel)
+            except OSError as exc:
+                raise BootFailed(f"cannot read the saved state's image id {meta}: {exc}") from exc
+            if valid:
+                incoming = state
+            else:
+                log.info("%s: the kernel image changed; discarding its saved state", service.name)
+                for p in (state, meta):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+        mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
+        launched = await self._launch(service, number=number, incoming=incoming, mac=mac)
+        launched.wake = "restore" if incoming is not None else "cold"
+        return launched
+
+    async def _resumed(self, handle: QemuHandle, what: str) -> bool:
+        """Resume ``handle``; if that fails (or is cancelled) destroy it, so that a paused
+        QEMU never outlives its use. False when it failed: the caller boots a fresh one."""
+        try:
+            await handle.resume()
+        except BootFailed as exc:
+            await handle.destroy()
+            log.warning("%s: %s pid %s: %s; destroyed it, booting a fresh instance",
+                        handle.service.name, what, handle.pid, exc)
+            return False
+        except BaseException:
+            await handle.destroy()
+            raise
+        return True
+
+    async def _launch(
+        self, service: ServiceConfig, *, number: int = 0, pool: bool = False,
+        incoming: Path | None = None, mac: str | None = None,
+    ) -> QemuHandle:
+        """Run QEMU for instance ``number`` (or a pool member). With user networking, return
+        once QEMU has bound its host forwards; a port taken between free_port() and QEMU's
+        bind is retried at once with new ports (HOSTFWD_ATTEMPTS in all). BootFailed, naming
+        the cause, if QEMU cannot be run or exits while starting. Releases everything on
+        every error path, cancellation included."""
+        settings: QemuSettings = service.settings
+        if not settings.kernel.is_file():
+            raise BootFailed(f"kernel image {settings.kernel} does not exist")
+        self._counter += 1
+        tag = f"{service.name}-{os.getpid()}-{self._counter}"
+        qmp_path = self.run_dir / f"{tag}.qmp"
+        pidfile = self.run_dir / f"{tag}.pid"
+        accel = self._accel(settings)
+        if mac is None:
+            mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
+        release_net: list[Lease] = []
+        address: str | None = None
+        if settings.network == "user":
+            ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
+        else:
+            from ..bridge import attach
+
+            lease = await attach(settings.bridge, settings.subnet)
+            release_net.append(lease)
+            ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
+            address = lease.ip
+        cmdline = settings.cmdline.format(
+            ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
+            name=service.name, instance=number,
+        )
+        logfile: IO[bytes] | None = None
+        for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
+            host_ports: dict[int, int] = {}
+            if release_net:
+                netdev = tap_netdev(release_net[0].tap)
+            else:
+                try:
+                    host_ports = self._pick_ports(service.ports)
+                except OSError as exc:
+                    raise BootFailed(f"cannot find a free host port: {exc.strerror or exc}") from exc
+                netdev = user_netdev(host_ports, dict(zip(service.ports, settings.guest_ports,
+                                                          strict=True)))
+            argv = build_argv(
+                settings, accel=accel, cmdline=cmdline, qmp_path=qmp_path, pidfile=pidfile,
+                service=service.name, number=number, netdev=netdev, mac=mac, incoming=incoming,
+            )
+            try:
+                if logfile is None:
+                    # Pool members log apart until taken, so they never rotate a running one's log.
+                    log_name = f"{service.name}.pool" if pool else service.name
+                    logfile = open_instance_log(self.log_dir, log_name, number, argv)
+                else:
+                    logfile.write(f"# jitlaunch: again, with other host ports: {shlex.join(argv)}\n"
+                                  .encode())
+            except OSError as exc:
+                self._forget_ports(host_ports)
+                await self._release_net(release_net)
+                if logfile is not None:
+                    logfile.close()
+                raise BootFailed(f"cannot write the instance log in {self.log_dir}: {exc}") from exc
+            try:
+                proc = await trio.lowlevel.open_process(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:
+                logfile.close()
+                self._forget_ports(host_ports)
+                await self._release_net(release_net)
+                raise BootFailed(f"cannot run {settings.binary}: {exc.strerror or exc}") from exc
+            handle = QemuHandle(
+                self, service, number, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
+                address, release_net, mac,
+            )
+            handle.restoring = incoming
+            log.info(
+                "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
+                ", for the warm pool" if pool else "", ", restoring" if incoming else "",
+            )
+            if not host_ports:
+                return handle
+            try:
+                exited = await handle.until_up()
+            except BaseException:
+                await handle.destroy()
+                raise
+            if exited is None:
+                return handle
+            again = handle.host_port_taken() and attempt < HOSTFWD_ATTEMPTS
+            await handle.destroy(close_log=not again)
+            if not again:
+                raise BootFailed(handle.exit_message(" while starting"))
+            log.info("%s#%d: a host port was taken before QEMU could bind it; retrying at once "
+                     "with other ports", service.name, number)
+        raise AssertionError("unreachable")
+
+    def _pick_ports(self, fronts: tuple[int, ...]) -> dict[int, int]:
+        """A free host port for each front port, none of them one our live instances hold
+        (free_port() only knows about bound sockets, and a starting QEMU binds later)."""
+        ports: dict[int, int] = {}
+        while len(ports) < len(fronts):
+            port = free_port()
+            if port not in self._host_ports:
+                self._host_ports.add(port)
+                ports[fronts[len(ports)]] = port
+        return ports
+
+    def _forget_ports(self, ports: dict[int, int]) -> None:
+        self._host_ports.difference_update(ports.values())
+
+    async def release(self, handle: QemuHandle) -> None:
+        self._forget_ports(handle.host_ports)
+        leases, handle.release_net = handle.release_net, []
+        await self._release_net(leases)
+
+    async def _release_net(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            await lease.release()

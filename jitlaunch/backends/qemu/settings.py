@@ -1,0 +1,124 @@
+"""The qemu backend's settings (the service's ``[service.qemu]`` table), pure: no I/O beyond
+reading the table, so that the config check never imports trio's process machinery."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...config import Table
+
+STOP_MODES = ("destroy", "shutdown", "pause", "save")
+MARKER = "jitlaunch"
+DEFAULT_CMDLINE = "ip={ip}/{prefix} gw={gateway} port={port} name={name}"
+CMDLINE_FIELDS = ("ip", "prefix", "gateway", "port", "name", "instance")
+#: User networking: the guest's address and gateway are QEMU's slirp defaults.
+USER_IP, USER_PREFIX, USER_GATEWAY = "10.0.2.15", 24, "10.0.2.2"
+
+@dataclass(frozen=True)
+class QemuSettings:
+    kernel: Path
+    binary: str
+    machine: str
+    memory: int
+    cpus: int
+    accel: str
+    network: str
+    guest_ports: tuple[int, ...]
+    cmdline: str
+    ready: str
+    pool: int
+    grace: float
+    extra_args: tuple[str, ...]
+    bridge: str
+    subnet: ipaddress.IPv4Network
+
+
+def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSettings:
+    kernel = t.string("kernel")
+    guest_ports = t.raw("guest_ports", list(ports))
+    if isinstance(guest_ports, int) and not isinstance(guest_ports, bool):
+        guest_ports = [guest_ports]
+    if (
+        not isinstance(guest_ports, list)
+        or len(guest_ports) != len(ports)
+        or not all(isinstance(p, int) and 1 <= p <= 65535 for p in guest_ports)
+    ):
+        raise t.error(
+            "guest_ports", f"expected {len(ports)} port number(s), one for each of the "
+            f"service's ports {list(ports)}"
+        )
+    cmdline = t.string("cmdline", DEFAULT_CMDLINE)
+    try:
+        cmdline.format(**{f: "x" for f in CMDLINE_FIELDS})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise t.error(
+            "cmdline", f"bad placeholder {exc} (allowed: "
+            f"{', '.join('{' + f + '}' for f in CMDLINE_FIELDS)})"
+        ) from None
+    extra = t.raw("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise t.error("extra_args", "expected a list of strings (QEMU arguments)")
+    raw_subnet = t.string("subnet", "10.77.0.0/24")
+    try:
+        subnet = ipaddress.IPv4Network(raw_subnet, strict=False)
+    except ValueError:
+        raise t.error("subnet", f"expected an IPv4 network such as 10.77.0.0/24, got {raw_subnet!r}") \
+            from None
+    if subnet.num_addresses < 4:
+        raise t.error("subnet", "expected a network with room for a gateway and instances")
+    bridge = t.string("bridge", "jl0")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
+        raise t.error("bridge", f"expected an interface name of at most 15 characters, got {bridge!r}")
+    settings = QemuSettings(
+        kernel=(base_dir / kernel).resolve(),
+        binary=t.string("binary", "qemu-system-x86_64"),
+        machine=t.string("machine", "microvm"),
+        memory=t.integer("memory", 16, low=2, high=1 << 20),
+        cpus=t.integer("cpus", 1, low=1, high=256),
+        accel=t.string("accel", "auto", choices=("auto", "kvm", "tcg")),
+        network=t.string("network", "user", choices=("user", "bridge")),
+        guest_ports=tuple(guest_ports),
+        cmdline=cmdline,
+        ready=t.string("ready", "serial", choices=("serial", "tcp")),
+        pool=t.integer("pool", 0, low=0, high=64),
+        grace=t.duration("grace", 5, allow_zero=True),
+        extra_args=tuple(extra),
+        bridge=bridge,
+        subnet=subnet,
+    )
+    t.done()
+    return settings
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def image_id(path: Path) -> str:
+    """Identifies a kernel image's contents: a saved state is only valid for the same one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+
+def instance_mac(state_dir: Path, service: str, instance: int | str) -> str:
+    """A locally administered unicast MAC for one instance, the same for the same daemon
+    (state directory), service and instance, so it survives pause and save/restore. Without
+    it QEMU gives every guest 52:54:00:12:34:56, and on a bridge the newest guest with that
+    MAC takes every frame meant for the others."""
+    h = hashlib.sha256(f"{state_dir}\0{service}\0{instance}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02 | (h[0] & 0xFC), *h[1:6]))
+
