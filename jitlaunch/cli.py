@@ -137,6 +137,7 @@ def summary(config: Config) -> str:
         f"dns: {', '.join(str(e) for e in dns.listen)} (UDP and TCP), zones "
         f"{', '.join(z.name for z in dns.zones)}, ttl {dns.ttl} s, booting ttl {dns.booting_ttl} s",
         f"state: {config.daemon.state_dir}",
+        _host_line(config),
         f"{len(config.services)} service(s):",
     ]
     for s in config.services:
@@ -146,9 +147,23 @@ def summary(config: Config) -> str:
         lines.append(
             f"  {s.name}: {', '.join(s.names)} -> {fronts}; {s.backend} backend, answer "
             f"{s.answer}, idle {s.idle_timeout:g} s, boot {s.boot_timeout:g} s, stop {s.stop}, "
-            f"max {s.max_instances}"
+            f"max {s.max_instances}{', pinned' if s.pinned else ''}"
+            f"{f', priority {s.priority}' if s.priority else ''}"
         )
     return "\n".join(lines)
+
+
+def _host_line(config: Config) -> str:
+    from .lifecycle.supervisor import host_budget
+
+    host = config.host
+    budget = host_budget(host)
+    derived = [k for k in ("max_instances", "memory", "max_booting") if getattr(host, k) is None]
+    wake = host.wake
+    limit = (f"{wake.rate:g}/s, burst {wake.burst} per /{wake.ipv4_prefix} and "
+             f"/{wake.ipv6_prefix}" if wake.rate else "off")
+    return (f"host: {budget}{' (' + ', '.join(derived) + ' from this machine)' if derived else ''}"
+            f"; queue {host.max_queued}, queue_timeout {host.queue_timeout:g} s; wake limit {limit}")
 
 
 def _run(path: str | None, level: str | None) -> int:

@@ -113,6 +113,30 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WakeConfig:
+    """Wake limits per source prefix (``[host.wake]``): boots caused by one prefix's lookups
+    and connections, as a token bucket; see :mod:`jitlaunch.lifecycle.admission`."""
+
+    rate: float = 1.0  # boots per second per prefix; 0 turns the limit off
+    burst: int = 10  # boots a quiet prefix may cause at once
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """The host budget (``[host]``). None: derived from the machine when the daemon starts
+    (:func:`jitlaunch.lifecycle.admission.derive_budget`)."""
+
+    max_instances: int | None = None  # all services together, warm pool members included
+    memory: int | None = None  # MiB: guest memory plus the backend's overhead, per instance
+    max_booting: int | None = None  # boots under way at once
+    max_queued: int = 256  # starts waiting for room (FIFO); more are refused
+    queue_timeout: float = 30.0  # a start waiting longer is refused
+    wake: WakeConfig = field(default_factory=WakeConfig)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     state_dir: Path
     drain_timeout: float
@@ -147,6 +171,10 @@ class ServiceConfig:
     health_interval: float = 10.0
     health_timeout: float = 2.0
     health_failures: int = 3
+    #: Never evicted to make room for another service's start.
+    pinned: bool = False
+    #: Eviction order: lower priorities are evicted first (then the least recently active).
+    priority: int = 0
 
     @property
     def front_v4(self) -> tuple[str, ...]:
@@ -165,6 +193,7 @@ class Config:
     proxy: ProxyConfig
     services: tuple[ServiceConfig, ...] = field(default=())
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    host: HostConfig = field(default_factory=HostConfig)
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:
@@ -487,6 +516,8 @@ def _parse_service(
         health_interval=pick("health_interval").duration("health_interval", 10),
         health_timeout=pick("health_timeout").duration("health_timeout", 2),
         health_failures=pick("health_failures").integer("health_failures", 3, low=1, high=1000),
+        pinned=t.boolean("pinned", False),
+        priority=pick("priority").integer("priority", 0, low=-1000, high=1000),
     )
     t.done()
     pool = getattr(settings, "pool", 0)
@@ -503,7 +534,7 @@ def _parse_service(
 _DEFAULT_KEYS = (
     "backend", "answer", "idle_timeout", "boot_timeout", "stop", "max_instances", "ttl",
     "booting_ttl", "retry_backoff", "retry_backoff_max", "health_interval", "health_timeout",
-    "health_failures",
+    "health_failures", "priority",
 )
 
 
@@ -565,6 +596,8 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
     )
     m.done()
 
+    host = _parse_host(root.sub("host"))
+
     defaults = root.sub("defaults")
     for key in defaults.data:
         if key not in _DEFAULT_KEYS:
@@ -579,9 +612,49 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
     )
     root.done()
     _check_unique(path, services)
+    _check_host(path, host, services)
     return Config(
-        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics
+        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
+        host=host,
     )
+
+
+def _parse_host(t: Table) -> HostConfig:
+    def optional(key: str) -> int | None:
+        return t.integer(key, low=1) if t.has(key) else None
+
+    w = t.sub("wake")
+    rate = w.raw("rate", 1.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1e6:
+        raise w.error("rate", f"expected boots per second (a number, 0 turns it off), got "
+                      f"{_show(rate)}")
+    wake = WakeConfig(
+        rate=float(rate),
+        burst=w.integer("burst", 10, low=1, high=1_000_000),
+        ipv4_prefix=w.integer("ipv4_prefix", 24, high=32),
+        ipv6_prefix=w.integer("ipv6_prefix", 56, high=128),
+    )
+    w.done()
+    host = HostConfig(
+        max_instances=optional("max_instances"),
+        memory=optional("memory"),
+        max_booting=optional("max_booting"),
+        max_queued=t.integer("max_queued", 256, low=0, high=1_000_000),
+        queue_timeout=t.duration("queue_timeout", 30),
+        wake=wake,
+    )
+    t.done()
+    return host
+
+
+def _check_host(path: str, host: HostConfig, services: tuple[ServiceConfig, ...]) -> None:
+    """Warm pools hold their members all the time: they must leave room to run something."""
+    pooled = sum(getattr(s.settings, "pool", 0) for s in services)
+    if host.max_instances is not None and pooled >= host.max_instances:
+        raise ConfigError(
+            path, f"must be more than the warm pool members of all services together "
+            f"({pooled}), which count against it", key="host.max_instances",
+        )
 
 
 def _check_unique(path: str, services: tuple[ServiceConfig, ...]) -> None:

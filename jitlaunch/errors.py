@@ -49,6 +49,11 @@ class InBackoff(BootFailed):
     """The service failed recently and is waiting before its next boot attempt."""
 
 
+class AdmissionRefused(BootFailed):
+    """A start found no room on the host: the admission queue was full, the start waited
+    there longer than ``queue_timeout``, or it can never fit the host budget."""
+
+
 class StateDirInUse(JitlaunchError):
     """Another daemon holds the lock on the state directory (one daemon per directory)."""
 

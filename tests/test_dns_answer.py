@@ -453,8 +453,9 @@ class FakeSupervisor:
     def __init__(self) -> None:
         self.requests: list[str] = []
 
-    def request(self, name: str) -> None:
+    def request(self, name: str, source: str | None = None) -> object:
         self.requests.append(name)
+        return self  # something is starting (None: refused)
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         return STATE[name]

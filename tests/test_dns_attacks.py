@@ -373,10 +373,10 @@ async def test_an_internal_error_costs_one_query(
         authority = d.dns.authority
         real_now = authority.answer_now
 
-        def answer_now(wire: bytes, udp: bool) -> object:
+        def answer_now(wire: bytes, udp: bool, source: str | None = None) -> object:
             if b"\x04boom" in wire:
                 raise RuntimeError("boom")
-            return real_now(wire, udp)
+            return real_now(wire, udp, source)
 
         async def answer_held(wire: bytes, udp: bool, service: str) -> bytes | None:
             raise RuntimeError("held boom")

@@ -21,8 +21,9 @@ class Services(Protocol):
     #: Bumped on every change of any service's state; cached replies are for one generation.
     generation: int
 
-    def request(self, name: str) -> object:
-        """Note a lookup of service ``name`` and make sure it is starting or ready."""
+    def request(self, name: str, source: str | None = None) -> object:
+        """Note a lookup of service ``name`` (from ``source``) and make sure it is starting or
+        ready; None when nothing is starting (backoff, refused, wake-limited)."""
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """Service ``name``'s state now."""
@@ -64,8 +65,9 @@ class Authority:
         self.queries: dict[stats.Key, list[int]] = {}
         self.counting = True
 
-    def answer_now(self, wire: bytes, udp: bool) -> Response:
-        """Answer at once, or say the answer must be held (``pending``)."""
+    def answer_now(self, wire: bytes, udp: bool, source: str | None = None) -> Response:
+        """Answer at once, or say the answer must be held (``pending``). ``source`` is the
+        client's address (wake limits)."""
         sup = self.supervisor
         cache = self._caches[udp]
         key = wire[2:]
@@ -75,12 +77,14 @@ class Authority:
             if self.counting:
                 cell[0] += 1
             if service is not None:
-                sup.request(service)
+                sup.request(service, source)
             return Response(wire[:2] + tail, service, cacheable=True)
         generation = sup.generation
         resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
-        if resp.service is not None:
-            sup.request(resp.service)
+        if resp.service is not None and sup.request(resp.service, source) is None and resp.pending:
+            # Nothing is starting (refused, wake-limited, backing off): a wait-mode lookup
+            # gets its SERVFAIL now rather than held for a boot that will not come.
+            resp = respond(wire, self.catalog, _failed, trio.current_time(), udp=udp)
         cell = self._cell(stats.key_of(wire, resp.reply, udp))
         if self.counting and not resp.pending:
             cell[0] += 1
@@ -105,7 +109,8 @@ class Authority:
         failed = False
         self.held += 1
         try:
-            with trio.fail_after(svc.boot_timeout + 1):
+            # Bounded by the admission queue's wait and then the boot.
+            with trio.fail_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
                 await sup.acquire(service)
         except (BootFailed, trio.TooSlowError):
             failed = True
@@ -128,3 +133,7 @@ class Authority:
         if cell is None:
             cell = self.queries[key] = [0]
         return cell
+
+
+def _failed(name: str) -> ServiceSnapshot:
+    return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL

@@ -224,7 +224,7 @@ class DnsServer:
     ) -> None:
         qlog = self.query_log
         start = time.perf_counter() if qlog.enabled else 0.0
-        resp = self.authority.answer_now(wire, udp=True)
+        resp = self.authority.answer_now(wire, udp=True, source=str(addr[0]))
         if qlog.enabled and not resp.pending:
             qlog.query(wire, resp.reply, "udp", addr[0], time.perf_counter() - start)
         if resp.internal_error:  # logged where it happened
@@ -393,7 +393,7 @@ class DnsServer:
                     del buf[: 2 + length]
                     answered = True
                     start = time.perf_counter() if qlog.enabled else 0.0
-                    resp = self.authority.answer_now(wire, udp=False)
+                    resp = self.authority.answer_now(wire, udp=False, source=source)
                     if qlog.enabled and not resp.pending:
                         qlog.query(wire, resp.reply, "tcp", source, time.perf_counter() - start)
                     if resp.internal_error:  # logged where it happened

@@ -14,6 +14,12 @@ share that boot. Rules:
 * Activity is the latest lookup or proxied byte. With a connection open a service is never
   idle; after ``idle_timeout`` without activity its instance is stopped in its stop mode.
 * Stopping always runs shielded and bounded, so a cancelled daemon never leaves an instance.
+* Admission (admission.py decides, this applies): every start goes through a bounded FIFO
+  queue of services; the head starts when it fits the host budget, after evicting idle
+  instances when that makes it fit, and otherwise waits there, bounded by
+  ``queue_timeout`` (then AdmissionRefused). The queue is pumped whenever room may have
+  appeared: a release, a boot's end, a last connection closed. A boot's timeout counts from
+  its start, not from the queue. Boots caused by a source prefix are rate-limited.
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 
 import trio
 
 from ..aio import first_of
 from ..backends.base import Backend, Handle, map_errors
-from ..config import Config, ServiceConfig
-from ..errors import BootFailed, BootTimeout, InBackoff
+from ..config import Config, HostConfig, ServiceConfig
+from ..errors import AdmissionRefused, BootFailed, BootTimeout, InBackoff
 from ..logutil import LimitedLog
+from . import admission as adm
 from .answers import ServiceAnswer, ServiceSnapshot, answer_for
 from .backoff import backoff_delay
 from .state import Event, State, next_state
@@ -44,6 +52,17 @@ UNREACHABLE_PROBE_TIMEOUT = 1.0
 PROBE_MARGIN = 0.5
 
 _limited = LimitedLog(log)
+
+
+def host_budget(host: HostConfig) -> adm.Budget:
+    """The host budget: ``[host]`` as configured, the rest derived from this machine
+    (/proc/meminfo, the CPU count)."""
+    try:
+        with open("/proc/meminfo") as f:
+            meminfo = f.read()
+    except OSError:
+        meminfo = ""
+    return adm.derive_budget(host, meminfo, len(os.sched_getaffinity(0)))
 
 
 class Instance:
@@ -72,6 +91,11 @@ class Instance:
         self.saved_watch = trio.CancelScope()
         self.unwatched = trio.Event()
         self.unwatched.set()
+        #: Set when admission evicts it: the stop mode to use (frees its share of the host).
+        self.evict_mode: str | None = None
+        #: While it waits in the admission queue: when it was queued; and why it was refused.
+        self.queued_at = math.nan
+        self.refused: AdmissionRefused | None = None
 
     @property
     def label(self) -> str:
@@ -85,7 +109,9 @@ class Instance:
     def __repr__(self) -> str:
         described = self.handle.describe() if self.handle else ""
         extra = f" {described}" if described else ""
-        return f"<Instance {self.label} {self.state} {self.service.backend}{extra}>"
+        queued = self.state is State.STOPPED and not math.isnan(self.queued_at)
+        state = "queued" if queued else str(self.state)
+        return f"<Instance {self.label} {state} {self.service.backend}{extra}>"
 
 
 class ServiceRuntime:
@@ -105,6 +131,9 @@ class ServiceRuntime:
         self.no_connections.set()
         self.changed = trio.Event()
         self.restart_wanted = False
+        #: A start waiting in the admission queue: the instance it will be (or, when the
+        #: service has a saved instance, a stand-in; the saved one is resumed).
+        self.queued: Instance | None = None
         # Counters, read by tests and metrics.
         self.boots = 0
         self.boot_failures = 0
@@ -125,10 +154,24 @@ class ServiceRuntime:
 class Supervisor:
     """Owns every instance. Start it with ``await nursery.start(supervisor.run)``."""
 
-    def __init__(self, config: Config, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self, config: Config, backends: Mapping[str, Backend], budget: adm.Budget | None = None
+    ) -> None:
         self.config = config
         self.backends = backends
         self.services = {s.name: ServiceRuntime(s) for s in config.services}
+        #: The host budget (derived from the machine where [host] leaves it open).
+        self.budget = budget or host_budget(config.host)
+        self.pools = adm.reserved(config.services)
+        self.queue = adm.AdmissionQueue(config.host.max_queued)
+        self._queue_grew = trio.Event()
+        self.wake = adm.WakeLimiter(config.host.wake)
+        #: Admission counters (read by tests and metrics): ``admitted`` (started at once or
+        #: from the queue), ``queued``, ``evicted``, ``refused_full`` (the queue was full),
+        #: ``refused_timeout``, ``refused_never`` (can never fit), ``refused_closing``,
+        #: ``wake_limited``.
+        self.admission: collections.Counter[str] = collections.Counter()
+        self._admission_log = LimitedLog(logging.getLogger("jitlaunch.admission"))
         #: Bumped on every change of any service's state; DNS answer caches key on it.
         self.generation = 0
         self._nursery: trio.Nursery | None = None
@@ -140,14 +183,19 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; on the way out stop every instance (shielded, bounded)."""
+        log.info("host budget: %s; warm pools hold %d instance(s), %d MiB; admission queue "
+                 "%d, queue_timeout %g s", self.budget, self.pools.instances, self.pools.memory,
+                 self.queue.bound, self.config.host.queue_timeout)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._expire_queue)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._closing = True
             self._nursery = None
+            self._refuse_all("the daemon is shutting down")
             with trio.CancelScope(shield=True):
                 # Paused or saved instances hold resources too (a paused VM is a process).
                 for rt in self.services.values():
@@ -160,6 +208,7 @@ class Supervisor:
         """Stop starting instances and wait for open connections to end. Called (bounded by
         the caller) before the daemon cancels everything on a clean shutdown."""
         self._closing = True
+        self._refuse_all("the daemon is shutting down")
         for rt in self.services.values():
             inst = rt.instance
             if inst is not None and inst.state is State.READY and rt.connections:
@@ -185,15 +234,21 @@ class Supervisor:
             )
         for backend in self.backends.values():
             lines += backend.status_lines()
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.admission.items())) or "nothing yet"
+        lines.append(f"host: {self.budget}; {len(self.queue)} queued; admission: {counts}")
         return lines
 
     # ---- requests from DNS and the proxy ----------------------------------------------
 
-    def request(self, name: str) -> Instance | None:
+    def request(self, name: str, source: str | None = None) -> Instance | None:
         """Note activity for service ``name`` and make sure an instance is starting or ready.
 
-        Returns that instance, or None when the service is backing off after a failed boot
-        (or the daemon is shutting down). Never blocks.
+        Returns that instance (one not yet started while it waits in the admission queue),
+        or None when the service is backing off after a failed boot, the start was refused
+        (queue full, or ``source``'s prefix has used up its wake limit) or the daemon is
+        shutting down. Never blocks. ``source`` is the client's address (a lookup's or a
+        connection's); requests for a service that is starting, ready or queued never count
+        against its wake limit.
         """
         rt = self.services[name]
         now = trio.current_time()
@@ -206,9 +261,17 @@ class Supervisor:
         if inst is not None and inst.state in (State.DRAINING, State.STOPPING):
             rt.restart_wanted = True
             return inst
+        if rt.queued is not None:
+            return rt.queued
         if self._closing or self._nursery is None or now < rt.retry_at:
             return None
-        return self._start(rt)
+        if source is not None and not self.wake.allow(source, now):
+            self.admission["wake_limited"] += 1
+            self._admission_log.log(
+                logging.INFO, "wake_limited", "a source prefix reached its wake limit; not "
+                "starting %s for it", name)
+            return None
+        return self._enqueue(rt)
 
     async def acquire(self, name: str) -> Instance:
         """Request service ``name`` and wait until an instance is ready; return it.
@@ -221,6 +284,12 @@ class Supervisor:
             inst = self.request(name)
             if inst is None:
                 raise InBackoff(rt.last_error or "the daemon is shutting down")
+            if inst is rt.queued:
+                while rt.queued is inst:
+                    await rt.changed.wait()
+                if inst.refused is not None:
+                    raise AdmissionRefused(*inst.refused.args)
+                continue
             while inst.state is State.STARTING:
                 await rt.changed.wait()
             if inst.state is State.READY:
@@ -295,6 +364,8 @@ class Supervisor:
         rt.last_activity = trio.current_time()
         if rt.connections == 0:
             rt.no_connections.set()
+            if len(self.queue):
+                self._pump()  # its instance may be evicted now
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """Service ``name``'s state as DNS needs it (the policy is in answers.py)."""
@@ -390,11 +461,153 @@ class Supervisor:
                 )
                 return
 
-    def _start(self, rt: ServiceRuntime) -> Instance:
+    # ---- admission ---------------------------------------------------------------------
+
+    def _enqueue(self, rt: ServiceRuntime) -> Instance | None:
+        """Queue a start of ``rt`` and pump the queue: it starts now if it fits."""
+        name = rt.config.name
+        was_empty = not len(self.queue)
+        if not self.queue.push(name, trio.current_time()):
+            self.admission["refused_full"] += 1
+            self._admission_log.warning(
+                "refused_full", "the admission queue is full (%d); not starting %s",
+                self.queue.bound, name)
+            return None
+        rt.numbers += 1
+        inst = rt.queued = Instance(rt.config, rt.numbers)
+        inst.queued_at = trio.current_time()
+        if was_empty:
+            self._queue_grew.set()
+        self._pump()
+        if rt.queued is inst:
+            self.admission["queued"] += 1
+            self._notify(rt)
+            return inst
+        return rt.instance if inst.refused is None else None
+
+    def _pump(self) -> None:
+        """Start what the queue's head lets start, in order; evict for the head when that
+        makes it fit; stop at the first start that must wait."""
+        while (name := self.queue.head()) is not None:
+            rt = self.services[name]
+            svc = rt.config
+            if self._closing or self._nursery is None:
+                return
+            decision = adm.decide(
+                self.budget, self.pools, self._holders(), name, adm.instance_memory(svc),
+                svc.max_instances, int(getattr(svc.settings, "pool", 0)),
+            )
+            if decision.verdict is adm.Verdict.START:
+                self.queue.remove(name)
+                inst, rt.queued = rt.queued, None
+                self.admission["admitted"] += 1
+                self._start(rt, inst)
+            elif decision.verdict is adm.Verdict.REFUSE:
+                self.admission["refused_never"] += 1
+                self._refuse(rt, decision.reason)
+            else:
+                for ev in decision.evictions:
+                    self._evict(self.services[ev.service], ev.mode, name)
+                return
+
+    def _holders(self) -> list[adm.Holder]:
+        """Every instance that holds part of the host budget, for admission.decide."""
+        out = []
+        for rt in self.services.values():
+            inst = rt.instance
+            if inst is None or inst.state is State.STOPPED:
+                continue
+            svc = rt.config
+            state = inst.state
+            mode = inst.evict_mode or svc.stop
+            if state is State.STARTING:
+                kind = adm.Kind.BOOTING
+            elif state is State.READY and not inst.stop_wanted.is_set():
+                kind = adm.Kind.RUNNING
+            elif state is State.SAVED:
+                if inst.evict_mode is not None:
+                    kind = adm.Kind.LEAVING
+                elif inst.handle is not None and self._alive(inst):
+                    kind = adm.Kind.PAUSED
+                else:
+                    continue  # saved to disk: holds nothing
+            else:  # draining, stopping, failed (being released), or told to stop
+                kind = adm.Kind.LEAVING
+                if inst.condemned.is_set() or state is State.FAILED or self._closing:
+                    mode = "destroy"
+            out.append(adm.Holder(
+                svc.name, kind, adm.instance_memory(svc), idle=rt.connections == 0,
+                pinned=svc.pinned, priority=svc.priority, last_active=rt.last_activity,
+                stop=svc.stop, frees=mode in adm.FREEING,
+            ))
+        return out
+
+    def _evict(self, rt: ServiceRuntime, mode: str, why: str) -> None:
+        inst = rt.instance
+        if inst is None or inst.evict_mode is not None:
+            return
+        inst.evict_mode = mode
+        self.admission["evicted"] += 1
+        self._admission_log.log(
+            logging.INFO, "evicted", "evicting %s (%s, idle for %.1f s) to make room for %s",
+            inst.label, mode, trio.current_time() - rt.last_activity, why)
+        if inst.state is State.READY:
+            inst.stop_wanted.set()
+        elif inst.state is State.SAVED and self._nursery is not None:
+            self._nursery.start_soon(self._evict_paused, rt, inst)
+
+    async def _evict_paused(self, rt: ServiceRuntime, inst: Instance) -> None:
+        """Destroy a paused instance (evicted: a pause frees nothing)."""
+        try:
+            inst.saved_watch.cancel()
+            await inst.unwatched.wait()
+            if inst.state is State.SAVED and rt.instance is inst:
+                inst.fire(Event.STOP)
+                self._notify(rt)
+                with trio.CancelScope(shield=True):
+                    await self._release(rt, inst, None)
+        except Exception:
+            _limited.error("evict", "%s: unexpected error while evicting it", inst.label,
+                           exc_info=True)
+
+    def _refuse(self, rt: ServiceRuntime, reason: str) -> None:
+        """Take ``rt``'s start out of the queue, failing whoever waits for it."""
+        self.queue.remove(rt.config.name)
+        inst, rt.queued = rt.queued, None
+        if inst is not None:
+            inst.queued_at = math.nan
+            inst.refused = AdmissionRefused(f"{rt.config.name} not started: {reason}")
+            if not self._closing:
+                self._admission_log.warning("refused", "%s", inst.refused)
+        self._notify(rt)
+
+    def _refuse_all(self, reason: str) -> None:
+        while (name := self.queue.head()) is not None:
+            self.admission["refused_closing"] += 1
+            self._refuse(self.services[name], reason)
+
+    async def _expire_queue(self) -> None:
+        """Refuse starts that waited in the queue longer than ``queue_timeout``."""
+        timeout = self.config.host.queue_timeout
+        while True:
+            self._queue_grew = trio.Event()
+            with trio.move_on_at(self.queue.next_expiry(timeout)):
+                await self._queue_grew.wait()
+            for name in self.queue.expired(trio.current_time(), timeout):
+                self.admission["refused_timeout"] += 1
+                self._refuse(self.services[name], f"no room on the host within the queue "
+                             f"timeout of {timeout:g} s")
+
+    def _start(self, rt: ServiceRuntime, fresh: Instance | None = None) -> Instance:
         assert self._nursery is not None
         saved = rt.instance if rt.instance is not None and rt.instance.state is State.SAVED else None
+        if fresh is not None:
+            fresh.queued_at = math.nan
         if saved is not None:
-            inst = saved
+            inst = saved  # resumed; the stand-in's waiters find it
+            inst.evict_mode = None  # (if it was about to be evicted, it is wanted after all)
+        elif fresh is not None:
+            inst = fresh
         else:
             rt.numbers += 1
             inst = Instance(rt.config, rt.numbers)
@@ -436,12 +649,16 @@ class Supervisor:
             if self.on_ready is not None:
                 self.on_ready(inst)
             self._notify(rt)
+            self._pump()  # a boot slot is free
             died = await self._watch(rt, inst)
             if died is not None:
                 self._condemn(rt, inst, died, hung=False)
                 died = inst.cause or died
             elif inst.condemned.is_set():
                 died = inst.cause or "condemned"
+            elif inst.evict_mode is not None:
+                inst.fire(Event.STOP)
+                self._notify(rt)
             elif inst.stop_wanted.is_set():
                 log.info("%s: stopping on request (%s)", inst.label, rt.config.stop)
                 inst.fire(Event.STOP)
@@ -504,6 +721,7 @@ class Supervisor:
         rt.last_error_at = trio.current_time()
         log.error("%s; next attempt in %g s at the earliest", rt.last_error, delay)
         self._notify(rt)
+        self._pump()  # a boot slot is free
 
     async def _watch(self, rt: ServiceRuntime, inst: Instance) -> str | None:
         """Wait until the instance dies (return how), is condemned (dead or hung: return
@@ -562,10 +780,11 @@ class Supervisor:
             # A dead or failed instance only needs its resources released; on the way out
             # nothing is kept, since a paused or saved instance would outlive the daemon.
             plain = died is not None or inst.state is State.FAILED or self._closing
-            mode = "destroy" if plain else svc.stop
+            mode = "destroy" if plain else inst.evict_mode or svc.stop
             if inst.state is not State.FAILED:
                 reason = ("hung" if inst.hung else "died") if died is not None \
-                    else "shutdown" if self._closing else "idle"
+                    else "shutdown" if self._closing \
+                    else "evicted" if inst.evict_mode is not None else "idle"
                 rt.stops[(reason, mode)] += 1
             # A dead or hung instance is killed at once: it would not stop politely.
             grace = 0.0 if died is not None else getattr(svc.settings, "grace", 5.0)
@@ -589,7 +808,9 @@ class Supervisor:
             inst.saved_watch = trio.CancelScope()
             inst.unwatched = trio.Event()
             self._nursery.start_soon(self._watch_saved, rt, inst, inst.handle)
+        inst.evict_mode = None  # a saved instance resumed later is not being evicted
         self._notify(rt)
         if rt.restart_wanted and not self._closing and self._nursery is not None:
             rt.restart_wanted = False
             self.request(rt.config.name)
+        self._pump()  # its share of the host is free

@@ -216,7 +216,7 @@ class Proxy:
     ) -> None:
         """One connection's task: never raises (but Cancelled), always closes the client."""
         try:
-            await self._handle(client, service, port)
+            await self._handle(client, service, port, source)
         except Exception as exc:
             if _fd_shortage(exc):
                 self._close(service, "fds", str(exc))
@@ -235,11 +235,13 @@ class Proxy:
                 del self.by_source[source]
             await trio.aclose_forcefully(client)
 
-    async def _handle(self, client: trio.SocketStream, service: str, port: int) -> None:
+    async def _handle(
+        self, client: trio.SocketStream, service: str, port: int, source: str
+    ) -> None:
         sup = self.supervisor
         sup.connection_opened(service)
         try:
-            inst = sup.request(service)
+            inst = sup.request(service, source)  # a boot it causes counts on its wake limit
             buffered = b""
             eof = False
             if inst is None:
@@ -286,8 +288,8 @@ class Proxy:
         async def ready() -> Instance:
             return await self.supervisor.acquire(service)
 
-        # The supervisor bounds the boot itself; this is only a safety net.
-        with trio.move_on_after(svc.boot_timeout + 1):
+        # The supervisor bounds the admission queue's wait and the boot; this is a safety net.
+        with trio.move_on_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
             try:
                 which, value = await first_of(read, ready)
             except BootFailed as exc:
