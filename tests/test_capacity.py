@@ -1,0 +1,243 @@
+"""Capacity and admission with real processes, real DNS and the real proxy on loopback: the
+host budget, eviction order, the admission queue, max_booting and wake limits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import trio
+from dnslib import RCODE
+
+from jitlaunch.errors import AdmissionRefused
+from jitlaunch.lifecycle.state import State
+from jitlaunch.lifecycle.supervisor import Supervisor
+
+from .conftest import (
+    DEMO,
+    PYTHON,
+    alive,
+    answers,
+    config_text,
+    http_get,
+    load,
+    query_udp,
+    running,
+    wait_until,
+)
+
+# Sleeps, then serves like the demo: a boot that takes a while.
+SLOW = """
+import runpy, sys, time
+time.sleep(float(sys.argv.pop(1)))
+runpy.run_module("jitlaunch.demo_http", run_name="__main__")
+"""
+
+
+def services(block: str, names: str, extra: str = "", command: str = DEMO) -> str:
+    """Process services on {block}.1, .2, ...; ``extra`` goes into each, or into one only
+    when it starts with ``name:``."""
+    only, _, keys = extra.partition(":") if ":" in extra.split("=")[0] else ("", "", extra)
+    out = []
+    for i, name in enumerate(names.split(), start=1):
+        out.append(f"""
+[[service]]
+name = "{name}"
+front = ["{block}.{i}"]
+ports = [8080]
+idle_timeout = 60
+{keys if only in ("", name) else ""}
+[service.process]
+command = "{command}"
+grace = "5s"
+""")
+    return "".join(out)
+
+
+def host(**keys: object) -> str:
+    lines = ["[host]"]
+    wake = keys.pop("wake", None)
+    for k, v in keys.items():
+        lines.append(f"{k} = {v!r}".replace("'", '"'))
+    if wake is not None:
+        lines.append(f"[host.wake]\n{wake}")
+    return "\n".join(lines) + "\n"
+
+
+def pid(sup: Supervisor, name: str) -> int:
+    inst = sup.services[name].instance
+    assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+    return inst.handle.pid
+
+
+def state(sup: Supervisor, name: str) -> State | None:
+    inst = sup.services[name].instance
+    return inst.state if inst is not None else None
+
+
+async def test_eviction_takes_the_least_recently_active_idle_instance(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(tmp_path, services(block, "a b c"), top=host(max_instances=2)))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        dns = ("127.0.0.1", d.dns_endpoints[0].port)
+        for name in ("a", "b"):
+            await query_udp(dns, f"{name}.jit.test")
+            await sup.acquire(name)
+        pid_a, pid_b = pid(sup, "a"), pid(sup, "b")
+        await query_udp(dns, "a.jit.test")  # a is active again: b is the least recent
+        # A connection to c's front wakes it: b is evicted (its process gone), a stays.
+        reply = await http_get(f"{block}.3", 8080)
+        assert b" 200 OK" in reply and b"Hello from c" in reply
+        assert not alive(pid_b) and alive(pid_a)
+        assert state(sup, "b") is None and state(sup, "a") is State.READY
+        assert sup.services["b"].stops == {("evicted", "destroy"): 1}
+        assert sup.admission["evicted"] == 1 and sup.admission["admitted"] == 3
+
+
+async def test_pinned_and_connected_instances_are_never_evicted(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(tmp_path, services(block, "a b c", extra="a:pinned = true"),
+                           top=host(max_instances=2, queue_timeout="20s")))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        await sup.acquire("a")  # pinned, and the least recently active
+        await sup.acquire("b")
+        pid_a, pid_b = pid(sup, "a"), pid(sup, "b")
+        # An open connection to b (its request not finished): b is not idle.
+        held = await trio.open_tcp_stream(f"{block}.2", 8080)
+        await held.send_all(b"GET / HTTP/1.1\r\n")
+        await wait_until(lambda: sup.services["b"].connections == 1)
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def wake_c() -> None:
+                got.append(await sup.acquire("c"))
+
+            nursery.start_soon(wake_c)
+            await wait_until(lambda: "c" in sup.queue)
+            await trio.sleep(0.3)  # long enough for a wrong eviction to have happened
+            assert alive(pid_a) and alive(pid_b) and "c" in sup.queue and not got
+            assert sup.admission["evicted"] == 0
+            await held.aclose()  # b is idle now: it goes, and c starts
+        assert state(sup, "c") is State.READY and not alive(pid_b) and alive(pid_a)
+        assert sup.admission["evicted"] == 1 and sup.services["b"].stops[("evicted", "destroy")] == 1
+
+
+async def test_the_queue_is_bounded_and_times_out(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(
+        tmp_path, services(block, "a w c", extra="w:answer = \"wait\""),
+        top=host(max_instances=1, max_queued=1, queue_timeout="1s"),
+    ))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        dns = ("127.0.0.1", d.dns_endpoints[0].port)
+        await sup.acquire("a")
+        sup.connection_opened("a")  # as the proxy does: a is busy, nothing can be evicted
+        try:
+            async with trio.open_nursery() as nursery:
+                replies: list[object] = []
+
+                async def ask_w() -> None:
+                    replies.append(await query_udp(dns, "w.jit.test"))
+                    replies.append(time.monotonic())
+
+                began = time.monotonic()
+                nursery.start_soon(ask_w)
+                await wait_until(lambda: "w" in sup.queue)
+                # The queue (1) is full: c is refused, and its lookup still gets the front.
+                rec = await query_udp(dns, "c.jit.test")
+                assert answers(rec) == [f"{block}.3"] and rec.rr[0].ttl == 1
+                assert sup.admission["refused_full"] == 1 and state(sup, "c") is None
+            # w waited a queue_timeout, then its held lookup got SERVFAIL; nothing started.
+            rec, when = replies
+            assert rec.header.rcode == RCODE.SERVFAIL  # type: ignore[attr-defined]
+            assert 0.9 <= when - began < 5  # type: ignore[operator]
+            assert sup.admission["refused_timeout"] == 1 and state(sup, "w") is None
+            assert not len(sup.queue) and sup.services["w"].boots == 0
+        finally:
+            sup.connection_closed("a")
+
+
+async def test_acquire_in_the_queue_is_refused_after_the_timeout(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(tmp_path, services(block, "a b"),
+                           top=host(max_instances=1, queue_timeout="0.5s")))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        await sup.acquire("a")
+        sup.connection_opened("a")
+        try:
+            began = trio.current_time()
+            try:
+                await sup.acquire("b")
+            except AdmissionRefused as exc:
+                assert "queue timeout of 0.5 s" in str(exc)
+            else:
+                raise AssertionError("b was started on a full host")
+            assert 0.5 <= trio.current_time() - began < 3
+        finally:
+            sup.connection_closed("a")
+
+
+async def test_max_booting_bounds_concurrent_boots_and_boot_time_starts_at_the_boot(
+    tmp_path: Path, block: str
+) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    slow = f"{PYTHON} {script} 0.5 --address {{address}} --port {{port}} --name {{name}}"
+    cfg = load(config_text(
+        tmp_path, services(block, "a b c", extra="boot_timeout = \"1.2s\"", command=slow),
+        top=host(max_booting=1),
+    ))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, sum(state(sup, n) is State.STARTING for n in "abc"))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            began = trio.current_time()
+            async with trio.open_nursery() as boots:
+                for n in "abc":
+                    boots.start_soon(sup.acquire, n)
+            took = trio.current_time() - began
+            nursery.cancel_scope.cancel()
+        # One at a time: the last one waited for two boots and still had its 1.2 s to boot.
+        assert peak == 1
+        assert all(state(sup, n) is State.READY for n in "abc")
+        assert sup.admission["queued"] == 2 and sum(rt.boot_failures for rt in sup.services.values()) == 0
+        assert took >= 3 * 0.5 > 1.2
+
+
+async def test_wake_limits_per_source_prefix(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(
+        tmp_path, services(block, "a b c w", extra="w:answer = \"wait\""),
+        top=host(wake="rate = 0.001\nburst = 2"),
+    ))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        dns = ("127.0.0.1", d.dns_endpoints[0].port)
+        for name in ("a", "b"):
+            assert answers(await query_udp(dns, f"{name}.jit.test")) == [f"{block}.{'ab'.index(name) + 1}"]
+        await wait_until(lambda: state(sup, "a") is State.READY and state(sup, "b") is State.READY)
+        # The source's prefix has used its burst: c is answered (its front) but not started,
+        # a wait-mode service gets SERVFAIL at once, a connection to c's front is closed.
+        rec = await query_udp(dns, "c.jit.test")
+        assert answers(rec) == [f"{block}.3"] and state(sup, "c") is None
+        rec = await query_udp(dns, "w.jit.test")
+        assert rec.header.rcode == RCODE.SERVFAIL  # type: ignore[attr-defined]
+        stream = await trio.open_tcp_stream(f"{block}.3", 8080)
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            with trio.fail_after(5):
+                assert await stream.receive_some(100) == b""
+        assert sup.admission["wake_limited"] == 3 and state(sup, "c") is None
+        # Lookups for running services are never limited.
+        for _ in range(20):
+            await query_udp(dns, "a.jit.test")
+        assert sup.admission["wake_limited"] == 3 and sup.wake.limited == 3
+        # Other sources are not this prefix: the daemon's own start (no source) goes on.
+        await sup.acquire("c")
