@@ -23,7 +23,11 @@ A name is kept in its uncompressed wire form, as asked (``b"\\x03www\\x07example
 labels may hold any byte, dots included, and are compared case-insensitively for ASCII only
 (RFC 4343) by lower-casing the wire form, which never changes a length byte (all < 0x40).
 
-The builders are small functions over bytes, used by the reply templates in answer.py.
+:func:`scan_simple` reads the common query (one question of class IN, at most a plain OPT,
+nothing after it) without building anything, for the answer logic's fast path; everything
+else goes through :func:`parse_query`. The builders are small functions over bytes, and
+:class:`SoaTemplate` holds a zone's SOA record as bytes: every NXDOMAIN and NODATA of the
+zone is the query's own question plus the template's bytes for that question's length.
 """
 
 from __future__ import annotations
