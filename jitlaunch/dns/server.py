@@ -215,13 +215,19 @@ class DnsServer:
                         self._client_fault("udp_receive_error", "UDP receive error: %s", exc)
                         continue
                     try:
-                        await self._udp_datagram(sock, wire, addr, nursery)
+                        blocked = self._udp_datagram(sock, wire, addr, nursery)
+                        if blocked is not None:  # send buffer full: wait once, then give up
+                            await trio.lowlevel.wait_writable(sock)
+                            self._sendto(sock, blocked, addr)
                     except Exception as exc:
                         self._internal_error("a UDP query", exc)
 
-    async def _udp_datagram(
+    def _udp_datagram(
         self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery
-    ) -> None:
+    ) -> bytes | None:
+        """Answer one datagram, synchronously: a coroutine per packet would cost more than a
+        cached answer does. Returns the reply if the send buffer was full (the caller waits
+        for room once), else None."""
         qlog = self.query_log
         start = time.perf_counter() if qlog.enabled else 0.0
         resp = self.authority.answer_now(wire, udp=True, source=str(addr[0]))
@@ -232,11 +238,12 @@ class DnsServer:
         if resp.pending and resp.service is not None:
             if self.held >= self.config.dns.max_held:
                 self._client_fault("held_dropped", "too many held answers; dropping a UDP query")
-                return
+                return None
             self._hold()
             nursery.start_soon(self._udp_held, sock, wire, addr, resp.service)
         elif resp.reply is not None:
-            await self._udp_send(sock, resp.reply, addr)
+            return self._udp_send_now(sock, resp.reply, addr)
+        return None
 
     async def _udp_held(
         self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], service: str
@@ -250,24 +257,39 @@ class DnsServer:
             if self.query_log.enabled:
                 self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
             if reply is not None:
-                await self._udp_send(sock, reply, addr)
+                blocked = self._udp_send_now(sock, reply, addr)
+                if blocked is not None:
+                    await trio.lowlevel.wait_writable(sock)
+                    self._sendto(sock, blocked, addr)
         except Exception as exc:
             self._internal_error("a held UDP answer", exc)
 
-    async def _udp_send(self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
-        verdict = self.rrl.check(str(addr[0]), trio.current_time())
-        if verdict is Verdict.DROP:
-            self.counts["rrl_dropped"] += 1
-            return
-        if verdict is Verdict.SLIP:
-            self.counts["rrl_slipped"] += 1
-            reply = truncated(reply)
+    def _udp_send_now(
+        self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]
+    ) -> bytes | None:
+        """Send ``reply`` unless response rate limiting says otherwise; returns what is left
+        to send when the socket's send buffer is full (the caller waits for room once)."""
+        rrl = self.rrl
+        if rrl.enabled:  # off (rate = 0) costs neither the address string nor the clock
+            verdict = rrl.check(str(addr[0]), trio.current_time())
+            if verdict is Verdict.DROP:
+                self.counts["rrl_dropped"] += 1
+                return None
+            if verdict is Verdict.SLIP:
+                self.counts["rrl_slipped"] += 1
+                reply = truncated(reply)
         try:
-            try:
-                sock.sendto(reply, addr)
-            except BlockingIOError:  # send buffer full: wait once, then give up on this reply
-                await trio.lowlevel.wait_writable(sock)
-                sock.sendto(reply, addr)
+            sock.sendto(reply, addr)
+        except BlockingIOError:
+            return reply
+        except OSError as exc:
+            self._client_fault("udp_send_error", "UDP send failed: %s", exc)
+        return None
+
+    def _sendto(self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
+        """The second and last try at a reply the send buffer had no room for."""
+        try:
+            sock.sendto(reply, addr)
         except OSError as exc:
             self._client_fault("udp_send_error", "UDP send failed: %s", exc)
 
