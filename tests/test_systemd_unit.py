@@ -45,7 +45,17 @@ idle_timeout = "5m"
 [service.process]
 command = "{python} -m jitlaunch.demo_http --address {address} --port {port} --name {name}"
 subnet = "127.77.1.0/24"
-"""
+
+[[service]]
+name = "hello"
+backend = "qemu"
+front = ["127.77.0.1"]
+ports = [8080]
+[service.qemu]
+kernel = "KERNEL"
+guest_ports = [80]
+machine = "microvm,acpi=off,pic=off,pit=off,rtc=off"
+""".replace("KERNEL", str(ROOT / "images" / "build" / "hello.elf"))
 
 
 def _dropin() -> str:
@@ -192,14 +202,14 @@ def test_socket_activation_serves_udp_and_tcp_with_our_status(ns: SystemdNamespa
     assert _dig(ns, "jit.test", "NS", "+tcp") == ["ns.jit.test."]
     status = ns.systemctl("status", "--no-pager", "jitlaunch.service", check=False).stdout
     assert "Active: active (running)" in status, status
-    assert re.search(r'Status: "1 service; [01] running, [01] booting"', status), status
+    assert re.search(r'Status: "2 services; [01] running, [01] booting"', status), status
 
 
 def test_status_line_follows_the_instances(ns: SystemdNamespace) -> None:
     _running(ns)
     _boot_py(ns)
     ns.wait_for(lambda: ns.show("jitlaunch.service", "StatusText")
-                == "1 service; 1 running, 0 booting", timeout=5, what="STATUS= update")
+                == "2 services; 1 running, 0 booting", timeout=5, what="STATUS= update")
 
 
 @pytest.mark.slow
@@ -297,14 +307,21 @@ def test_jitlaunch_status_start_stop_against_the_unit(ns: SystemdNamespace) -> N
     sock = "/run/jitlaunch/control.sock"
     mode = ns.run(["stat", "-c", "%a %U %G", sock]).stdout.split()
     assert mode == ["660", "root", "jlctl"]
-    assert _jitlaunch(ns, "status")[1].split()[:3] == ["py", "process", "stopped"]
+    assert _row(ns, "py")[:3] == ["py", "process", "stopped"]
     assert _jitlaunch(ns, "start", "py") == ["py#1 ready at 127.77.1.1"]
-    assert _jitlaunch(ns, "status")[1].split()[:5] == ["py", "process", "ready",
+    assert _row(ns, "py")[:5] == ["py", "process", "ready",
                                                          _jitlaunch_pid(ns), "127.77.1.1"]
     ns.wait_for(lambda: ns.show("jitlaunch.service", "StatusText")
-                == "1 service; 1 running, 0 booting", timeout=5, what="STATUS= update")
+                == "2 services; 1 running, 0 booting", timeout=5, what="STATUS= update")
     assert _jitlaunch(ns, "stop", "py") == ["py#1 stopped"]
-    assert _jitlaunch(ns, "status")[1].split()[:3] == ["py", "process", "stopped"]
+    assert _row(ns, "py")[:3] == ["py", "process", "stopped"]
+
+
+def _row(ns: SystemdNamespace, service: str) -> list[str]:
+    """``jitlaunch status``'s row for ``service``, split in columns."""
+    rows = [line.split() for line in _jitlaunch(ns, "status")[1:]]
+    (row,) = [r for r in rows if r[0] == service]
+    return row
 
 
 def _jitlaunch_pid(ns: SystemdNamespace) -> str:
@@ -337,3 +354,16 @@ def test_a_front_passed_by_systemd_is_served(ns: SystemdNamespace) -> None:
     users = set(re.findall(r'\("([^"]+)",pid=', listening))
     assert len(listening.splitlines()) == 1 and users == {"systemd", "jitlaunch"}, listening
     _boot_py(ns)
+
+
+@pytest.mark.skipif(not (ROOT / "images" / "build" / "hello.elf").exists(),
+                    reason="needs the unikernel (make -C images)")
+def test_a_unikernel_boots_under_the_hardened_unit(ns: SystemdNamespace) -> None:
+    # QEMU under the unit's sandbox: /dev/kvm through DevicePolicy=closed (TCG without it),
+    # its QMP socket and pid file in the state directory, no ProtectHome= paths.
+    _running(ns)
+    started = _jitlaunch(ns, "start", "hello")
+    assert started == ["hello#1 ready"], started
+    page = ns.run(["curl", "-s", "-m", "20", "http://127.77.0.1:8080/"], namespaces="-n").stdout
+    assert "jitlaunch hello unikernel" in page
+    assert _jitlaunch(ns, "stop", "hello") == ["hello#1 stopped"]
