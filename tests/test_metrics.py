@@ -17,6 +17,7 @@ from jitlaunch.daemon import Daemon
 from jitlaunch.dns import stats
 
 from .conftest import DEMO, PYTHON, config_text, http_get, load, query_udp, running, wait_until
+from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 
@@ -612,3 +613,109 @@ async def test_a_chatty_instance_cannot_grow_its_log_past_the_cap(tmp_path: Path
     assert max(sizes) < cap + 1_500_000, sizes
     assert min(sizes) < cap, sizes
     assert sorted(p.name for p in logs.iterdir()) == ["chatty.log", "chatty.log.1"]
+
+
+# ---- every wake-up path, with real QEMU ---------------------------------------------------------
+
+
+def qemu_service(name: str, front: str, stop: str, qemu: str = "") -> str:
+    from .test_qemu import KERNEL
+
+    return f"""
+[[service]]
+name = "{name}"
+front = ["{front}"]
+ports = [18080]
+backend = "qemu"
+answer = "proxy"
+boot_timeout = "20s"
+idle_timeout = "500ms"
+max_instances = 2
+stop = "{stop}"
+[service.qemu]
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "tcg"
+grace = "1s"
+{qemu}
+"""
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) missing")
+async def test_wake_paths_cold_pool_resume_restore_and_promtool(tmp_path: Path, block: str) -> None:
+    from jitlaunch.lifecycle.state import State
+
+    state = tmp_path
+    text = config_text(state, qemu_service("uk", f"{block}.1", "pause", "pool = 1")
+                       + qemu_service("sv", f"{block}.2", "save"))
+    async with running(load(text)) as d:
+        pool = d.backends["qemu"].pools["uk"]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(pool) == 1, 30)
+        s0 = await scrape(d)
+        assert get(s0, "jitlaunch_pool_size", service="uk") == 1
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")  # pool
+        assert (await http_get(f"{block}.2", 18080)).startswith(b"HTTP/1.1 200")  # cold
+        uk, sv = d.supervisor.services["uk"], d.supervisor.services["sv"]
+        await wait_until(lambda: all(rt.instance is not None and rt.instance.state is State.SAVED
+                                     for rt in (uk, sv)), 30)
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")  # resume
+        assert (await http_get(f"{block}.2", 18080)).startswith(b"HTTP/1.1 200")  # restore
+        await wait_until(lambda: uk.connections == 0 and sv.connections == 0)
+        s1 = await scrape(d)
+        body = await scrape_text(d)
+    wakes = {k: v for k, v in counters(delta(s0, s1)).items() if k[0] == "jitlaunch_wake_seconds_count"}
+    assert wakes == {
+        ("jitlaunch_wake_seconds_count", L(service="uk", path="pool")): 1,
+        ("jitlaunch_wake_seconds_count", L(service="uk", path="resume")): 1,
+        ("jitlaunch_wake_seconds_count", L(service="sv", path="cold")): 1,
+        ("jitlaunch_wake_seconds_count", L(service="sv", path="restore")): 1,
+    }
+    # The resumed and restored instances may idle out again (500 ms) before the scrape.
+    assert 1 <= get(s1, "jitlaunch_stops_total", service="uk", reason="idle", mode="pause") <= uk.idle_stops
+    assert 1 <= get(s1, "jitlaunch_stops_total", service="sv", reason="idle", mode="save") <= sv.idle_stops
+    assert get(s1, "jitlaunch_boots_total", service="uk", backend="qemu", result="ready") == 2
+    assert get(s1, "jitlaunch_pool_target", service="uk") == 1
+    result = subprocess.run(["promtool", "check", "metrics"], input=body.encode(),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    await wait_until(lambda: not qemus(state), 10)  # every QEMU stopped with the daemon
+
+
+async def test_status_shows_the_same_numbers_as_the_metrics(tmp_path: Path, block: str) -> None:
+    from jitlaunch.control import status_report
+
+    exits = f"{PYTHON} -c 'raise SystemExit(3)'"
+    text = config_text(tmp_path, service("hello", f"{block}.1", idle='"300ms"')
+                       + service("bad", f"{block}.2", exits))
+    async with running(load(text)) as d:
+        assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
+        assert await http_get(f"{block}.2", 8080) == b""
+        hello = d.supervisor.services["hello"]
+        await wait_until(lambda: hello.idle_stops == 1)
+        assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
+        await wait_until(lambda: hello.connections == 0)  # the proxy's side has closed too
+        samples = await scrape(d)
+        report = status_report(d.supervisor, trio.current_time())
+    by_name = {s["name"]: s for s in report["services"]}
+    for name, s in by_name.items():
+        boots = {r: get(samples, "jitlaunch_boots_total", service=name, backend="process", result=r)
+                 for r in ("ready", "failed", "timeout")}
+        assert s["boots"] == get(samples, "jitlaunch_boots_started_total", service=name,
+                                 backend="process")
+        assert s["boot_failures"] == boots["failed"] + boots["timeout"]
+        assert s["idle_stops"] == sum(v for (n, labels), v in samples.items()
+                                      if n == "jitlaunch_stops_total"
+                                      and ("service", name) in labels and ("reason", "idle") in labels)
+        assert s["deaths"] == sum(v for (n, labels), v in samples.items()
+                                  if n == "jitlaunch_stops_total" and ("service", name) in labels
+                                  and ("reason", "died") in labels)
+        assert s["connections"] == get(samples, "jitlaunch_proxy_connections_active", service=name)
+        state = s["instance"]["state"] if s["instance"] else None
+        for st in ("starting", "ready", "saved", "failed"):
+            assert get(samples, "jitlaunch_instances", service=name, state=st) == (st == state)
+    assert by_name["hello"]["boots"] == 2 and by_name["hello"]["idle_stops"] == 1
+    assert by_name["bad"]["boot_failures"] == 1
+    boot_time = by_name["hello"]["instance"]["boot_time"]
+    wakes = get(samples, "jitlaunch_wake_seconds_sum", service="hello", path="cold")
+    assert get(samples, "jitlaunch_wake_seconds_count", service="hello", path="cold") == 2
+    assert 0 < boot_time <= wakes
