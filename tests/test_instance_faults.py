@@ -21,11 +21,12 @@ from .conftest import DEMO, PYTHON, alive, config_text, http_get, load, running,
 from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
 from .test_qemu import service as qemu_service
 
-# A listener that stops listening on SIGUSR1 and stays alive: unreachable, but not dead.
+# A listener that stops listening on SIGUSR1 and stays alive: unreachable, but not dead. The
+# handler is in place before it listens (it is ready then): SIGUSR1's default is to die.
 DEAF = """
 import signal, socket, sys
-s = socket.create_server((sys.argv[1], int(sys.argv[2])))
 signal.signal(signal.SIGUSR1, lambda *_: s.close())
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
 while True:
     signal.pause()
 """
@@ -61,16 +62,26 @@ def wait_reapable(pid: int) -> None:
         time.sleep(0.001)
 
 
+def listening(host: str, port: int) -> bool:
+    """Whether a TCP socket listens on IPv4 ``host:port`` (or the wildcard address) in this
+    network namespace, read from /proc/net/tcp. Unlike a test connect, a look adds nothing to
+    the listener's accept queue: connects to a dying listener that no longer accepts fill
+    its backlog (5 for the demo server), and the next SYN is dropped and retried a second
+    later."""
+    wanted = {f"{int.from_bytes(socket.inet_aton(a), 'little'):08X}:{port:04X}"
+              for a in (host, "0.0.0.0")}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(fields[1] in wanted and fields[3] == "0A"  # TCP_LISTEN
+                   for fields in (line.split() for line in f))
+
+
 def wait_refused(host: str, port: int) -> None:
-    """Block (without letting trio run) until a connect to ``host:port`` is refused (or reset:
-    the listener went away while the handshake was under way)."""
+    """Block (without letting trio run) until nothing listens on ``host:port`` any more, so
+    that a connect there is refused."""
     deadline = time.monotonic() + 5
-    while True:
-        assert time.monotonic() < deadline, f"{host}:{port} still accepts"
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-        except (ConnectionRefusedError, ConnectionResetError):
-            return
+    while listening(host, port):
+        assert time.monotonic() < deadline, f"{host}:{port} still listens after 5 s"
         time.sleep(0.001)
 
 
@@ -207,8 +218,10 @@ async def test_report_unreachable_releases_a_deaf_instance(tmp_path: Path, block
         first = await sup.acquire("deaf")
         assert first.handle is not None and first.handle.pid is not None
         pid = first.handle.pid
+        host, port = first.handle.endpoint(8080)
         os.kill(pid, signal.SIGUSR1)  # it closes its listener and lives on
-        await wait_until(lambda: process_state(pid) == "S")
+        await wait_until(lambda: not listening(host, port))
+        assert alive(pid) and first.state is State.READY
         await sup.report_unreachable(first, "connect refused")
         assert first.state is State.STOPPED and not alive(pid)
         assert sup.services["deaf"].hung == 1
