@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import random
@@ -124,10 +125,20 @@ async def http_get(host: str, port: int, path: str = "/") -> bytes:
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> None:
-    """Poll ``predicate`` with a deadline (for real processes; never a bare sleep)."""
-    with trio.fail_after(timeout):
+    """Poll ``predicate`` with a deadline (for real processes; never a bare sleep); past it,
+    fail naming ``what`` (by default the predicate's source line)."""
+    with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not within {timeout:g} s: {what or _source(predicate)}")
+
+
+def _source(function: Callable[..., object]) -> str:
+    try:
+        return inspect.getsource(function).strip()
+    except (OSError, TypeError):
+        return repr(function)
 
 
 def children_of(pid: int) -> list[int]:
