@@ -16,6 +16,7 @@ __all__ = ["Backend", "Handle", "create_backends", "parse_backend_settings", "pr
 _MODULES = {
     "process": "jitlaunch.backends.process",
     "qemu": "jitlaunch.backends.qemu",
+    "libvirt": "jitlaunch.backends.libvirt",
 }
 
 
@@ -46,4 +47,9 @@ def create_backends(config: Config) -> dict[str, Backend]:
 
         qemu_services = [s for s in config.services if s.backend == "qemu"]
         backends["qemu"] = QemuBackend(config.daemon.state_dir, qemu_services)
+    if "libvirt" in used:
+        from .libvirt.backend import LibvirtBackend
+
+        libvirt_services = [s for s in config.services if s.backend == "libvirt"]
+        backends["libvirt"] = LibvirtBackend(config.daemon.state_dir, libvirt_services)
     return backends

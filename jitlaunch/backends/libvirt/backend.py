@@ -1,0 +1,422 @@
+"""The libvirt backend: one transient domain (``createXML``) per instance.
+
+Domains are named ``jl-<id>-<service>-<n>``, where ``<id>`` identifies the state directory:
+a restarted daemon destroys the domains with its own prefix that an earlier run left and
+never touches anyone else's. The console is a file in ``<state_dir>/logs`` (the service's
+log), read every PROBE_INTERVAL for the READY line through the shared console scanner.
+Stop modes: ``destroy``; ``shutdown`` (ACPI, then destroy after ``grace``); ``pause``
+(suspend, and resume on the next start); ``save`` (``virDomainSave`` to
+``<state_dir>/libvirt``, restored on the next start, which removes the file). A domain that
+stops by itself (crash, ``virsh destroy``) is noticed at once through libvirt's lifecycle
+events. Blocking calls run in worker threads (:mod:`.conn`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ...config import ServiceConfig
+from ...errors import BootFailed
+from ..base import PROBE_INTERVAL, Backend, Handle, free_port
+from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
+from ..qemu.settings import USER_GATEWAY, USER_IP, USER_PREFIX, instance_mac, kvm_usable
+from .conn import ERR_NO_DOMAIN, ERR_OPERATION_INVALID, Connection, error_code
+from .settings import LibvirtSettings
+from .xml import domain_xml, user_net_args
+
+log = logging.getLogger("jitlaunch.libvirt")
+
+#: Concurrent blocking libvirt calls (worker threads) of one backend.
+MAX_THREADS = 8
+#: libvirt's lifecycle event numbers (virDomainEventType) and STOPPED's details.
+EVENT_STOPPED = 5
+_STOPPED_DETAIL = {0: "shut down", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
+                   5: "failed", 6: "stopped for a snapshot"}
+#: libvirt's domain states (virDomainState).
+_STATE = {0: "in no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+          5: "shut off", 6: "crashed", 7: "suspended by the guest"}
+#: QEMU could not bind a host forward's port (taken since free_port() chose it).
+_HOSTFWD_TAKEN = "host forwarding"
+HOSTFWD_ATTEMPTS = 3
+
+
+def state_id(state_dir: Path) -> str:
+    """Identifies a state directory in our domains' names (8 hex digits)."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+
+
+class LibvirtHandle(Handle):
+    def __init__(self, backend: LibvirtBackend, service: ServiceConfig, number: int,
+                 conn: Connection, name: str, console: Path, host_ports: dict[int, int],
+                 mac: str) -> None:
+        self.backend = backend
+        self.service = service
+        self.number = number
+        self.conn = conn
+        self.name = name
+        self.console_path = console
+        self.host_ports = host_ports
+        self.mac = mac
+        self.settings: LibvirtSettings = service.settings
+        self.scanner = ConsoleScanner()
+        self._offset = 0
+        self._ready = trio.Event()
+        self._failure: BootFailed | None = None
+        self._gone = trio.Event()
+        self.how = ""
+        self.paused = False
+        self.saved_file: Path | None = None
+        self.expect_stop = False
+
+    def __repr__(self) -> str:
+        state = "gone" if self._gone.is_set() else "paused" if self.paused else "running"
+        return f"<LibvirtHandle {self.name} {state} {self.conn.uri}>"
+
+    def describe(self) -> str:
+        return f"{self.name} {super().describe()}".strip()
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        return "127.0.0.1", self.host_ports[port]
+
+    def alive(self) -> bool:
+        return not self._gone.is_set() and self.saved_file is None
+
+    def gone(self, how: str) -> None:
+        """Called (on the trio loop) when the domain has stopped."""
+        if not self._gone.is_set():
+            self.how = how
+            self._gone.set()
+            self._ready.set()  # a waiter for READY learns of it from wait_exited's race
+
+    # ---- readiness -----------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        """Read the console file until the READY line (BootFailed on a KVM failure)."""
+        while not self._ready.is_set():
+            await trio.to_thread.run_sync(self._read_console)
+            if not self._ready.is_set():
+                await trio.sleep(PROBE_INTERVAL)
+        if self._failure is not None:
+            raise self._failure
+        if self._gone.is_set():
+            await trio.sleep_forever()  # wait_exited reports it
+
+    def _read_console(self) -> None:
+        try:
+            with open(self.console_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(1 << 20)
+        except OSError:
+            return  # not created yet
+        self._offset += len(data)
+        for event in self.scanner.feed(data):
+            if event == READY:
+                self._ready.set()
+            elif event == KVM_FAILURE and self._failure is None:
+                self._failure = BootFailed(
+                    f"KVM emulation failure (see {self.console_path}); set accel = \"tcg\"")
+                self._ready.set()
+
+    async def wait_exited(self) -> str:
+        await self._gone.wait()
+        return self.how
+
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
+        """Healthy while libvirt says the domain is running."""
+        if self._gone.is_set():
+            return f"the domain is gone: {self.how}"
+        with trio.move_on_after(timeout):
+            try:
+                state = await self.conn.call("domain state", lambda c: c.lookupByName(
+                    self.name).state()[0])
+            except BootFailed as exc:
+                return str(exc)
+            return None if state == 1 else f"the domain is {_STATE.get(state, state)}"
+        return f"libvirt did not answer within {timeout:g} s"
+
+    # ---- control -------------------------------------------------------------------------
+
+    async def _domain_call(self, what: str, method: str, *args: Any) -> Any:
+        return await self.conn.call(
+            f"{what} {self.name}", lambda c: getattr(c.lookupByName(self.name), method)(*args))
+
+    async def resume(self) -> None:
+        await self._domain_call("resume", "resume")
+        self.paused = False
+
+    async def restore(self) -> None:
+        """Restore the saved domain from :attr:`saved_file` (removed afterwards, even on
+        failure: a state that does not restore is no use). It was ready when saved."""
+        path = self.saved_file
+        assert path is not None
+        self._gone = trio.Event()
+        self._ready = trio.Event()
+        self.how = ""
+        self.backend.domains[self.name] = self
+        try:
+            await self.conn.call(f"restore {self.name} from {path}",
+                                 lambda c: c.restore(str(path)))
+        finally:
+            self.saved_file = None
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._ready.set()
+
+    async def stop(self, mode: str, grace: float) -> bool:
+        try:
+            if self.alive() and (mode != "destroy" or grace > 0):
+                with trio.move_on_after(grace + 5):
+                    if mode == "pause":
+                        await self._domain_call("suspend", "suspend")
+                        self.paused = True
+                        return True
+                    if mode == "save":
+                        return await self._save()
+                    if mode == "shutdown":
+                        self.expect_stop = True
+                        await self._domain_call("shut down", "shutdown")
+                        with trio.move_on_after(grace):
+                            await self._gone.wait()
+        except BootFailed as exc:
+            log.warning("%s#%d: %s; destroying the domain", self.service.name, self.number, exc)
+        await self.destroy()
+        return False
+
+    async def _save(self) -> bool:
+        path = self.backend.saved_path(self.service.name)
+        self.expect_stop = True
+        try:
+            await self._domain_call(f"save to {path}", "save", str(path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self.saved_file = path
+        self.gone("saved")
+        self.backend.domains.pop(self.name, None)
+        return True
+
+    async def destroy(self) -> None:
+        """Destroy the domain if it still exists and release its ports. Shielded; never
+        raises (a domain that is already gone is fine)."""
+        with trio.CancelScope(shield=True):
+            self.expect_stop = True
+            if not self._gone.is_set():
+                try:
+                    await self._domain_call("destroy", "destroy")
+                except BootFailed as exc:
+                    if error_code(exc.__cause__ or exc) not in (ERR_NO_DOMAIN, ERR_OPERATION_INVALID):
+                        log.warning("%s", exc)
+                self.gone("destroyed by jitlaunch")
+            if self.saved_file is None:
+                self.backend.domains.pop(self.name, None)
+            self.backend.forget_ports(self.host_ports)
+
+
+class LibvirtBackend(Backend):
+    name = "libvirt"
+
+    def __init__(self, state_dir: Path, services: list[ServiceConfig]) -> None:
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.saved_dir = state_dir / "libvirt"
+        self.services = services
+        self.prefix = f"jl-{state_id(state_dir)}-"
+        self.domains: dict[str, LibvirtHandle] = {}
+        self._conns: dict[str, Connection] = {}
+        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        self._host_ports: set[int] = set()
+        self._counter = 0
+        self._kvm: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"<LibvirtBackend {self.prefix}* {len(self.domains)} domains {list(self._conns)}>"
+
+    def connection(self, uri: str) -> Connection:
+        conn = self._conns.get(uri)
+        if conn is None:
+            conn = self._conns[uri] = Connection(
+                uri, limiter=self._limiter,
+                on_event=lambda name, event, detail: self._event(uri, name, event, detail),
+                on_reconnect=lambda: self._resync_soon(uri),
+            )
+        return conn
+
+    def saved_path(self, service: str) -> Path:
+        return self.saved_dir / f"{service}.state"
+
+    # ---- the backend's own life ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for d in (self.log_dir, self.saved_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.saved_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for uri in sorted({s.settings.uri for s in self.services}):
+                conn = self.connection(uri)
+                try:
+                    await self.clean_leftovers(conn)
+                except BootFailed as exc:
+                    log.error("%s (the libvirt services cannot boot until it answers)", exc)
+                nursery.start_soon(self._keep_connected, conn)
+            task_status.started()
+
+    async def clean_leftovers(self, conn: Connection) -> list[str]:
+        """Destroy the domains with our prefix (an earlier run's) on ``conn``; return their
+        names. Domains of anyone else are never touched."""
+        prefix = self.prefix
+
+        def sweep(c: Any) -> list[str]:
+            names = []
+            for dom in c.listAllDomains():
+                name = dom.name()
+                if name.startswith(prefix) and name not in self.domains:
+                    try:
+                        dom.destroy()
+                    except Exception as exc:
+                        if error_code(exc) not in (ERR_NO_DOMAIN, ERR_OPERATION_INVALID):
+                            raise
+                    names.append(name)
+            return names
+
+        names = await conn.call(f"looking for leftover domains at {conn.uri}", sweep)
+        for name in names:
+            log.warning("destroyed domain %s left over from an earlier run", name)
+        return names
+
+    async def _keep_connected(self, conn: Connection) -> None:
+        while True:
+            await conn.lost.wait()
+            await conn.reopen()
+
+    def _resync_soon(self, uri: str) -> None:
+        nursery = getattr(self, "_nursery", None)
+        if nursery is not None:
+            nursery.start_soon(self._resync, uri)
+
+    async def _resync(self, uri: str) -> None:
+        """After a reconnect: a domain of ours that vanished meanwhile is reported gone."""
+        try:
+            names = set(await self.connection(uri).call(
+                "listing domains", lambda c: [d.name() for d in c.listAllDomains()]))
+        except BootFailed as exc:
+            log.warning("%s", exc)
+            return
+        for name, handle in list(self.domains.items()):
+            if handle.conn.uri == uri and name not in names and handle.saved_file is None:
+                handle.gone("the domain vanished while the libvirt connection was down")
+
+    def _event(self, uri: str, name: str, event: int, detail: int) -> None:
+        handle = self.domains.get(name)
+        if handle is None or handle.conn.uri != uri or event != EVENT_STOPPED:
+            return
+        how = f"the domain {_STOPPED_DETAIL.get(detail, f'stopped ({detail})')}"
+        if not handle.expect_stop:
+            words = last_words(handle.scanner.last_lines(), "qemu")
+            how += f"{': ' + words if words else ''} (console: {handle.console_path})"
+            log.warning("%s#%d: %s", handle.service.name, handle.number, how)
+        handle.gone(how)
+
+    async def aclose(self) -> None:
+        for conn in self._conns.values():
+            await conn.aclose()
+
+    # ---- instances -----------------------------------------------------------------------
+
+    def forget_ports(self, ports: dict[int, int]) -> None:
+        self._host_ports.difference_update(ports.values())
+
+    def _pick_ports(self, fronts: tuple[int, ...]) -> dict[int, int]:
+        ports: dict[int, int] = {}
+        while len(ports) < len(fronts):
+            port = free_port()
+            if port not in self._host_ports:
+                self._host_ports.add(port)
+                ports[fronts[len(ports)]] = port
+        return ports
+
+    def _domain_type(self, settings: LibvirtSettings) -> str:
+        if settings.accel != "auto":
+            return "kvm" if settings.accel == "kvm" else "qemu"
+        if self._kvm is None:
+            self._kvm = kvm_usable()
+        local = settings.uri.split(":", 1)[0] in ("qemu", "test")
+        return "kvm" if self._kvm or not local else "qemu"
+
+    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
+        if isinstance(saved, LibvirtHandle):
+            if saved.paused and saved.alive():
+                try:
+                    await saved.resume()
+                except BootFailed as exc:
+                    log.warning("%s: %s; booting a fresh domain", service.name, exc)
+                    await saved.destroy()
+                else:
+                    saved.wake = "resume"
+                    return saved
+            elif saved.saved_file is not None:
+                try:
+                    await saved.restore()
+                except BootFailed as exc:
+                    log.warning("%s: %s; booting a fresh domain", service.name, exc)
+                    await saved.destroy()
+                else:
+                    saved.wake = "restore"
+                    return saved
+            else:
+                await saved.destroy()
+        handle = await self._create(service, number)
+        handle.wake = "cold"
+        return handle
+
+    async def _create(self, service: ServiceConfig, number: int) -> LibvirtHandle:
+        settings: LibvirtSettings = service.settings
+        conn = self.connection(settings.uri)
+        self._counter += 1
+        name = f"{self.prefix}{service.name}-{os.getpid()}-{self._counter}"
+        mac = instance_mac(self.state_dir, service.name, number)
+        console = self.log_dir / f"{service.name}.log"
+        cmdline = settings.cmdline.format(
+            ip=USER_IP, prefix=USER_PREFIX, gateway=USER_GATEWAY, port=settings.guest_ports[0],
+            name=service.name, instance=number,
+        )
+        guest_ports = dict(zip(service.ports, settings.guest_ports, strict=True))
+        for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
+            try:
+                host_ports = self._pick_ports(service.ports)
+                if console.exists():
+                    console.replace(console.with_suffix(".log.1"))
+            except OSError as exc:
+                raise BootFailed(f"cannot prepare the domain: {exc.strerror or exc}") from exc
+            xml = domain_xml(settings, name=name, domain_type=self._domain_type(settings),
+                             cmdline=cmdline, console=console, mac=mac,
+                             qemu_args=user_net_args(host_ports, guest_ports, mac))
+            handle = LibvirtHandle(self, service, number, conn, name, console, host_ports, mac)
+            self.domains[name] = handle
+            try:
+                await conn.call(f"creating domain {name}", _create_xml(xml))
+            except BaseException as exc:
+                self.domains.pop(name, None)
+                self.forget_ports(host_ports)
+                if isinstance(exc, BootFailed) and _HOSTFWD_TAKEN in str(exc) \
+                        and attempt < HOSTFWD_ATTEMPTS:
+                    log.info("%s: a host port was taken; retrying with others", name)
+                    continue
+                raise
+            log.info("%s#%d: domain %s created (%s)", service.name, number, name, conn.uri)
+            return handle
+        raise AssertionError("unreachable")
+
+
+def _create_xml(xml: str) -> Any:
+    return lambda c: c.createXML(xml, 0)

@@ -1,0 +1,81 @@
+"""The libvirt backend's settings (the service's ``[service.libvirt]`` table), pure."""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...config import Table
+from ..qemu.settings import CMDLINE_FIELDS, DEFAULT_CMDLINE
+
+STOP_MODES = ("destroy", "shutdown", "pause", "save")
+DEFAULT_URI = "qemu:///system"
+#: The placeholders a user's domain XML template may use (``${name}``, string.Template).
+TEMPLATE_FIELDS = ("name", "memory", "cpus", "kernel", "cmdline", "mac", "console", "domain_type")
+
+
+@dataclass(frozen=True)
+class LibvirtSettings:
+    uri: str
+    kernel: Path
+    memory: int
+    cpus: int
+    accel: str
+    guest_ports: tuple[int, ...]
+    cmdline: str
+    grace: float
+    template: str | None
+    template_path: Path | None
+
+
+def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtSettings:
+    uri = t.string("uri", DEFAULT_URI)
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^\s]*", uri):
+        raise t.error("uri", f"expected a libvirt URI such as {DEFAULT_URI}, got {uri!r}")
+    kernel = t.string("kernel")
+    guest_ports = t.raw("guest_ports", list(ports))
+    if isinstance(guest_ports, int) and not isinstance(guest_ports, bool):
+        guest_ports = [guest_ports]
+    if (
+        not isinstance(guest_ports, list)
+        or len(guest_ports) != len(ports)
+        or not all(isinstance(p, int) and 1 <= p <= 65535 for p in guest_ports)
+    ):
+        raise t.error("guest_ports", f"expected {len(ports)} port number(s), one for each of "
+                      f"the service's ports {list(ports)}")
+    cmdline = t.string("cmdline", DEFAULT_CMDLINE)
+    try:
+        cmdline.format(**{f: "x" for f in CMDLINE_FIELDS})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise t.error("cmdline", f"bad placeholder {exc} (allowed: "
+                      f"{', '.join('{' + f + '}' for f in CMDLINE_FIELDS)})") from None
+    template_path: Path | None = None
+    template: str | None = None
+    if "template" in t.data:
+        template_path = (base_dir / t.string("template")).resolve()
+        try:
+            template = template_path.read_text()
+        except OSError as exc:
+            raise t.error("template", f"cannot read {template_path}: {exc.strerror or exc}") \
+                from None
+        try:
+            string.Template(template).substitute({f: "x" for f in TEMPLATE_FIELDS})
+        except (KeyError, ValueError) as exc:
+            raise t.error("template", f"bad placeholder {exc} (allowed: "
+                          f"{', '.join('${' + f + '}' for f in TEMPLATE_FIELDS)})") from None
+    settings = LibvirtSettings(
+        uri=uri,
+        kernel=(base_dir / kernel).resolve(),
+        memory=t.integer("memory", 16, low=2, high=1 << 20),
+        cpus=t.integer("cpus", 1, low=1, high=256),
+        accel=t.string("accel", "auto", choices=("auto", "kvm", "tcg")),
+        guest_ports=tuple(guest_ports),
+        cmdline=cmdline,
+        grace=t.duration("grace", 5, allow_zero=True),
+        template=template,
+        template_path=template_path,
+    )
+    t.done()
+    return settings

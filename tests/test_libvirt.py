@@ -1,0 +1,214 @@
+"""The libvirt backend against libvirt's test driver (``test:///default``, in this process):
+the domain XML, start, every stop mode, lifecycle events, error translation and leftover
+recognition. The real libvirtd tests are in test_libvirt_real.py."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from jitlaunch.backends.libvirt.backend import LibvirtBackend, LibvirtHandle, state_id
+from jitlaunch.backends.libvirt.xml import QEMU_NS, domain_xml, user_net_args
+from jitlaunch.config import Config, ServiceConfig, parse_config
+from jitlaunch.errors import BootFailed, ConfigError
+
+libvirt = pytest.importorskip("libvirt")
+
+TEST_URI = "test:///default"
+
+
+def config(tmp_path: Path, uri: str = TEST_URI, extra: str = "") -> Config:
+    text = f"""
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+[dns]
+zones = ["jit.test"]
+[[service]]
+name = "hello"
+backend = "libvirt"
+front = ["127.77.0.1"]
+ports = [80]
+[service.libvirt]
+uri = "{uri}"
+kernel = "k.elf"
+cmdline = "name={{name}} x<y&z"
+{extra}
+"""
+    return parse_config(text, str(tmp_path / "c.toml"))
+
+
+def test_domain_xml_for_the_bundled_unikernel(tmp_path: Path) -> None:
+    svc = config(tmp_path).services[0]
+    text = domain_xml(svc.settings, name="jl-1-hello", domain_type="kvm",
+                      cmdline="name=hello x<y&z", console=tmp_path / "c'on.log",
+                      mac="02:00:00:00:00:01",
+                      qemu_args=user_net_args({80: 41000}, {80: 8080}, "02:00:00:00:00:01"))
+    root = ET.fromstring(text)
+    assert root.get("type") == "kvm" and root.findtext("name") == "jl-1-hello"
+    assert root.find("os/type").get("machine") == "microvm"  # type: ignore[union-attr]
+    assert root.findtext("os/kernel") == str(tmp_path / "k.elf")
+    assert root.findtext("os/cmdline") == "name=hello x<y&z"
+    assert root.find("devices/controller").attrib == {"type": "usb", "model": "none"}  # type: ignore[union-attr]
+    assert root.find("devices/memballoon").attrib == {"model": "none"}  # type: ignore[union-attr]
+    assert root.find("devices/serial/source").get("path") == str(tmp_path / "c'on.log")  # type: ignore[union-attr]
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args == ["-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:41000-:8080",
+                    "-device", "virtio-net-device,netdev=n0,mac=02:00:00:00:00:01"]
+
+
+def test_domain_xml_template(tmp_path: Path) -> None:
+    (tmp_path / "t.xml").write_text(
+        "<domain type='${domain_type}'><name>${name}</name><os><cmdline>${cmdline}</cmdline>"
+        "</os><memory unit='MiB'>${memory}</memory></domain>")
+    svc = config(tmp_path, extra='template = "t.xml"').services[0]
+    root = ET.fromstring(domain_xml(svc.settings, name="n", domain_type="qemu", cmdline="a<b",
+                                    console=tmp_path, mac="m", qemu_args=[]))
+    assert (root.get("type"), root.findtext("name"), root.findtext("os/cmdline"),
+            root.findtext("memory")) == ("qemu", "n", "a<b", "16")
+    (tmp_path / "t.xml").write_text("<domain>${nmae}</domain>")
+    with pytest.raises(ConfigError, match=r"libvirt.template: bad placeholder 'nmae'"):
+        config(tmp_path, extra='template = "t.xml"')
+    with pytest.raises(ConfigError, match=r"libvirt.uri: expected a libvirt URI"):
+        config(tmp_path, uri="not a uri")
+
+
+def domain_names(uri: str = TEST_URI) -> set[str]:
+    conn = libvirt.open(uri)
+    try:
+        return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[tuple[LibvirtBackend, ServiceConfig]]:
+    cfg = config(tmp_path)
+    b = LibvirtBackend(cfg.daemon.state_dir, list(cfg.services))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)
+        try:
+            yield b, cfg.services[0]
+        finally:
+            with trio.CancelScope(shield=True):
+                for h in list(b.domains.values()):
+                    await h.destroy()
+                await b.aclose()
+            nursery.cancel_scope.cancel()
+    assert not {n for n in domain_names() if n.startswith(b.prefix)}
+
+
+async def started(b: LibvirtBackend, svc: ServiceConfig, saved: LibvirtHandle | None = None
+                  ) -> LibvirtHandle:
+    handle = await b.start(svc, 1, saved)
+    assert isinstance(handle, LibvirtHandle)
+    return handle
+
+
+async def test_start_reads_ready_from_the_console_and_destroy(
+    backend: tuple[LibvirtBackend, ServiceConfig],
+) -> None:
+    b, svc = backend
+    handle = await started(b, svc)
+    assert handle.name.startswith(b.prefix) and handle.name in domain_names()
+    assert handle.alive() and handle.wake == "cold"
+    assert handle.endpoint(80)[0] == "127.0.0.1"
+    # The test driver runs no guest: write its console as the unikernel would, in pieces.
+    with trio.move_on_after(0.05) as scope:
+        await handle.wait_ready()
+    assert scope.cancelled_caught
+    with open(handle.console_path, "ab") as f:
+        f.write(b"booting\nREA")
+        f.flush()
+        with trio.move_on_after(0.05) as scope:
+            await handle.wait_ready()
+        assert scope.cancelled_caught
+        f.write(b"DY 10.0.2.15:80\n")
+    with trio.fail_after(2):
+        await handle.wait_ready()
+    assert await handle.probe(2) is None
+    assert await handle.stop("destroy", 1) is False
+    assert not handle.alive() and handle.name not in domain_names()
+    assert handle.name not in b.domains and not b._host_ports
+
+
+async def test_pause_and_resume(backend: tuple[LibvirtBackend, ServiceConfig]) -> None:
+    b, svc = backend
+    handle = await started(b, svc)
+    assert await handle.stop("pause", 1) is True
+    assert await handle.probe(2) == "the domain is paused"
+    again = await started(b, svc, handle)
+    assert again is handle and handle.wake == "resume" and await handle.probe(2) is None
+
+
+async def test_save_and_restore(backend: tuple[LibvirtBackend, ServiceConfig]) -> None:
+    b, svc = backend
+    handle = await started(b, svc)
+    name = handle.name
+    assert await handle.stop("save", 1) is True
+    path = b.saved_path("hello")
+    assert path.exists() and name not in domain_names() and not handle.alive()
+    again = await started(b, svc, handle)
+    assert again is handle and handle.wake == "restore" and handle.alive()
+    assert name in domain_names() and not path.exists()
+    with trio.fail_after(1):
+        await handle.wait_ready()  # it was ready when it was saved
+
+
+async def test_shutdown(backend: tuple[LibvirtBackend, ServiceConfig]) -> None:
+    b, svc = backend
+    handle = await started(b, svc)
+    assert await handle.stop("shutdown", 2) is False
+    assert handle.name not in domain_names()
+
+
+async def test_a_domain_destroyed_from_outside_is_noticed(
+    backend: tuple[LibvirtBackend, ServiceConfig],
+) -> None:
+    b, svc = backend
+    handle = await started(b, svc)
+    other = libvirt.open(TEST_URI)
+    try:
+        other.lookupByName(handle.name).destroy()
+    finally:
+        other.close()
+    with trio.fail_after(2):
+        how = await handle.wait_exited()
+    assert how.startswith("the domain destroyed") and not handle.alive()
+
+
+async def test_leftovers_of_ours_are_destroyed_and_nobody_elses(
+    backend: tuple[LibvirtBackend, ServiceConfig], tmp_path: Path,
+) -> None:
+    b, svc = backend
+    mine = await started(b, svc)
+    conn = libvirt.open(TEST_URI)
+    try:
+        xml = conn.lookupByName(mine.name).XMLDesc()
+        for name in (f"{b.prefix}hello-1-99", "someone-else", f"jl-{'0' * 8}-hello-1-1"):
+            conn.createXML(xml.replace(mine.name, name).replace(
+                "<uuid>", "<!--").replace("</uuid>", "-->"), 0)
+        assert await b.clean_leftovers(b.connection(TEST_URI)) == [f"{b.prefix}hello-1-99"]
+        names = domain_names()
+        assert mine.name in names  # a live instance of ours is not a leftover
+        assert {"someone-else", f"jl-{'0' * 8}-hello-1-1"} <= names
+        for name in ("someone-else", f"jl-{'0' * 8}-hello-1-1"):
+            conn.lookupByName(name).destroy()
+    finally:
+        conn.close()
+    assert state_id(tmp_path / "state") == b.prefix[3:-1]
+
+
+async def test_libvirt_errors_become_boot_failures(tmp_path: Path) -> None:
+    cfg = config(tmp_path, uri="qemu+tcp://127.0.0.1:1/system")
+    b = LibvirtBackend(cfg.daemon.state_dir, list(cfg.services))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)  # a libvirtd that is not there is logged, not raised
+        with pytest.raises(BootFailed, match=r"^creating domain jl-\w+-hello-\d+-1: cannot "
+                           r"connect to libvirt at qemu\+tcp://127.0.0.1:1/system: .*"):
+            await b.start(cfg.services[0], 1, None)
+        nursery.cancel_scope.cancel()
+    assert not b.domains and not b._host_ports
