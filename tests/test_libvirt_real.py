@@ -1,0 +1,229 @@
+"""The libvirt backend against a real libvirtd (qemu:///system) that the fixture starts, as
+the README says: virtlogd, and libvirtd under scripts/subreaper (so that a destroyed QEMU is
+reaped at once). A libvirtd already running is used and left running. Every test checks that
+no domain of its daemon is left behind; domains of others are never touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib import RCODE
+
+from jitlaunch.backends.libvirt.backend import state_id
+from jitlaunch.lifecycle.state import State
+
+from .conftest import ROOT, config_text, http_get, load, query_udp, running, wait_until
+
+libvirt = pytest.importorskip("libvirt")
+
+URI = "qemu:///system"
+KERNEL = ROOT / "images" / "build" / "hello.elf"
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("libvirtd") is None,
+    reason="needs root and libvirtd (scripts/setup installs it)")
+
+
+def _connects() -> bool:
+    try:
+        libvirt.open(URI).close()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    started: list[subprocess.Popen[bytes]] = []
+    if not _connects():
+        if not os.path.exists("/run/libvirt/virtlogd-sock"):
+            started.append(subprocess.Popen(["virtlogd"], start_new_session=True))
+        started.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60  # the first start probes QEMU (~9 s)
+        while not _connects():
+            assert time.monotonic() < deadline, "libvirtd did not answer within 60 s"
+            time.sleep(0.05)
+    if not KERNEL.exists():
+        subprocess.run(["make", "-s", "-C", str(ROOT / "images")], check=True, timeout=300)
+    try:
+        yield
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def domains() -> set[str]:
+    conn = libvirt.open(URI)
+    try:
+        return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def state(tmp_path: Path, libvirtd: None) -> Iterator[Path]:
+    yield tmp_path
+    prefix = f"jl-{state_id(tmp_path)}-"
+    leaked = {n for n in domains() if n.startswith(prefix)}
+    conn = libvirt.open(URI)
+    try:
+        for name in leaked:
+            conn.lookupByName(name).destroy()
+    finally:
+        conn.close()
+    assert not leaked, "domains leaked"
+
+
+def service(front: str, extra: str = "", lv: str = "") -> str:
+    return f"""
+[[service]]
+name = "uk"
+front = ["{front}"]
+ports = [18080]
+backend = "libvirt"
+boot_timeout = "30s"
+{extra}
+[service.libvirt]
+uri = "{URI}"
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "tcg"
+grace = "2s"
+{lv}
+"""
+
+
+def server(d) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    return d.dns_endpoints[0].host, d.dns_endpoints[0].port
+
+
+async def test_lookup_boots_the_unikernel_through_libvirt(state: Path, block: str) -> None:
+    cfg = load(config_text(state, service(f"{block}.1")))
+    async with running(cfg) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        assert rec.header.rcode == RCODE.NOERROR and str(rec.rr[0].rdata) == f"{block}.1"
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200") and b"uk" in body
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.state is State.READY
+        assert any(n.startswith(f"jl-{state_id(state)}-uk-") for n in domains())
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in domains())
+
+
+@pytest.mark.parametrize("mode", ["destroy", "shutdown", "pause", "save"])
+async def test_idle_teardown_in_every_stop_mode(state: Path, block: str, mode: str) -> None:
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra=f'idle_timeout = "500ms"\nstop = "{mode}"\nanswer = "proxy"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None and inst.handle is not None
+        name = inst.handle.name  # type: ignore[attr-defined]
+        await wait_until(lambda: inst.state in (State.STOPPED, State.SAVED), timeout=30)
+        assert rt.idle_stops == 1
+        if mode == "pause":
+            assert inst.state is State.SAVED and name in domains()
+        elif mode == "save":
+            assert inst.state is State.SAVED and name not in domains()
+            assert (state / "libvirt" / "uk.state").exists()
+        else:
+            assert name not in domains()
+        again = await http_get(f"{block}.1", 18080)
+        assert again.startswith(b"HTTP/1.1 200") and b"uk" in again
+        now = rt.instance
+        assert now is not None and now.handle is not None
+        if mode in ("pause", "save"):
+            assert now is inst and now.handle.wake == ("resume" if mode == "pause" else "restore")
+            assert not (state / "libvirt" / "uk.state").exists()
+
+
+async def test_a_domain_destroyed_with_virsh_is_noticed(state: Path, block: str) -> None:
+    cfg = load(config_text(state, service(f"{block}.1", extra='answer = "proxy"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None and inst.handle is not None
+        name = inst.handle.name  # type: ignore[attr-defined]
+        subprocess.run(["virsh", "-c", URI, "destroy", name], check=True, timeout=30,
+                       stdout=subprocess.DEVNULL)
+        await wait_until(lambda: rt.instance is not inst, timeout=5)
+        assert rt.deaths == 1
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        assert rt.instance is not inst
+
+
+@pytest.mark.slow
+def test_a_killed_daemon_restarted_cleans_its_own_domains_only(state: Path, block: str) -> None:
+    conf = state / "c.toml"
+    conf.write_text(config_text(state, service(f"{block}.1")))
+    prefix = f"jl-{state_id(state)}-"
+    # Someone else's domain, named much like ours.
+    other = libvirt.open(URI)
+    xml = (f"<domain type='qemu'><name>jl-someone-uk-1</name><memory unit='MiB'>16</memory>"
+           f"<os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{KERNEL}</kernel>"
+           "</os><devices><controller type='usb' model='none'/><memballoon model='none'/>"
+           "</devices></domain>")
+    foreign = other.createXML(xml, 0)
+    errors = open(state / "daemon.err", "wb")
+    try:
+        cmd = [sys.executable, "-m", "jitlaunch.cli", "run", "--config", str(conf)]
+        first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            _boot_through(first, block, state / "daemon.err")
+            deadline = time.monotonic() + 30
+            while not any(n.startswith(prefix) for n in domains()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert any(n.startswith(prefix) for n in domains())  # the domain outlives the daemon
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            deadline = time.monotonic() + 30
+            while any(n.startswith(prefix) for n in domains()):
+                assert time.monotonic() < deadline, "the leftover domain was not destroyed"
+                time.sleep(0.05)
+            assert "jl-someone-uk-1" in domains()
+        finally:
+            second.terminate()
+            second.wait(timeout=30)
+    finally:
+        foreign.destroy()
+        other.close()
+        errors.close()
+
+
+def _boot_through(proc: subprocess.Popen[bytes], block: str, errors: Path) -> None:
+    """Connect to the front until the instance answers (the daemon binds it at start)."""
+    import socket
+
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, f"the daemon exited: {errors.read_text()[-2000:]}"
+        try:
+            with socket.create_connection((f"{block}.1", 18080), timeout=30) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(100).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "no answer through the front"
+        time.sleep(0.05)
