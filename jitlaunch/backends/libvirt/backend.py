@@ -36,7 +36,7 @@ log = logging.getLogger("jitlaunch.libvirt")
 #: Concurrent blocking libvirt calls (worker threads) of one backend.
 MAX_THREADS = 8
 #: libvirt's lifecycle event numbers (virDomainEventType) and STOPPED's details.
-EVENT_STOPPED = 5
+EVENT_STOPPED, STOPPED_SAVED = 5, 4
 _STOPPED_DETAIL = {0: "shut down", 1: "destroyed", 2: "crashed", 3: "migrated", 4: "saved",
                    5: "failed", 6: "stopped for a snapshot"}
 #: libvirt's domain states (virDomainState).
@@ -74,6 +74,9 @@ class LibvirtHandle(Handle):
         self.paused = False
         self.saved_file: Path | None = None
         self.expect_stop = False
+        #: Our saves whose STOPPED/SAVED event has not arrived yet: it may come after the
+        #: restore, and must not end the restored domain.
+        self.saves_pending = 0
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.is_set() else "paused" if self.paused else "running"
@@ -159,6 +162,7 @@ class LibvirtHandle(Handle):
         self._gone = trio.Event()
         self._ready = trio.Event()
         self.how = ""
+        self.expect_stop = False
         self.backend.domains[self.name] = self
         try:
             await self.conn.call(f"restore {self.name} from {path}",
@@ -192,15 +196,16 @@ class LibvirtHandle(Handle):
     async def _save(self) -> bool:
         path = self.backend.saved_path(self.service.name)
         self.expect_stop = True
+        self.saves_pending += 1
         try:
             await self._domain_call(f"save to {path}", "save", str(path))
         except BaseException:
+            self.saves_pending -= 1
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
         self.saved_file = path
         self.gone("saved")
-        self.backend.domains.pop(self.name, None)
         return True
 
     async def destroy(self) -> None:
@@ -319,6 +324,9 @@ class LibvirtBackend(Backend):
     def _event(self, uri: str, name: str, event: int, detail: int) -> None:
         handle = self.domains.get(name)
         if handle is None or handle.conn.uri != uri or event != EVENT_STOPPED:
+            return
+        if detail == STOPPED_SAVED and handle.saves_pending:
+            handle.saves_pending -= 1  # ours, perhaps arriving after the restore
             return
         how = f"the domain {_STOPPED_DETAIL.get(detail, f'stopped ({detail})')}"
         if not handle.expect_stop:
