@@ -101,6 +101,8 @@ class ProxyConfig:
     answer_timeout: float = 30.0
     idle_timeout: float = 600.0
     half_close_timeout: float = 30.0
+    # Bytes buffered for booting services across the whole daemon.
+    max_buffer_total: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -585,6 +587,7 @@ def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None
         answer_timeout=p.duration("answer_timeout", 30),
         idle_timeout=p.duration("idle_timeout", "10m"),
         half_close_timeout=p.duration("half_close_timeout", 30),
+        max_buffer_total=p.integer("max_buffer_total", 32 << 20, low=1, high=2**62),
     )
     p.done()
 

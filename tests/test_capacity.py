@@ -241,3 +241,44 @@ async def test_wake_limits_per_source_prefix(tmp_path: Path, block: str) -> None
         assert sup.admission["wake_limited"] == 3 and sup.wake.limited == 3
         # Other sources are not this prefix: the daemon's own start (no source) goes on.
         await sup.acquire("c")
+
+
+async def test_the_global_buffer_cap_closes_what_would_pass_it(tmp_path: Path, block: str) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    slow = f"{PYTHON} {script} 1.0 --address {{address}} --port {{port}} --name {{name}}"
+    cfg = load(config_text(tmp_path, services(block, "a b", command=slow),
+                           top="[proxy]\nmax_buffer_total = 100000\n"))
+    pad = b"a" * 40000
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad + b"\r\nConnection: close\r\n\r\n"
+    async with running(cfg) as d:
+        proxy = d.proxy
+        streams = []
+        try:
+            for name in ("a", "b"):  # two services booting, 2 x 40 KB held: under the cap
+                s = await trio.open_tcp_stream(f"{block}.{'ab'.index(name) + 1}", 8080)
+                streams.append(s)
+                await s.send_all(request)
+            await wait_until(lambda: proxy.buffered == 2 * len(request))
+            # A third connection's 40 KB would pass the cap of 100,000: it is closed.
+            third = await trio.open_tcp_stream(f"{block}.1", 8080)
+            async with third:
+                await third.send_all(request)
+                with trio.fail_after(5):
+                    try:
+                        assert await third.receive_some(100) == b""
+                    except trio.BrokenResourceError:
+                        pass  # a reset: closed with bytes unread
+            assert proxy.closed[("a", "buffer_total")] == 1
+            assert d.supervisor.services["a"].instance.state is State.STARTING  # type: ignore[union-attr]
+            # The two held ones are served once their instances are ready.
+            for s in streams:
+                data = b""
+                with trio.fail_after(15):
+                    while chunk := await s.receive_some(65536):
+                        data += chunk
+                assert b" 200 OK" in data
+            assert proxy.buffered == 0
+        finally:
+            for s in streams:
+                await s.aclose()

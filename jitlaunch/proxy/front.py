@@ -92,6 +92,9 @@ class Proxy:
         self.open = 0
         self.by_source: dict[str, int] = {}
         self.pending: collections.Counter[str] = collections.Counter()
+        #: Bytes buffered now for connections waiting for a boot, all services together
+        #: (bounded by ``proxy.max_buffer_total``).
+        self.buffered = 0
         #: Connections the proxy closed, unserved or on a timer, by ``(service, reason)``.
         self.closed: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Relays that ended, by ``(service, outcome)`` (see relay.OUTCOMES).
@@ -281,7 +284,10 @@ class Proxy:
                 if not data:
                     eof = True
                     await trio.sleep_forever()  # keep waiting: the request may be complete
+                if self.buffered + len(data) > self.config.proxy.max_buffer_total:
+                    return "buffer_total"
                 buf.extend(data)
+                self.buffered += len(data)
                 if len(buf) > limit:
                     return "buffer"
 
@@ -291,7 +297,10 @@ class Proxy:
         # The supervisor bounds the admission queue's wait and the boot; this is a safety net.
         with trio.move_on_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
             try:
-                which, value = await first_of(read, ready)
+                try:
+                    which, value = await first_of(read, ready)
+                finally:
+                    self.buffered -= len(buf)
             except BootFailed as exc:
                 self._close(service, "boot_failed", str(exc))
                 return None
