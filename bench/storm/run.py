@@ -335,7 +335,7 @@ def main() -> int:
     from jitlaunch.lifecycle.admission import derive_budget
 
     default = derive_budget(HostConfig(), "", len(os.sched_getaffinity(0))).max_booting
-    settings = [UNLIMITED] + sorted({int(v) for v in args.max_booting.split(",")} | {default})
+    settings = [UNLIMITED, *sorted({int(v) for v in args.max_booting.split(",")} | {default})]
     rounds: list[dict[str, Any]] = []
     budget: list[dict[str, Any]] = []
     logdir = Path(tempfile.mkdtemp(prefix="storm-logs-"))
