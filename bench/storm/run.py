@@ -7,7 +7,8 @@ goes out over UDP and, at once, one thread per service sends ``GET /`` through i
 address (the proxy holds it until the instance is ready). Quoted per round: the time from
 the first lookup until every GET was answered, boots/s (N over that time), p50/p99 of each
 service's time from t0 to its reply and of the boot itself (the daemon's "ready in" line:
-from the boot's start, after any wait in the admission queue, to READY), failures (GETs
+from the boot's start, after any wait in the admission queue, to READY), the CPU time per
+boot of the daemon and of each QEMU (up to the moment all are served), failures (GETs
 without a 200, boots that failed), the daemon's RSS and the QEMUs' total RSS and PSS (and
 instances per GiB of PSS), then a SIGTERM: the time until the daemon has exited and the QEMU
 processes left behind (must be 0).
@@ -47,6 +48,7 @@ from common import (
     ROOT,
     BenchError,
     ProcessGroup,
+    cpu_seconds,
     free_port,
     jitlaunch_command,
     loopback_block,
@@ -201,6 +203,7 @@ def storm_round(
         ok[names[i]] = get(f"{block}.{i + 1}", 8080, deadline)
         served[names[i]] = time.monotonic() - t0
 
+    cpu_before = cpu_seconds(pid)
     lookup_all(("127.0.0.1", dns_port), names)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in threads:
@@ -212,7 +215,9 @@ def storm_round(
     for t in threads:
         t.join()
     procs.remember_children()
+    daemon_cpu = cpu_seconds(pid) - cpu_before
     qemus = qemu_pids(pid)
+    qemu_cpu = sum(cpu_seconds(q) for q in qemus)
     mems = [memory_kib(q) for q in qemus]
     daemon_rss, daemon_pss = memory_kib(pid)
     peak_rss = max((r for r, _ in mems), default=0)
@@ -245,6 +250,8 @@ def storm_round(
         "boot_p50_s": round(percentile(boots, 50), 3) if boots else None,
         "boot_p99_s": round(percentile(boots, 99), 3) if boots else None,
         "qemus": len(qemus),
+        "daemon_cpu_ms_per_boot": round(daemon_cpu / n * 1000, 1),
+        "qemu_cpu_ms_per_boot": round(qemu_cpu / max(1, len(qemus)) * 1000, 1),
         "daemon_rss_mib": round(daemon_rss / 1024, 1),
         "daemon_pss_mib": round(daemon_pss / 1024, 1),
         "qemu_rss_total_mib": round(sum(r for r, _ in mems) / 1024, 1),
@@ -360,8 +367,8 @@ def main() -> int:
         return median(vals)
 
     rows = [["max_booting", "all served s", "boots/s", "served", "failed", "p50 s", "p99 s",
-             "boot p50", "boot p99", "daemon RSS", "QEMU RSS", "QEMU PSS", "inst/GiB", "SIGTERM s",
-             "left"]]
+             "boot p50", "boot p99", "CPU ms/boot", "daemon RSS", "QEMU RSS", "QEMU PSS",
+             "inst/GiB", "SIGTERM s", "left"]]
     summary = []
     for k in settings:
         rs = [r for r in rounds if r["max_booting"] == ("unlimited" if k >= UNLIMITED else k)]
@@ -374,6 +381,7 @@ def main() -> int:
             f"{s['all_served_s']:.2f}", f"{s['boots_per_s']:.1f}", f"{s['served']:.0f}",
             f"{s['failed_gets'] + s['failed_boots']:.0f}", f"{s['served_p50_s']:.2f}",
             f"{s['served_p99_s']:.2f}", f"{s['boot_p50_s']:.2f}", f"{s['boot_p99_s']:.2f}",
+            f"{s['daemon_cpu_ms_per_boot']:.0f}+{s['qemu_cpu_ms_per_boot']:.0f}",
             f"{s['daemon_rss_mib']:.0f} MiB", f"{s['qemu_rss_total_mib']:.0f} MiB",
             f"{s['qemu_pss_total_mib']:.0f} MiB", f"{s['instances_per_gib_pss']:.1f}",
             f"{s['sigterm_exit_s']:.2f}", f"{s['qemus_left']:.0f}",
