@@ -3,12 +3,17 @@ host budget, eviction order, the admission queue, max_booting and wake limits.""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.config import Config
 from jitlaunch.errors import AdmissionRefused
 from jitlaunch.lifecycle.state import State
 from jitlaunch.lifecycle.supervisor import Supervisor
@@ -25,6 +30,8 @@ from .conftest import (
     running,
     wait_until,
 )
+from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
+from .test_qemu import service as qemu_service
 
 # Sleeps, then serves like the demo: a boot that takes a while.
 SLOW = """
@@ -282,3 +289,34 @@ async def test_the_global_buffer_cap_closes_what_would_pass_it(tmp_path: Path, b
         finally:
             for s in streams:
                 await s.aclose()
+
+
+@pytest.fixture
+def qstate(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    leaked = qemus(tmp_path)
+    for p in leaked:
+        os.kill(p, signal.SIGKILL)
+    assert not leaked, "QEMU processes leaked"
+
+
+async def test_a_saved_state_survives_a_daemon_restart(qstate: Path, block: str) -> None:
+    def cfg(memory: int) -> Config:
+        return load(config_text(qstate, qemu_service(
+            f"{block}.1", extra='stop = "save"\nidle_timeout = "1s"', qemu=f"memory = {memory}")))
+
+    saved = qstate / "saved" / "uk.state"
+    async with running(cfg(16)) as d:
+        await d.supervisor.acquire("uk")
+        await wait_until(lambda: state(d.supervisor, "uk") is State.SAVED and saved.exists())
+    # The next daemon on the same state directory keeps it, and restores it on a request.
+    async with running(cfg(16)) as d:
+        assert saved.exists()
+        inst = await d.supervisor.acquire("uk")
+        assert inst.handle is not None and inst.handle.wake == "restore"
+        assert b" 200 OK" in await http_get(f"{block}.1", 18080)
+        await wait_until(lambda: state(d.supervisor, "uk") is State.SAVED and saved.exists())
+    # With other QEMU settings it cannot be restored: deleted, and a fresh boot.
+    async with running(cfg(32)) as d:
+        inst = await d.supervisor.acquire("uk")
+        assert inst.handle is not None and inst.handle.wake == "cold" and not saved.exists()

@@ -20,8 +20,8 @@ logged for every instance.
 Stop modes: ``destroy`` (QMP quit, SIGKILL after the grace period), ``shutdown``
 (system_powerdown, SIGKILL after the grace period), ``pause`` (QMP stop; the next start is a
 QMP cont) and ``save`` (the state is migrated to a file in ``<state_dir>/saved``, QEMU quits;
-the next start runs QEMU with ``-incoming`` from it and removes the file; a changed kernel
-image invalidates it).
+the next start runs QEMU with ``-incoming`` from it and removes the file; it survives a
+restart of the daemon, and a changed kernel image or QEMU setting invalidates it).
 
 Warm pool: ``pool = N`` keeps N instances booted to their READY line and then paused (QMP
 stop): kernel loaded, network attached, listener up. A start takes one and resumes it (QMP
@@ -29,8 +29,8 @@ cont), so it is ready at once, and the pool refills in the background. (Pausing 
 first instruction, ``-S``, would save only QEMU's own start-up, not the guest's boot.)
 
 Leftovers: at start the backend kills QEMU processes whose pid files lie in its run directory
-and whose command line carries our marker, and removes stale sockets, pid files and saved
-states from an earlier run.
+and whose command line carries our marker, and removes stale sockets, pid files and the
+saved states of services no longer configured from an earlier run.
 
 The package: :mod:`.settings` (the service's table, pure), :mod:`.argv` (QEMU's command
 line, pure), :mod:`.usernet` (reading slirp's ``info usernet``), :mod:`.handle` (one

@@ -31,6 +31,7 @@ from .settings import (
     image_id,
     instance_mac,
     kvm_usable,
+    saved_mac,
 )
 
 log = logging.getLogger("jitlaunch.qemu")
@@ -80,10 +81,19 @@ class QemuBackend(Backend):
         await self.warm.keep()
 
     async def clean_leftovers(self) -> None:
-        """Kill our QEMU processes from an earlier run and remove their files and taps."""
+        """Kill our QEMU processes from an earlier run and remove their files and taps. Saved
+        states of configured services are kept: the next request restores one if its kernel
+        image and QEMU settings are unchanged (see :meth:`start`)."""
         for pid in await trio.to_thread.run_sync(self._kill_leftovers):
             log.warning("killed QEMU pid %d left over from an earlier run", pid)
+        keep = {self.saved_path(s.name).name for s in self.services}
+        keep |= {self.saved_path(s.name).with_suffix(".image").name for s in self.services}
         for leftover in [*self.run_dir.iterdir(), *self.saved_dir.iterdir()]:
+            if leftover.name in keep:
+                if leftover.suffix == ".state":
+                    log.info("%s: keeping its saved state from an earlier run for its next "
+                             "request", leftover.stem)
+                continue
             with contextlib.suppress(OSError):
                 leftover.unlink()
         if any(s.settings.network == "bridge" for s in self.services):
@@ -177,20 +187,25 @@ class QemuBackend(Backend):
         state = self.saved_path(service.name)
         settings: QemuSettings = service.settings
         incoming = None
+        mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
         if state.exists():
             meta = state.with_suffix(".image")
             try:
-                valid = meta.exists() and meta.read_text() == self.image_ids.get(settings.kernel)
+                text = meta.read_text() if meta.exists() else ""
             except OSError as exc:
-                raise BootFailed(f"cannot read the saved state's image id {meta}: {exc}") from exc
-            if valid:
+                raise BootFailed(f"cannot read the saved state's description {meta}: {exc}") \
+                    from exc
+            kept_mac = saved_mac(text, self.image_ids.get(settings.kernel, ""), settings,
+                                 self._accel(settings))
+            if kept_mac is not None:
                 incoming = state
+                mac = mac or kept_mac
             else:
-                log.info("%s: the kernel image changed; discarding its saved state", service.name)
+                log.info("%s: the kernel image or the QEMU settings changed since it was saved; "
+                         "discarding its saved state", service.name)
                 for p in (state, meta):
                     with contextlib.suppress(OSError):
                         p.unlink()
-        mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
         launched = await self._launch(service, number=number, incoming=incoming, mac=mac)
         launched.wake = "restore" if incoming is not None else "cold"
         return launched

@@ -20,7 +20,7 @@ from ..base import PROBE_INTERVAL, Handle, connect_check, map_errors, probe_tcp,
 from ..bridge import Lease
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
 from ..qmp import QMP
-from .settings import QemuSettings
+from .settings import QemuSettings, saved_meta
 from .usernet import guest_answered, slirp_fd
 
 if TYPE_CHECKING:
@@ -390,7 +390,8 @@ class QemuHandle(Handle):
                         f"saving the state failed: {info.get('error-desc', status)}")
                 await trio.sleep(0.002)
             tmp.replace(path)
-            path.with_suffix(".image").write_text(self.backend.image_ids[self.settings.kernel])
+            path.with_suffix(".image").write_text(saved_meta(
+                self.backend.image_ids[self.settings.kernel], self.settings, self.accel, self.mac))
         except BaseException:
             for p in (tmp, path, path.with_suffix(".image")):  # no half-written state
                 with contextlib.suppress(OSError):

@@ -114,6 +114,28 @@ def image_id(path: Path) -> str:
 
 
 
+def saved_meta(image: str, settings: QemuSettings, accel: str, mac: str) -> str:
+    """The text kept beside a saved state (``<service>.image``): what it is valid for (the
+    kernel image's id, a digest of the QEMU settings a restore must match, the accelerator)
+    and the guest's MAC, which the restored guest keeps."""
+    return f"image {image}\nqemu {_settings_digest(settings, accel)}\nmac {mac}\n"
+
+
+def saved_mac(meta: str, image: str, settings: QemuSettings, accel: str) -> str | None:
+    """The saved guest's MAC if the state described by ``meta`` can be restored with this
+    kernel image, these settings and this accelerator; else None."""
+    fields = dict(line.split(" ", 1) for line in meta.splitlines() if " " in line)
+    if fields.get("image") != image or fields.get("qemu") != _settings_digest(settings, accel):
+        return None
+    return fields.get("mac")
+
+
+def _settings_digest(settings: QemuSettings, accel: str) -> str:
+    kept = (settings.binary, settings.machine, settings.memory, settings.cpus, accel,
+            settings.network, settings.guest_ports, settings.cmdline, settings.extra_args)
+    return hashlib.sha256(repr(kept).encode()).hexdigest()[:32]
+
+
 def instance_mac(state_dir: Path, service: str, instance: int | str) -> str:
     """A locally administered unicast MAC for one instance, the same for the same daemon
     (state directory), service and instance, so it survives pause and save/restore. Without
