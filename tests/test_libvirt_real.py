@@ -223,6 +223,23 @@ async def test_idle_teardown_in_every_stop_mode(state: Path, block: str, mode: s
             assert not (state / "libvirt" / "uk.state").exists()
 
 
+async def test_warm_pool(state: Path, block: str) -> None:
+    extra = 'answer = "proxy"\nmax_instances = 2'
+    cfg = load(config_text(state, service(f"{block}.1", extra=extra, lv="pool = 1")))
+    async with running(cfg) as d:
+        pool = d.backends["libvirt"].pools["uk"]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(pool) == 1, timeout=30)
+        member = pool[0]
+        assert member.paused and member.name in domains()
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.handle is member and member.wake == "pool"
+        await wait_until(lambda: len(pool) == 1 and pool[0] is not member, timeout=30)
+        assert d.backends["libvirt"].status_lines()[0].startswith("uk: warm pool 1 of 1")
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in domains())
+    assert not list((state / "logs").glob("uk.pool-*.log"))
+
+
 async def test_a_domain_destroyed_with_virsh_is_noticed(state: Path, block: str) -> None:
     cfg = load(config_text(state, service(f"{block}.1", extra='answer = "proxy"')))
     async with running(cfg) as d:

@@ -22,10 +22,12 @@ from typing import Any
 
 import trio
 
+from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
-from ..base import PROBE_INTERVAL, Backend, Handle, free_port
+from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
+from ..pool import WarmPools
 from ..qemu.settings import USER_GATEWAY, USER_IP, USER_PREFIX, instance_mac, kvm_usable
 from .conn import ERR_NO_DOMAIN, ERR_OPERATION_INVALID, Connection, error_code
 from .settings import LibvirtSettings
@@ -154,6 +156,10 @@ class LibvirtHandle(Handle):
         await self._domain_call("resume", "resume")
         self.paused = False
 
+    async def suspend(self) -> None:
+        await self._domain_call("suspend", "suspend")
+        self.paused = True
+
     async def restore(self) -> None:
         """Restore the saved domain from :attr:`saved_file` (removed afterwards, even on
         failure: a state that does not restore is no use). It was ready when saved."""
@@ -178,8 +184,7 @@ class LibvirtHandle(Handle):
             if self.alive() and (mode != "destroy" or grace > 0):
                 with trio.move_on_after(grace + 5):
                     if mode == "pause":
-                        await self._domain_call("suspend", "suspend")
-                        self.paused = True
+                        await self.suspend()
                         return True
                     if mode == "save":
                         return await self._save()
@@ -222,6 +227,9 @@ class LibvirtHandle(Handle):
                 self.gone("destroyed by jitlaunch")
             if self.saved_file is None:
                 self.backend.domains.pop(self.name, None)
+                if ".pool-" in self.console_path.name:  # one file per pool member: no pile-up
+                    with contextlib.suppress(OSError):
+                        self.console_path.unlink()
             self.backend.forget_ports(self.host_ports)
 
 
@@ -240,6 +248,12 @@ class LibvirtBackend(Backend):
         self._host_ports: set[int] = set()
         self._counter = 0
         self._kvm: bool | None = None
+        self.warm: WarmPools[LibvirtHandle] = WarmPools(
+            services, size=lambda s: s.settings.pool,
+            fillable=lambda s: s.settings.kernel.is_file(),
+            make=self._pool_member, log=log,
+        )
+        self.pools = self.warm.pools
 
     def __repr__(self) -> str:
         return f"<LibvirtBackend {self.prefix}* {len(self.domains)} domains {list(self._conns)}>"
@@ -275,6 +289,7 @@ class LibvirtBackend(Backend):
                     log.error("%s (the libvirt services cannot boot until it answers)", exc)
                 nursery.start_soon(self._keep_connected, conn)
             task_status.started()
+            await self.warm.keep()
 
     async def clean_leftovers(self, conn: Connection) -> list[str]:
         """Destroy the domains with our prefix (an earlier run's) on ``conn``; return their
@@ -335,7 +350,27 @@ class LibvirtBackend(Backend):
             log.warning("%s#%d: %s", handle.service.name, handle.number, how)
         handle.gone(how)
 
+    def status_lines(self) -> list[str]:
+        return self.warm.status_lines()
+
+    async def _pool_member(self, svc: ServiceConfig) -> LibvirtHandle:
+        """A domain booted to its READY line and then suspended; destroyed on every error
+        path. BootFailed if it cannot be had."""
+        handle = await self._create(svc, 0, pool=True)
+        try:
+            with map_errors("pool domain not ready"), trio.fail_after(svc.boot_timeout):
+                which, exited = await first_of(handle.wait_ready, handle.wait_exited)
+                if which == 1:
+                    raise BootFailed(f"{exited} before it was ready")
+                await handle.suspend()
+        except BaseException:
+            await handle.destroy()
+            raise
+        return handle
+
     async def aclose(self) -> None:
+        for member in self.warm.drain():
+            await member.destroy()
         for conn in self._conns.values():
             await conn.aclose()
 
@@ -383,17 +418,35 @@ class LibvirtBackend(Backend):
                     return saved
             else:
                 await saved.destroy()
+        while (member := self.warm.take(service.name)) is not None:
+            if not member.alive():
+                await member.destroy()
+                continue
+            try:
+                await member.resume()
+            except BaseException as exc:
+                await member.destroy()
+                if not isinstance(exc, BootFailed):
+                    raise
+                log.warning("%s: warm pool member: %s; booting a fresh domain", service.name, exc)
+                continue
+            member.number = number
+            member.wake = "pool"
+            log.info("%s#%d taken from the warm pool (%s)", service.name, number, member.name)
+            return member
         handle = await self._create(service, number)
         handle.wake = "cold"
         return handle
 
-    async def _create(self, service: ServiceConfig, number: int) -> LibvirtHandle:
+    async def _create(self, service: ServiceConfig, number: int, *, pool: bool = False
+                      ) -> LibvirtHandle:
         settings: LibvirtSettings = service.settings
         conn = self.connection(settings.uri)
         self._counter += 1
         name = f"{self.prefix}{service.name}-{os.getpid()}-{self._counter}"
-        mac = instance_mac(self.state_dir, service.name, number)
-        console = self.log_dir / f"{service.name}.log"
+        mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
+        # Pool members log apart, so they never rotate a running instance's console.
+        console = self.log_dir / f"{service.name}{'.pool-' + str(self._counter) if pool else ''}.log"
         cmdline = settings.cmdline.format(
             ip=USER_IP, prefix=USER_PREFIX, gateway=USER_GATEWAY, port=settings.guest_ports[0],
             name=service.name, instance=number,

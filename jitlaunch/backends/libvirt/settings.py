@@ -26,6 +26,7 @@ class LibvirtSettings:
     guest_ports: tuple[int, ...]
     cmdline: str
     grace: float
+    pool: int
     template: str | None
     template_path: Path | None
 
@@ -74,6 +75,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtS
         guest_ports=tuple(guest_ports),
         cmdline=cmdline,
         grace=t.duration("grace", 5, allow_zero=True),
+        pool=t.integer("pool", 0, low=0, high=64),
         template=template,
         template_path=template_path,
     )
