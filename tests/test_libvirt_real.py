@@ -18,6 +18,7 @@ import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.backends.base import free_port
 from jitlaunch.backends.libvirt.backend import state_id
 from jitlaunch.lifecycle.state import State
 
@@ -43,14 +44,20 @@ def _connects() -> bool:
 class Libvirtd:
     """The libvirtd the fixture started (None where one was already running)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conf: Path) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: libvirtd also listens on TCP on loopback only, without authentication.
+        self.tcp_port = free_port()
+        self.conf = conf
+        conf.write_text(f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\n'
+                        f'listen_addr = "127.0.0.1"\ntcp_port = "{self.tcp_port}"\n')
 
     def start(self) -> None:
         deadline = time.monotonic() + 60  # the first start probes QEMU (~9 s)
         while True:
             proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd"],
+                [sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd", "--listen",
+                 "-f", str(self.conf)],
                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append(proc)
             # A libvirtd still shutting down holds its pid file: the new one exits; again.
@@ -81,14 +88,14 @@ class Libvirtd:
 
 
 @pytest.fixture(scope="module")
-def libvirtd() -> Iterator[Libvirtd | None]:
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd | None]:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     ours: Libvirtd | None = None
     logd: subprocess.Popen[bytes] | None = None
     if not _connects():
         if not os.path.exists("/run/libvirt/virtlogd-sock"):
             logd = subprocess.Popen(["virtlogd"], start_new_session=True)
-        ours = Libvirtd()
+        ours = Libvirtd(tmp_path_factory.mktemp("libvirtd") / "libvirtd.conf")
         ours.start()
     if not KERNEL.exists():
         subprocess.run(["make", "-s", "-C", str(ROOT / "images")], check=True, timeout=300)
@@ -124,7 +131,7 @@ def state(tmp_path: Path, libvirtd: Libvirtd | None) -> Iterator[Path]:
     assert not leaked, "domains leaked"
 
 
-def service(front: str, extra: str = "", lv: str = "") -> str:
+def service(front: str, extra: str = "", lv: str = "", uri: str = URI) -> str:
     return f"""
 [[service]]
 name = "uk"
@@ -134,7 +141,7 @@ backend = "libvirt"
 boot_timeout = "30s"
 {extra}
 [service.libvirt]
-uri = "{URI}"
+uri = "{uri}"
 kernel = "{KERNEL}"
 guest_ports = [80]
 accel = "tcg"
@@ -192,6 +199,28 @@ async def test_libvirtd_restarted_mid_run(
         assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
         assert rt.instance is inst and inst.state is State.READY and rt.deaths == 0
         assert await inst.handle.probe(5) is None
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in domains())
+
+
+async def test_a_remote_uri_boots_serves_and_survives_a_restart(
+    state: Path, block: str, libvirtd: Libvirtd | None,
+) -> None:
+    if libvirtd is None:
+        pytest.skip("libvirtd was running before the tests: not ours to restart with --listen")
+    uri = f"qemu+tcp://127.0.0.1:{libvirtd.tcp_port}/system"
+    cfg = load(config_text(state, service(f"{block}.1", extra='answer = "proxy"', uri=uri)))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None and inst.handle is not None
+        assert inst.handle.conn.uri == uri  # type: ignore[attr-defined]
+        await trio.to_thread.run_sync(libvirtd.restart)
+        conn = d.backends["libvirt"].connection(uri)  # type: ignore[attr-defined]
+        await wait_until(lambda: conn._conn is not None and conn._opened >= 2, timeout=15)
+        assert rt.instance is inst and rt.deaths == 0
+        assert await inst.handle.probe(5) is None
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
     assert not any(n.startswith(f"jl-{state_id(state)}-") for n in domains())
 
 
