@@ -361,6 +361,28 @@ class DaemonCollector(Collector):
             max_instances.add_metric([name], svc.max_instances)
         yield from (boots, started, stops, states, unreachable, backoff, pool, pool_target,
                     max_instances)
+        yield from self._admission()
+
+    def _admission(self) -> Iterator[Metric]:
+        sup = self.m.supervisor
+        outcomes = CounterMetricFamily(
+            "jitlaunch_admission", "Starts by what admission did (admitted, queued, evicted, "
+            "refused_full, refused_timeout, refused_never, refused_closing, wake_limited)",
+            labels=["outcome"],
+        )
+        for outcome in ("admitted", "queued", "evicted", "refused_full", "refused_timeout",
+                        "refused_never", "refused_closing", "wake_limited"):
+            outcomes.add_metric([outcome], sup.admission[outcome])
+        yield outcomes
+        yield _gauge("jitlaunch_admission_queue", "Starts waiting in the admission queue",
+                     len(sup.queue))
+        budget = GaugeMetricFamily(
+            "jitlaunch_host_budget", "The host budget ([host]): max_instances, memory (MiB), "
+            "max_booting", labels=["limit"],
+        )
+        for limit in ("max_instances", "memory", "max_booting"):
+            budget.add_metric([limit], getattr(sup.budget, limit))
+        yield budget
 
     def _proxy(self) -> Iterator[Metric]:
         proxy = self.m.proxy

@@ -30,6 +30,7 @@ from .conftest import (
     running,
     wait_until,
 )
+from .test_metrics import get, scrape
 from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
 from .test_qemu import service as qemu_service
 
@@ -99,6 +100,12 @@ async def test_eviction_takes_the_least_recently_active_idle_instance(tmp_path: 
         assert state(sup, "b") is None and state(sup, "a") is State.READY
         assert sup.services["b"].stops == {("evicted", "destroy"): 1}
         assert sup.admission["evicted"] == 1 and sup.admission["admitted"] == 3
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_admission_total", outcome="evicted") == 1
+        assert get(samples, "jitlaunch_admission_total", outcome="admitted") == 3
+        assert get(samples, "jitlaunch_host_budget", limit="max_instances") == 2
+        assert get(samples, "jitlaunch_admission_queue") == 0
+        assert get(samples, "jitlaunch_stops_total", service="b", reason="evicted", mode="destroy") == 1
 
 
 async def test_pinned_and_connected_instances_are_never_evicted(tmp_path: Path, block: str) -> None:

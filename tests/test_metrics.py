@@ -265,6 +265,7 @@ async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: s
             ("jitlaunch_proxy_bytes_total", L(service="hello", direction="to_client")): len(reply),
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="A", rcode="NOERROR")): 1,
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="MX", rcode="NXDOMAIN")): 1,
+            ("jitlaunch_admission_total", L(outcome="admitted")): 1,
         }
         assert get(s1, "jitlaunch_proxy_bytes_total", service="hello", direction="to_instance") > 30
         assert get(s1, "jitlaunch_instances", service="hello", state="ready") == 1
@@ -305,6 +306,7 @@ async def test_failed_boot_timeout_and_proxy_drops_counted_exactly(tmp_path: Pat
             ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="boot_failed")): 1,
             ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="backoff")): 1,
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="AAAA", rcode="NOERROR")): 1,
+            ("jitlaunch_admission_total", L(outcome="admitted")): 2,
         }
         assert get(s1, "jitlaunch_backoff_failures", service="bad") == 1
         assert get(s1, "jitlaunch_instances", service="bad", state="failed") == 0  # released
