@@ -288,3 +288,16 @@ async def test_an_unanswered_close_is_questioned_only_with_a_request_pending(
         outcome = await relay.run()
     assert questions == int(asked)
     assert outcome == ("unanswered_reset" if asked else "done")
+
+
+async def test_a_reset_before_the_clients_first_byte_is_replayable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A dying instance resets the connections in its accept queue, maybe before the proxy
+    has read the client's request: nothing is lost, so the client goes on to the next
+    instance (an empty replay) rather than being closed unanswered."""
+    _user, client, _, _ = pairs()
+    dead = Resetting(after=0.001)
+    relay = Relay(client, dead, T, None, keep=100)
+    assert await relay.run() == "unanswered_reset"
+    assert relay.replay == b"" and not relay.client_eof

@@ -303,7 +303,10 @@ class Relay:
             client_side = (exc.side == "src") == from_client
             if client_side:
                 self._outcome = "client_reset"
-            elif self._unanswered():
+            elif not self.activity.instance_bytes and self.replay is not None:
+                # Unlike a FIN, a reset is never an answer: replay what the client sent, even
+                # nothing yet (a dying instance resets the connections in its accept queue,
+                # maybe before the client's request was read).
                 self._outcome = "unanswered_reset"
             else:
                 self._outcome = "instance_reset"
