@@ -469,6 +469,20 @@ async def test_a_real_prometheus_reads_the_wakeup_and_boot_counters(tmp_path: Pa
             ep = d.dns_endpoints[0]
             for _ in range(3):
                 assert (await query_udp((ep.host, ep.port), "hello.jit.test")).header.rcode == 0
+            # Prometheus listens before it is ready and answers 503 until then: wait for
+            # /-/ready, so that every query below must succeed.
+            with trio.fail_after(40):
+                while True:
+                    assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                    try:
+                        ready = await fetch(Endpoint("127.0.0.1", port),
+                                            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n"
+                                            b"Connection: close\r\n\r\n")
+                        if ready.startswith(b"HTTP/1.1 200"):
+                            break
+                    except OSError:  # not listening yet
+                        pass
+                    await trio.sleep(0.05)
             queries = {
                 'jitlaunch_wake_seconds_count{job="jitlaunch", service="hello", path="cold"}': 1.0,
                 'jitlaunch_boots_total{job="jitlaunch", service="hello", result="ready"}': 1.0,
@@ -480,10 +494,7 @@ async def test_a_real_prometheus_reads_the_wakeup_and_boot_counters(tmp_path: Pa
                 while got != queries:
                     assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
                     await trio.sleep(0.25)
-                    try:
-                        got = {q: value(await prometheus_query(port, q)) for q in queries}
-                    except OSError:  # not listening yet
-                        continue
+                    got = {q: value(await prometheus_query(port, q)) for q in queries}
             assert got == queries, (tmp_path / "prometheus.log").read_text()[-2000:]
             # The rules loaded and evaluate: none of them fires on a healthy daemon.
             assert await prometheus_query(port, 'ALERTS{alertstate="firing"}') == []
