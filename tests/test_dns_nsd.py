@@ -301,6 +301,7 @@ def compare(queries: list[bytes], ours: dict[int, bytes], theirs: dict[int, byte
     return problems
 
 
+@pytest.mark.slow
 async def test_same_answers_as_nsd(tmp_path: Path) -> None:
     block = fresh_block()
     config = load(jitlaunch_config(tmp_path, block, free_port("::1", socket.AF_INET6)))

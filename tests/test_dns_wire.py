@@ -195,6 +195,7 @@ def names(draw: st.DrawFn) -> bytes:
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(st.integers(0, 0xFFFF), st.integers(0, 4), st.integers(0, 3), st.integers(0, 3),
        st.lists(names(), max_size=4), st.binary(max_size=40))

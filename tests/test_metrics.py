@@ -599,6 +599,7 @@ def test_rotate_keeps_the_writer_appending(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 async def test_a_chatty_instance_cannot_grow_its_log_past_the_cap(tmp_path: Path, block: str) -> None:
     script = tmp_path / "chatty.py"
     script.write_text(CHATTY)

@@ -232,6 +232,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 async def test_held_connections_all_served_by_an_instance_with_a_tiny_backlog(
     tmp_path: Path, block: str
 ) -> None:

@@ -279,6 +279,7 @@ def test_bad_requests_answered_then_closed(
     assert code == 200 and b"unit-test-7" in body
 
 
+@pytest.mark.slow
 def test_half_open_and_abandoned_connections(guest: tuple[Guest, int, int]) -> None:
     g, port, _ = guest
     hanging = [HttpConn("127.0.0.1", port) for _ in range(10)]
@@ -445,6 +446,7 @@ print("CLIENT OK")
 """
 
 
+@pytest.mark.slow
 def test_tap_on_bridge_in_netns(accel: str) -> None:
     _need_netns()
     ensure_image()
