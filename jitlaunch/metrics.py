@@ -317,8 +317,8 @@ class DaemonCollector(Collector):
             labels=["service", "backend"],
         )
         stops = CounterMetricFamily(
-            "jitlaunch_stops", "Instances stopped, by service, reason (idle, died, hung, "
-            "shutdown) and mode (destroy, shutdown, pause, save)",
+            "jitlaunch_stops", "Instances stopped, by service, reason (idle, requested, died, "
+            "hung, evicted, shutdown) and mode (destroy, shutdown, pause, save)",
             labels=["service", "reason", "mode"],
         )
         states = GaugeMetricFamily(

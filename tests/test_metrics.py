@@ -257,6 +257,7 @@ async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: s
             ("jitlaunch_boots_started_total", L(service="hello", backend="process")): 1,
             ("jitlaunch_boots_total", L(service="hello", backend="process", result="ready")): 1,
             ("jitlaunch_wake_seconds_count", L(service="hello", path="cold")): 1,
+            ("jitlaunch_admission_total", L(outcome="admitted")): 1,
             ("jitlaunch_proxy_hold_seconds_count", L(service="hello")): 1,
             ("jitlaunch_proxy_connections_accepted_total", L(service="hello")): 1,
             ("jitlaunch_proxy_relays_ended_total", L(service="hello", outcome="done")): 1,
@@ -265,7 +266,6 @@ async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: s
             ("jitlaunch_proxy_bytes_total", L(service="hello", direction="to_client")): len(reply),
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="A", rcode="NOERROR")): 1,
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="MX", rcode="NXDOMAIN")): 1,
-            ("jitlaunch_admission_total", L(outcome="admitted")): 1,
         }
         assert get(s1, "jitlaunch_proxy_bytes_total", service="hello", direction="to_instance") > 30
         assert get(s1, "jitlaunch_instances", service="hello", state="ready") == 1
@@ -278,6 +278,14 @@ async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: s
             ("jitlaunch_stops_total", L(service="hello", reason="idle", mode="destroy")): 1,
         }
         assert get(s2, "jitlaunch_instances", service="hello", state="ready") == 0
+        # Stopped on request (the control socket's stop) is not idle.
+        assert b"200" in (await http_get(front, 8080))[:20]
+        inst = d.supervisor.stop("hello")
+        assert inst is not None
+        await inst.released.wait()
+        s3 = await scrape(d)
+        assert get(s3, "jitlaunch_stops_total", service="hello", reason="requested", mode="destroy") == 1
+        assert get(s3, "jitlaunch_stops_total", service="hello", reason="idle", mode="destroy") == 1
 
 
 async def test_failed_boot_timeout_and_proxy_drops_counted_exactly(tmp_path: Path, block: str) -> None:
@@ -302,11 +310,11 @@ async def test_failed_boot_timeout_and_proxy_drops_counted_exactly(tmp_path: Pat
             ("jitlaunch_boots_total", L(service="bad", backend="process", result="failed")): 1,
             ("jitlaunch_boots_started_total", L(service="slow", backend="process")): 1,
             ("jitlaunch_boots_total", L(service="slow", backend="process", result="timeout")): 1,
+            ("jitlaunch_admission_total", L(outcome="admitted")): 2,
             ("jitlaunch_proxy_connections_accepted_total", L(service="bad")): 2,
             ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="boot_failed")): 1,
             ("jitlaunch_proxy_connections_closed_total", L(service="bad", reason="backoff")): 1,
             ("jitlaunch_dns_queries_total", L(transport="udp", qtype="AAAA", rcode="NOERROR")): 1,
-            ("jitlaunch_admission_total", L(outcome="admitted")): 2,
         }
         assert get(s1, "jitlaunch_backoff_failures", service="bad") == 1
         assert get(s1, "jitlaunch_instances", service="bad", state="failed") == 0  # released
@@ -391,7 +399,7 @@ tests:
 def test_alert_rules_check_and_fire(tmp_path: Path) -> None:
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert b"SUCCESS: 7 rules found" in check.stdout
+    assert b"SUCCESS: 8 rules found" in check.stdout
     tests = tmp_path / "rules-test.yml"
     tests.write_text(RULE_TESTS.format(rules=RULES))
     result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, timeout=30)

@@ -784,7 +784,8 @@ class Supervisor:
             if inst.state is not State.FAILED:
                 reason = ("hung" if inst.hung else "died") if died is not None \
                     else "shutdown" if self._closing \
-                    else "evicted" if inst.evict_mode is not None else "idle"
+                    else "evicted" if inst.evict_mode is not None \
+                    else "requested" if inst.stop_wanted.is_set() else "idle"
                 rt.stops[(reason, mode)] += 1
             # A dead or hung instance is killed at once: it would not stop politely.
             grace = 0.0 if died is not None else getattr(svc.settings, "grace", 5.0)
