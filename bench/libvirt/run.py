@@ -1,0 +1,228 @@
+"""The libvirt backend beside the qemu backend, in one run of one jitlaunch daemon: DNS query
+to the first byte of the HTTP reply (Jitsu's method) for the bundled unikernel, TCG on both
+(this machine's /dev/kvm is slower than TCG), user networking, through the proxy:
+
+* cold: no instance; the lookup boots one (stop = destroy between runs);
+* pool: a warm pool of one suspended instance; the lookup resumes it;
+* resume: the instance was paused when idle (stop = pause);
+* restore: the instance was saved when idle (stop = save).
+
+Run from the repository root as root: ``python3 bench/libvirt/run.py [--runs 10]``. A
+libvirtd that is not running is started (virtlogd, and libvirtd under scripts/subreaper) and
+stopped at the end. Targets: pool and resume within 2x of the qemu backend's, cold within 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import ROOT, BenchError, loopback_block, machine_info, median, percentile, table, write_results
+from dnslib import DNSRecord
+
+from jitlaunch.config import parse_config
+from jitlaunch.daemon import Daemon
+from jitlaunch.lifecycle.state import State
+
+KERNEL = ROOT / "images" / "build" / "hello.elf"
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+KINDS = ("cold", "pool", "resume", "restore")
+STOP = {"cold": "destroy", "pool": "destroy", "resume": "pause", "restore": "save"}
+STEPS = ("lookup to create", "createXML", "to first console byte", "to READY")
+TARGETS = {"cold": 10.0, "pool": 2.0, "resume": 2.0}  # libvirt / qemu, medians
+
+
+def config(state: Path, block: str) -> str:
+    out = [f"""
+[metrics]
+listen = []
+[host.wake]
+rate = 0  # the benchmark wakes its services back to back from one address
+[daemon]
+state_dir = "{state}"
+log_level = "warning"
+[dns]
+listen = ["127.0.0.1:0"]
+zones = ["jit.test"]
+[defaults]
+boot_timeout = "30s"
+idle_timeout = "150ms"
+"""]
+    n = 0
+    for backend in ("qemu", "libvirt"):
+        for kind in KINDS:
+            n += 1
+            out.append(f"""
+[[service]]
+name = "{kind}-{backend}"
+backend = "{backend}"
+front = ["{block}.{n}"]
+ports = [8080]
+answer = "proxy"
+max_instances = 2
+stop = "{STOP[kind]}"
+[service.{backend}]
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "tcg"
+{"pool = 1" if kind == "pool" else ""}
+""")
+    return "".join(out)
+
+
+def one_request(dns: tuple[str, int], name: str, port: int) -> float:
+    q = DNSRecord.question(name, "A").pack()
+    t0 = time.perf_counter()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(30)
+        u.sendto(q, dns)
+        reply = DNSRecord.parse(u.recv(4096))
+    if not reply.rr:
+        raise BenchError(f"{name}: no answer ({reply.header.rcode})")
+    with socket.create_connection((str(reply.rr[0].rdata), port), timeout=30) as c:
+        c.sendall(REQUEST)
+        if not c.recv(1):
+            raise BenchError(f"{name}: closed without a reply")
+    return (time.perf_counter() - t0) * 1000
+
+
+async def until(pred, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(timeout) as scope:
+        while not pred():
+            await trio.sleep(0.005)
+    if scope.cancelled_caught:
+        raise BenchError(f"timed out waiting for {what}")
+
+
+async def measure(state: Path, runs: int) -> dict[str, dict[str, list[float]]]:
+    cfg = parse_config(config(state, loopback_block()), str(state / "bench.toml"))
+    d = Daemon(cfg)
+    out: dict[str, dict[str, list[float]]] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.serve)
+        dns = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        try:
+            for backend in ("qemu", "libvirt"):
+                out[backend] = {}
+                for kind in KINDS:
+                    name = f"{kind}-{backend}"
+                    rt = d.supervisor.services[name]
+                    pools = getattr(d.backends[backend], "pools", {})
+                    if kind in ("resume", "restore"):
+                        await trio.to_thread.run_sync(one_request, dns, f"{name}.jit.test", 8080)
+                    values = []
+                    for _ in range(runs):
+                        if kind in ("cold", "pool"):
+                            await until(lambda rt=rt: rt.instance is None, f"{name} to stop")
+                        else:
+                            await until(lambda rt=rt: rt.instance is not None
+                                        and rt.instance.state is State.SAVED, f"{name} to idle")
+                        if kind == "pool":
+                            await until(lambda p=pools, n=name: len(p.get(n, [])) == 1,
+                                        f"{name}'s pool")
+                        t0 = trio.current_time()
+                        values.append(await trio.to_thread.run_sync(
+                            one_request, dns, f"{name}.jit.test", 8080))
+                        handle = rt.instance.handle if rt.instance is not None else None
+                        times = getattr(handle, "times", {})
+                        if kind == "cold" and backend == "libvirt" and len(times) == 4:
+                            steps = [t0, times["create"], times["created"], times["first byte"],
+                                     times["ready"]]
+                            for step, a, b in zip(STEPS, steps, steps[1:], strict=False):
+                                out.setdefault("steps", {}).setdefault(step, []).append(
+                                    (b - a) * 1000)
+                    out[backend][kind] = values
+        finally:
+            d.stop()
+    return out
+
+
+def start_libvirtd() -> list[subprocess.Popen[bytes]]:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+
+    def up() -> bool:
+        try:
+            libvirt.open("qemu:///system").close()
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    if up():
+        return []
+    procs = []
+    if not Path("/run/libvirt/virtlogd-sock").exists():
+        procs.append(subprocess.Popen(["virtlogd"], start_new_session=True))
+    procs.append(subprocess.Popen([sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd"],
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 60
+    while not up():
+        if time.monotonic() > deadline:
+            raise BenchError("libvirtd did not answer within 60 s")
+        time.sleep(0.05)
+    return procs
+
+
+def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(name)s %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    if not KERNEL.exists():
+        raise BenchError(f"{KERNEL} is missing: run make -C images")
+    procs = start_libvirtd()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-libvirt-") as tmp:
+            raw = trio.run(measure, Path(tmp), args.runs)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
+    steps = raw.pop("steps", {})
+    results = {b: {k: {"median": median(v), "p90": percentile(sorted(v), 90)}
+                   for k, v in kinds.items()} for b, kinds in raw.items()}
+    rows = [["case", "qemu median", "libvirt median", "ratio", "qemu p90", "libvirt p90"]]
+    ok = True
+    verdicts = []
+    for kind in KINDS:
+        q, lv = results["qemu"][kind], results["libvirt"][kind]
+        ratio = lv["median"] / q["median"]
+        rows.append([kind, f"{q['median']:.2f}", f"{lv['median']:.2f}", f"{ratio:.2f}",
+                     f"{q['p90']:.2f}", f"{lv['p90']:.2f}"])
+        if kind in TARGETS:
+            good = ratio <= TARGETS[kind]
+            ok &= good
+            verdicts.append(f"{kind}: libvirt/qemu {ratio:.2f} (target <= {TARGETS[kind]:g}): "
+                            f"{'PASS' if good else 'FAIL'}")
+    text = "\n".join([
+        f"libvirt vs qemu backend, DNS query to first HTTP byte, {args.runs} runs each, ms, TCG, "
+        "user networking, through the proxy",
+        "", table(rows), "",
+        "where a libvirt cold start's time goes (medians, ms): " + ", ".join(
+            f"{k} {median(v):.1f}" for k, v in steps.items()),
+        "(createXML: libvirtd prepares and starts QEMU and waits for its monitor; the console "
+        "is polled every 5 ms)", "", *verdicts])
+    print(text)
+    write_results("libvirt", {"machine": machine_info(), "runs": args.runs, "results": results,
+                              "raw": raw, "libvirt cold steps": steps}, text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"libvirt: {exc}", file=sys.stderr)
+        sys.exit(1)
