@@ -35,6 +35,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
+from ..identity import enter_problem, parse_user_group, resolve
 from .base import (
     Backend,
     Handle,
@@ -60,6 +61,9 @@ class ProcessSettings:
     grace: float
     environment: tuple[tuple[str, str], ...]
     directory: Path | None
+    #: Who instances run as (a name or a number, looked up at boot); None: the daemon's user.
+    user: str | int | None = None
+    group: str | int | None = None
 
 
 def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> ProcessSettings:
@@ -98,12 +102,15 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> ProcessS
     directory = t.raw("directory")
     if directory is not None and not isinstance(directory, str):
         raise t.error("directory", "expected a path")
+    user, group = parse_user_group(t)
     settings = ProcessSettings(
         command=words,
         subnet=subnet,
         grace=t.duration("grace", 5, allow_zero=True),
         environment=tuple(sorted(env.items())),
         directory=(base_dir / directory) if directory else None,
+        user=user,
+        group=group,
     )
     t.done()
     return settings
@@ -226,6 +233,18 @@ class ProcessBackend(Backend):
 
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         settings: ProcessSettings = service.settings
+        drop: dict[str, Any] = {}
+        user_env: dict[str, str] = {}
+        if settings.user is not None:
+            # Resolved at each boot: a user created after the daemon started works. The
+            # child's chdir happens before it drops privileges, so check the directory as the
+            # user here: it must not start in a directory it cannot enter.
+            ident = resolve(settings.user, settings.group)
+            if settings.directory is not None and (
+                    problem := enter_problem(settings.directory, ident)):
+                raise BootFailed(f"cannot use the working directory: {problem}")
+            drop = ident.popen_kwargs()
+            user_env = ident.environment()
         if settings.subnet is not None:
             host = self._allocate(settings)
             port_map = {p: p for p in service.ports}
@@ -252,6 +271,7 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
         env = dict(os.environ)
+        env.update(user_env)
         env.update(settings.environment)
         env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
         try:
@@ -263,9 +283,11 @@ class ProcessBackend(Backend):
                 start_new_session=True,
                 env=env,
                 cwd=settings.directory,
+                **drop,
             )
         except OSError as exc:
             logfile.close()
             release()
-            raise BootFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+            who = f" as user {settings.user}" if settings.user is not None else ""
+            raise BootFailed(f"cannot run {argv[0]!r}{who}: {exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release)

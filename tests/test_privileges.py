@@ -1,0 +1,229 @@
+"""``user`` and ``group`` for instances: the process really runs as that user, with that
+group and the user's own supplementary groups (never root's); an unknown user or a working
+directory the user cannot enter is a clear boot failure."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib import RCODE
+
+from jitlaunch.config import parse_config
+from jitlaunch.errors import ConfigError
+from jitlaunch.identity import (
+    UnknownIdentity,
+    enter_problem,
+    execute_problem,
+    resolve,
+)
+
+from .conftest import config_text, load, query_udp, running, wait_until
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+#: A command the unprivileged user can run: the daemon's interpreter may live where it may not
+#: (a pyenv under /root), the system's is readable by all.
+SYSTEM_PYTHON = "/usr/bin/python3"
+SERVE = f"{SYSTEM_PYTHON} -m http.server --bind {{address}} {{port}}"
+
+
+def _nobody() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this host")
+
+
+def _service(front: str, process: str, command: str = SERVE, extra: str = "") -> str:
+    return f"""
+[[service]]
+name = "svc"
+front = ["{front}"]
+ports = [18080]
+answer = "wait"
+boot_timeout = "10s"
+retry_backoff = "100ms"
+{extra}
+[service.process]
+command = "{command}"
+{process}
+"""
+
+
+def _status(pid: int) -> dict[str, list[int]]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            out[key] = [int(v) for v in value.split()]
+    return out
+
+
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def _config_error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.toml")
+    return str(info.value)
+
+
+BASE = """
+[dns]
+zones = ["jit.test"]
+[[service]]
+name = "svc"
+front = ["127.77.0.1"]
+ports = [8080]
+[service.process]
+command = "true"
+"""
+
+
+def test_user_and_group_are_parsed_as_written() -> None:
+    cfg = parse_config(BASE + 'user = "nobody"\ngroup = 4\n', "c.toml")
+    settings = cfg.service("svc").settings
+    assert (settings.user, settings.group) == ("nobody", 4)
+    numeric = parse_config(BASE + 'user = "1234"\n', "c.toml").service("svc").settings
+    assert (numeric.user, numeric.group) == (1234, None)
+    assert _config_error(BASE + 'group = "nogroup"\n') == (
+        "c.toml: service 'svc': process.group: needs user: set the user the instances run as too")
+    assert _config_error(BASE + "user = true\n") == (
+        "c.toml: service 'svc': process.user: expected a user name or uid, got True")
+    assert _config_error(BASE + 'user = "a:b"\n') == (
+        "c.toml: service 'svc': process.user: expected a user name or uid, got 'a:b'")
+    assert _config_error(BASE + "user = -1\n").endswith("got -1")
+
+
+def test_resolve() -> None:
+    nobody = _nobody()
+    ident = resolve("nobody")
+    assert (ident.uid, ident.gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert ident.groups == tuple(os.getgrouplist("nobody", nobody.pw_gid))
+    assert 0 not in ident.groups
+    assert resolve("nobody", 0).gid == 0
+    assert resolve(nobody.pw_uid).uid == nobody.pw_uid
+    with pytest.raises(UnknownIdentity, match="user 'no-such-user-jl' does not exist on this host"):
+        resolve("no-such-user-jl")
+    with pytest.raises(UnknownIdentity, match="group 'no-such-group-jl' does not exist"):
+        resolve("nobody", "no-such-group-jl")
+    free_uid = next(u for u in range(40000, 50000) if not _has_uid(u))
+    with pytest.raises(UnknownIdentity, match="has no entry in the passwd database"):
+        resolve(free_uid)
+    bare = resolve(free_uid, 40000)
+    assert (bare.uid, bare.gid, bare.groups) == (free_uid, 40000, (40000,))
+
+
+def _has_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory others may enter (pytest's tmp_path lies below a directory only root may
+    enter), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="jl-privileges-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_enter_and_execute_problems(open_dir: Path) -> None:
+    _nobody()
+    tmp_path = open_dir
+    nobody, root = resolve("nobody"), resolve("root")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "inner").mkdir()
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o700)
+    assert enter_problem(tmp_path, nobody) is None
+    assert enter_problem(closed, root) is None
+    assert enter_problem(closed, nobody) == f"{nobody} may not enter {closed}"
+    assert enter_problem(closed / "inner", nobody) == f"{nobody} may not enter {closed}"
+    assert enter_problem(tmp_path / "missing", nobody) == (
+        f"{tmp_path / 'missing'}: No such file or directory")
+    assert execute_problem(script, root) is None
+    assert execute_problem(script, nobody) == f"{nobody} may not run {script}"
+    script.chmod(0o755)
+    assert execute_problem(script, nobody) is None
+    script.chmod(0o644)
+    assert execute_problem(script, root) == f"{script} is not an executable file"
+    assert execute_problem(script, None) == f"{script} is not an executable file"
+    assert execute_problem(tmp_path / "missing", None) == f"{tmp_path / 'missing'} does not exist"
+
+
+@root_only
+async def test_a_process_runs_as_its_user_and_group(tmp_path: Path, block: str) -> None:
+    nobody = _nobody()
+    cfg = load(config_text(tmp_path, _service(f"{block}.1", 'user = "nobody"')))
+    async with running(cfg) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        reply = await query_udp(server, "svc.jit.test")
+        assert reply.header.rcode == RCODE.NOERROR, d.supervisor.services["svc"].last_error
+        inst = d.supervisor.services["svc"].instance
+        assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+        st = _status(inst.handle.pid)
+        assert st["Uid"] == [nobody.pw_uid] * 4
+        assert st["Gid"] == [nobody.pw_gid] * 4
+        assert sorted(st["Groups"]) == sorted(os.getgrouplist("nobody", nobody.pw_gid))
+        assert 0 not in st["Groups"]
+        environ = _environ(inst.handle.pid)
+        assert b"USER=nobody" in environ and f"HOME={nobody.pw_dir}".encode() in environ
+        # Its log was opened by the daemon and handed over: the child's output is in it.
+        logfile = tmp_path / "logs" / "svc.log"
+        await wait_until(lambda: "Serving HTTP" in logfile.read_text())
+
+    other = load(config_text(tmp_path, _service(f"{block}.2", 'user = "nobody"\ngroup = "daemon"')))
+    async with running(other) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        assert (await query_udp(server, "svc.jit.test")).header.rcode == RCODE.NOERROR
+        inst = d.supervisor.services["svc"].instance
+        assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+        st = _status(inst.handle.pid)
+        gid = resolve("nobody", "daemon").gid
+        assert st["Uid"] == [nobody.pw_uid] * 4 and st["Gid"] == [gid] * 4
+        assert sorted(st["Groups"]) == sorted(os.getgrouplist("nobody", gid))
+
+
+@root_only
+async def test_an_unknown_user_is_a_clear_boot_failure(tmp_path: Path, block: str) -> None:
+    cfg = load(config_text(tmp_path, _service(f"{block}.1", 'user = "no-such-user-jl"')))
+    async with running(cfg) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        assert (await query_udp(server, "svc.jit.test")).header.rcode == RCODE.SERVFAIL
+        rt = d.supervisor.services["svc"]
+        assert rt.last_error is not None
+        assert "user 'no-such-user-jl' does not exist on this host" in rt.last_error
+
+
+@root_only
+async def test_a_directory_the_user_cannot_enter_is_a_clear_boot_failure(
+    tmp_path: Path, block: str,
+) -> None:
+    _nobody()
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    cfg = load(config_text(tmp_path, _service(
+        f"{block}.1", f'user = "nobody"\ndirectory = "{closed}"')))
+    async with running(cfg) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        assert (await query_udp(server, "svc.jit.test")).header.rcode == RCODE.SERVFAIL
+        rt = d.supervisor.services["svc"]
+        assert rt.last_error is not None
+        assert "cannot use the working directory: nobody (uid" in rt.last_error
+        assert "may not enter" in rt.last_error
