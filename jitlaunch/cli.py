@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .backends import SETTINGS
 from .config import Config, load_config
 from .errors import ConfigError, JitlaunchError
 from .fdlimit import raise_nofile_limit
@@ -118,7 +119,7 @@ def _control(args: argparse.Namespace) -> int:
 
 def _check(path: str) -> int:
     try:
-        config = load_config(path)
+        config = load_config(path, backends=SETTINGS)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     print(summary(config))
@@ -168,7 +169,7 @@ def _host_line(config: Config) -> str:
 
 def _run(path: str | None, level: str | None) -> int:
     try:
-        config = load_config(path)
+        config = load_config(path, backends=SETTINGS)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     logging.basicConfig(

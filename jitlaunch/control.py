@@ -425,11 +425,12 @@ def client_socket(config_path: str | None) -> Path:
     """The control socket a command-line client should use: the system daemon's when it
     exists (and no config is named), else the one in the state directory of
     ``config_path`` (the built-in config when None). Raises ConfigError for a bad config."""
+    from .backends import SETTINGS
     from .config import load_config
 
     if config_path is None and SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET
-    return control_path(load_config(config_path), {})
+    return control_path(load_config(config_path, backends=SETTINGS), {})
 
 
 def _seconds(value: Any) -> str:

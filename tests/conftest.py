@@ -16,7 +16,9 @@ import pytest
 import trio
 from dnslib import DNSRecord
 
-from jitlaunch.config import Config, parse_config
+from jitlaunch import config as _config
+from jitlaunch.backends import SETTINGS
+from jitlaunch.config import Config
 from jitlaunch.daemon import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,19 @@ zones = ["jit.test"]
 {dns}
 {services}
 """
+
+
+def parse_config(text: str, path: str = "<config>", base_dir: Path | None = None) -> Config:
+    """:func:`jitlaunch.config.parse_config` with the real backends and this process's
+    environment."""
+    return _config.parse_config(
+        text, path, base_dir, backends=SETTINGS, env=_config.process_env()
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """:func:`jitlaunch.config.load_config` with the real backends."""
+    return _config.load_config(path, backends=SETTINGS)
 
 
 def load(text: str, path: str = "test.toml") -> Config:

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from jitlaunch.config import load_config, parse_config
+from jitlaunch import config
+from jitlaunch.backends import SETTINGS
+from jitlaunch.config import Config, ParseEnv, Table
 from jitlaunch.errors import ConfigError
+
+from .conftest import load_config, parse_config
 
 BASE = """
 [dns]
@@ -234,3 +238,79 @@ def test_qemu_settings_errors() -> None:
         "conf.toml: service 'hello': qemu.kernel: missing (expected a string)")
     cfg = parse_config(BASE + qemu.replace("ports = [8080]", "ports = [8080]\nstop = \"save\""), "/x/c.toml")
     assert cfg.service("hello").settings.kernel == Path("/x/k.elf")
+
+
+# ---- the package's shape: one-way imports, pure parsing, value equality ----------------------
+
+
+def test_importing_config_does_not_import_the_backends() -> None:
+    code = (
+        "import sys, jitlaunch.config\n"
+        "print(sorted(m for m in sys.modules if m.startswith('jitlaunch.backends')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "[]\n"
+
+
+def env(**kw: object) -> ParseEnv:
+    fields: dict[str, object] = {"is_root": False, "home": Path("/home/u"), "cwd": Path("/w")}
+    fields.update(kw)
+    return ParseEnv(**fields)  # type: ignore[arg-type]
+
+
+def pure(text: str, environment: ParseEnv, path: str = "c.toml") -> Config:
+    return config.parse_config(text, path, backends=SETTINGS, env=environment)
+
+
+def test_state_dir_comes_from_the_environment_given() -> None:
+    assert pure(BASE, env()).daemon.state_dir == Path("/home/u/.local/state/jitlaunch")
+    assert pure(BASE, env(xdg_state_home="/x")).daemon.state_dir == Path("/x/jitlaunch")
+    assert pure(BASE, env(is_root=True)).daemon.state_dir == Path("/var/lib/jitlaunch")
+    systemd = env(is_root=True, state_directory="/var/lib/jl:/var/lib/other")
+    assert pure(BASE, systemd).daemon.state_dir == Path("/var/lib/jl")
+    # A state_dir in the file wins, relative to the file's directory (under env.cwd).
+    text = BASE + '[daemon]\nstate_dir = "st"\n'
+    assert pure(text, systemd, "conf/c.toml").daemon.state_dir == Path("/w/conf/st")
+    assert pure(text, systemd, "/etc/jl/c.toml").daemon.state_dir == Path("/etc/jl/st")
+    assert pure(text, systemd, "<text>").daemon.state_dir == Path("/w/st")
+
+
+def test_parsing_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/nowhere")
+    monkeypatch.setenv("XDG_STATE_HOME", "/nowhere")
+    monkeypatch.setenv("HOME", "/nowhere")
+    assert pure(BASE, env()).daemon.state_dir == Path("/home/u/.local/state/jitlaunch")
+
+
+def test_backends_are_passed_in() -> None:
+    class Only:
+        stop_modes = ("destroy",)
+
+        def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> object:
+            return ("only", table.string("x"), base_dir, ports)
+
+    text = BASE + SERVICE.replace("[service.process]", 'backend = "only"\n[service.only]').replace(
+        'command = "demo --port {port}"', 'x = "y"')
+    cfg = config.parse_config(text, "/etc/c.toml", backends={"only": Only()}, env=env())
+    assert cfg.service("hello").settings == ("only", "y", Path("/etc"), (8080,))
+    with pytest.raises(ConfigError) as info:
+        config.parse_config(
+            text.replace('"only"', '"qemu"'), "c.toml", backends={"only": Only()}, env=env())
+    assert str(info.value) == "c.toml: service 'hello': backend: unknown backend 'qemu'"
+
+
+def test_the_same_text_parses_to_equal_configs() -> None:
+    """Reload compares configs with ==: every part, backend settings included, compares by
+    value; and a changed setting makes the service unequal."""
+    vm = '[[service]]\nname = "{}"\nfront = ["{}"]\nports = [80]\nbackend = "{}"\n'
+    qemu = vm.format("vm", "127.77.0.2", "qemu") + 'max_instances = 2\n[service.qemu]\n' \
+        'kernel = "k.elf"\npool = 1\n'
+    libvirt = vm.format("lv", "127.77.0.3", "libvirt") + '[service.libvirt]\nkernel = "k.elf"\n'
+    text = BASE + '[dns.rrl]\nexempt = ["10.0.0.0/8"]\n' + SERVICE + qemu + libvirt
+    a, b = parse_config(text, "/x/c.toml"), parse_config(text, "/x/c.toml")
+    assert a is not b and a == b and hash(a.dns) == hash(b.dns)
+    assert [s.settings for s in a.services] == [s.settings for s in b.services]
+    changed = parse_config(text.replace("demo --port", "demo2 --port"), "/x/c.toml")
+    assert changed.service("hello") != a.service("hello")
+    assert changed.service("vm") == a.service("vm")

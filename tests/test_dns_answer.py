@@ -14,7 +14,6 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jitlaunch.config import parse_config
 from jitlaunch.dns import answer, authority
 from jitlaunch.dns import wire as wire_mod
 from jitlaunch.dns.answer import Catalog, Response, respond
@@ -22,6 +21,7 @@ from jitlaunch.dns.authority import Authority
 from jitlaunch.lifecycle.answers import ServiceAnswer, ServiceSnapshot, answer_for
 from jitlaunch.lifecycle.state import State
 
+from .conftest import parse_config
 from .dnsgen import random_name, random_query
 from .dnsreply import parse_reply
 

@@ -13,8 +13,10 @@ import trio
 
 from jitlaunch.backends.libvirt.backend import LibvirtBackend, LibvirtHandle, state_id
 from jitlaunch.backends.libvirt.xml import QEMU_NS, domain_xml, user_net_args
-from jitlaunch.config import Config, ServiceConfig, parse_config
+from jitlaunch.config import Config, ServiceConfig
 from jitlaunch.errors import BootFailed, ConfigError
+
+from .conftest import parse_config
 
 libvirt = pytest.importorskip("libvirt")
 

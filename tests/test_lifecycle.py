@@ -14,10 +14,12 @@ import trio
 import trio.testing
 
 from jitlaunch.backends.base import Backend, Handle
-from jitlaunch.config import ServiceConfig, parse_config
+from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed, BootTimeout, IllegalTransition, InBackoff
 from jitlaunch.lifecycle.state import TRANSITIONS, Event, State, next_state
 from jitlaunch.lifecycle.supervisor import Supervisor
+
+from .conftest import parse_config
 
 # ---- the table -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from jitlaunch.config import Config, parse_config
+from jitlaunch.config import Config
 from jitlaunch.errors import ListenError
 from jitlaunch.lifecycle.supervisor import Supervisor
 from jitlaunch.systemd import (
@@ -29,7 +29,7 @@ from jitlaunch.systemd import (
     watchdog_interval,
 )
 
-from .conftest import ROOT
+from .conftest import ROOT, parse_config
 
 
 def _receiver(tmp_path: Path, abstract: bool) -> tuple[socket.socket, str]:
@@ -316,7 +316,7 @@ def test_status_line_counts_states() -> None:
 def test_the_production_example_matches_the_socket_unit() -> None:
     """conf/production.toml is valid, sets its glue, and its dns.listen names exactly the
     sockets systemd/jitlaunch.socket listens on (else the daemon would refuse to start)."""
-    from jitlaunch.config import load_config
+    from .conftest import load_config
 
     config = load_config(ROOT / "conf" / "production.toml")
     assert config.dns.nameserver_addresses and config.daemon.control_group == "jitlaunch"

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 from jitlaunch.checks import deployment_warnings
-from jitlaunch.config import parse_config
 
-from .conftest import ROOT
+from .conftest import ROOT, parse_config
 
 
 def _config(listen: str, dns: str = "", service: str = "") -> str:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, BenchError, loopback_block, machine_info, median, percentile, table, write_results
 from dnslib import DNSRecord
 
-from jitlaunch.config import parse_config
+from jitlaunch.backends import SETTINGS
+from jitlaunch.config import parse_config, process_env
 from jitlaunch.daemon import Daemon
 from jitlaunch.lifecycle.state import State
 
@@ -103,7 +104,10 @@ async def until(pred, what: str, timeout: float = 60) -> None:  # type: ignore[n
 
 
 async def measure(state: Path, runs: int) -> dict[str, dict[str, list[float]]]:
-    cfg = parse_config(config(state, loopback_block()), str(state / "bench.toml"))
+    cfg = parse_config(
+        config(state, loopback_block()), str(state / "bench.toml"), backends=SETTINGS,
+        env=process_env(),
+    )
     d = Daemon(cfg)
     out: dict[str, dict[str, list[float]]] = {}
     async with trio.open_nursery() as nursery:

@@ -4,14 +4,16 @@ no heavy imports) and a Backend class; heavy dependencies (libvirt) are imported
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
-from ..config import Config, Table
+from ..config import Config, SettingsParser, Table
 from .base import Backend, Handle, probe_tcp
 
-__all__ = ["Backend", "Handle", "create_backends", "parse_backend_settings", "probe_tcp"]
+__all__ = ["SETTINGS", "Backend", "Handle", "create_backends", "probe_tcp"]
 
 _MODULES = {
     "process": "jitlaunch.backends.process",
@@ -21,17 +23,27 @@ _MODULES = {
 
 
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])  # KeyError for an unknown backend
+    return importlib.import_module(_MODULES[name])
 
 
-def stop_modes(name: str) -> tuple[str, ...]:
-    modes: tuple[str, ...] = _module(name).STOP_MODES
-    return modes
+@dataclass(frozen=True)
+class _Settings:
+    """A backend's settings parser (:class:`~jitlaunch.config.SettingsParser`), importing the
+    backend module only when first used."""
+
+    name: str
+
+    @property
+    def stop_modes(self) -> tuple[str, ...]:
+        modes: tuple[str, ...] = _module(self.name).STOP_MODES
+        return modes
+
+    def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
+        return _module(self.name).parse_settings(table, base_dir, ports)
 
 
-def parse_backend_settings(name: str, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
-    """Read a service's backend table; ``ports`` are the service's front ports."""
-    return _module(name).parse_settings(table, base_dir, ports)
+#: The settings parsers by backend name, for :func:`jitlaunch.config.parse_config`.
+SETTINGS: Mapping[str, SettingsParser] = MappingProxyType({n: _Settings(n) for n in _MODULES})
 
 
 def create_backends(config: Config) -> dict[str, Backend]:

@@ -1,0 +1,415 @@
+"""Configuration text into a :class:`~.model.Config`: the section parsers and cross-checks.
+
+Parsing is pure: :func:`parse_config` takes the text, a path (used only in messages and to
+resolve relative paths), the backends' settings parsers and the process environment it needs
+(:class:`ParseEnv`), and either returns a :class:`Config` or raises
+:class:`~jitlaunch.errors.ConfigError` whose message names the file, the service and the key
+and says what was expected. It reads no file and no environment variable. Unknown keys are
+errors too: a typo must never be silently ignored.
+
+The file has global tables ``[daemon]``, ``[dns]``, ``[proxy]``, ``[metrics]``, ``[host]`` and
+``[defaults]`` and one ``[[service]]`` table per service. Every key of ``[defaults]`` may be
+repeated in a service; backend settings live in a sub-table named after the backend
+(``[service.process]``), read by that backend's :class:`SettingsParser`. See the README for
+the full reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import ConfigError
+from .model import (
+    ANSWER_MODES,
+    STOP_MODES,
+    Config,
+    DaemonConfig,
+    DnsConfig,
+    HostConfig,
+    MetricsConfig,
+    ProxyConfig,
+    RrlConfig,
+    ServiceConfig,
+    WakeConfig,
+    Zone,
+)
+from .reader import LABEL, Table, address, dns_name, endpoint, show
+
+
+class SettingsParser(Protocol):
+    """What parsing needs from a backend (``jitlaunch.backends.SETTINGS`` holds the real ones,
+    by backend name). Config never imports the backends; they are passed in."""
+
+    @property
+    def stop_modes(self) -> tuple[str, ...]:
+        """The ``stop`` modes the backend supports."""
+        ...
+
+    def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
+        """Read a service's backend table (call ``table.done()``); ``ports`` are the
+        service's front ports. The result must compare by value (a frozen dataclass)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ParseEnv:
+    """The facts about the process that parsing depends on, gathered once by the caller
+    (:func:`~.load.process_env` reads them from ``os.environ`` and ``os.geteuid()``)."""
+
+    is_root: bool
+    home: Path
+    #: The current directory: relative config paths given to parse_config resolve against it.
+    cwd: Path
+    #: ``$STATE_DIRECTORY`` (set by systemd's StateDirectory=; several are ':'-separated).
+    state_directory: str | None = None
+    #: ``$XDG_STATE_HOME``.
+    xdg_state_home: str | None = None
+
+
+def default_state_dir(env: ParseEnv) -> Path:
+    """Where instance logs and state go: systemd's StateDirectory, else a per-user default."""
+    if env.state_directory:
+        return Path(env.state_directory.split(":")[0])
+    if env.is_root:
+        return Path("/var/lib/jitlaunch")
+    base = env.xdg_state_home or str(env.home / ".local" / "state")
+    return Path(base) / "jitlaunch"
+
+
+def _parse_dns(root: Table) -> DnsConfig:
+    t = root.sub("dns")
+    listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"]))
+    if not listen:
+        raise t.error("listen", "expected at least one ADDRESS:PORT")
+    zone_names = [dns_name(t, "zones", z) for z in t.strings("zones")]
+    if not zone_names:
+        raise t.error("zones", "expected at least one zone name")
+    if len(set(zone_names)) != len(zone_names):
+        raise t.error("zones", "the same zone is listed twice")
+    ns_names = [dns_name(t, "nameservers", n) for n in t.strings("nameservers", [])]
+    glue = t.strings("nameserver_addresses", [])
+    glue_addrs = tuple(address(t, "nameserver_addresses", a) for a in glue)
+    if not glue:
+        glue_addrs = tuple(e.host for e in listen if e.host not in ("0.0.0.0", "::"))
+    soa = t.sub("soa")
+    zones = []
+    for z in zone_names:
+        nameservers = tuple(ns_names) or (f"ns.{z}",)
+        zones.append(
+            Zone(
+                name=z,
+                nameservers=nameservers,
+                mname=dns_name(soa, "mname", soa.string("mname", nameservers[0])),
+                rname=dns_name(soa, "rname", soa.string("rname", f"hostmaster.{z}")),
+                serial=soa.integer("serial", 1, high=2**32 - 1),
+                refresh=soa.integer("refresh", 3600),
+                retry=soa.integer("retry", 600),
+                expire=soa.integer("expire", 86400),
+                minimum=soa.integer("minimum", 30),
+                soa_ttl=soa.integer("ttl", 300),
+            )
+        )
+    soa.done()
+    cfg = DnsConfig(
+        listen=listen,
+        zones=tuple(zones),
+        nameserver_addresses=glue_addrs,
+        ttl=t.integer("ttl", 30),
+        booting_ttl=t.integer("booting_ttl", 1),
+        edns_payload=t.integer("edns_payload", 1232, low=512, high=65535),
+        tcp_idle_timeout=t.duration("tcp_idle_timeout", 10),
+        max_tcp_connections=t.integer("max_tcp_connections", 256, low=1),
+        tcp_message_timeout=t.duration("tcp_message_timeout", 3),
+        max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 32, low=1),
+        max_held=t.integer("max_held", 1024, low=1),
+        max_held_per_connection=t.integer("max_held_per_connection", 16, low=1),
+        rrl=_parse_rrl(t.sub("rrl")),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_rrl(t: Table) -> RrlConfig:
+    exempt = []
+    for net in t.strings("exempt", []):
+        try:
+            exempt.append(str(ipaddress.ip_network(net, strict=False)))
+        except ValueError:
+            raise t.error(
+                "exempt", f"expected a network such as '192.0.2.0/24' or '2001:db8::/32', got {net!r}"
+            ) from None
+    cfg = RrlConfig(
+        rate=t.integer("rate", 200),
+        slip=t.integer("slip", 2, high=100),
+        window=t.duration("window", 15),
+        ipv4_prefix=t.integer("ipv4_prefix", 24, high=32),
+        ipv6_prefix=t.integer("ipv6_prefix", 56, high=128),
+        exempt=tuple(exempt),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_service(
+    path: str,
+    data: Any,
+    index: int,
+    defaults: Table,
+    dns: DnsConfig,
+    base_dir: Path,
+    backends: Mapping[str, SettingsParser],
+) -> ServiceConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a table, got {show(data)}", key=f"service[{index}]")
+    raw_name = data.get("name")
+    if not isinstance(raw_name, str):
+        raise ConfigError(
+            path, "missing or not a string (expected a DNS label such as 'hello')",
+            key=f"service[{index}].name",
+        )
+    t = Table(path, data, "", service=raw_name)
+    name = t.string("name").lower()
+    if not LABEL.match(name):
+        raise t.error("name", f"expected a DNS label (letters, digits, '-'), got {raw_name!r}")
+
+    def pick(key: str) -> Table:
+        # A service's own value wins over [defaults].
+        return t if t.has(key) else defaults
+
+    names = [f"{name}.{z.name}" for z in dns.zones]
+    for extra in t.strings("names", []):
+        n = dns_name(t, "names", extra)
+        if not any(n == z.name or n.endswith("." + z.name) for z in dns.zones):
+            raise t.error("names", f"{extra!r} is not inside any configured zone")
+        if any(n == z.name for z in dns.zones):
+            raise t.error("names", f"{extra!r} is a zone apex; it holds SOA and NS records")
+        names.append(n)
+    backend = pick("backend").string("backend", "process")
+    front = tuple(address(t, "front", a) for a in t.strings("front"))
+    if not front:
+        raise t.error("front", "expected at least one address")
+    ports = t.raw("ports")
+    if isinstance(ports, int) and not isinstance(ports, bool):
+        ports = [ports]
+    if (
+        not isinstance(ports, list)
+        or not ports
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports)
+    ):
+        raise t.error("ports", f"expected a list of port numbers (1 to 65535), got {show(ports)}")
+    answer = pick("answer").string("answer", "handoff", choices=ANSWER_MODES)
+    stop = pick("stop").string("stop", "destroy", choices=STOP_MODES)
+    parser = backends.get(backend)
+    if parser is None:
+        raise pick("backend").error("backend", f"unknown backend {backend!r}")
+    supported = parser.stop_modes
+    for other in backends:
+        if other != backend and other in data:
+            raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
+    table = t.sub(backend) if backend in data else Table(path, {}, f"{backend}.", name)
+    settings = parser.parse_settings(table, base_dir, tuple(ports))
+    if stop not in supported:
+        raise pick("stop").error(
+            "stop", f"the {backend} backend supports {', '.join(supported)}, not {stop!r}"
+        )
+    svc = ServiceConfig(
+        name=name,
+        names=tuple(names),
+        backend=backend,
+        settings=settings,
+        front=front,
+        ports=tuple(ports),
+        answer=answer,
+        idle_timeout=pick("idle_timeout").duration("idle_timeout", 300),
+        boot_timeout=pick("boot_timeout").duration("boot_timeout", 10),
+        stop=stop,
+        max_instances=pick("max_instances").integer("max_instances", 1, low=1, high=10000),
+        ttl=pick("ttl").integer("ttl", dns.ttl),
+        booting_ttl=pick("booting_ttl").integer("booting_ttl", dns.booting_ttl),
+        retry_backoff=pick("retry_backoff").duration("retry_backoff", 1),
+        retry_backoff_max=pick("retry_backoff_max").duration("retry_backoff_max", 60),
+        extra_names=len(names) - len(dns.zones),
+        health_interval=pick("health_interval").duration("health_interval", 10),
+        health_timeout=pick("health_timeout").duration("health_timeout", 2),
+        health_failures=pick("health_failures").integer("health_failures", 3, low=1, high=1000),
+        pinned=t.boolean("pinned", False),
+        priority=pick("priority").integer("priority", 0, low=-1000, high=1000),
+    )
+    t.done()
+    pool = getattr(settings, "pool", 0)
+    if pool >= svc.max_instances:
+        raise t.error(
+            "max_instances", f"must be more than the warm pool ({pool}): pooled instances count "
+            f"against it, and one must be left to run; set it to at least {pool + 1}"
+        )
+    if svc.retry_backoff_max < svc.retry_backoff:
+        raise t.error("retry_backoff_max", "must not be smaller than retry_backoff")
+    return svc
+
+
+_DEFAULT_KEYS = (
+    "backend", "answer", "idle_timeout", "boot_timeout", "stop", "max_instances", "ttl",
+    "booting_ttl", "retry_backoff", "retry_backoff_max", "health_interval", "health_timeout",
+    "health_failures", "priority",
+)
+
+
+def parse_config(
+    text: str,
+    path: str = "<config>",
+    base_dir: Path | None = None,
+    *,
+    backends: Mapping[str, SettingsParser],
+    env: ParseEnv,
+) -> Config:
+    """Parse configuration text. ``path`` is used in messages; relative paths in the text are
+    relative to ``base_dir``, by default the directory of ``path`` (taken relative to
+    ``env.cwd``, symlinks not followed: the caller that reads the file passes the resolved
+    directory). ``backends`` maps each backend name to its settings parser.
+
+    Reads no file and no environment. Raises ConfigError (never anything else) for any
+    problem in the text.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    if base_dir is None:
+        base_dir = (env.cwd / path).parent if not path.startswith("<") else env.cwd
+    root = Table(path, data)
+
+    d = root.sub("daemon")
+    state_dir = d.raw("state_dir")
+    if state_dir is not None and not isinstance(state_dir, str):
+        raise d.error("state_dir", f"expected a path, got {show(state_dir)}")
+    daemon = DaemonConfig(
+        state_dir=(base_dir / state_dir) if state_dir else default_state_dir(env),
+        drain_timeout=d.duration("drain_timeout", 5, allow_zero=True),
+        log_level=d.string(
+            "log_level", "info", choices=("debug", "info", "warning", "error")
+        ),
+        query_log_rate=d.integer("query_log_rate", 100, high=100_000),
+        instance_log_max=d.integer("instance_log_max", 10 << 20, high=2**62),
+        control_group=d.string("control_group") if d.has("control_group") else None,
+    )
+    d.done()
+
+    dns = _parse_dns(root)
+
+    p = root.sub("proxy")
+    proxy = ProxyConfig(
+        max_buffer=p.integer("max_buffer", 65536, low=1),
+        max_pending=p.integer("max_pending", 256, low=1),
+        connect_timeout=p.duration("connect_timeout", 5),
+        max_connections=p.integer("max_connections", low=1) if p.has("max_connections") else None,
+        max_connections_per_source=(
+            p.integer("max_connections_per_source", low=1)
+            if p.has("max_connections_per_source") else None
+        ),
+        max_connecting=p.integer("max_connecting", 32, low=1),
+        first_data_timeout=p.duration("first_data_timeout", 10),
+        answer_timeout=p.duration("answer_timeout", 30),
+        idle_timeout=p.duration("idle_timeout", "10m"),
+        half_close_timeout=p.duration("half_close_timeout", 30),
+        max_buffer_total=p.integer("max_buffer_total", 32 << 20, low=1, high=2**62),
+    )
+    p.done()
+
+    m = root.sub("metrics")
+    metrics = MetricsConfig(
+        listen=tuple(endpoint(m, "listen", v) for v in m.strings("listen", ["127.0.0.1:9464"])),
+        timeout=m.duration("timeout", 10),
+        max_connections=m.integer("max_connections", 16, low=1, high=4096),
+    )
+    m.done()
+
+    host = _parse_host(root.sub("host"))
+
+    defaults = root.sub("defaults")
+    for key in defaults.data:
+        if key not in _DEFAULT_KEYS:
+            raise defaults.error(key, f"unknown key (allowed: {', '.join(_DEFAULT_KEYS)})")
+        defaults.raw(key)
+
+    raw_services = root.raw("service", [])
+    if not isinstance(raw_services, list):
+        raise root.error("service", "expected [[service]] tables")
+    services = tuple(
+        _parse_service(path, s, i, defaults, dns, base_dir, backends)
+        for i, s in enumerate(raw_services)
+    )
+    root.done()
+    _check_unique(path, services)
+    _check_host(path, host, services)
+    return Config(
+        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
+        host=host,
+    )
+
+
+def _parse_host(t: Table) -> HostConfig:
+    def optional(key: str) -> int | None:
+        return t.integer(key, low=1) if t.has(key) else None
+
+    w = t.sub("wake")
+    rate = w.raw("rate", 1.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1e6:
+        raise w.error("rate", f"expected boots per second (a number, 0 turns it off), got "
+                      f"{show(rate)}")
+    wake = WakeConfig(
+        rate=float(rate),
+        burst=w.integer("burst", 10, low=1, high=1_000_000),
+        ipv4_prefix=w.integer("ipv4_prefix", 24, high=32),
+        ipv6_prefix=w.integer("ipv6_prefix", 56, high=128),
+    )
+    w.done()
+    host = HostConfig(
+        max_instances=optional("max_instances"),
+        memory=optional("memory"),
+        max_booting=optional("max_booting"),
+        max_queued=t.integer("max_queued", 256, low=0, high=1_000_000),
+        queue_timeout=t.duration("queue_timeout", 30),
+        wake=wake,
+    )
+    t.done()
+    return host
+
+
+def _check_host(path: str, host: HostConfig, services: tuple[ServiceConfig, ...]) -> None:
+    """Warm pools hold their members all the time: they must leave room to run something."""
+    pooled = sum(getattr(s.settings, "pool", 0) for s in services)
+    if host.max_instances is not None and pooled >= host.max_instances:
+        raise ConfigError(
+            path, f"must be more than the warm pool members of all services together "
+            f"({pooled}), which count against it", key="host.max_instances",
+        )
+
+
+def _check_unique(path: str, services: tuple[ServiceConfig, ...]) -> None:
+    seen_names: dict[str, str] = {}
+    seen_fronts: dict[tuple[str, int], str] = {}
+    for s in services:
+        for n in s.names:
+            if n in seen_names:
+                # The first names are <name>.<zone>, one per zone; the rest come from `names`.
+                generated = s.names.index(n) < len(s.names) - s.extra_names
+                raise ConfigError(
+                    path, f"name {n!r} is already used by service {seen_names[n]!r}",
+                    service=s.name, key="name" if generated else "names",
+                )
+            seen_names[n] = s.name
+        for a in s.front:
+            for port in s.ports:
+                if (a, port) in seen_fronts:
+                    raise ConfigError(
+                        path,
+                        f"{a} port {port} is already the front of service "
+                        f"{seen_fronts[(a, port)]!r}",
+                        service=s.name, key="front",
+                    )
+                seen_fronts[(a, port)] = s.name
