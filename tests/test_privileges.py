@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from dnslib import RCODE
 
-from jitlaunch.config import parse_config
 from jitlaunch.errors import ConfigError
 from jitlaunch.identity import (
     UnknownIdentity,
@@ -23,7 +22,7 @@ from jitlaunch.identity import (
     resolve,
 )
 
-from .conftest import config_text, load, query_udp, running, wait_until
+from .conftest import config_text, load, parse_config, query_udp, running, wait_until
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
