@@ -1,8 +1,15 @@
-"""Deployment warnings for ``jitlaunch check``: a valid config that would not work for
-clients elsewhere. Pure: a Config in, sentences out.
+"""What ``jitlaunch check`` checks beyond parsing, and the daemon logs at start.
 
-When DNS listens on an address that is not loopback (a wildcard counts: it takes public
-addresses too), the config is meant for remote resolvers, and then:
+:func:`host_findings` looks at this host without starting anything: the files and binaries
+services need, the users they run as, /dev/kvm, the addresses and ports to bind. Each finding
+is an *error* (the service or the daemon can never start as configured: a missing kernel
+image, binary or user) or a *warning* (it may be fine at run time: a port in use, perhaps by
+the running daemon itself; a privilege this check lacks but the daemon may have).
+
+:func:`deployment_warnings` is pure (a Config in, sentences out): a valid config that would
+not work for clients elsewhere. When DNS listens on an address that is not loopback (a
+wildcard counts: it takes public addresses too), the config is meant for remote resolvers,
+and then:
 
 * a nameserver inside one of our zones with no glue address (``dns.nameserver_addresses``
   unset and every listen address a wildcard) makes the delegation lame;
@@ -12,11 +19,222 @@ addresses too), the config is meant for remote resolvers, and then:
 
 from __future__ import annotations
 
+import errno
+import grp
 import ipaddress
+import os
+import shutil
+import socket
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from .config import Config
+from .config import Config, ServiceConfig
+from .identity import Identity, UnknownIdentity, enter_problem, execute_problem, resolve
 
 WILDCARDS = ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem on this host. ``error``: it can never work as configured (exit 2)."""
+
+    error: bool
+    message: str
+    service: str | None = None
+    key: str | None = None
+
+    def text(self, path: str) -> str:
+        """``FILE: service 'x': key: message``, the shape of a config error."""
+        where = path
+        if self.service is not None:
+            where += f": service {self.service!r}"
+        if self.key is not None:
+            where += f": {self.key}"
+        return f"{where}: {self.message}"
+
+
+def host_findings(config: Config, *, ports: bool = True) -> list[Finding]:
+    """Everything that can be checked here without starting anything (see the module's
+    docstring), errors first. ``ports``: also try to bind every address the daemon would
+    (the daemon itself skips that: its own binds say it at once)."""
+    out: list[Finding] = []
+    root = os.geteuid() == 0
+    group = config.daemon.control_group
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            out.append(Finding(True, f"group {group!r} does not exist on this host (the daemon "
+                               "would stop at start)", key="daemon.control_group"))
+    for svc in config.services:
+        if svc.backend == "process":
+            out += _process(svc, root)
+        elif svc.backend == "qemu":
+            out += _qemu(svc, root)
+        elif svc.backend == "libvirt":
+            out += _libvirt(svc)
+    if ports:
+        out += _ports(config, root)
+    return sorted(out, key=lambda f: not f.error)
+
+
+def _identity(svc: ServiceConfig, settings: Any, section: str) -> tuple[Identity | None,
+                                                                      list[Finding]]:
+    user = getattr(settings, "user", None)
+    if user is None:
+        return None, []
+    try:
+        return resolve(user, getattr(settings, "group", None)), []
+    except UnknownIdentity as exc:
+        key = "group" if "group" in str(exc).split(" ", 1)[0] else "user"
+        return None, [Finding(True, str(exc), svc.name, f"{section}.{key}")]
+
+
+def _process(svc: ServiceConfig, root: bool) -> list[Finding]:
+    settings = svc.settings
+    out: list[Finding] = []
+    ident, problems = _identity(svc, settings, "process")
+    out += problems
+    if settings.user is None and root:
+        out.append(Finding(False, "not set: under a root daemon its instances run as root "
+                           "(this check runs as root); set the user they should run as, or "
+                           "user = \"root\" to say so", svc.name, "process.user"))
+    elif settings.user is not None and not root and (ident is None or ident.uid != os.geteuid()):
+        out.append(Finding(False, f"running instances as user {settings.user} needs a root daemon; "
+                           f"this check runs as uid {os.geteuid()}", svc.name, "process.user"))
+    directory = settings.directory
+    if directory is not None:
+        if not directory.is_dir():
+            out.append(Finding(True, f"{directory} is not a directory", svc.name,
+                               "process.directory"))
+        elif ident is not None and (problem := enter_problem(directory, ident)):
+            out.append(Finding(True, problem, svc.name, "process.directory"))
+    word = settings.command[0]
+    fields = {f for _, f, _, _ in string.Formatter().parse(word) if f is not None}
+    if fields - {"python"}:
+        return out  # the binary depends on the instance: nothing to check before it runs
+    program = word.format(python=sys.executable)
+    if "/" not in program:
+        env = dict(settings.environment)
+        search = env.get("PATH", os.environ.get("PATH", os.defpath))
+        found = shutil.which(program, path=search)
+        if found is None:
+            out.append(Finding(True, f"{program!r} is not found in PATH ({search})", svc.name,
+                               "process.command"))
+            return out
+        path = Path(found)
+    else:
+        path = (directory or Path.cwd()) / program
+    if problem := execute_problem(path, ident):
+        out.append(Finding(True, problem, svc.name, "process.command"))
+    return out
+
+
+def _qemu(svc: ServiceConfig, root: bool) -> list[Finding]:
+    settings = svc.settings
+    out: list[Finding] = []
+    if not settings.kernel.is_file():
+        out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
+                           "qemu.kernel"))
+    binary = settings.binary
+    if shutil.which(binary) is None:
+        out.append(Finding(True, f"QEMU binary {binary!r} is not found (or not executable)"
+                           + ("" if "/" in binary else " in PATH"), svc.name, "qemu.binary"))
+    if settings.accel == "kvm":
+        try:
+            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            missing = exc.errno == errno.ENOENT
+            out.append(Finding(
+                missing or root, f"accel = \"kvm\" but /dev/kvm cannot be opened: "
+                f"{exc.strerror}" + ("" if missing or root else
+                                     f" (this check runs as uid {os.geteuid()})"),
+                svc.name, "qemu.accel"))
+    if settings.network == "bridge":
+        if not os.path.exists("/dev/net/tun"):
+            out.append(Finding(True, "bridge networking needs /dev/net/tun, which does not exist",
+                               svc.name, "qemu.network"))
+        elif not _net_admin():
+            out.append(Finding(False, "bridge networking needs root or CAP_NET_ADMIN (to create "
+                               f"{settings.bridge} and taps); this check runs without it",
+                               svc.name, "qemu.network"))
+    return out
+
+
+def _libvirt(svc: ServiceConfig) -> list[Finding]:
+    settings = svc.settings
+    local = settings.uri.split("://", 1)[1].startswith("/")  # qemu:///system, no host
+    out: list[Finding] = []
+    if local and not settings.kernel.is_file():
+        out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
+                           "libvirt.kernel"))
+    return out
+
+
+def _net_admin() -> bool:
+    """True if this process has CAP_NET_ADMIN (12) in its effective set."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 12))
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+def _ports(config: Config, root: bool) -> list[Finding]:
+    wanted: list[tuple[str, str, int, socket.SocketKind, str | None]] = []
+    for ep in config.dns.listen:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            wanted.append(("dns.listen", ep.host, ep.port, kind, None))
+    for ep in config.metrics.listen:
+        wanted.append(("metrics.listen", ep.host, ep.port, socket.SOCK_STREAM, None))
+    for svc in config.services:
+        for address in svc.front:
+            for port in svc.ports:
+                wanted.append(("front", address, port, socket.SOCK_STREAM, svc.name))
+    out = []
+    for key, host, port, kind, service in wanted:
+        if port == 0:
+            continue
+        problem = bind_problem(host, port, kind)
+        if problem is None:
+            continue
+        error, why = problem
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        proto = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+        out.append(Finding(error, f"cannot bind {where} ({proto}): {why}", service, key))
+    return out
+
+
+def bind_problem(host: str, port: int, kind: socket.SocketKind) -> tuple[bool, str] | None:
+    """Bind ``host:port`` as the daemon would and let go at once: None if it works, else
+    (is it an error, why). In use is a warning (perhaps the running daemon itself), as is a
+    privileged port for a check that is not root; an address no interface has is an error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((host, port))
+            if kind == socket.SOCK_STREAM:
+                s.listen(1)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False, ("in use (by the running jitlaunch itself? else the daemon cannot "
+                               "start)")
+            if exc.errno == errno.EACCES:
+                return False, ("permission denied (ports below 1024 need root, "
+                               "CAP_NET_BIND_SERVICE or socket activation)")
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return True, "no interface has this address"
+            return True, exc.strerror or str(exc)
+    return None
 
 
 def _loopback(address: str) -> bool:

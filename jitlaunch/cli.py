@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="validate a config file and print a summary")
     check.add_argument("file", metavar="FILE")
+    check.add_argument("--config-only", action="store_true",
+                       help="check the configuration only, not this host (files, users, "
+                       "/dev/kvm, ports): for a config written for another machine")
 
     probe = sub.add_parser(
         "probe", help="resolve NAME, connect, send GET and print the DNS, connect and "
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "start", "stop"):
         return _control(args)
     if args.command == "check":
-        return _check(args.file)
+        return _check(args.file, host=not args.config_only)
     if args.command == "probe":
         from .probe import run_probe
 
@@ -117,17 +120,23 @@ def _control(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(path: str) -> int:
+def _check(path: str, *, host: bool = True) -> int:
     try:
         config = load_config(path, backends=SETTINGS)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    print(summary(config))
-    from .checks import deployment_warnings
+    from .checks import deployment_warnings, host_findings
 
+    findings = host_findings(config) if host else []
+    errors = [f for f in findings if f.error]
+    if not errors:
+        print(summary(config))
+    for f in findings:
+        print(f"jitlaunch: {'error' if f.error else 'warning'}: {f.text(config.path)}",
+              file=sys.stderr)
     for warning in deployment_warnings(config):
         print(f"jitlaunch: warning: {warning}", file=sys.stderr)
-    return 0
+    return 2 if errors else 0
 
 
 def summary(config: Config) -> str:
@@ -178,6 +187,10 @@ def _run(path: str | None, level: str | None) -> int:
         stream=sys.stderr,
     )
     log.info("jitlaunch %s starting with %s", __version__, config.path)
+    from .checks import host_findings
+
+    for f in host_findings(config, ports=False):  # what `jitlaunch check` says, once
+        (log.error if f.error else log.warning)("check: %s", f.text(config.path))
     raise_nofile_limit()
     try:
         trio.run(_serve, config)

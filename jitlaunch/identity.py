@@ -129,18 +129,20 @@ def _may(st: os.stat_result, ident: Identity, bit: int) -> bool:
 
 
 def _path_problem(path: Path, ident: Identity) -> str | None:
-    """Why ``ident`` cannot reach ``path`` (search permission on each directory above it)."""
-    here = Path(path.anchor or "/")
-    for part in path.absolute().parts[1:-1]:
-        here = here / part
-        try:
-            st = os.stat(here)
-        except OSError as exc:
-            return f"{here}: {exc.strerror or exc}"
-        if not stat.S_ISDIR(st.st_mode):
-            return f"{here} is not a directory"
-        if not _may(st, ident, stat.S_IXOTH):
-            return f"{ident} may not enter {here}"
+    """Why ``ident`` cannot reach ``path``: search permission on each directory above it,
+    as written and with symbolic links resolved (the kernel walks both)."""
+    for walk in dict.fromkeys((path.absolute(), path.resolve())):
+        here = Path(walk.anchor or "/")
+        for part in walk.parts[1:-1]:
+            here = here / part
+            try:
+                st = os.stat(here)
+            except OSError as exc:
+                return f"{here}: {exc.strerror or exc}"
+            if not stat.S_ISDIR(st.st_mode):
+                return f"{here} is not a directory"
+            if not _may(st, ident, stat.S_IXOTH):
+                return f"{ident} may not enter {here}"
     return None
 
 
@@ -163,9 +165,9 @@ def enter_problem(path: Path, ident: Identity) -> str | None:
 def execute_problem(path: Path, ident: Identity | None) -> str | None:
     """None if ``ident`` (None: this process) may run the file ``path``, else why not."""
     path = path.absolute()
+    if not path.exists():
+        return f"{path} does not exist"
     if ident is None:
-        if not path.exists():
-            return f"{path} does not exist"
         if path.is_dir() or not os.access(path, os.X_OK):
             return f"{path} is not an executable file"
         return None

@@ -193,7 +193,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_command(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(BASE + SERVICE)
-    ok = run_cli("check", str(good))
+    ok = run_cli("check", "--config-only", str(good))  # no program `demo` here
     assert ok.returncode == 0
     assert ok.stdout.startswith(f"{good}: OK\n")
     assert "hello: hello.jit.test -> 127.77.0.1:8080; process backend, answer handoff" in ok.stdout
