@@ -18,9 +18,8 @@ import pytest
 
 from jitlaunch import checks
 from jitlaunch.checks import Finding, host_findings
-from jitlaunch.config import parse_config
 
-from .conftest import ROOT, fresh_block
+from .conftest import ROOT, fresh_block, parse_config
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
