@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from jitlaunch.backends.libvirt.backend import LibvirtBackend, LibvirtHandle, state_id
+from jitlaunch.backends.libvirt.settings import is_local
 from jitlaunch.backends.libvirt.xml import QEMU_NS, domain_xml, user_net_args
 from jitlaunch.config import Config, ServiceConfig
 from jitlaunch.errors import BootFailed, ConfigError
@@ -76,6 +77,49 @@ def test_domain_xml_template(tmp_path: Path) -> None:
         config(tmp_path, extra='template = "t.xml"')
     with pytest.raises(ConfigError, match=r"libvirt.uri: expected a libvirt URI"):
         config(tmp_path, uri="not a uri")
+
+
+def test_domain_xml_with_bridge_networking(tmp_path: Path) -> None:
+    """libvirt's own bridge interface: our MAC, our bridge, virtio on virtio-mmio (microvm
+    has no PCI bus); no QEMU arguments of ours."""
+    svc = config(tmp_path, extra='network = "bridge"\nbridge = "br-x"').services[0]
+    text = domain_xml(svc.settings, name="n", domain_type="qemu", cmdline="ip=10.77.0.2/24",
+                      console=tmp_path / "c.log", mac="02:00:00:00:00:07",
+                      qemu_args=user_net_args({80: 41000}, {80: 80}, "02:00:00:00:00:07"),
+                      bridge="br-x")
+    root = ET.fromstring(text)
+    (nic,) = root.findall("devices/interface")
+    assert nic.get("type") == "bridge"
+    assert nic.find("mac").get("address") == "02:00:00:00:00:07"  # type: ignore[union-attr]
+    assert nic.find("source").get("bridge") == "br-x"  # type: ignore[union-attr]
+    assert nic.find("model").get("type") == "virtio"  # type: ignore[union-attr]
+    assert nic.find("address").get("type") == "virtio-mmio"  # type: ignore[union-attr]
+    assert root.find(f"{{{QEMU_NS}}}commandline") is None
+    # user networking: no interface of libvirt's, the NIC is in <qemu:commandline>
+    plain = ET.fromstring(domain_xml(svc.settings, name="n", domain_type="qemu", cmdline="",
+                                     console=tmp_path, mac="m", qemu_args=["-x"]))
+    assert plain.find("devices/interface") is None
+    assert [a.get("value") for a in plain.iter(f"{{{QEMU_NS}}}arg")] == ["-x"]
+
+
+def test_bridge_settings(tmp_path: Path) -> None:
+    plain = config(tmp_path).services[0].settings
+    assert (plain.network, plain.bridge, str(plain.subnet)) == ("user", "jl0", "10.77.0.0/24")
+    lv = config(tmp_path, extra='network = "bridge"\nbridge = "br1"\nsubnet = "10.9.8.0/28"'
+                ).services[0].settings
+    assert (lv.network, lv.bridge, str(lv.subnet)) == ("bridge", "br1", "10.9.8.0/28")
+    with pytest.raises(ConfigError, match=r"libvirt.network: .*user.*bridge"):
+        config(tmp_path, extra='network = "tap"')
+    with pytest.raises(ConfigError, match=r"libvirt.subnet: expected a network with room"):
+        config(tmp_path, extra='subnet = "10.0.0.0/31"')
+    with pytest.raises(ConfigError, match=r"libvirt.bridge: expected an interface name"):
+        config(tmp_path, extra='bridge = "a-very-long-bridge-name"')
+    assert lv.local
+    local = ["qemu:///system", "qemu:///system?socket=/tmp/s", "test:///default",
+             "qemu+tcp://127.0.0.1:16509/system", "qemu+ssh://localhost/system",
+             "qemu+tcp://[::1]/system"]
+    assert all(is_local(u) for u in local)
+    assert not any(is_local(u) for u in ("qemu+ssh://kvm7/system", "qemu+tls://10.1.2.3/system"))
 
 
 def domain_names(uri: str = TEST_URI) -> set[str]:

@@ -8,6 +8,7 @@ test's own with a libvirtd inside it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -289,3 +290,136 @@ def _boot_through(proc: subprocess.Popen[bytes], block: str, errors: Path) -> No
             pass
         assert time.monotonic() < deadline, "no answer through the front"
         time.sleep(0.05)
+
+
+# ---- bridge networking, in a network namespace of the test's own ---------------------------
+
+
+@pytest.fixture
+def netns_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], PrivateLibvirtd]]:
+    """A fresh network namespace (loopback up) with a libvirtd of its own inside; yields the
+    command prefix that runs a program in the namespace, and the libvirtd. Afterwards: every
+    domain destroyed, libvirtd stopped, any process left in the namespace killed, the
+    namespace deleted (its bridge and taps with it), and no cgroup directory left."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip)")
+    cgroups = cgroup_dirs()
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    lvd: PrivateLibvirtd | None = None
+    try:
+        inside = ["ip", "netns", "exec", ns]
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
+        lvd = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd-netns"), netns=ns)
+        lvd.start()
+        yield inside, lvd
+    finally:
+        if lvd is not None:
+            lvd.stop()
+        left = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+    assert not left, f"processes left in the namespace: {left}"
+    new = cgroup_dirs() - cgroups
+    assert not new, f"libvirtd left cgroup directories on the host: {sorted(new)}"
+
+
+BRIDGE_SERVICE = """
+[dns]
+listen = ["127.0.0.1:5353"]
+zones = ["jit.test"]
+ttl = 30
+
+[metrics]
+listen = ["127.0.0.1:0"]
+
+[[service]]
+name = "hello"
+backend = "libvirt"
+front = ["127.77.0.1"]
+ports = [80]
+answer = "handoff"
+idle_timeout = "1s"
+boot_timeout = "30s"
+
+[service.libvirt]
+uri = "{uri}"
+kernel = "{kernel}"
+accel = "tcg"
+network = "bridge"
+bridge = "jl0"
+subnet = "10.77.0.0/24"
+"""
+
+
+async def test_bridge_networking_hands_over_the_domains_address(
+    tmp_path: Path, netns_libvirtd: tuple[list[str], PrivateLibvirtd]
+) -> None:
+    """Daemon, libvirtd and client in a namespace of the test's own: libvirt makes the
+    domain's tap on our bridge, the answer hands the domain's address over, the client
+    reaches the unikernel there; the idle stop removes the tap and frees the address (the
+    next boot gets it again)."""
+    inside, lvd = netns_libvirtd
+    conf = tmp_path / "bridge.toml"
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                    + BRIDGE_SERVICE.format(uri=lvd.uri, kernel=KERNEL))
+    daemon_log = tmp_path / "daemon.log"
+    proc = None
+
+    def links() -> str:
+        return subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    async def ask() -> str:
+        res = await trio.run_process(
+            [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+             "hello.jit.test", "A"], capture_stdout=True, check=False)
+        lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
+        return "\n".join(lines).strip()  # empty while the daemon is not up yet
+
+    async def handed_over() -> str:
+        with trio.fail_after(30):
+            while not (addr := await ask()).startswith("10.77.0."):
+                await trio.sleep(0.05)
+        return addr
+
+    async def get(addr: str) -> str:
+        res = await trio.run_process(
+            [*inside, PYTHON, "-c", f"import socket; s = socket.create_connection(('{addr}', 80), 5);"
+             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.settimeout(5);"
+             "print(s.recv(1000).decode(errors='replace'))"],
+            capture_stdout=True, capture_stderr=True, check=False)
+        return (res.stdout + res.stderr).decode()
+
+    try:
+        with open(daemon_log, "wb") as logfile:
+            proc = await trio.lowlevel.open_process(
+                [*inside, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+                stderr=logfile, cwd=ROOT)
+        for _ in range(2):
+            addr = await handed_over()
+            assert addr == "10.77.0.2", daemon_log.read_text()  # the first address, each time
+            page = await get(addr)
+            assert page.startswith("HTTP/1.1 200") and "hello" in page, page
+            assert len(lvd.domains()) == 1
+            tap = [ln for ln in links().splitlines() if ln.startswith("vnet")]
+            assert len(tap) == 1, links()
+            master = subprocess.run([*inside, "ip", "-o", "link", "show", tap[0].split()[0]],
+                                    capture_output=True, text=True, timeout=10).stdout
+            assert "master jl0" in master
+            # no queries, no connections through the front: idle after 1 s
+            await wait_until(lambda: not lvd.domains(), timeout=20)
+            await wait_until(lambda: "vnet" not in links(), timeout=5)
+        log = daemon_log.read_text()
+        assert log.count("hello#1 ready in") == 1 and "hello#2 ready in" in log, log
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        assert not lvd.domains()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()

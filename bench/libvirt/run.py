@@ -7,16 +7,16 @@ to the first byte of the HTTP reply (Jitsu's method) for the bundled unikernel, 
 * resume: the instance was paused when idle (stop = pause);
 * restore: the instance was saved when idle (stop = save).
 
-Run from the repository root as root: ``python3 bench/libvirt/run.py [--runs 10]``. A
-libvirtd that is not running is started (virtlogd, and libvirtd under scripts/subreaper) and
-stopped at the end. Targets: pool and resume within 2x of the qemu backend's, cold within 10x.
+Run from the repository root as root: ``python3 bench/libvirt/run.py [--runs 10]``. It runs
+a libvirtd of its own (tests/libvirtd.py: under scripts/subreaper, its configuration, state
+and socket in a mount namespace, no cgroups) and stops it at the end. Targets: pool and
+resume within 2x of the qemu backend's, cold within 10x.
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +33,9 @@ from jitlaunch.config import parse_config, process_env
 from jitlaunch.daemon import Daemon
 from jitlaunch.lifecycle.state import State
 
+sys.path.insert(0, str(ROOT))
+from tests.libvirtd import PrivateLibvirtd, cgroup_dirs
+
 KERNEL = ROOT / "images" / "build" / "hello.elf"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 KINDS = ("cold", "pool", "resume", "restore")
@@ -41,7 +44,7 @@ STEPS = ("lookup to create", "createXML", "to first console byte", "to READY")
 TARGETS = {"cold": 10.0, "pool": 2.0, "resume": 2.0}  # libvirt / qemu, medians
 
 
-def config(state: Path, block: str) -> str:
+def config(state: Path, block: str, uri: str) -> str:
     out = [f"""
 [metrics]
 listen = []
@@ -75,6 +78,7 @@ kernel = "{KERNEL}"
 guest_ports = [80]
 accel = "tcg"
 {"pool = 1" if kind == "pool" else ""}
+{f'uri = "{uri}"' if backend == "libvirt" else ""}
 """)
     return "".join(out)
 
@@ -103,9 +107,9 @@ async def until(pred, what: str, timeout: float = 60) -> None:  # type: ignore[n
         raise BenchError(f"timed out waiting for {what}")
 
 
-async def measure(state: Path, runs: int) -> dict[str, dict[str, list[float]]]:
+async def measure(state: Path, runs: int, uri: str) -> dict[str, dict[str, list[float]]]:
     cfg = parse_config(
-        config(state, loopback_block()), str(state / "bench.toml"), backends=SETTINGS,
+        config(state, loopback_block(), uri), str(state / "bench.toml"), backends=SETTINGS,
         env=process_env(),
     )
     d = Daemon(cfg)
@@ -149,34 +153,6 @@ async def measure(state: Path, runs: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def start_libvirtd() -> list[subprocess.Popen[bytes]]:
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-
-    def up() -> bool:
-        try:
-            libvirt.open("qemu:///system").close()
-            return True
-        except libvirt.libvirtError:
-            return False
-
-    if up():
-        return []
-    procs = []
-    if not Path("/run/libvirt/virtlogd-sock").exists():
-        procs.append(subprocess.Popen(["virtlogd"], start_new_session=True))
-    procs.append(subprocess.Popen([sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd"],
-                                  start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL))
-    deadline = time.monotonic() + 60
-    while not up():
-        if time.monotonic() > deadline:
-            raise BenchError("libvirtd did not answer within 60 s")
-        time.sleep(0.05)
-    return procs
-
-
 def main() -> int:
     import logging
 
@@ -186,14 +162,20 @@ def main() -> int:
     args = ap.parse_args()
     if not KERNEL.exists():
         raise BenchError(f"{KERNEL} is missing: run make -C images")
-    procs = start_libvirtd()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-libvirt-") as tmp:
-            raw = trio.run(measure, Path(tmp), args.runs)
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            p.wait(timeout=30)
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    cgroups = cgroup_dirs()
+    with tempfile.TemporaryDirectory(prefix="bench-libvirt-") as tmp:
+        lvd = PrivateLibvirtd(Path(tmp) / "libvirtd")
+        try:
+            lvd.start()
+            (Path(tmp) / "state").mkdir()
+            raw = trio.run(measure, Path(tmp) / "state", args.runs, lvd.uri)
+        finally:
+            lvd.stop()
+    if cgroup_dirs() - cgroups:
+        raise BenchError(f"libvirtd left cgroup directories: {sorted(cgroup_dirs() - cgroups)}")
     steps = raw.pop("steps", {})
     results = {b: {k: {"median": median(v), "p90": percentile(sorted(v), 90)}
                    for k, v in kinds.items()} for b, kinds in raw.items()}

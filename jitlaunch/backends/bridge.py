@@ -3,8 +3,10 @@
 The bridge (created if absent, its address the subnet's first host, which instances use as
 their gateway) stays; each instance gets a tap named ``jlt<hex>`` attached to it and the next
 free address of the subnet. Taps are removed when their instance is released and, at daemon
-start, any ``jlt*`` tap left by an earlier run (:func:`remove_leftover_taps`). Needs root or
-CAP_NET_ADMIN; netlink calls are blocking, so they run in a worker thread.
+start, any ``jlt*`` tap left by an earlier run (:func:`remove_leftover_taps`). Where someone
+else makes the tap (libvirt, for ``<interface type='bridge'>``), :func:`reserve_address` gives
+an address and makes the bridge, without a tap. Needs root or CAP_NET_ADMIN; netlink calls
+are blocking, so they run in a worker thread.
 """
 
 from __future__ import annotations
@@ -57,6 +59,34 @@ class Lease:
                 _in_use.get(self.bridge, set()).discard(self.ip)
 
 
+@dataclass
+class Address:
+    """An address on a bridge for an instance whose tap someone else makes and removes;
+    :meth:`release` frees it. ``local``: the bridge is on this host (we made it, and forget
+    the address's neighbour entry there on release); else it is on a remote libvirt host."""
+
+    bridge: str
+    ip: str
+    gateway: str
+    local: bool
+    released: bool = field(default=False)
+
+    async def release(self) -> None:
+        """Forget the host's neighbour entry for the address, then free it. Idempotent;
+        never raises."""
+        if self.released:
+            return
+        self.released = True
+        with trio.CancelScope(shield=True):
+            try:
+                if self.local:
+                    await trio.to_thread.run_sync(_forget_neighbour, self.bridge, self.ip)
+            except Exception as exc:
+                log.warning("cannot forget %s on bridge %s: %s", self.ip, self.bridge, exc)
+            finally:
+                _in_use.get(self.bridge, set()).discard(self.ip)
+
+
 def _ipr() -> Any:
     try:
         from pyroute2 import IPRoute
@@ -73,10 +103,20 @@ def _delete_link(name: str, bridge: str | None = None, ip: str | None = None) ->
         idx = ipr.link_lookup(ifname=name)
         if idx:
             ipr.link("del", index=idx[0])
-        br = ipr.link_lookup(ifname=bridge) if bridge and ip else []
-        if br:
-            with contextlib.suppress(Exception):  # no entry: nothing to forget
-                ipr.neigh("del", dst=ip, ifindex=br[0])
+        if bridge and ip:
+            _forget(ipr, bridge, ip)
+
+
+def _forget_neighbour(bridge: str, ip: str) -> None:
+    with _ipr() as ipr:
+        _forget(ipr, bridge, ip)
+
+
+def _forget(ipr: Any, bridge: str, ip: str) -> None:
+    br = ipr.link_lookup(ifname=bridge)
+    if br:
+        with contextlib.suppress(Exception):  # no entry: nothing to forget
+            ipr.neigh("del", dst=ip, ifindex=br[0])
 
 
 def _bridge_mac(name: str) -> str:
@@ -156,6 +196,31 @@ async def attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
         _in_use[bridge].discard(ip)
         raise
     return Lease(bridge, tap, ip, gateway)
+
+
+def _make_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
+    try:
+        with _ipr() as ipr:
+            _ensure_bridge(ipr, bridge, subnet)
+    except BootFailed:
+        raise
+    except Exception as exc:
+        raise BootFailed(f"cannot make bridge {bridge}: {exc}") from exc
+
+
+async def reserve_address(bridge: str, subnet: ipaddress.IPv4Network, *, local: bool) -> Address:
+    """A free address of ``subnet`` on ``bridge`` for an instance whose tap someone else
+    makes. With ``local`` the bridge is created here (with ``subnet``) if absent, as by
+    :func:`attach`; else it is a remote host's, and only the address is ours to give.
+    The address is reserved before any blocking call and freed again on failure."""
+    gateway, ip = _reserve(bridge, subnet)
+    if local:
+        try:
+            await trio.to_thread.run_sync(_make_bridge, bridge, subnet)
+        except BaseException:
+            _in_use[bridge].discard(ip)
+            raise
+    return Address(bridge, ip, gateway, local)
 
 
 def _owner_alive(name: str) -> bool:

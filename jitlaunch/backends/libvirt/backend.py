@@ -9,6 +9,12 @@ Stop modes: ``destroy``; ``shutdown`` (ACPI, then destroy after ``grace``); ``pa
 ``<state_dir>/libvirt``, restored on the next start, which removes the file). A domain that
 stops by itself (crash, ``virsh destroy``) is noticed at once through libvirt's lifecycle
 events. Blocking calls run in worker threads (:mod:`.conn`).
+
+Networking: ``user`` (QEMU's user networking with host forwards on 127.0.0.1, passed in
+``<qemu:commandline>``) or ``bridge``: libvirt makes the domain's tap on our bridge and
+removes it with the domain; we give the guest an address of the subnet (on its kernel
+command line), which DNS hands over once it is ready, and free it when the domain is gone
+for good (not while it is paused or saved: the guest keeps its address).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
 from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
+from ..bridge import Address, reserve_address
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
 from ..pool import WarmPools
 from ..qemu.settings import USER_GATEWAY, USER_IP, USER_PREFIX, instance_mac, kvm_usable
@@ -57,7 +64,7 @@ def state_id(state_dir: Path) -> str:
 class LibvirtHandle(Handle):
     def __init__(self, backend: LibvirtBackend, service: ServiceConfig, number: int,
                  conn: Connection, name: str, console: Path, host_ports: dict[int, int],
-                 mac: str) -> None:
+                 mac: str, net: Address | None = None) -> None:
         self.backend = backend
         self.service = service
         self.number = number
@@ -66,6 +73,9 @@ class LibvirtHandle(Handle):
         self.console_path = console
         self.host_ports = host_ports
         self.mac = mac
+        #: The guest's address on the bridge (bridge networking), handed over by DNS.
+        self.net = net
+        self.address = net.ip if net is not None else None
         self.settings: LibvirtSettings = service.settings
         self.scanner = ConsoleScanner()
         self._offset = 0
@@ -91,6 +101,8 @@ class LibvirtHandle(Handle):
         return f"{self.name} {super().describe()}".strip()
 
     def endpoint(self, port: int) -> tuple[str, int]:
+        if self.net is not None:
+            return self.net.ip, self.settings.guest_ports[self.service.ports.index(port)]
         return "127.0.0.1", self.host_ports[port]
 
     def alive(self) -> bool:
@@ -220,8 +232,9 @@ class LibvirtHandle(Handle):
         return True
 
     async def destroy(self) -> None:
-        """Destroy the domain if it still exists and release its ports. Shielded; never
-        raises (a domain that is already gone is fine)."""
+        """Destroy the domain if it still exists and release its ports (and its address,
+        unless its state is saved). Shielded; never raises (a domain that is already gone
+        is fine)."""
         with trio.CancelScope(shield=True):
             self.expect_stop = True
             if not self._gone.is_set():
@@ -236,6 +249,8 @@ class LibvirtHandle(Handle):
                 if ".pool-" in self.console_path.name:  # one file per pool member: no pile-up
                     with contextlib.suppress(OSError):
                         self.console_path.unlink()
+                if self.net is not None:  # its tap went with the domain (libvirt's)
+                    await self.net.release()
             self.backend.forget_ports(self.host_ports)
 
 
@@ -446,6 +461,9 @@ class LibvirtBackend(Backend):
 
     async def _create(self, service: ServiceConfig, number: int, *, pool: bool = False
                       ) -> LibvirtHandle:
+        """Create the domain of instance ``number`` (or a pool member); return at once.
+        BootFailed if libvirt refuses; its address and ports are released on every error
+        path, cancellation included."""
         settings: LibvirtSettings = service.settings
         conn = self.connection(settings.uri)
         self._counter += 1
@@ -453,37 +471,50 @@ class LibvirtBackend(Backend):
         mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
         # Pool members log apart, so they never rotate a running instance's console.
         console = self.log_dir / f"{service.name}{'.pool-' + str(self._counter) if pool else ''}.log"
+        net: Address | None = None
+        ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
+        if settings.network == "bridge":
+            net = await reserve_address(settings.bridge, settings.subnet, local=settings.local)
+            ip, prefix, gateway = net.ip, settings.subnet.prefixlen, net.gateway
         cmdline = settings.cmdline.format(
-            ip=USER_IP, prefix=USER_PREFIX, gateway=USER_GATEWAY, port=settings.guest_ports[0],
+            ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
             name=service.name, instance=number,
         )
         guest_ports = dict(zip(service.ports, settings.guest_ports, strict=True))
-        for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
-            try:
-                host_ports = self._pick_ports(service.ports)
-                if console.exists():
-                    console.replace(console.with_suffix(".log.1"))
-            except OSError as exc:
-                raise BootFailed(f"cannot prepare the domain: {exc.strerror or exc}") from exc
-            xml = domain_xml(settings, name=name, domain_type=self._domain_type(settings),
-                             cmdline=cmdline, console=console, mac=mac,
-                             qemu_args=user_net_args(host_ports, guest_ports, mac))
-            handle = LibvirtHandle(self, service, number, conn, name, console, host_ports, mac)
-            self.domains[name] = handle
-            handle.times["create"] = trio.current_time()
-            try:
-                await conn.call(f"creating domain {name}", _create_xml(xml))
-                handle.times["created"] = trio.current_time()
-            except BaseException as exc:
-                self.domains.pop(name, None)
-                self.forget_ports(host_ports)
-                if isinstance(exc, BootFailed) and _HOSTFWD_TAKEN in str(exc) \
-                        and attempt < HOSTFWD_ATTEMPTS:
-                    log.info("%s: a host port was taken; retrying with others", name)
-                    continue
-                raise
-            log.info("%s#%d: domain %s created (%s)", service.name, number, name, conn.uri)
-            return handle
+        try:
+            for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
+                try:
+                    host_ports = {} if net is not None else self._pick_ports(service.ports)
+                    if console.exists():
+                        console.replace(console.with_suffix(".log.1"))
+                except OSError as exc:
+                    raise BootFailed(f"cannot prepare the domain: {exc.strerror or exc}") from exc
+                xml = domain_xml(settings, name=name, domain_type=self._domain_type(settings),
+                                 cmdline=cmdline, console=console, mac=mac,
+                                 qemu_args=user_net_args(host_ports, guest_ports, mac),
+                                 bridge=settings.bridge if net is not None else None)
+                handle = LibvirtHandle(self, service, number, conn, name, console, host_ports,
+                                       mac, net)
+                self.domains[name] = handle
+                handle.times["create"] = trio.current_time()
+                try:
+                    await conn.call(f"creating domain {name}", _create_xml(xml))
+                    handle.times["created"] = trio.current_time()
+                except BaseException as exc:
+                    self.domains.pop(name, None)
+                    self.forget_ports(host_ports)
+                    if isinstance(exc, BootFailed) and _HOSTFWD_TAKEN in str(exc) \
+                            and attempt < HOSTFWD_ATTEMPTS:
+                        log.info("%s: a host port was taken; retrying with others", name)
+                        continue
+                    raise
+                log.info("%s#%d: domain %s created (%s%s)", service.name, number, name, conn.uri,
+                         f", {net.ip} on {net.bridge}" if net is not None else "")
+                return handle
+        except BaseException:
+            if net is not None:
+                await net.release()
+            raise
         raise AssertionError("unreachable")
 
 

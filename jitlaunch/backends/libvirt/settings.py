@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ...config import Table
-from ..qemu.settings import CMDLINE_FIELDS, DEFAULT_CMDLINE
+from ..qemu.settings import CMDLINE_FIELDS, DEFAULT_CMDLINE, parse_bridge
 
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
 DEFAULT_URI = "qemu:///system"
 #: The placeholders a user's domain XML template may use (``${name}``, string.Template).
-TEMPLATE_FIELDS = ("name", "memory", "cpus", "kernel", "cmdline", "mac", "console", "domain_type")
+TEMPLATE_FIELDS = ("name", "memory", "cpus", "kernel", "cmdline", "mac", "console", "domain_type",
+                   "bridge")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,25 @@ class LibvirtSettings:
     pool: int
     template: str | None
     template_path: Path | None
+    network: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+
+    @property
+    def local(self) -> bool:
+        """The libvirt host is this one (no host in the URI, or a loopback one): a bridge
+        of ours is made here; a remote host's bridge is its own."""
+        return is_local(self.uri)
+
+
+def is_local(uri: str) -> bool:
+    host = urlsplit(uri).hostname
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtSettings:
@@ -66,6 +88,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtS
         except (KeyError, ValueError) as exc:
             raise t.error("template", f"bad placeholder {exc} (allowed: "
                           f"{', '.join('${' + f + '}' for f in TEMPLATE_FIELDS)})") from None
+    bridge, subnet = parse_bridge(t)
     settings = LibvirtSettings(
         uri=uri,
         kernel=(base_dir / kernel).resolve(),
@@ -78,6 +101,9 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtS
         pool=t.integer("pool", 0, low=0, high=64),
         template=template,
         template_path=template_path,
+        network=t.string("network", "user", choices=("user", "bridge")),
+        bridge=bridge,
+        subnet=subnet,
     )
     t.done()
     return settings

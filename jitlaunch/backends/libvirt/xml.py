@@ -7,7 +7,10 @@ PCI bus ("No PCI buses available"), hence ``<controller type='usb' model='none'/
 ``<memballoon model='none'/>``. User networking: libvirt 9.0 ignores slirp's
 ``<portForward>`` and rejects ``<backend type='passt'/>``, so the NIC with its host forwards
 is passed to QEMU directly in ``<qemu:commandline>`` (a virtio-net *device*, on virtio-mmio).
-The serial console goes to a file that the backend reads for the READY line.
+Bridge networking is libvirt's own ``<interface type='bridge'>``: libvirt makes the tap
+(``vnetN``), attaches it to our bridge and removes it with the domain; the NIC is virtio on
+virtio-mmio, with our MAC. The serial console goes to a file that the backend reads for the
+READY line.
 """
 
 from __future__ import annotations
@@ -31,21 +34,35 @@ def user_net_args(host_ports: dict[int, int], guest_ports: dict[int, int], mac: 
 
 def domain_xml(
     settings: LibvirtSettings, *, name: str, domain_type: str, cmdline: str, console: Path,
-    mac: str, qemu_args: list[str],
+    mac: str, qemu_args: list[str], bridge: str | None = None,
 ) -> str:
     """The XML of a transient domain ``name`` (``domain_type`` ``kvm`` or ``qemu``, i.e.
     TCG), from the user's template when the service has one (``${name}`` and the other
     TEMPLATE_FIELDS, XML-escaped; ``qemu_args`` are then not used), else microvm as the
-    module's docstring says."""
+    module's docstring says: with ``bridge``, a NIC of MAC ``mac`` on that bridge (and
+    ``qemu_args`` unused), else ``qemu_args`` passed to QEMU (user networking)."""
     if settings.template is not None:
         values = {
             "name": name, "memory": str(settings.memory), "cpus": str(settings.cpus),
             "kernel": str(settings.kernel), "cmdline": cmdline, "mac": mac,
             "console": str(console), "domain_type": domain_type,
+            "bridge": bridge or settings.bridge,
         }
         return string.Template(settings.template).substitute(
             {k: escape(v, {"'": "&apos;", '"': "&quot;"}) for k, v in values.items()})
+    nic = ""
+    if bridge is not None:
+        qemu_args = []
+        nic = f"""    <interface type='bridge'>
+      <mac address={quoteattr(mac)}/>
+      <source bridge={quoteattr(bridge)}/>
+      <model type='virtio'/>
+      <address type='virtio-mmio'/>
+    </interface>
+"""
     args = "".join(f"    <qemu:arg value={quoteattr(a)}/>\n" for a in qemu_args)
+    if args:
+        args = f"  <qemu:commandline>\n{args}  </qemu:commandline>\n"
     return f"""<domain type={quoteattr(domain_type)} xmlns:qemu={quoteattr(QEMU_NS)}>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{settings.memory}</memory>
@@ -64,8 +81,6 @@ def domain_xml(
     <serial type='file'>
       <source path={quoteattr(str(console))}/>
     </serial>
-  </devices>
-  <qemu:commandline>
-{args}  </qemu:commandline>
-</domain>
+{nic}  </devices>
+{args}</domain>
 """

@@ -63,17 +63,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
     extra = t.raw("extra_args", [])
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise t.error("extra_args", "expected a list of strings (QEMU arguments)")
-    raw_subnet = t.string("subnet", "10.77.0.0/24")
-    try:
-        subnet = ipaddress.IPv4Network(raw_subnet, strict=False)
-    except ValueError:
-        raise t.error("subnet", f"expected an IPv4 network such as 10.77.0.0/24, got {raw_subnet!r}") \
-            from None
-    if subnet.num_addresses < 4:
-        raise t.error("subnet", "expected a network with room for a gateway and instances")
-    bridge = t.string("bridge", "jl0")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
-        raise t.error("bridge", f"expected an interface name of at most 15 characters, got {bridge!r}")
+    bridge, subnet = parse_bridge(t)
     settings = QemuSettings(
         kernel=(base_dir / kernel).resolve(),
         binary=t.string("binary", "qemu-system-x86_64"),
@@ -93,6 +83,22 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
     )
     t.done()
     return settings
+
+
+def parse_bridge(t: Table) -> tuple[str, ipaddress.IPv4Network]:
+    """The ``bridge`` and ``subnet`` keys of bridge networking (qemu and libvirt)."""
+    raw_subnet = t.string("subnet", "10.77.0.0/24")
+    try:
+        subnet = ipaddress.IPv4Network(raw_subnet, strict=False)
+    except ValueError:
+        raise t.error("subnet", f"expected an IPv4 network such as 10.77.0.0/24, got {raw_subnet!r}") \
+            from None
+    if subnet.num_addresses < 4:
+        raise t.error("subnet", "expected a network with room for a gateway and instances")
+    bridge = t.string("bridge", "jl0")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
+        raise t.error("bridge", f"expected an interface name of at most 15 characters, got {bridge!r}")
+    return bridge, subnet
 
 
 def kvm_usable() -> bool:
