@@ -77,7 +77,7 @@ def test_defaults_table_and_durations() -> None:
     [
         ("[dns\n", "conf.toml: not valid TOML: "),
         ("[dns]\nzones = []\n", "conf.toml: dns.zones: expected at least one zone name"),
-        ("", "conf.toml: dns.zones: missing (expected a list of strings)"),
+        ("", "conf.toml: dns.zones: missing (expected a list of zone names)"),
         ('[dns]\nzones = ["jit..test"]\n', "conf.toml: dns.zones: expected a DNS name such as"),
         (BASE + 'listen = ["localhost:53"]\n', "conf.toml: dns.listen: expected ADDRESS:PORT"),
         (BASE + 'listen = ["127.0.0.1:99999"]\n', "conf.toml: dns.listen: port must be from 0 to 65535"),
@@ -85,7 +85,8 @@ def test_defaults_table_and_durations() -> None:
         (BASE + 'ttl = "30"\n', "conf.toml: dns.ttl: expected an integer, got a string ('30')"),
         (BASE + "colour = 1\n", "conf.toml: dns.colour: unknown key"),
         (BASE + "[dns.soa]\nserial = 1.5\n", "conf.toml: dns.soa.serial: expected an integer, got a number"),
-        (BASE + "[surprise]\n", "conf.toml: surprise: unknown key"),
+        (BASE + "[surprise]\n", "conf.toml: surprise: unknown table (the tables are [daemon], "
+         "[dns], [proxy], [metrics], [host], [defaults] and [[service]])"),
         (BASE + "[dns.rrl]\nrate = -1\n", "conf.toml: dns.rrl.rate: expected an integer from 0 to"),
         (BASE + "[dns.rrl]\nipv4_prefix = 33\n",
          "conf.toml: dns.rrl.ipv4_prefix: expected an integer from 0 to 32"),
@@ -159,9 +160,7 @@ def test_service_errors(change: tuple[str, str], expected: str) -> None:
 
 def test_duplicates_across_services() -> None:
     two = BASE + SERVICE + SERVICE.replace("127.77.0.1", "127.77.0.2")
-    assert error(two) == (
-        "conf.toml: service 'hello': name: name 'hello.jit.test' is already used by service 'hello'"
-    )
+    assert error(two) == "conf.toml: service 'hello': defined twice, at line 5 and at line 12"
     other = SERVICE.replace('"hello"', '"other"')
     assert error(BASE + SERVICE + other) == (
         "conf.toml: service 'other': front: 127.77.0.1 port 8080 is already the front of "
@@ -314,3 +313,111 @@ def test_the_same_text_parses_to_equal_configs() -> None:
     changed = parse_config(text.replace("demo --port", "demo2 --port"), "/x/c.toml")
     assert changed.service("hello") != a.service("hello")
     assert changed.service("vm") == a.service("vm")
+
+
+# ---- messages that name the mistake -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A typo'd table is named before anything it should have held is missing.
+        ('[dnss]\nzones = ["jit.test"]\n', "dnss: unknown table (did you mean [dns]?)"),
+        (BASE + "[proxi]\nmax_buffer = 1\n", "proxi: unknown table (did you mean [proxy]?)"),
+        (BASE + '[[services]]\nname = "a"\n', "services: unknown table (did you mean [[service]]?)"),
+        ('zones = ["jit.test"]\n' + BASE,
+         "zones: unknown key (keys belong in a table: [daemon], [dns], [proxy], [metrics], "
+         "[host], [defaults], [[service]])"),
+        # A typo'd key: the missing key points at it; an unknown key names the close one.
+        ('[dns]\nzone = ["jit.test"]\n',
+         "dns.zones: missing (expected a list of zone names); is 'dns.zone' a typo?"),
+        (BASE + "max_tcp_conections = 3\n",
+         "dns.max_tcp_conections: unknown key (did you mean 'max_tcp_connections'?)"),
+        (BASE + "[host]\nmax_instance = 3\n",
+         "host.max_instance: unknown key (did you mean 'max_instances'?)"),
+        # A string where a list is expected is a type error that shows the fix.
+        ('[dns]\nzones = "jit.test"\n',
+         "dns.zones: expected a list of zone names, got a string ('jit.test'); "
+         'write zones = ["jit.test"]'),
+        (BASE + 'listen = "127.0.0.1:53"\n',
+         "dns.listen: expected a list of ADDRESS:PORT strings, got a string ('127.0.0.1:53'); "
+         'write listen = ["127.0.0.1:53"]'),
+        (BASE + 'nameservers = "ns1.jit.test"\n',
+         "dns.nameservers: expected a list of DNS names, got a string ('ns1.jit.test')"),
+        (BASE + 'nameserver_addresses = "192.0.2.1"\n',
+         "dns.nameserver_addresses: expected a list of addresses, got a string ('192.0.2.1')"),
+        (BASE + '[dns.rrl]\nexempt = "10.0.0.0/8"\n',
+         "dns.rrl.exempt: expected a list of networks, got a string ('10.0.0.0/8')"),
+        (BASE + '[metrics]\nlisten = "127.0.0.1:9464"\n',
+         "metrics.listen: expected a list of ADDRESS:PORT strings, got a string"),
+        (BASE + "zones = { a = 1 }\n", "not valid TOML"),  # TOML itself refuses the repeat
+        ('[dns]\nzones = { a = "jit.test" }\n',
+         "dns.zones: expected a list of zone names, got a table ({'a': 'jit.test'})"),
+        # The same thing listed twice is named.
+        ('[dns]\nzones = ["jit.test", "JIT.test."]\n', "dns.zones: 'jit.test' is listed twice"),
+        (BASE + 'nameservers = ["ns.jit.test", "ns.jit.test"]\n',
+         "dns.nameservers: 'ns.jit.test' is listed twice"),
+        (BASE + 'nameserver_addresses = ["::1", "0::1"]\n',
+         "dns.nameserver_addresses: '::1' is listed twice"),
+        (BASE + 'listen = ["127.0.0.1:53", "127.0.0.1:53"]\n',
+         "dns.listen: '127.0.0.1:53' is listed twice"),
+        # [defaults] values are checked even when no service reads them.
+        (BASE + '[defaults]\nidle_timeout = { s = 1 }\n',
+         "defaults.idle_timeout: expected a duration such as 30"),
+        (BASE + '[defaults]\nbackend = "xen"\n', "defaults.backend: unknown backend 'xen'"),
+        (BASE + '[defaults]\nanswer = ["proxy"]\n',
+         "defaults.answer: expected a string, got a list (['proxy'])"),
+    ],
+)
+def test_messages_name_the_mistake(text: str, expected: str) -> None:
+    assert error(text).startswith(f"conf.toml: {expected}")
+
+
+def test_listen_may_repeat_port_zero() -> None:
+    dns = parse_config(BASE + 'listen = ["127.0.0.1:0", "127.0.0.1:0"]\n', "c.toml").dns
+    assert len(dns.listen) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("front = [\"127.77.0.1\"]", "front = \"127.77.0.1\""),
+         "front: expected a list of addresses, got a string ('127.77.0.1'); "
+         'write front = ["127.77.0.1"]'),
+        (("ports = [8080]", "ports = 8080"),
+         "ports: expected a list of port numbers, got an integer (8080); write ports = [8080]"),
+        (("ports = [8080]", "ports = [8080]\nnames = \"www.jit.test\""),
+         "names: expected a list of DNS names, got a string ('www.jit.test'); "
+         'write names = ["www.jit.test"]'),
+        (("ports = [8080]", "ports = [8080]\nidle_timout = 3"),
+         "idle_timout: unknown key (did you mean 'idle_timeout'?)"),
+        (("front = [\"127.77.0.1\"]", "front = [\"127.77.0.1\", \"127.77.0.1\"]"),
+         "front: '127.77.0.1' is listed twice"),
+        (("ports = [8080]", "ports = [8080, 8080]"), "ports: '8080' is listed twice"),
+        (("ports = [8080]", "ports = [8080]\nnames = [\"www.jit.test\", \"WWW.jit.test\"]"),
+         "names: 'WWW.jit.test' is listed twice"),
+        (("ports = [8080]", "ports = [8080]\nnames = [\"hello.jit.test\"]"),
+         "names: 'hello.jit.test' is already the service's own name"),
+        (("command = \"demo --port {port}\"", "command = \"demo\"\ncomand = \"x\""),
+         "process.comand: unknown key (did you mean 'command'?)"),
+    ],
+)
+def test_service_messages_name_the_mistake(change: tuple[str, str], expected: str) -> None:
+    assert error(BASE + SERVICE.replace(*change)) == f"conf.toml: service 'hello': {expected}"
+
+
+def test_a_service_defined_twice_is_named_with_both_places() -> None:
+    other = SERVICE.replace('"hello"', '"other"').replace("127.77.0.1", "127.77.0.3")
+    again = SERVICE.replace("127.77.0.1", "127.77.0.2").replace('"hello"', '"HELLO"')
+    text = BASE + SERVICE + other + again
+    assert error(text) == "conf.toml: service 'hello': defined twice, at line 5 and at line 19"
+    # Without a [[service]] header per service (an inline array), by their order.
+    inline = (
+        'service = [\n'
+        '  { name = "a", front = ["127.77.0.1"], ports = [1], process = { command = "x" } },\n'
+        '  { name = "a", front = ["127.77.0.2"], ports = [1], process = { command = "x" } },\n'
+        ']\n'
+    ) + BASE
+    assert error(inline) == (
+        "conf.toml: service 'a': defined twice, at [[service]] number 1 and at [[service]] number 2"
+    )

@@ -16,9 +16,11 @@ the full reference.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +73,9 @@ class ParseEnv:
     xdg_state_home: str | None = None
 
 
+_ENDPOINTS = "ADDRESS:PORT strings"
+
+
 def default_state_dir(env: ParseEnv) -> Path:
     """Where instance logs and state go: systemd's StateDirectory, else a per-user default."""
     if env.state_directory:
@@ -83,17 +88,19 @@ def default_state_dir(env: ParseEnv) -> Path:
 
 def _parse_dns(root: Table) -> DnsConfig:
     t = root.sub("dns")
-    listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"]))
+    listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"], what=_ENDPOINTS))
     if not listen:
         raise t.error("listen", "expected at least one ADDRESS:PORT")
-    zone_names = [dns_name(t, "zones", z) for z in t.strings("zones")]
+    zone_names = [dns_name(t, "zones", z) for z in t.strings("zones", what="zone names")]
     if not zone_names:
         raise t.error("zones", "expected at least one zone name")
-    if len(set(zone_names)) != len(zone_names):
-        raise t.error("zones", "the same zone is listed twice")
-    ns_names = [dns_name(t, "nameservers", n) for n in t.strings("nameservers", [])]
-    glue = t.strings("nameserver_addresses", [])
+    _once(t, "zones", zone_names)
+    ns_names = [dns_name(t, "nameservers", n) for n in t.strings("nameservers", [], what="DNS names")]
+    _once(t, "nameservers", ns_names)
+    glue = t.strings("nameserver_addresses", [], what="addresses")
     glue_addrs = tuple(address(t, "nameserver_addresses", a) for a in glue)
+    _once(t, "nameserver_addresses", glue_addrs)
+    _once(t, "listen", [e for e in listen if e.port != 0])  # port 0: a new free port each
     if not glue:
         glue_addrs = tuple(e.host for e in listen if e.host not in ("0.0.0.0", "::"))
     soa = t.sub("soa")
@@ -136,7 +143,7 @@ def _parse_dns(root: Table) -> DnsConfig:
 
 def _parse_rrl(t: Table) -> RrlConfig:
     exempt = []
-    for net in t.strings("exempt", []):
+    for net in t.strings("exempt", [], what="networks"):
         try:
             exempt.append(str(ipaddress.ip_network(net, strict=False)))
         except ValueError:
@@ -181,29 +188,39 @@ def _parse_service(
         # A service's own value wins over [defaults].
         return t if t.has(key) else defaults
 
+    def inherited(key: str) -> Any:
+        return _INHERITED[key](pick(key), dns)
+
     names = [f"{name}.{z.name}" for z in dns.zones]
-    for extra in t.strings("names", []):
+    for extra in t.strings("names", [], what="DNS names"):
         n = dns_name(t, "names", extra)
+        if n in names[: len(dns.zones)]:
+            raise t.error("names", f"{extra!r} is already the service's own name")
+        if n in names:
+            raise t.error("names", f"{extra!r} is listed twice")
         if not any(n == z.name or n.endswith("." + z.name) for z in dns.zones):
             raise t.error("names", f"{extra!r} is not inside any configured zone")
         if any(n == z.name for z in dns.zones):
             raise t.error("names", f"{extra!r} is a zone apex; it holds SOA and NS records")
         names.append(n)
-    backend = pick("backend").string("backend", "process")
-    front = tuple(address(t, "front", a) for a in t.strings("front"))
+    backend = inherited("backend")
+    front = tuple(address(t, "front", a) for a in t.strings("front", what="addresses"))
     if not front:
         raise t.error("front", "expected at least one address")
+    _once(t, "front", front)
     ports = t.raw("ports")
     if isinstance(ports, int) and not isinstance(ports, bool):
-        ports = [ports]
+        raise t.error("ports", f"expected a list of port numbers, got {show(ports)}; "
+                      f"write ports = [{ports}]")
     if (
         not isinstance(ports, list)
         or not ports
         or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports)
     ):
         raise t.error("ports", f"expected a list of port numbers (1 to 65535), got {show(ports)}")
-    answer = pick("answer").string("answer", "handoff", choices=ANSWER_MODES)
-    stop = pick("stop").string("stop", "destroy", choices=STOP_MODES)
+    _once(t, "ports", ports)
+    answer = inherited("answer")
+    stop = inherited("stop")
     parser = backends.get(backend)
     if parser is None:
         raise pick("backend").error("backend", f"unknown backend {backend!r}")
@@ -225,22 +242,22 @@ def _parse_service(
         front=front,
         ports=tuple(ports),
         answer=answer,
-        idle_timeout=pick("idle_timeout").duration("idle_timeout", 300),
-        boot_timeout=pick("boot_timeout").duration("boot_timeout", 10),
+        idle_timeout=inherited("idle_timeout"),
+        boot_timeout=inherited("boot_timeout"),
         stop=stop,
-        max_instances=pick("max_instances").integer("max_instances", 1, low=1, high=10000),
-        ttl=pick("ttl").integer("ttl", dns.ttl),
-        booting_ttl=pick("booting_ttl").integer("booting_ttl", dns.booting_ttl),
-        retry_backoff=pick("retry_backoff").duration("retry_backoff", 1),
-        retry_backoff_max=pick("retry_backoff_max").duration("retry_backoff_max", 60),
+        max_instances=inherited("max_instances"),
+        ttl=inherited("ttl"),
+        booting_ttl=inherited("booting_ttl"),
+        retry_backoff=inherited("retry_backoff"),
+        retry_backoff_max=inherited("retry_backoff_max"),
         extra_names=len(names) - len(dns.zones),
-        health_interval=pick("health_interval").duration("health_interval", 10),
-        health_timeout=pick("health_timeout").duration("health_timeout", 2),
-        health_failures=pick("health_failures").integer("health_failures", 3, low=1, high=1000),
+        health_interval=inherited("health_interval"),
+        health_timeout=inherited("health_timeout"),
+        health_failures=inherited("health_failures"),
         pinned=t.boolean("pinned", False),
-        priority=pick("priority").integer("priority", 0, low=-1000, high=1000),
+        priority=inherited("priority"),
     )
-    t.done()
+    t.done(also=_DEFAULT_KEYS)
     pool = getattr(settings, "pool", 0)
     if pool >= svc.max_instances:
         raise t.error(
@@ -252,11 +269,40 @@ def _parse_service(
     return svc
 
 
-_DEFAULT_KEYS = (
-    "backend", "answer", "idle_timeout", "boot_timeout", "stop", "max_instances", "ttl",
-    "booting_ttl", "retry_backoff", "retry_backoff_max", "health_interval", "health_timeout",
-    "health_failures", "priority",
-)
+#: The service keys that [defaults] may set, each with its reader (a service's table, or
+#: [defaults] when the service leaves the key out; ``dns`` gives the TTL defaults).
+_INHERITED: dict[str, Callable[[Table, DnsConfig], Any]] = {
+    "backend": lambda t, dns: t.string("backend", "process"),
+    "answer": lambda t, dns: t.string("answer", "handoff", choices=ANSWER_MODES),
+    "idle_timeout": lambda t, dns: t.duration("idle_timeout", 300),
+    "boot_timeout": lambda t, dns: t.duration("boot_timeout", 10),
+    "stop": lambda t, dns: t.string("stop", "destroy", choices=STOP_MODES),
+    "max_instances": lambda t, dns: t.integer("max_instances", 1, low=1, high=10000),
+    "ttl": lambda t, dns: t.integer("ttl", dns.ttl),
+    "booting_ttl": lambda t, dns: t.integer("booting_ttl", dns.booting_ttl),
+    "retry_backoff": lambda t, dns: t.duration("retry_backoff", 1),
+    "retry_backoff_max": lambda t, dns: t.duration("retry_backoff_max", 60),
+    "health_interval": lambda t, dns: t.duration("health_interval", 10),
+    "health_timeout": lambda t, dns: t.duration("health_timeout", 2),
+    "health_failures": lambda t, dns: t.integer("health_failures", 3, low=1, high=1000),
+    "priority": lambda t, dns: t.integer("priority", 0, low=-1000, high=1000),
+}
+_DEFAULT_KEYS = tuple(_INHERITED)
+
+
+def _parse_defaults(
+    root: Table, dns: DnsConfig, backends: Mapping[str, SettingsParser]
+) -> Table:
+    """[defaults], every value checked now: a service that sets the key itself never reads
+    it, and a bad value must not wait for a service that does."""
+    defaults = root.sub("defaults")
+    for key in defaults.data:
+        if key not in _INHERITED:
+            raise defaults.error(key, f"unknown key (allowed: {', '.join(_DEFAULT_KEYS)})")
+        value = _INHERITED[key](defaults, dns)
+        if key == "backend" and value not in backends:
+            raise defaults.error(key, f"unknown backend {value!r}")
+    return defaults
 
 
 def parse_config(
@@ -282,6 +328,7 @@ def parse_config(
     if base_dir is None:
         base_dir = (env.cwd / path).parent if not path.startswith("<") else env.cwd
     root = Table(path, data)
+    _check_tables(path, data)
 
     d = root.sub("daemon")
     state_dir = d.raw("state_dir")
@@ -322,7 +369,10 @@ def parse_config(
 
     m = root.sub("metrics")
     metrics = MetricsConfig(
-        listen=tuple(endpoint(m, "listen", v) for v in m.strings("listen", ["127.0.0.1:9464"])),
+        listen=tuple(
+            endpoint(m, "listen", v)
+            for v in m.strings("listen", ["127.0.0.1:9464"], what=_ENDPOINTS)
+        ),
         timeout=m.duration("timeout", 10),
         max_connections=m.integer("max_connections", 16, low=1, high=4096),
     )
@@ -330,11 +380,7 @@ def parse_config(
 
     host = _parse_host(root.sub("host"))
 
-    defaults = root.sub("defaults")
-    for key in defaults.data:
-        if key not in _DEFAULT_KEYS:
-            raise defaults.error(key, f"unknown key (allowed: {', '.join(_DEFAULT_KEYS)})")
-        defaults.raw(key)
+    defaults = _parse_defaults(root, dns, backends)
 
     raw_services = root.raw("service", [])
     if not isinstance(raw_services, list):
@@ -344,12 +390,38 @@ def parse_config(
         for i, s in enumerate(raw_services)
     )
     root.done()
-    _check_unique(path, services)
+    _check_unique(path, text, services)
     _check_host(path, host, services)
     return Config(
         path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
         host=host,
     )
+
+
+#: The top-level tables, as written in the file.
+_TABLES = {
+    "daemon": "[daemon]", "dns": "[dns]", "proxy": "[proxy]", "metrics": "[metrics]",
+    "host": "[host]", "defaults": "[defaults]", "service": "[[service]]",
+}
+
+
+def _check_tables(path: str, data: Mapping[str, Any]) -> None:
+    """Unknown top-level names first: a typo'd ``[dnss]`` must be named as such, not show up
+    later as ``dns.zones: missing``."""
+    for key, value in data.items():
+        if key in _TABLES:
+            continue
+        table = isinstance(value, dict) or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+        )
+        known = list(_TABLES.values())
+        if table and (close := difflib.get_close_matches(key, list(_TABLES), n=1)):
+            message = f"unknown table (did you mean {_TABLES[close[0]]}?)"
+        elif table:
+            message = f"unknown table (the tables are {', '.join(known[:-1])} and {known[-1]})"
+        else:
+            message = f"unknown key (keys belong in a table: {', '.join(known)})"
+        raise ConfigError(path, message, key=key)
 
 
 def _parse_host(t: Table) -> HostConfig:
@@ -390,7 +462,38 @@ def _check_host(path: str, host: HostConfig, services: tuple[ServiceConfig, ...]
         )
 
 
-def _check_unique(path: str, services: tuple[ServiceConfig, ...]) -> None:
+def _once(t: Table, key: str, values: Sequence[object]) -> None:
+    """A list that names the same thing twice is a mistake (a copy that was meant to be
+    edited); say which value."""
+    seen: set[object] = set()
+    for value in values:
+        if value in seen:
+            raise t.error(key, f"{str(value)!r} is listed twice")
+        seen.add(value)
+
+
+_SERVICE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*service[ \t]*\]\][ \t]*(#.*)?$", re.MULTILINE)
+
+
+def _service_places(text: str, count: int) -> list[str]:
+    """Where each [[service]] table is, for messages: its header's line when every service
+    has a ``[[service]]`` header line, else its position among them."""
+    lines = [text.count("\n", 0, m.start()) + 1 for m in _SERVICE_HEADER.finditer(text)]
+    if len(lines) == count:
+        return [f"line {n}" for n in lines]
+    return [f"[[service]] number {i + 1}" for i in range(count)]
+
+
+def _check_unique(path: str, text: str, services: tuple[ServiceConfig, ...]) -> None:
+    first: dict[str, int] = {}
+    for i, s in enumerate(services):
+        if s.name in first:
+            places = _service_places(text, len(services))
+            raise ConfigError(
+                path, f"defined twice, at {places[first[s.name]]} and at {places[i]}",
+                service=s.name,
+            )
+        first[s.name] = i
     seen_names: dict[str, str] = {}
     seen_fronts: dict[tuple[str, int], str] = {}
     for s in services:

@@ -6,10 +6,12 @@ Nothing here knows the configuration's structure; :mod:`.parse` does.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
@@ -35,12 +37,22 @@ class Table:
         self.prefix = prefix
         self.service = service
         self._seen: set[str] = set()
+        self._asked: set[str] = set()  # keys looked for with has(): known, maybe not read
 
     def error(self, key: str | None, message: str) -> ConfigError:
         full = None if key is None else self.prefix + key
         return ConfigError(self.path, message, service=self.service, key=full)
 
+    def missing(self, key: str, expected: str) -> ConfigError:
+        """A required key is absent; if an unread key looks like a typo of it, say so."""
+        unread = [k for k in self.data if k not in self._seen]
+        message = f"missing (expected {expected})"
+        if close := difflib.get_close_matches(key, unread, n=1):
+            message += f"; is {self.prefix + close[0]!r} a typo?"
+        return self.error(key, message)
+
     def has(self, key: str) -> bool:
+        self._asked.add(key)
         return key in self.data
 
     def raw(self, key: str, default: Any = None) -> Any:
@@ -60,21 +72,25 @@ class Table:
     def string(self, key: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
         value = self.raw(key, default)
         if value is None:
-            raise self.error(key, "missing (expected a string)")
+            raise self.missing(key, "a string")
         if not isinstance(value, str):
             raise self.error(key, f"expected a string, got {show(value)}")
         if choices and value not in choices:
             raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def strings(self, key: str, default: list[str] | None = None, *, one_ok: bool = True) -> list[str]:
+    def strings(self, key: str, default: list[str] | None = None, *, what: str = "strings") -> list[str]:
+        """A list of strings; ``what`` names them in messages ("zone names"). A lone string
+        is an error, not a list of one: the reader should see the brackets in the file."""
         value = self.raw(key, default)
         if value is None:
-            raise self.error(key, "missing (expected a list of strings)")
-        if one_ok and isinstance(value, str):
-            value = [value]
+            raise self.missing(key, f"a list of {what}")
+        if isinstance(value, str):
+            raise self.error(
+                key, f"expected a list of {what}, got {show(value)}; write {key} = [{_toml(value)}]"
+            )
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(key, f"expected a list of strings, got {show(value)}")
+            raise self.error(key, f"expected a list of {what}, got {show(value)}")
         return list(value)
 
     def integer(
@@ -82,7 +98,7 @@ class Table:
     ) -> int:
         value = self.raw(key, default)
         if value is None:
-            raise self.error(key, "missing (expected an integer)")
+            raise self.missing(key, "an integer")
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {show(value)}")
         if not low <= value <= high:
@@ -103,7 +119,7 @@ class Table:
         value = self.raw(key, default)
         expected = 'a duration such as 30, "250ms", "30s", "5m" or "never"'
         if value is None:
-            raise self.error(key, f"missing (expected {expected})")
+            raise self.missing(key, expected)
         seconds: float
         if isinstance(value, bool):
             raise self.error(key, f"expected {expected}, got {show(value)}")
@@ -119,10 +135,21 @@ class Table:
             raise self.error(key, f"expected a positive duration, got {show(value)}")
         return seconds
 
-    def done(self) -> None:
+    def done(self, also: Iterable[str] = ()) -> None:
+        """Report the first key no getter asked for, with the closest known key (those asked
+        for, and ``also``: keys valid here but read from elsewhere) if one is close."""
         unknown = sorted(set(self.data) - self._seen)
         if unknown:
-            raise self.error(unknown[0], "unknown key")
+            message = "unknown key"
+            known = sorted(self._seen.union(self._asked, also))
+            if close := difflib.get_close_matches(unknown[0], known, n=1):
+                message += f" (did you mean {close[0]!r}?)"
+            raise self.error(unknown[0], message)
+
+
+def _toml(value: str) -> str:
+    """A string as a TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def show(value: Any) -> str:
