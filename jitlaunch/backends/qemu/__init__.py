@@ -14,14 +14,18 @@ its console is read to EOF (bounded) before the exit is reported, and the report
 last words (:func:`last_words`) and names the log.
 
 Accelerator: ``accel = "auto"`` uses KVM when /dev/kvm opens and TCG otherwise; if a kernel
-hits a KVM emulation failure under ``auto``, later boots of that kernel use TCG. The choice is
-logged for every instance.
+hits a KVM emulation failure under ``auto``, later boots of that kernel use TCG. Program:
+``binary = "auto"`` runs Debian's reduced build ``qemu-system-x86_64-microvm`` (KVM only, no
+user networking, half the memory) where it applies, else ``qemu-system-x86_64``
+(:func:`.settings.choose_binary`). Both choices are logged for every instance. Guest RAM is a
+private memfd mapping, so that transparent huge pages do not make a guest that touches a few
+pages cost 2 MiB (``hugepages``, :func:`.argv.build_argv`).
 
 Stop modes: ``destroy`` (QMP quit, SIGKILL after the grace period), ``shutdown``
 (system_powerdown, SIGKILL after the grace period), ``pause`` (QMP stop; the next start is a
 QMP cont) and ``save`` (the state is migrated to a file in ``<state_dir>/saved``, QEMU quits;
 the next start runs QEMU with ``-incoming`` from it and removes the file; it survives a
-restart of the daemon, and a changed kernel image or QEMU setting invalidates it).
+restart of the daemon, and a changed kernel image, QEMU setting or QEMU version invalidates it).
 
 Warm pool: ``pool = N`` keeps N instances booted to their READY line and then paused (QMP
 stop): kernel loaded, network attached, listener up. A start takes one and resumes it (QMP

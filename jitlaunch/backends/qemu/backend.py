@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -24,13 +25,17 @@ from .argv import build_argv, tap_netdev, user_netdev
 from .handle import RESUME_TIMEOUT, QemuHandle
 from .settings import (
     MARKER,
+    REDUCED_BINARY,
     USER_GATEWAY,
     USER_IP,
     USER_PREFIX,
     QemuSettings,
+    choose_binary,
     image_id,
     instance_mac,
+    is_reduced,
     kvm_usable,
+    reduced_cannot,
     saved_mac,
 )
 
@@ -58,6 +63,9 @@ class QemuBackend(Backend):
         self.image_ids: dict[Path, str] = {}
         self._kvm: bool | None = None
         self._kvm_broken: set[Path] = set()
+        self._reduced_installed: bool | None = None
+        #: ``--version`` of each QEMU program, by (path, inode, mtime): an upgrade is seen.
+        self._versions: dict[tuple[str, int, int], str] = {}
         self._counter = 0
         #: Host ports of our user-networking instances, so that two launches never pick one.
         self._host_ports: set[int] = set()
@@ -166,6 +174,48 @@ class QemuBackend(Backend):
             return "tcg"
         return "kvm"
 
+    def _binary(self, settings: QemuSettings, accel: str) -> str:
+        """The QEMU program for an instance (:func:`choose_binary`); BootFailed if it is the
+        reduced build and ``accel`` resolved to TCG, which it cannot run."""
+        if self._reduced_installed is None:
+            self._reduced_installed = shutil.which(REDUCED_BINARY) is not None
+        binary = choose_binary(settings, accel, self._reduced_installed)
+        if is_reduced(binary) and (why := reduced_cannot(accel, settings.network)):
+            cause = ("KVM failed on this kernel (an emulation failure)"
+                     if settings.kernel in self._kvm_broken else "/dev/kvm is not usable here")
+            raise BootFailed(f'binary = "{binary}" is QEMU\'s reduced build, which {why}, and '
+                             f'{cause}; set binary = "auto" or "qemu-system-x86_64"')
+        return binary
+
+    async def qemu_version(self, binary: str) -> str:
+        """The first line of ``binary --version`` (cached per program file), or "" if it
+        cannot be run: what a saved state records and a restore must match."""
+        def key() -> tuple[str, int, int] | None:
+            path = shutil.which(binary)
+            if path is None:
+                return None
+            st = os.stat(path)
+            return path, st.st_ino, st.st_mtime_ns
+
+        try:
+            found = await trio.to_thread.run_sync(key)
+        except OSError:
+            found = None
+        if found is None:
+            return ""
+        if found not in self._versions:
+            try:
+                with trio.fail_after(10):
+                    res = await trio.run_process([found[0], "--version"], capture_stdout=True,
+                                                 stderr=subprocess.DEVNULL, check=False)
+            except (OSError, trio.TooSlowError):
+                return ""
+            lines = res.stdout.decode(errors="replace").splitlines()
+            if res.returncode != 0 or not lines:
+                return ""
+            self._versions[found] = lines[0].strip()
+        return self._versions[found]
+
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         if isinstance(saved, QemuHandle):
             if saved.paused and saved.alive():
@@ -195,8 +245,10 @@ class QemuBackend(Backend):
             except OSError as exc:
                 raise BootFailed(f"cannot read the saved state's description {meta}: {exc}") \
                     from exc
-            kept_mac = saved_mac(text, self.image_ids.get(settings.kernel, ""), settings,
-                                 self._accel(settings))
+            accel = self._accel(settings)
+            version = await self.qemu_version(self._binary(settings, accel))
+            kept_mac = saved_mac(text, self.image_ids.get(settings.kernel, ""), settings, accel,
+                                 version)
             if kept_mac is not None:
                 incoming = state
                 mac = mac or kept_mac
@@ -242,6 +294,7 @@ class QemuBackend(Backend):
         qmp_path = self.run_dir / f"{tag}.qmp"
         pidfile = self.run_dir / f"{tag}.pid"
         accel = self._accel(settings)
+        binary = self._binary(settings, accel)
         if mac is None:
             mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
         release_net: list[Lease] = []
@@ -272,7 +325,7 @@ class QemuBackend(Backend):
                 netdev = user_netdev(host_ports, dict(zip(service.ports, settings.guest_ports,
                                                           strict=True)))
             argv = build_argv(
-                settings, accel=accel, cmdline=cmdline, qmp_path=qmp_path, pidfile=pidfile,
+                settings, binary=binary, accel=accel, cmdline=cmdline, qmp_path=qmp_path, pidfile=pidfile,
                 service=service.name, number=number, netdev=netdev, mac=mac, incoming=incoming,
             )
             try:
@@ -298,15 +351,16 @@ class QemuBackend(Backend):
                 logfile.close()
                 self._forget_ports(host_ports)
                 await self._release_net(release_net)
-                raise BootFailed(f"cannot run {settings.binary}: {exc.strerror or exc}") from exc
+                raise BootFailed(f"cannot run {binary}: {exc.strerror or exc}") from exc
             handle = QemuHandle(
-                self, service, number, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
+                self, service, number, binary, accel, proc, logfile, qmp_path, pidfile, host_ports, ip,
                 address, release_net, mac,
             )
             handle.restoring = incoming
             log.info(
-                "%s#%d: QEMU pid %d (%s%s%s)", service.name, number, proc.pid, accel,
-                ", for the warm pool" if pool else "", ", restoring" if incoming else "",
+                "%s#%d: QEMU pid %d (%s, %s%s%s)", service.name, number, proc.pid,
+                os.path.basename(binary), accel, ", for the warm pool" if pool else "",
+                ", restoring" if incoming else "",
             )
             if not host_ports:
                 return handle

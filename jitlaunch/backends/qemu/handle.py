@@ -43,6 +43,7 @@ class QemuHandle(Handle):
         backend: QemuBackend,
         service: ServiceConfig,
         number: int,
+        binary: str,
         accel: str,
         proc: trio.Process,
         logfile: IO[bytes],
@@ -57,6 +58,7 @@ class QemuHandle(Handle):
         self.backend = backend
         self.service = service
         self.number = number
+        self.binary = binary
         self.accel = accel
         self.proc = proc
         self.pid = proc.pid
@@ -226,7 +228,7 @@ class QemuHandle(Handle):
                 return f"QEMU killed by {signal.Signals(-code).name}{when} {where}"
             except ValueError:
                 return f"QEMU killed by signal {-code}{when} {where}"
-        words = last_words(self.console.last_lines(), self.settings.binary)
+        words = last_words(self.console.last_lines(), self.binary)
         return f"QEMU exited with status {code}{when}{': ' + words if words else ''} {where}"
 
     async def _read_console(self) -> None:
@@ -376,6 +378,7 @@ class QemuHandle(Handle):
     async def _save(self, qmp: QMP) -> bool:
         path = self.backend.saved_path(self.service.name)
         tmp = path.with_suffix(".tmp")
+        version = await self.backend.qemu_version(self.binary)
         try:
             await qmp.execute("stop")
             # exec: runs through /bin/sh, so the path is quoted (a state_dir may have spaces).
@@ -391,7 +394,8 @@ class QemuHandle(Handle):
                 await trio.sleep(0.002)
             tmp.replace(path)
             path.with_suffix(".image").write_text(saved_meta(
-                self.backend.image_ids[self.settings.kernel], self.settings, self.accel, self.mac))
+                self.backend.image_ids[self.settings.kernel], self.settings, self.accel, self.mac,
+                version))
         except BaseException:
             for p in (tmp, path, path.with_suffix(".image")):  # no half-written state
                 with contextlib.suppress(OSError):
