@@ -139,7 +139,11 @@ def _qemu(svc: ServiceConfig, root: bool) -> list[Finding]:
     if not settings.kernel.is_file():
         out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
                            "qemu.kernel"))
-    binary = settings.binary
+    # binary = "auto": the program it picks on this host (KVM and the reduced build looked at now).
+    from .backends.qemu.settings import REDUCED_BINARY, choose_binary, kvm_usable
+
+    accel = settings.accel if settings.accel != "auto" else "kvm" if kvm_usable() else "tcg"
+    binary = choose_binary(settings, accel, shutil.which(REDUCED_BINARY) is not None)
     if shutil.which(binary) is None:
         out.append(Finding(True, f"QEMU binary {binary!r} is not found (or not executable)"
                            + ("" if "/" in binary else " in PATH"), svc.name, "qemu.binary"))
