@@ -53,9 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     probe.add_argument("name", metavar="NAME")
     probe.add_argument("--server", required=True, metavar="ADDR:PORT", help="DNS server to ask")
-    probe.add_argument("--port", type=int, default=80, help="TCP port to connect to (default 80)")
+    probe.add_argument("--port", type=int, default=8080,
+                       help="TCP port to connect to (default 8080, as the default config serves)")
     probe.add_argument("--path", default="/", help="HTTP path to get (default /)")
-    probe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    probe.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds each phase (DNS, connect, first byte) may take (default 10)")
     probe.add_argument("--tcp", action="store_true", help="ask over TCP instead of UDP")
     probe.add_argument("--ipv6", action="store_true", help="ask for AAAA instead of A")
 
