@@ -2,11 +2,15 @@
 polling with a deadline, free loopback ports and addresses, statistics and result files.
 
 Only the standard library. Every benchmark is run from the repository root, e.g.
-``python3 bench/dns_qps/run.py``; it imports this module by path.
+``python3 bench/dns_qps/run.py``; it imports this module by path, and importing it first
+makes sure the benchmark runs under the repository's ``.venv`` (see :func:`use_repository_venv`),
+where jitlaunch and its dependencies are.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import math
 import os
@@ -24,10 +28,64 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+VENV = ROOT / ".venv"
+#: Set in the environment of a benchmark re-executed under the .venv (so it happens once).
+REEXEC_MARK = "JITLAUNCH_BENCH_VENV"
+
+
+def use_repository_venv() -> None:
+    """Run the benchmark being started (``__main__``, a script in bench/) under the
+    repository's ``.venv`` python, which ``scripts/setup`` makes: when another interpreter
+    runs it (``python3 bench/dns_qps/run.py``), re-execute it there with the same arguments.
+    Without a .venv, check that what the script imports is importable, else exit 2 naming
+    what is missing and the command that fixes it. Nothing happens for anything else that
+    imports this module (pytest, a script outside bench/)."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if script is None or Path(script).resolve().parent.parent != ROOT / "bench":
+        return
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    python = VENV / "bin" / "python"
+    if python.exists() and not os.environ.get(REEXEC_MARK):
+        os.environ[REEXEC_MARK] = "1"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(python, [str(python), str(Path(script).resolve()), *sys.argv[1:]])
+    missing = _missing_modules(Path(script))
+    if missing:
+        name = Path(script).parent.name
+        print(f"{name}: missing Python module(s) {', '.join(missing)} for {sys.executable}; "
+              f"run scripts/setup (it makes {VENV} with jitlaunch and its dependencies), or "
+              f"run the benchmark with {python}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _missing_modules(script: Path) -> list[str]:
+    """The modules ``script`` imports (and jitlaunch, when it starts the daemon) that this
+    interpreter cannot import."""
+    text = script.read_text()
+    names = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    if "jitlaunch_command" in text and shutil.which("jitlaunch") is None:
+        names.add("jitlaunch")
+    names -= set(sys.stdlib_module_names) | {"common", "__future__"}
+    return sorted(n for n in names if importlib.util.find_spec(n) is None)
+
+
+use_repository_venv()
 
 
 class BenchError(Exception):
     """A benchmark cannot run (missing tool, server that never became ready...)."""
+
+
+class MissingTool(BenchError):
+    """A tool the benchmark needs is not installed: exit status 2 (see bench/README.md)."""
 
 
 def require_tool(name: str, path: str | None = None, apt: str | None = None) -> str:
@@ -35,7 +93,7 @@ def require_tool(name: str, path: str | None = None, apt: str | None = None) -> 
     found = path if path and os.access(path, os.X_OK) else shutil.which(name)
     if not found:
         pkg = apt or name
-        raise BenchError(
+        raise MissingTool(
             f"required tool {name!r} not found (install it: apt-get install -y {pkg})"
         )
     return found

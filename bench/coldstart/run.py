@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (
     ROOT,
     BenchError,
+    MissingTool,
     ProcessGroup,
     free_port,
     jitlaunch_command,
@@ -199,7 +200,7 @@ def main() -> int:
     args = ap.parse_args()
     require_tool("qemu-system-x86_64", apt="qemu-system-x86")
     if not KERNEL.exists():
-        raise BenchError(f"{KERNEL} is missing: run make -C images")
+        raise MissingTool(f"{KERNEL} is missing: run make -C images")
     accels = (["kvm"] if kvm_usable() else []) + ["tcg"]
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as tmp:
@@ -293,4 +294,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except BenchError as exc:
         print(f"coldstart: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, MissingTool) else 1)
