@@ -37,17 +37,16 @@ def use_repository_venv() -> None:
     """Run the benchmark being started (``__main__``, a script in bench/) under the
     repository's ``.venv`` python, which ``scripts/setup`` makes: when another interpreter
     runs it (``python3 bench/dns_qps/run.py``), re-execute it there with the same arguments.
-    Without a .venv, check that what the script imports is importable, else exit 2 naming
-    what is missing and the command that fixes it. Nothing happens for anything else that
+    Then (or without a .venv) check that what the script imports is importable, else exit 2
+    naming what is missing and the command that fixes it. Nothing happens for anything else that
     imports this module (pytest, a script outside bench/)."""
     main = sys.modules.get("__main__")
     script = getattr(main, "__file__", None)
     if script is None or Path(script).resolve().parent.parent != ROOT / "bench":
         return
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
     python = VENV / "bin" / "python"
-    if python.exists() and not os.environ.get(REEXEC_MARK):
+    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
+    if not in_venv and python.exists() and not os.environ.get(REEXEC_MARK):
         os.environ[REEXEC_MARK] = "1"
         sys.stdout.flush()
         sys.stderr.flush()
@@ -55,9 +54,10 @@ def use_repository_venv() -> None:
     missing = _missing_modules(Path(script))
     if missing:
         name = Path(script).parent.name
+        hint = "" if in_venv else f", or run the benchmark with {python}"
         print(f"{name}: missing Python module(s) {', '.join(missing)} for {sys.executable}; "
-              f"run scripts/setup (it makes {VENV} with jitlaunch and its dependencies), or "
-              f"run the benchmark with {python}", file=sys.stderr)
+              f"run scripts/setup (it makes {VENV} with jitlaunch and its dependencies, the "
+              f"libvirt extra included){hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -74,7 +74,9 @@ def _missing_modules(script: Path) -> list[str]:
     if "jitlaunch_command" in text and shutil.which("jitlaunch") is None:
         names.add("jitlaunch")
     names -= set(sys.stdlib_module_names) | {"common", "__future__"}
-    return sorted(n for n in names if importlib.util.find_spec(n) is None)
+    # A directory without __init__.py is a namespace package, not the module: bench/libvirt
+    # is found as "libvirt" when libvirt-python is not installed.
+    return sorted(n for n in names if getattr(importlib.util.find_spec(n), "origin", None) is None)
 
 
 use_repository_venv()
