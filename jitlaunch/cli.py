@@ -1,5 +1,5 @@
 """The command line: ``jitlaunch run``, ``check``, ``probe``, and ``status``, ``start``,
-``stop`` (which talk to a running daemon over its control socket, see control.py).
+``stop``, ``reload`` (which talk to a running daemon over its control socket, see control.py).
 
 Exit status: 0 on success, 1 when the daemon or the probe fails at run time, 2 for bad input
 (command line or configuration). Errors are one line on stderr, never a traceback.
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_control_commands(sub)
 
     args = parser.parse_args(argv)
-    if args.command in ("status", "start", "stop"):
+    if args.command in ("status", "start", "stop", "reload"):
         return _control(args)
     if args.command == "check":
         return _check(args.file, host=not args.config_only)
@@ -83,10 +83,12 @@ def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     status = sub.add_parser("status", help="show the running daemon's services and instances")
     start = sub.add_parser("start", help="start a service's instance and wait until it is ready")
     stop = sub.add_parser("stop", help="stop a service's instance now, in its stop mode")
+    reload = sub.add_parser(
+        "reload", help="make the daemon re-read its config file (exit status 1 if it rejects it)")
     for command in (start, stop):
         command.add_argument("service", metavar="SERVICE")
     status.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
-    for command in (status, start, stop):
+    for command in (status, start, stop, reload):
         command.add_argument("--socket", metavar="PATH", help=where)
         command.add_argument("--config", "-c", metavar="FILE",
                              help="the daemon's config file, to find its state directory")
@@ -102,7 +104,7 @@ def _control(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     request = {"command": args.command}
-    if args.command != "status":
+    if args.command not in ("status", "reload"):
         request["service"] = args.service
     try:
         reply = call(path, request)
@@ -112,6 +114,8 @@ def _control(args: argparse.Namespace) -> int:
         return _fail(str(reply.get("error")), 2 if reply.get("kind") == "bad-request" else 1)
     if args.command == "status":
         print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+    elif args.command == "reload":
+        print(f"reloaded: {reply.get('summary')}")
     elif args.command == "start":
         inst = reply.get("instance") or {}
         print(f"{inst.get('label')} {inst.get('state')}"
@@ -213,7 +217,7 @@ def _ours(exc: BaseException) -> JitlaunchError | None:
 
 #: Every signal the daemon handles; none of them may end it with its instances orphaned.
 #: SIGINT, SIGTERM: orderly stop (a second one: at once). SIGQUIT: stop at once. SIGHUP:
-#: logged and ignored until reload exists. SIGUSR1: one status line per service. SIGUSR2:
+#: reload the config file (Daemon.reload). SIGUSR1: one status line per service. SIGUSR2:
 #: logged and ignored.
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2)
@@ -230,7 +234,7 @@ async def _serve(config: Config) -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum == signal.SIGHUP:
-                        log.warning("SIGHUP: reloading is not supported yet; ignored")
+                        nursery.start_soon(daemon.reload_on_signal)
                     elif signum == signal.SIGUSR1:
                         for line in daemon.supervisor.status_lines():
                             log.info("status: %s", line)

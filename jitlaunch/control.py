@@ -1,4 +1,5 @@
-"""The control socket: how ``jitlaunch status``, ``start`` and ``stop`` talk to the daemon.
+"""The control socket: how ``jitlaunch status``, ``start``, ``stop`` and ``reload`` talk to
+the daemon.
 
 A unix stream socket, ``control.sock`` in ``$RUNTIME_DIRECTORY`` (systemd's
 ``RuntimeDirectory=``, /run/jitlaunch) or else in the state directory; mode 0660, group
@@ -12,11 +13,14 @@ a connection may carry several. Requests::
     {"version": 1, "command": "status"}
     {"version": 1, "command": "start", "service": "hello"}
     {"version": 1, "command": "stop", "service": "hello"}
+    {"version": 1, "command": "reload"}
 
 Replies carry ``"version": 1`` and ``"ok"``; a failure has ``"error"`` (one line for a
 person) and ``"kind"``: ``bad-request`` (malformed JSON, unknown command or service, a wrong
-version: the request is at fault), ``refused`` (credentials) or ``failed`` (the daemon tried:
-a boot failed). A request line is at most :data:`MAX_REQUEST` bytes. No request, however
+version: the request is at fault), ``refused`` (credentials), ``failed`` (the daemon tried:
+a boot failed) or ``rejected`` (a reload whose config was not taken: the error says why, the
+running config stays). A reload's reply has ``summary`` and the services ``added``,
+``removed`` and ``changed``. A request line is at most :data:`MAX_REQUEST` bytes. No request, however
 malformed, can end the daemon: each connection's task catches everything, logs it once
 (rate-limited) and ends only itself.
 
@@ -36,10 +40,10 @@ import pwd
 import socket
 import stat
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -47,6 +51,9 @@ from .config import Config
 from .errors import BootFailed, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
+
+if TYPE_CHECKING:
+    from .daemon import ReloadResult
 
 log = logging.getLogger("jitlaunch.control")
 _limited = LimitedLog(log)
@@ -61,7 +68,7 @@ IDLE_TIMEOUT = 30.0
 MAX_CLIENTS = 16
 #: How long ``start`` waits beyond the service's boot timeout, and ``stop`` beyond its grace.
 MARGIN = 15.0
-COMMANDS = ("status", "start", "stop")
+COMMANDS = ("status", "start", "stop", "reload")
 #: The longest path a unix socket can be bound to (sun_path, with its NUL).
 MAX_PATH = 107
 
@@ -109,9 +116,9 @@ def parse_request(line: bytes, services: Collection[str]) -> Request:
     unknown = sorted(set(doc) - {"version", "command", "service"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}")
-    if command == "status":
+    if command in ("status", "reload"):
         if "service" in doc:
-            raise BadRequest("status takes no service")
+            raise BadRequest(f"{command} takes no service")
         return Request(command)
     service = doc.get("service")
     if not isinstance(service, str):
@@ -211,10 +218,14 @@ def allowed(peer: Peer, gid: int | None) -> bool:
 class ControlServer:
     """Serves the control socket. ``await nursery.start(server.serve)`` binds it first."""
 
-    def __init__(self, config: Config, supervisor: Supervisor, path: Path) -> None:
+    def __init__(
+        self, config: Config, supervisor: Supervisor, path: Path,
+        reload: Callable[[str], Awaitable[ReloadResult]] | None = None,
+    ) -> None:
         self.config = config
         self.supervisor = supervisor
         self.path = path
+        self._reload = reload
         self.gid: int | None = None
         #: Replies sent, by kind (``ok``, ``bad-request``, ``refused``, ``failed``) and
         #: ``internal_error`` (a bug in this module: must stay 0).
@@ -329,10 +340,25 @@ class ControlServer:
             return error_reply("bad-request", str(exc))
         if request.command == "status":
             return status_report(self.supervisor, trio.current_time())
+        if request.command == "reload":
+            return await self._do_reload()
         assert request.service is not None
         if request.command == "start":
             return await self._start(request.service)
         return await self._stop(request.service)
+
+    async def _do_reload(self) -> dict[str, Any]:
+        if self._reload is None:
+            return error_reply("failed", "this daemon cannot reload")
+        result = await self._reload("jitlaunch reload")
+        if not result.ok:
+            return error_reply("rejected", result.message)
+        plan = result.plan
+        return ok_reply(
+            summary=result.message,
+            added=list(plan.added) if plan else [], removed=list(plan.removed) if plan else [],
+            changed=list(plan.changed_names) if plan else [],
+        )
 
     async def _start(self, name: str) -> dict[str, Any]:
         svc = self.supervisor.services[name].config

@@ -1,4 +1,14 @@
-"""The daemon: one nursery that starts the supervisor, DNS, the proxy and metrics, in that order."""
+"""The daemon: one nursery that starts the supervisor, DNS, the proxy and metrics, in that order.
+
+Reload (:meth:`Daemon.reload`: SIGHUP, ``jitlaunch reload``, ``systemctl reload``): one at a
+time (a second waits for the first, then reads the file again; a SIGHUP while one already
+waits is merged into it), refused while the daemon stops. The file is read and parsed
+completely, the plan made (lifecycle/reload.py; keys that need a restart refuse it), the
+fronts it adds bound and a process backend it needs started; any failure there rejects the
+reload with nothing changed. Then it is committed synchronously (supervisor, proxy, DNS,
+metrics), so that no query or connection sees half of it. systemd hears ``RELOADING=1`` with
+``MONOTONIC_USEC=`` before and ``READY=1`` with a ``STATUS=`` line after, either way.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +26,11 @@ from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
 from .backends import Backend, create_backends
-from .config import Config, Endpoint
+from .config import Config, Endpoint, load_config
 from .control import ControlServer, control_path
 from .dns.server import DnsServer
-from .errors import ListenError, StateDirInUse
+from .errors import ConfigError, ListenError, StateDirInUse
+from .lifecycle.reload import ReloadPlan, plan_reload
 from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
 from .metrics import Metrics, new_registry
@@ -62,6 +74,19 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+#: The path a config loaded without a file (the built-in one) reports.
+DEFAULT_CONFIG_PATH = "<default config>"
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: ``ok`` and a one-line summary, or not and why (the error)."""
+
+    ok: bool
+    message: str
+    plan: ReloadPlan | None = None
+
+
 @dataclass
 class Daemon:
     """A running jitlaunch. ``await nursery.start(Daemon(config).serve)`` returns once every
@@ -84,6 +109,9 @@ class Daemon:
     notifier: sd.Notifier = field(default_factory=sd.Notifier)
     control: ControlServer | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
+    _reload_lock: trio.Lock = field(default_factory=trio.Lock)
+    _reload_waiting: bool = False
+    _nursery: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -118,6 +146,7 @@ class Daemon:
             if self.passed is None:
                 self.passed = sd.sort_passed(sd.listen_fds(os.environ, os.getpid()), self.config)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for backend in self.backends.values():
                     await nursery.start(backend.run)
                 await nursery.start(self.supervisor.run)
@@ -131,7 +160,8 @@ class Daemon:
                     self.config.daemon.instance_log_max,
                 )
                 self.control = ControlServer(
-                    self.config, self.supervisor, control_path(self.config, os.environ))
+                    self.config, self.supervisor, control_path(self.config, os.environ),
+                    reload=self.reload)
                 await nursery.start(self.control.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
@@ -143,6 +173,8 @@ class Daemon:
                     sd.watchdog_interval(os.environ, os.getpid()), self._stop,
                 )
                 await self._stop.wait()
+                async with self._reload_lock:  # a reload under way finishes first
+                    pass
                 self.notifier.send(STOPPING=1, STATUS="stopping: draining, then every instance")
                 nursery.start_soon(sd.extend_stop_timeout, self.notifier)
                 self.proxy.stop_accepting()
@@ -150,6 +182,7 @@ class Daemon:
                     await self.supervisor.drain()
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             try:
                 with trio.CancelScope(shield=True):
                     for backend in self.backends.values():
@@ -157,3 +190,100 @@ class Daemon:
             finally:
                 os.close(lock)  # last: every instance is gone, the next daemon may sweep
             log.info("stopped")
+
+    # ---- reload ------------------------------------------------------------------------
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP: reload and log the outcome; merged into a reload already waiting."""
+        if self._reload_waiting:
+            log.info("SIGHUP: a reload is already waiting; it reads the newest file")
+            return
+        try:
+            await self.reload("SIGHUP")
+        except Exception:  # a bug in reload must not end the daemon
+            self.metrics.reloads["rejected"] += 1
+            log.exception("reload (SIGHUP) failed unexpectedly; the running config stays")
+
+    async def reload(self, trigger: str = "request") -> ReloadResult:
+        """Re-read the config file and apply it (see the module docstring). Never raises
+        for a bad config or a failed bind: the result says why it was rejected (also logged
+        once). ``trigger`` names the cause in the log."""
+        if self.stopping or self._nursery is None:
+            return self._rejected(trigger, "the daemon is stopping (or not serving yet)")
+        self._reload_waiting = True
+        try:
+            await self._reload_lock.acquire()
+        finally:
+            self._reload_waiting = False
+        try:
+            if self.stopping:
+                return self._rejected(trigger, "the daemon is stopping")
+            self.notifier.send(
+                RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
+                STATUS=f"reloading {self.config.path}",
+            )
+            try:
+                result = await self._reload(trigger)
+            finally:
+                status = sd.status_line(self.supervisor)
+                self.notifier.send(READY=1, STATUS=status)
+            return result
+        finally:
+            self._reload_lock.release()
+
+    def _rejected(self, trigger: str, why: str) -> ReloadResult:
+        self.metrics.reloads["rejected"] += 1
+        log.error("reload (%s) rejected, the running config stays: %s", trigger, why)
+        return ReloadResult(False, why)
+
+    async def _reload(self, trigger: str) -> ReloadResult:
+        path = self.config.path
+        try:
+            new = await trio.to_thread.run_sync(
+                load_config, None if path == DEFAULT_CONFIG_PATH else path)
+        except ConfigError as exc:
+            return self._rejected(trigger, str(exc))
+        plan = plan_reload(self.config, new, self.backends)
+        if plan.rejected:
+            return self._rejected(trigger, plan.error())
+        try:
+            bound = await self.proxy.bind_fronts(new)
+        except ListenError as exc:
+            return self._rejected(trigger, str(exc))
+        try:
+            added = await self._start_backends(new)
+        except BaseException as exc:
+            for listener in bound.values():
+                listener.socket.close()
+            if isinstance(exc, Exception):
+                return self._rejected(trigger, f"cannot start a backend: {exc}")
+            raise
+        # Commit: no checkpoint from here to the end, so nothing sees half of it.
+        self.backends.update(added)
+        old = self.config
+        self.supervisor.reconfigure(new, plan)
+        self.proxy.reconfigure(new, bound)
+        self.dns.reconfigure(new)
+        self.metrics.config = new
+        if self.control is not None:
+            self.control.config = new
+        self.config = new
+        if new.daemon.log_level != old.daemon.log_level:
+            logging.getLogger("jitlaunch").setLevel(new.daemon.log_level.upper())
+        self.metrics.reloads["ok"] += 1
+        self.metrics.last_reload = time.time()
+        summary = plan.summary()
+        log.info("reloaded %s (%s): %s", path, trigger, summary)
+        return ReloadResult(True, summary, plan)
+
+    async def _start_backends(self, config: Config) -> dict[str, Backend]:
+        """The backends ``config`` needs and the daemon does not run yet, started. Only the
+        process backend can come up this way (the plan refuses the others)."""
+        if "process" in self.backends or not any(s.backend == "process" for s in config.services):
+            return {}
+        from .backends.process import ProcessBackend
+
+        assert self._nursery is not None
+        backend = ProcessBackend(config.daemon.state_dir)
+        await self._nursery.start(backend.run)
+        return {"process": backend}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -102,6 +103,10 @@ class Metrics:
         proxy.on_held = self._held
         #: HTTP requests answered by status code, and connections refused or timed out.
         self.http: collections.Counter[str] = collections.Counter()
+        #: Reloads by result (``ok``, ``rejected``), and the wall-clock time the config was
+        #: last loaded successfully (the start counts), both kept by the daemon.
+        self.reloads: collections.Counter[str] = collections.Counter()
+        self.last_reload = time.time()
         self.open = 0
         self.endpoints: list[Endpoint] = []
         self._log = LimitedLog(log)
@@ -276,6 +281,18 @@ class DaemonCollector(Collector):
         services = GaugeMetricFamily("jitlaunch_services", "Services configured")
         services.add_metric([], len(self.m.config.services))
         yield services
+        reloads = CounterMetricFamily(
+            "jitlaunch_reloads", "Config reloads (SIGHUP, jitlaunch reload) by result (ok, "
+            "rejected: the running config stayed)", labels=["result"],
+        )
+        for result in ("ok", "rejected"):
+            reloads.add_metric([result], self.m.reloads[result])
+        yield reloads
+        yield _gauge(
+            "jitlaunch_config_last_reload_success_timestamp_seconds",
+            "When the running config was loaded (at start or by the last successful reload), "
+            "in seconds since the epoch", self.m.last_reload,
+        )
 
     def _dns(self) -> Iterator[Metric]:
         dns = self.m.dns
@@ -318,7 +335,7 @@ class DaemonCollector(Collector):
         )
         stops = CounterMetricFamily(
             "jitlaunch_stops", "Instances stopped, by service, reason (idle, requested, died, "
-            "hung, evicted, shutdown) and mode (destroy, shutdown, pause, save)",
+            "hung, evicted, reload, shutdown) and mode (destroy, shutdown, pause, save)",
             labels=["service", "reason", "mode"],
         )
         states = GaugeMetricFamily(
@@ -341,6 +358,8 @@ class DaemonCollector(Collector):
         max_instances = GaugeMetricFamily(
             "jitlaunch_max_instances", "Configured max_instances", labels=["service"],
         )
+        # Services a reload removed keep their stop counts (a counter never goes back).
+        stopped = collections.Counter(sup.retired_stops)
         for name, rt in sup.services.items():
             svc = rt.config
             timeouts = rt.boot_timeouts
@@ -348,8 +367,8 @@ class DaemonCollector(Collector):
             boots.add_metric([name, svc.backend, "failed"], rt.boot_failures - timeouts)
             boots.add_metric([name, svc.backend, "timeout"], timeouts)
             started.add_metric([name, svc.backend], rt.boots)
-            for (reason, mode), n in sorted(rt.stops.items()):
-                stops.add_metric([name, reason, mode], n)
+            for (reason, mode), n in rt.stops.items():
+                stopped[(name, reason, mode)] += n
             inst = rt.instance
             for state in State:
                 states.add_metric([name, state.value], 1 if inst is not None and inst.state is state else 0)
@@ -359,6 +378,8 @@ class DaemonCollector(Collector):
             pool.add_metric([name], len(members))
             pool_target.add_metric([name], getattr(svc.settings, "pool", 0))
             max_instances.add_metric([name], svc.max_instances)
+        for labels, n in sorted(stopped.items()):
+            stops.add_metric(list(labels), n)
         yield from (boots, started, stops, states, unreachable, backoff, pool, pool_target,
                     max_instances)
         yield from self._admission()

@@ -465,8 +465,9 @@ async def test_signals_never_orphan_instances(tmp_path: Path, block: str) -> Non
         await resolves((f"{block}.53", 5353), "hello.jit.test")
         kids = children_of(proc.pid)
         assert len(kids) == 1
-        # SIGHUP, SIGUSR1, SIGUSR2: logged, the daemon and its instance carry on.
-        for sig, line in ((signal.SIGHUP, "SIGHUP: reloading is not supported yet; ignored"),
+        # SIGHUP (a reload of the same file), SIGUSR1, SIGUSR2: logged, the daemon and its
+        # instance carry on.
+        for sig, line in ((signal.SIGHUP, "(SIGHUP): no changes"),
                           (signal.SIGUSR1, "status: hello: <Instance hello#1 ready process"),
                           (signal.SIGUSR2, "SIGUSR2: ignored")):
             proc.send_signal(sig)

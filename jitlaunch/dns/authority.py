@@ -65,6 +65,16 @@ class Authority:
         self.queries: dict[stats.Key, list[int]] = {}
         self.counting = True
 
+    def reconfigure(self, config: Config) -> None:
+        """Answer from ``config`` from now on (a reload): a new catalog and empty reply
+        caches, switched synchronously, so every query is answered wholly from the old
+        config or wholly from the new one."""
+        self.config = config
+        self.catalog = Catalog(config.dns, config.services)
+        for cache in self._caches:
+            cache.clear()
+        self._cache_bytes = 0
+
     def answer_now(self, wire: bytes, udp: bool, source: str | None = None) -> Response:
         """Answer at once, or say the answer must be held (``pending``). ``source`` is the
         client's address (wake limits)."""
@@ -105,14 +115,15 @@ class Authority:
     async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
         """Wait for a ``wait`` service to be ready (or fail), then answer."""
         sup = self.supervisor
-        svc = self.config.service(service)
         failed = False
         self.held += 1
         try:
+            # A reload removed the service since the query came: answer from the new config.
+            svc = self.config.service(service)
             # Bounded by the admission queue's wait and then the boot.
             with trio.fail_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
                 await sup.acquire(service)
-        except (BootFailed, trio.TooSlowError):
+        except (BootFailed, trio.TooSlowError, KeyError):
             failed = True
         finally:
             self.held -= 1

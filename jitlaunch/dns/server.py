@@ -140,6 +140,20 @@ class DnsServer:
         #: Socket activation: one (udp, tcp) pair per ``dns.listen`` endpoint, bound by systemd.
         self.passed: list[tuple[socket.socket, socket.socket]] | None = None
 
+    def reconfigure(self, config: Config) -> None:
+        """Serve ``config`` from now on (a reload), synchronously: the authority's catalog,
+        every ``[dns]`` bound (read per query or connection), RRL (its counts start again
+        when ``[dns.rrl]`` changed) and the query log's rate. ``dns.listen`` is not
+        rebound: a reload that changes it is refused before this."""
+        old = self.config
+        self.config = config
+        self.authority.reconfigure(config)
+        if config.dns.rrl != old.dns.rrl:
+            self.rrl = RateLimiter(config.dns.rrl)
+        if config.daemon.query_log_rate != old.daemon.query_log_rate:
+            self.query_log = QueryLog(config.daemon.query_log_rate)
+            self.query_log.refresh()
+
     def __repr__(self) -> str:
         where = ", ".join(str(e) for e in self.endpoints) or "unbound"
         return f"<DnsServer {where} tcp={self.tcp_connections} held={self.held}>"

@@ -20,11 +20,17 @@ share that boot. Rules:
   ``queue_timeout`` (then AdmissionRefused). The queue is pumped whenever room may have
   appeared: a release, a boot's end, a last connection closed. A boot's timeout counts from
   its start, not from the queue. Boots caused by a source prefix are rate-limited.
+* Reload (:meth:`Supervisor.reconfigure`, the plan from reload.py) is applied synchronously.
+  An instance runs with the ServiceConfig it was started with (``inst.service``); the
+  service's runtime holds the current one (``rt.config``). A removed service's runtime stays
+  (``removed``) until its instance is stopped (reason ``reload``) and its last connection
+  closed: it starts nothing more.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -40,6 +46,7 @@ from ..logutil import LimitedLog
 from . import admission as adm
 from .answers import ServiceAnswer, ServiceSnapshot, answer_for
 from .backoff import backoff_delay
+from .reload import ReloadPlan
 from .state import Event, State, next_state
 
 log = logging.getLogger("jitlaunch.supervisor")
@@ -96,6 +103,8 @@ class Instance:
         #: While it waits in the admission queue: when it was queued; and why it was refused.
         self.queued_at = math.nan
         self.refused: AdmissionRefused | None = None
+        #: Set when a reload removed its service or replaced it: stop it for good (destroy).
+        self.reloaded = False
 
     @property
     def label(self) -> str:
@@ -144,8 +153,14 @@ class ServiceRuntime:
         self.readies = 0  # boots that reached READY
         self.boot_timeouts = 0  # of boot_failures, those not ready within the boot timeout
         #: Instances stopped (not failed boots), by ``(reason, mode)``: reason ``idle``,
-        #: ``died``, ``hung`` or ``shutdown``; mode the stop mode used.
+        #: ``requested``, ``evicted``, ``reload``, ``died``, ``hung`` or ``shutdown``; mode
+        #: the stop mode used.
         self.stops: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: A reload removed the service: it starts nothing more and goes once its instance
+        #: is stopped and its last connection closed.
+        self.removed = False
+        #: Set (and replaced) by each reload that changes the service.
+        self.reconfigured = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Service {self.config.name} {self.instance!r} connections={self.connections}>"
@@ -178,6 +193,8 @@ class Supervisor:
         self._closing = False
         #: Called with each instance as it becomes ready (the metrics' wake-up histogram).
         self.on_ready: Callable[[Instance], None] | None = None
+        #: The ``stops`` counters of services a reload removed, by ``(service, reason, mode)``.
+        self.retired_stops: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
     # ---- running ---------------------------------------------------------------------
 
@@ -217,6 +234,92 @@ class Supervisor:
         for rt in self.services.values():
             await rt.no_connections.wait()
 
+    # ---- reload ----------------------------------------------------------------------
+
+    def reconfigure(self, config: Config, plan: ReloadPlan) -> None:
+        """Apply a reload plan (see reload.py) synchronously, so nothing sees half of it.
+
+        Added services get a runtime; removed ones start nothing from now on, their queued
+        start is refused and a task stops their instance once their connections end (at
+        most ``daemon.drain_timeout``), reason ``reload``; the runtime goes when its last
+        connection closed. A changed service takes the new config for its next instance
+        and its backoff is forgotten (the new settings deserve a try); its saved (paused or
+        saved-to-disk) instance is discarded; its running one is stopped at once only when
+        the plan replaces it. Unchanged services are not touched.
+        """
+        old = self.config
+        self.config = config
+        if dataclasses.replace(config.host, wake=old.host.wake) != old.host:
+            self.budget = host_budget(config.host)
+        if config.host.wake != old.host.wake:
+            self.wake = adm.WakeLimiter(config.host.wake)
+        self.pools = adm.reserved(config.services)
+        self.queue.bound = config.host.max_queued
+        self._queue_grew.set()  # queue_timeout may have changed
+        changed = set(plan.changed_names)
+        for svc in config.services:
+            rt = self.services.get(svc.name)
+            if rt is None:
+                self.services[svc.name] = ServiceRuntime(svc)
+                continue
+            if svc.name not in changed and not rt.removed:
+                continue
+            rt.removed = False  # (re-added while its old instance still stops: a new one next)
+            rt.config = svc
+            rt.failures = 0
+            rt.retry_at = -math.inf
+            rt.reconfigured.set()
+            rt.reconfigured = trio.Event()
+            inst = rt.instance
+            if inst is not None and inst.state is State.SAVED and self._nursery is not None:
+                inst.reloaded = True
+                self._nursery.start_soon(self._evict_paused, rt, inst)
+            elif inst is not None and svc.name in plan.replaced and \
+                    inst.state in (State.STARTING, State.READY):
+                inst.reloaded = True
+                inst.stop_wanted.set()
+            self._notify(rt)
+        for name in plan.removed:
+            rt = self.services[name]
+            rt.removed = True
+            if rt.queued is not None:
+                self._refuse(rt, "the service was removed by a reload")
+            if self._nursery is not None:
+                self._nursery.start_soon(self._retire, rt)
+            self._notify(rt)
+        self.generation += 1
+        self._pump()
+
+    async def _retire(self, rt: ServiceRuntime) -> None:
+        """A removed service: let its connections end (bounded by the drain timeout), stop
+        its instance for good, then forget it once no connection is open. Gives up as soon
+        as a later reload adds the service back."""
+        name = rt.config.name
+        try:
+            with trio.move_on_after(self.config.daemon.drain_timeout):
+                await rt.no_connections.wait()
+            while rt.removed and (inst := rt.instance) is not None:
+                inst.reloaded = True
+                if inst.state is State.SAVED:
+                    await self._evict_paused(rt, inst)
+                    if rt.instance is inst:
+                        break  # it could not be released (logged): keep the runtime
+                    continue
+                if inst.state in (State.STARTING, State.READY, State.DRAINING):
+                    inst.stop_wanted.set()
+                await inst.released.wait()
+            while rt.removed and rt.connections:
+                await rt.no_connections.wait()
+            if rt.removed and rt.instance is None and self.services.get(name) is rt:
+                del self.services[name]
+                for (reason, mode), count in rt.stops.items():
+                    self.retired_stops[(name, reason, mode)] += count
+                self.generation += 1
+                log.info("%s: removed by a reload; its instance is stopped", name)
+        except Exception:
+            _limited.error("retire", "%s: unexpected error while removing it", name,
+                           exc_info=True)
+
     def status_lines(self) -> list[str]:
         """One line per service: its instance and state, connections and counters (logged
         on SIGUSR1)."""
@@ -251,6 +354,8 @@ class Supervisor:
         against its wake limit.
         """
         rt = self.services[name]
+        if rt.removed:
+            return None
         now = trio.current_time()
         rt.last_activity = now
         inst = rt.instance
@@ -282,6 +387,8 @@ class Supervisor:
         rt = self.services[name]
         while True:
             inst = self.request(name)
+            if inst is None and rt.removed:
+                raise BootFailed(f"{name} was removed by a reload")
             if inst is None:
                 raise InBackoff(rt.last_error or "the daemon is shutting down")
             if inst is rt.queued:
@@ -324,7 +431,7 @@ class Supervisor:
             else:
                 inst.checking = trio.Event()
                 try:
-                    timeout = min(rt.config.health_timeout, UNREACHABLE_PROBE_TIMEOUT)
+                    timeout = min(inst.service.health_timeout, UNREACHABLE_PROBE_TIMEOUT)
                     found = await self._probe(inst, timeout)
                     if found is not None and inst.state is State.READY:
                         self._condemn(
@@ -443,7 +550,7 @@ class Supervisor:
     async def _health(self, rt: ServiceRuntime, inst: Instance) -> None:
         """Probe the ready instance every ``health_interval``; after ``health_failures``
         failures in a row, condemn it as hung and return."""
-        svc = rt.config
+        svc = inst.service
         failures = 0
         while True:
             await trio.sleep(svc.health_interval)
@@ -519,7 +626,7 @@ class Supervisor:
                 continue
             svc = rt.config
             state = inst.state
-            mode = inst.evict_mode or svc.stop
+            mode = inst.evict_mode or inst.service.stop
             if state is State.STARTING:
                 kind = adm.Kind.BOOTING
             elif state is State.READY and not inst.stop_wanted.is_set():
@@ -536,7 +643,7 @@ class Supervisor:
                 if inst.condemned.is_set() or state is State.FAILED or self._closing:
                     mode = "destroy"
             out.append(adm.Holder(
-                svc.name, kind, adm.instance_memory(svc), idle=rt.connections == 0,
+                svc.name, kind, adm.instance_memory(inst.service), idle=rt.connections == 0,
                 pinned=svc.pinned, priority=svc.priority, last_active=rt.last_activity,
                 stop=svc.stop, frees=mode in adm.FREEING,
             ))
@@ -588,8 +695,8 @@ class Supervisor:
 
     async def _expire_queue(self) -> None:
         """Refuse starts that waited in the queue longer than ``queue_timeout``."""
-        timeout = self.config.host.queue_timeout
         while True:
+            timeout = self.config.host.queue_timeout  # a reload may change it
             self._queue_grew = trio.Event()
             with trio.move_on_at(self.queue.next_expiry(timeout)):
                 await self._queue_grew.wait()
@@ -603,6 +710,7 @@ class Supervisor:
         saved = rt.instance if rt.instance is not None and rt.instance.state is State.SAVED else None
         if fresh is not None:
             fresh.queued_at = math.nan
+            fresh.service = rt.config  # queued before a reload: boot the current settings
         if saved is not None:
             inst = saved  # resumed; the stand-in's waiters find it
             inst.evict_mode = None  # (if it was about to be evicted, it is wanted after all)
@@ -660,14 +768,14 @@ class Supervisor:
                 inst.fire(Event.STOP)
                 self._notify(rt)
             elif inst.stop_wanted.is_set():
-                log.info("%s: stopping on request (%s)", inst.label, rt.config.stop)
+                log.info("%s: stopping on request (%s)", inst.label, inst.service.stop)
                 inst.fire(Event.STOP)
                 self._notify(rt)
             else:
                 rt.idle_stops += 1
                 log.info(
                     "%s idle for %g s; stopping (%s)", inst.label, rt.config.idle_timeout,
-                    rt.config.stop,
+                    inst.service.stop,
                 )
                 inst.fire(Event.STOP)
                 self._notify(rt)
@@ -689,7 +797,7 @@ class Supervisor:
     async def _boot(self, rt: ServiceRuntime, inst: Instance, resume: bool) -> None:
         """Start the instance and wait until it is ready, bounded by the boot timeout.
         BootFailed (BootTimeout) with the cause; the backend's own errors are translated."""
-        svc = rt.config
+        svc = inst.service
         backend = self.backends[svc.backend]
         with trio.move_on_after(svc.boot_timeout):
             saved = inst.handle if resume else None
@@ -767,11 +875,12 @@ class Supervisor:
             deadline = rt.last_activity + rt.config.idle_timeout
             if trio.current_time() >= deadline:
                 return
-            await trio.sleep_until(deadline)
+            with trio.move_on_at(deadline):
+                await rt.reconfigured.wait()  # a reload may have changed idle_timeout
 
     async def _release(self, rt: ServiceRuntime, inst: Instance, died: str | None) -> None:
         """Runs shielded: stop the instance through its backend and settle its state."""
-        svc = rt.config
+        svc = inst.service
         if inst.state in (State.STARTING, State.READY, State.DRAINING):
             inst.fire(Event.STOP)  # cancelled: the daemon is stopping
             self._notify(rt)
@@ -779,11 +888,14 @@ class Supervisor:
         if inst.handle is not None:
             # A dead or failed instance only needs its resources released; on the way out
             # nothing is kept, since a paused or saved instance would outlive the daemon.
-            plain = died is not None or inst.state is State.FAILED or self._closing
+            # A reload's stop destroys: a removed or replaced service's state is of no use.
+            plain = died is not None or inst.state is State.FAILED or self._closing \
+                or inst.reloaded
             mode = "destroy" if plain else inst.evict_mode or svc.stop
             if inst.state is not State.FAILED:
                 reason = ("hung" if inst.hung else "died") if died is not None \
                     else "shutdown" if self._closing \
+                    else "reload" if inst.reloaded \
                     else "evicted" if inst.evict_mode is not None \
                     else "requested" if inst.stop_wanted.is_set() else "idle"
                 rt.stops[(reason, mode)] += 1

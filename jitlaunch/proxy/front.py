@@ -22,6 +22,12 @@ connection is closed at once. Every connection the proxy closes without serving 
 on a timer, is counted in :attr:`Proxy.closed` by ``(service, reason)`` and logged (rate
 limited). No exception from one connection reaches the daemon: each connection's task ends
 only itself.
+
+Reload (:meth:`Proxy.bind_fronts`, then :meth:`Proxy.reconfigure`): the fronts a new config
+adds are bound first (a failure fails the reload, nothing changed); then, synchronously, the
+fronts it drops are closed (their open connections carry on), the new ones start accepting,
+a front that moved to another service serves that one from its next connection, and the
+``[proxy]`` settings apply to connections accepted from then on.
 """
 
 from __future__ import annotations
@@ -75,17 +81,8 @@ class Proxy:
     def __init__(self, config: Config, supervisor: Supervisor, fd_limit: int | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
-        pc = config.proxy
         self.fd_limit = nofile_limit() if fd_limit is None else fd_limit
-        dns_tcp = config.dns.max_tcp_connections
-        self.max_connections = pc.max_connections or default_max_connections(self.fd_limit, dns_tcp)
-        self.max_per_source = pc.max_connections_per_source or max(1, self.max_connections // 8)
-        self.timeouts = Timeouts(
-            first_data=pc.first_data_timeout,
-            answer=pc.answer_timeout,
-            idle=pc.idle_timeout,
-            half_close=pc.half_close_timeout,
-        )
+        self._apply_settings(config)
         #: Splice pipes: one per two connections at most, so each costs 3 fds at most.
         self.pipes = PipePool(max(1, self.max_connections // 2))
         #: Connections open now (admitted, not yet closed), in all and by source.
@@ -115,15 +112,68 @@ class Proxy:
         self._accepting = trio.CancelScope()
         #: Fronts systemd bound (socket activation), by (service, address, port).
         self.passed: dict[tuple[str, str, int], socket.socket] = {}
+        #: The fronts listening now, by (address, port).
+        self.fronts: dict[tuple[str, int], Front] = {}
+        self._accept_nursery: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
+
+    def _apply_settings(self, config: Config) -> None:
+        pc = config.proxy
+        dns_tcp = config.dns.max_tcp_connections
+        self.max_connections = pc.max_connections or default_max_connections(self.fd_limit, dns_tcp)
+        self.max_per_source = pc.max_connections_per_source or max(1, self.max_connections // 8)
+        self.timeouts = Timeouts(
+            first_data=pc.first_data_timeout,
+            answer=pc.answer_timeout,
+            idle=pc.idle_timeout,
+            half_close=pc.half_close_timeout,
+        )
 
     def stop_accepting(self) -> None:
         """Close the front listeners; connections already open carry on."""
         self._accepting.cancel()
 
+    async def bind_fronts(self, config: Config) -> dict[tuple[str, int], trio.SocketListener]:
+        """Bind the fronts of ``config`` that are not listening now (the first step of a
+        reload). Raises ListenError, with every one bound here closed again, if one fails."""
+        bound: dict[tuple[str, int], trio.SocketListener] = {}
+        try:
+            for svc in config.services:
+                for addr in svc.front:
+                    for port in svc.ports:
+                        if (addr, port) not in self.fronts and (addr, port) not in bound:
+                            bound[(addr, port)] = await _listen(addr, port)
+        except BaseException:
+            for lst in bound.values():
+                lst.socket.close()
+            raise
+        return bound
+
+    def reconfigure(
+        self, config: Config, bound: dict[tuple[str, int], trio.SocketListener]
+    ) -> None:
+        """Switch to ``config`` synchronously, with the listeners :meth:`bind_fronts` bound
+        for it: close the fronts it drops, start accepting on the new ones."""
+        owners = {(a, p): s.name for s in config.services for a in s.front for p in s.ports}
+        self.config = config
+        self._apply_settings(config)
+        for key, front in list(self.fronts.items()):
+            if key in owners:
+                front.service = owners[key]
+            else:
+                del self.fronts[key]
+                front.close()
+        for (addr, port), listener in bound.items():
+            front = self.fronts[(addr, port)] = Front(owners[(addr, port)], port, listener)
+            if self._accept_nursery is not None and self._connections is not None:
+                self._accept_nursery.start_soon(self._accept_loop, front, self._connections)
+            else:  # not serving (yet, or any more)
+                front.close()
+                del self.fronts[(addr, port)]
+
     async def serve(
         self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners: list[tuple[str, int, trio.SocketListener]] = []
         try:
             for svc in self.config.services:
                 for addr in svc.front:
@@ -133,23 +183,27 @@ class Proxy:
                             trio.SocketListener(trio.socket.from_stdlib_socket(given))
                             if given is not None else await _listen(addr, port)
                         )
-                        listeners.append((svc.name, port, listener))
-            bound = [_endpoint(lst) for _, _, lst in listeners]
+                        self.fronts[(addr, port)] = Front(svc.name, port, listener)
+            bound = [_endpoint(f.listener) for f in self.fronts.values()]
             self._log_limits()
             async with trio.open_nursery() as connections:
                 with self._accepting:
                     async with trio.open_nursery() as accepting:
-                        for name, port, lst in listeners:
-                            accepting.start_soon(self._accept_loop, lst, name, port, connections)
+                        self._accept_nursery, self._connections = accepting, connections
+                        for front in self.fronts.values():
+                            accepting.start_soon(self._accept_loop, front, connections)
+                        accepting.start_soon(trio.sleep_forever)  # a reload may add fronts
                         if bound:
                             log.info("proxy on %s", ", ".join(str(b) for b in bound))
                         task_status.started(bound)
-                for _, _, lst in listeners:
-                    await lst.aclose()
+                self._accept_nursery = None
+                for front in self.fronts.values():
+                    front.close()
         finally:
-            for _, _, lst in listeners:
-                with trio.CancelScope(shield=True):
-                    await lst.aclose()
+            self._accept_nursery = self._connections = None
+            for front in self.fronts.values():
+                front.close()
+            self.fronts.clear()
             self.pipes.close()
 
     def _log_limits(self) -> None:
@@ -170,12 +224,18 @@ class Proxy:
 
     # ---- admission -------------------------------------------------------------------
 
-    async def _accept_loop(
-        self, listener: trio.SocketListener, service: str, port: int, nursery: trio.Nursery
-    ) -> None:
+    async def _accept_loop(self, front: Front, nursery: trio.Nursery) -> None:
+        with front.scope:
+            await self._accept(front, nursery)
+
+    async def _accept(self, front: Front, nursery: trio.Nursery) -> None:
+        listener, port = front.listener, front.port
         while True:
+            service = front.service
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # closed by a reload
             except OSError as exc:  # EMFILE and friends: pause, keep serving
                 self.accept_errors += 1
                 self._log.warning(
@@ -184,6 +244,7 @@ class Proxy:
                 )
                 await trio.sleep(ACCEPT_PAUSE)
                 continue
+            service = front.service  # a reload may have given the front to another service
             self.accepted[service] += 1
             source = _source(stream)
             refused = self._admit(source)
@@ -273,7 +334,7 @@ class Proxy:
         self, client: trio.SocketStream, service: str
     ) -> tuple[Instance, bytes, bool] | None:
         limit = self.config.proxy.max_buffer
-        svc = self.config.service(service)
+        svc = self.supervisor.services[service].config  # (a removed one's, while it goes)
         buf = bytearray()
         eof = False
 
@@ -326,7 +387,7 @@ class Proxy:
     ) -> None:
         """Connect to ``inst`` and relay; on a failed connect or an unanswered reset, report
         the instance and go on with the next one, within the boot timeout."""
-        svc = self.config.service(service)
+        svc = self.supervisor.services[service].config
         deadline = math.inf  # set at the first failure
         refusals = 0  # in a row, by the same live instance
         while True:
@@ -496,6 +557,26 @@ class Proxy:
         """Tell the supervisor that ``inst`` let a connection down; it checks the instance at
         once and releases it if it is dead or hung."""
         await self.supervisor.report_unreachable(inst, reason)
+
+
+class Front:
+    """A front listener: the service it serves (a reload may change it) and its port."""
+
+    def __init__(self, service: str, port: int, listener: trio.SocketListener) -> None:
+        self.service = service
+        self.port = port
+        self.listener = listener
+        self.scope = trio.CancelScope()
+
+    def close(self) -> None:
+        """Stop accepting and close the socket now (the accept task is cancelled first, so it
+        never sees the socket closed under it)."""
+        self.scope.cancel()
+        self.listener.socket.close()
+
+    def __repr__(self) -> str:
+        where = _endpoint(self.listener) if self.listener.socket.fileno() >= 0 else "closed"
+        return f"<Front {where} {self.service}>"
 
 
 async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
