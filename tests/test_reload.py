@@ -1,0 +1,443 @@
+"""Reload with real daemons on loopback and real processes: SIGHUP and ``jitlaunch reload``
+add, remove and change services; broken configs are rejected and the old one keeps serving;
+open and held connections of unchanged services survive byte for byte; DNS never drops a
+query while reloads run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import trio
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from jitlaunch.config import load_config
+from jitlaunch.daemon import Daemon
+
+from .conftest import (
+    DEMO,
+    PYTHON,
+    alive,
+    children_of,
+    config_text,
+    http_get,
+    query_udp,
+    running,
+    wait_until,
+)
+from .test_metrics import get, scrape
+
+ECHO = """
+import os, socket, sys, time
+if len(sys.argv) > 3:  # a gate: the boot lasts until the test creates this file
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.01)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+while True:
+    c, _ = s.accept()
+    while data := c.recv(65536):
+        c.sendall(data)
+    c.close()
+"""
+
+
+def service(name: str, front: str, command: str = DEMO, extra: str = "", port: int = 8080) -> str:
+    return f"""
+[[service]]
+name = "{name}"
+front = ["{front}"]
+ports = [{port}]
+idle_timeout = 60
+{extra}
+[service.process]
+command = "{command}"
+grace = "2s"
+"""
+
+
+def demo(name: str) -> str:
+    return DEMO.replace("--name {name}", f"--name {name}")
+
+
+def echo(tmp_path: Path, gate: Path | None = None) -> str:
+    script = tmp_path / "echo.py"
+    script.write_text(ECHO)
+    return f"{PYTHON} {script} {{address}} {{port}}" + (f" {gate}" if gate else "")
+
+
+def write(path: Path, tmp_path: Path, *services: str, top: str = "", dns: str = "") -> Path:
+    path.write_text(config_text(tmp_path / "state", "".join(services), top=top, dns=dns))
+    return path
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def settled_fd_count(pid: int) -> int:
+    """``pid``'s fd count once it has not changed for 0.3 s: a proxied connection the client
+    saw end is closed by the daemon a moment later."""
+    with trio.fail_after(15):
+        count, since = fd_count(pid), trio.current_time()
+        while trio.current_time() - since < 0.3:
+            await trio.sleep(0.01)
+            now = fd_count(pid)
+            if now != count:
+                count, since = now, trio.current_time()
+    return count
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [PYTHON, "-m", "jitlaunch.cli", *args], capture_stdout=True, capture_stderr=True,
+        check=False,
+    )
+
+
+async def refused(host: str, port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def closed(host: str, port: int) -> None:
+    """Until connecting to ``host``:``port`` is refused. Not at once: the daemon closes a
+    front synchronously, but a child being forked at that moment (a boot) holds a copy of
+    the listening socket until it closes its inherited fds, a few milliseconds."""
+    with trio.fail_after(10):
+        while not await refused(host, port):
+            await trio.sleep(0.01)
+
+
+async def rcode(d: Daemon, name: str) -> int:
+    ep = d.dns_endpoints[0]
+    return int((await query_udp((ep.host, ep.port), name)).header.rcode)
+
+
+async def echo_roundtrip(stream: trio.SocketStream, data: bytes) -> bytes:
+    await stream.send_all(data)
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < len(data):
+            chunk = await stream.receive_some(65536)
+            assert chunk, "the connection was closed"
+            got += chunk
+    return got
+
+
+async def test_reload_adds_removes_and_changes_services(tmp_path: Path, block: str) -> None:
+    """In-process: the plan applied; DNS follows at once; the removed service's instance is
+    stopped (reason reload) and its front closed; the changed one keeps its instance until
+    it stops, then boots the new settings; nothing leaks."""
+    conf = write(tmp_path / "jl.toml", tmp_path,
+                 service("a", f"{block}.1", demo("a")), service("b", f"{block}.2", demo("b")),
+                 service("c", f"{block}.3", demo("c")))
+    async with running(load_config(conf)) as d:
+        sup = d.supervisor
+        for host, name in ((f"{block}.1", "a"), (f"{block}.2", "b"), (f"{block}.3", "c")):
+            assert f"Hello from {name}<" in (await http_get(host, 8080)).decode()
+        a_inst, b_inst, c_inst = (sup.services[n].instance for n in "abc")
+        assert a_inst and b_inst and c_inst and c_inst.handle is not None
+        c_pid = c_inst.handle.pid
+        fds = await settled_fd_count(os.getpid())
+
+        write(conf, tmp_path, service("a", f"{block}.1", demo("a")),
+              service("b", f"{block}.2", demo("b2"), extra="ttl = 7"),
+              service("d", f"{block}.4", demo("d")))
+        result = await d.reload("test")
+        assert result.ok, result.message
+        assert result.message == "added d; removed c; changed b: process.command, ttl"
+        # DNS at once: d exists, c does not, b's new TTL.
+        assert await rcode(d, "d.jit.test") == RCODE.NOERROR
+        assert await rcode(d, "c.jit.test") == RCODE.NXDOMAIN
+        ep = d.dns_endpoints[0]
+        reply = await query_udp((ep.host, ep.port), "b.jit.test")
+        assert [rr.ttl for rr in reply.rr if rr.rtype == QTYPE.A] == [7]
+        # c: front closed at once, its instance stopped, then forgotten.
+        await closed(f"{block}.3", 8080)
+        await wait_until(lambda: "c" not in sup.services)
+        assert not alive(c_pid)
+        assert sup.retired_stops[("c", "reload", "destroy")] == 1
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_stops_total", service="c", reason="reload",
+                   mode="destroy") == 1
+        assert get(samples, "jitlaunch_reloads_total", result="ok") == 1
+        # a untouched; b still runs the instance it had, with its old settings.
+        assert sup.services["a"].instance is a_inst and sup.services["b"].instance is b_inst
+        assert "Hello from b<" in (await http_get(f"{block}.2", 8080)).decode()
+        assert "Hello from d<" in (await http_get(f"{block}.4", 8080)).decode()
+        # b's next instance boots the new command.
+        stopped = sup.stop("b")
+        assert stopped is b_inst
+        await b_inst.released.wait()
+        assert "Hello from b2<" in (await http_get(f"{block}.2", 8080)).decode()
+        assert sup.services["b"].instance is not b_inst
+
+        # Back to a, b, c: the same number of fds as before (d's front and instance gone, c's
+        # front bound again), and only the instances that should run.
+        write(conf, tmp_path, service("a", f"{block}.1", demo("a")),
+              service("b", f"{block}.2", demo("b")), service("c", f"{block}.3", demo("c")))
+        result = await d.reload("test")
+        assert result.ok and result.message == "added c; removed d; changed b: process.command, ttl"
+        await wait_until(lambda: "d" not in sup.services)
+        b_now = sup.services["b"].instance
+        assert b_now is not None
+        sup.stop("b")
+        await b_now.released.wait()
+        assert "Hello from c<" in (await http_get(f"{block}.3", 8080)).decode()
+        assert "Hello from b<" in (await http_get(f"{block}.2", 8080)).decode()
+        await wait_until(lambda: fd_count(os.getpid()) == fds, what=f"{fds} fds")
+        names = sorted(n for n, rt in sup.services.items() if rt.instance is not None)
+        assert names == ["a", "b", "c"]
+        assert len(children_of(os.getpid())) == 3
+
+
+async def test_sighup_and_jitlaunch_reload_in_a_real_daemon(tmp_path: Path, block: str) -> None:
+    """A daemon process: SIGHUP, then `jitlaunch reload`, each adding and removing a service;
+    the removed instance's process is gone, the daemon's fds and children back where they
+    were; `jitlaunch reload` prints the summary."""
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    conf.write_text(conf.read_text().replace('[dns]\nlisten = ["127.0.0.1:0"]',
+                                             f'[dns]\nlisten = ["{block}.53:5353"]'))
+    assert f"{block}.53:5353" in conf.read_text()
+    text = conf.read_text()
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as logfile:
+        proc = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=logfile)
+    server = (f"{block}.53", 5353)
+    sock = str(tmp_path / "state" / "control.sock")
+    try:
+        await wait_until(lambda: "serving 1 service" in log.read_text(), timeout=30)
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+        def fd_list() -> list[str]:
+            return sorted(os.readlink(f"/proc/{proc.pid}/fd/{n}")
+                          for n in os.listdir(f"/proc/{proc.pid}/fd"))
+
+        fds, kids = await settled_fd_count(proc.pid), children_of(proc.pid)
+        assert len(kids) == 1
+
+        conf.write_text(text + service("x", f"{block}.2", demo("x")))
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "(SIGHUP): added x" in log.read_text())
+        assert int((await query_udp(server, "x.jit.test")).header.rcode) == RCODE.NOERROR
+        assert "Hello from x<" in (await http_get(f"{block}.2", 8080)).decode()
+        x_pids = set(children_of(proc.pid)) - set(kids)
+        assert x_pids
+
+        conf.write_text(text)
+        res = await cli("reload", "--socket", sock)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.decode() == "reloaded: removed x\n"
+        assert int((await query_udp(server, "x.jit.test")).header.rcode) == RCODE.NXDOMAIN
+        await closed(f"{block}.2", 8080)
+        await wait_until(lambda: not any(alive(p) for p in x_pids))
+        await wait_until(lambda: sorted(children_of(proc.pid)) == sorted(kids))
+        await wait_until(lambda: fd_count(proc.pid) == fds, what=f"{fds} fds: {fd_list()}")
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    assert not any(alive(k) for k in kids)
+
+
+async def test_broken_configs_are_rejected_and_the_old_one_serves(
+    tmp_path: Path, block: str
+) -> None:
+    """A syntax error, an invalid value, a restart-only key and a front that cannot be bound:
+    each rejected with the error returned by `jitlaunch reload` (exit status 1), nothing of
+    it applied, and the old config keeps serving."""
+    good = [service("a", f"{block}.1", demo("a"))]
+    conf = write(tmp_path / "jl.toml", tmp_path, *good)
+    sock = str(tmp_path / "state" / "control.sock")
+    with socket.socket() as taken:
+        taken.bind((f"{block}.9", 8080))
+        taken.listen()
+        async with running(load_config(conf)) as d:
+            assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+            inst = d.supervisor.services["a"].instance
+            base = conf.read_text()
+            cases = [
+                (base + "[[service\n", "not valid TOML"),
+                (base.replace("idle_timeout = 60", 'idle_timeout = "soon"'),
+                 "service 'a': idle_timeout"),
+                (base.replace('state_dir = "', 'state_dir = "/nonexistent'),
+                 "these keys change only with a restart: daemon.state_dir"),
+                # b's front is free, c's is taken: neither is added.
+                (base + service("b", f"{block}.8", demo("b"))
+                 + service("c", f"{block}.9", demo("c")),
+                 f"{block}.9:8080: Address already in use"),
+            ]
+            for text, expected in cases:
+                conf.write_text(text)
+                res = await cli("reload", "--socket", sock)
+                assert res.returncode == 1, (text, res.stdout)
+                err = res.stderr.decode()
+                assert err.startswith("jitlaunch: error: ") and expected in err, err
+                assert "Traceback" not in err
+                assert set(d.supervisor.services) == {"a"}
+                await closed(f"{block}.8", 8080)
+                assert await rcode(d, "b.jit.test") == RCODE.NXDOMAIN
+                assert await rcode(d, "a.jit.test") == RCODE.NOERROR
+                assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+            assert d.supervisor.services["a"].instance is inst
+            assert d.metrics.reloads == {"rejected": len(cases)}
+            samples = await scrape(d)
+            assert get(samples, "jitlaunch_reloads_total", result="rejected") == len(cases)
+            # Fixed, it goes through.
+            conf.write_text(base + service("b", f"{block}.8", demo("b")))
+            res = await cli("reload", "--socket", sock)
+            assert res.returncode == 0 and res.stdout == b"reloaded: added b\n", res.stderr
+            assert "Hello from b<" in (await http_get(f"{block}.8", 8080)).decode()
+
+
+async def test_open_and_held_connections_of_unchanged_services_survive(
+    tmp_path: Path, block: str
+) -> None:
+    """An open proxied connection to an unchanged service keeps relaying byte for byte across
+    reloads, and so does a connection held while its (unchanged) service boots."""
+    gate = tmp_path / "gate"
+    conf = write(tmp_path / "jl.toml", tmp_path,
+                 service("e", f"{block}.1", echo(tmp_path)),
+                 service("slow", f"{block}.2", echo(tmp_path, gate)))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        open_stream = await trio.open_tcp_stream(f"{block}.1", 8080)
+        held = await trio.open_tcp_stream(f"{block}.2", 8080)
+        async with open_stream, held:
+            assert await echo_roundtrip(open_stream, b"before") == b"before"
+            e_inst = d.supervisor.services["e"].instance
+            await held.send_all(b"held-1;")  # buffered: slow is booting
+            slow = d.supervisor.services["slow"]
+            await wait_until(lambda: slow.connections == 1 and slow.instance is not None)
+            for extra in ("x", "y"):
+                conf.write_text(base + service(extra, f"{block}.3", demo(extra)))
+                assert (await d.reload("test")).ok
+                assert await echo_roundtrip(open_stream, f"during-{extra}".encode()) == \
+                    f"during-{extra}".encode()
+                await held.send_all(f"held-{extra};".encode())
+            conf.write_text(base)
+            assert (await d.reload("test")).message == "removed y"
+            gate.touch()
+            expected = b"held-1;held-x;held-y;"
+            got = b""
+            with trio.fail_after(20):
+                while len(got) < len(expected):
+                    got += await held.receive_some(65536)
+            assert got == expected
+            assert await echo_roundtrip(open_stream, b"after" * 1000) == b"after" * 1000
+            assert d.supervisor.services["e"].instance is e_inst
+            assert d.proxy.closed == {}
+
+
+async def test_dns_flood_during_reloads_answers_every_query(tmp_path: Path, block: str) -> None:
+    """Queries for an unchanged service and for one that comes and goes, from several
+    clients, while the config is reloaded again and again: every query is answered, the
+    unchanged name always NOERROR, the other NOERROR or NXDOMAIN (never half of each)."""
+    # RRL off: these clients share one prefix and ask far more than its rate.
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")),
+                 dns="[dns.rrl]\nrate = 0")
+    base = conf.read_text()
+    with_x = base + service("x", f"{block}.2", demo("x"))
+    async with running(load_config(conf)) as d:
+        ep = d.dns_endpoints[0]
+        sent = answered = 0
+        codes: dict[tuple[str, int], int] = {}
+        reloads = 0
+        done = trio.Event()
+
+        async def client(name: str) -> None:
+            nonlocal sent, answered
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            with sock:
+                await sock.connect((ep.host, ep.port))
+                while not done.is_set():
+                    q = DNSRecord.question(name, "A")
+                    await sock.send(q.pack())
+                    sent += 1
+                    with trio.fail_after(5):
+                        reply = DNSRecord.parse(await sock.recv(65535))
+                    assert reply.header.id == q.header.id
+                    answered += 1
+                    key = (name, int(reply.header.rcode))
+                    codes[key] = codes.get(key, 0) + 1
+
+        async def reloader() -> None:
+            nonlocal reloads
+            for i in range(20):
+                conf.write_text(with_x if i % 2 == 0 else base)
+                result = await d.reload("test")
+                assert result.ok, result.message
+                reloads += 1
+                await trio.sleep(0.02)  # let queries through between reloads
+            done.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for name in ("a.jit.test", "x.jit.test") * 4:
+                    nursery.start_soon(client, name)
+                nursery.start_soon(reloader)
+        assert reloads == 20
+        assert sent == answered and answered > 200, (sent, answered)
+        assert set(codes) <= {("a.jit.test", RCODE.NOERROR), ("x.jit.test", RCODE.NOERROR),
+                              ("x.jit.test", RCODE.NXDOMAIN)}, codes
+        assert ("x.jit.test", RCODE.NOERROR) in codes and ("x.jit.test", RCODE.NXDOMAIN) in codes
+        assert d.dns.counts["internal_error"] == 0
+
+
+async def test_reload_concurrency_shutdown_and_a_racing_boot(tmp_path: Path, block: str) -> None:
+    """Two reloads at once run one after the other; a reload racing the boot of a changed
+    service (settings and then ports) leaks no instance; a reload while stopping is
+    refused."""
+    gate = tmp_path / "gate"
+    conf = write(tmp_path / "jl.toml", tmp_path, service("s", f"{block}.1", echo(tmp_path, gate)))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        sup = d.supervisor
+        results = []
+
+        async def reload() -> None:
+            results.append(await d.reload("test"))
+
+        conf.write_text(base + service("x", f"{block}.2", demo("x")))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reload)
+            nursery.start_soon(reload)
+        assert [r.message for r in results] == ["added x", "no changes"]
+
+        # s boots (held by the gate); a reload changes it twice: the boot it had goes on
+        # under the old settings, then a port change replaces it once ready.
+        sup.request("s")
+        inst = sup.services["s"].instance
+        assert inst is not None
+        conf.write_text(base.replace("idle_timeout = 60", "idle_timeout = 30"))
+        assert (await d.reload("test")).message == "removed x; changed s: idle_timeout"
+        conf.write_text(base.replace("idle_timeout = 60", "idle_timeout = 30")
+                        .replace("ports = [8080]", "ports = [8081]"))
+        result = await d.reload("test")
+        assert result.message == "changed s: ports (instance replaced)"
+        await closed(f"{block}.1", 8080)
+        gate.touch()
+        await inst.released.wait()
+        assert sup.services["s"].stops[("reload", "destroy")] == 1
+        stream = await trio.open_tcp_stream(f"{block}.1", 8081)
+        async with stream:
+            assert await echo_roundtrip(stream, b"new port") == b"new port"
+        new = sup.services["s"].instance
+        assert new is not inst and new is not None and new.service.ports == (8081,)
+        assert len(children_of(os.getpid())) == 1
+
+        d.stop()
+        result = await d.reload("test")
+        assert not result.ok and "stopping" in result.message
