@@ -441,3 +441,45 @@ async def test_reload_concurrency_shutdown_and_a_racing_boot(tmp_path: Path, blo
         d.stop()
         result = await d.reload("test")
         assert not result.ok and "stopping" in result.message
+
+
+async def test_reload_notifies_systemd_before_and_after(tmp_path: Path, block: str) -> None:
+    """RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in µs) before, READY=1 with a
+    STATUS= line after; the same around a rejected reload."""
+    import time
+
+    from jitlaunch.systemd import Notifier
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify"))
+    receiver.setblocking(False)
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    daemon = Daemon(load_config(conf), notifier=Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")}))
+
+    def datagrams() -> list[list[str]]:
+        out = []
+        while True:
+            try:
+                out.append(receiver.recv(4096).decode().split("\n"))
+            except BlockingIOError:
+                return out
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            datagrams()
+            for text, ok in ((conf.read_text() + service("b", f"{block}.2"), True),
+                             ("[[service\n", False)):
+                conf.write_text(text)
+                before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                assert (await daemon.reload("test")).ok is ok
+                after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                got = [m for m in datagrams() if not m[0].startswith("STATUS=")]
+                assert [m[0] for m in got] == ["RELOADING=1", "READY=1"], got
+                usec = int(got[0][1].removeprefix("MONOTONIC_USEC="))
+                assert before <= usec <= after
+                assert got[1] == ["READY=1", "STATUS=2 services; 0 running, 0 booting"]
+            daemon.stop()
+    finally:
+        daemon.notifier.close()
+        receiver.close()

@@ -376,3 +376,106 @@ def test_a_unikernel_boots_under_the_hardened_unit(ns: SystemdNamespace) -> None
     page = ns.run(["curl", "-s", "-m", "20", "http://127.77.0.1:8080/"], namespaces="-n").stdout
     assert "jitlaunch hello unikernel" in page
     assert _jitlaunch(ns, "stop", "hello") == ["hello#1 stopped"]
+
+
+ECHO = """import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+while True:
+    c, _ = s.accept()
+    while data := c.recv(65536):
+        c.sendall(data)
+    c.close()
+"""
+
+# One line in, the same line back through the proxy: a client held open across reloads.
+_ECHO_CLIENT = """import socket, sys
+s = socket.create_connection(("127.77.0.3", 8080), timeout=20)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    got = b""
+    while not got.endswith(b"\\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    print(got.decode(), end="", flush=True)
+"""
+
+
+def _service(name: str, front: str, command: str, extra: str = "") -> str:
+    return (f'\n[[service]]\nname = "{name}"\nfront = ["{front}"]\nports = [8080]\n{extra}\n'
+            f'[service.process]\ncommand = "{command}"\n')
+
+
+def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace) -> None:
+    """`systemctl reload` (ExecReload=, SIGHUP): services added, removed and changed; a broken
+    config rejected with the old one serving and the unit active; an open proxied connection
+    to an unchanged service carries on byte for byte throughout."""
+    import subprocess
+
+    _running(ns)
+    ns.write("/etc/jitlaunch/echo.py", ECHO)
+    demo = "{python} -m jitlaunch.demo_http --address {address} --port {port} --name {name}"
+    echo = _service("e", "127.77.0.3", "{python} /etc/jitlaunch/echo.py {address} {port}")
+    main = _main_pid(ns)
+
+    def outcomes() -> list[str]:
+        return re.findall(r"(?:reloaded |reload \(SIGHUP\) rejected).*", _journal(ns))
+
+    def reload(text: str, expect: str) -> None:
+        before = len(outcomes())
+        ns.write("/etc/jitlaunch/jitlaunch.toml", text)
+        ns.systemctl("reload", "jitlaunch.service")
+        # systemctl returns once kill has sent the SIGHUP; the daemon logs the outcome.
+        ns.wait_for(lambda: len(outcomes()) > before, timeout=20, what="the reload's log line")
+        assert expect in outcomes()[-1], _journal(ns)[-2000:]
+        ns.wait_for(lambda: _active(ns), what="jitlaunch.service active after the reload")
+        assert _main_pid(ns) == main
+
+    client = None
+    try:
+        reload(CONFIG + echo + _service("x", "127.77.0.4", demo), "added e, x")
+        assert _dig(ns, "x.jit.test") == ["127.77.0.4"]
+        client = subprocess.Popen(
+            ["nsenter", "-t", str(ns.pid), "-n", "--", sys.executable, "-c", _ECHO_CLIENT],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert client.stdin is not None and client.stdout is not None
+
+        def roundtrip(line: str) -> None:
+            assert client is not None and client.stdin and client.stdout
+            client.stdin.write(line + "\n")
+            client.stdin.flush()
+            assert client.stdout.readline() == line + "\n"
+
+        roundtrip("one " * 100)
+        # Remove x, add y, change py: DNS follows, e's connection carries on.
+        changed = CONFIG.replace('idle_timeout = "5m"', 'idle_timeout = "4m"')
+        reload(changed + echo + _service("y", "127.77.0.5", demo),
+               "added y; removed x; changed py: idle_timeout")
+        assert _dig(ns, "y.jit.test") == ["127.77.0.5"]
+        assert _dig(ns, "x.jit.test") == []
+        roundtrip("two " * 1000)
+        # A broken config: rejected, the unit active, the old config serving.
+        reload(changed + echo + "[[service\n", "rejected, the running config stays")
+        assert _dig(ns, "y.jit.test") == ["127.77.0.5"]
+        assert ns.show("jitlaunch.service", "StatusText").startswith("4 services;")
+        roundtrip("three")
+        client.stdin.close()
+        assert client.wait(timeout=10) == 0
+        client.stdout.close()
+        client = None
+        reload(CONFIG, "removed e, y; changed py: idle_timeout")
+        assert _dig(ns, "e.jit.test") == []
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+            for stream in (client.stdin, client.stdout):
+                if stream is not None:
+                    stream.close()
+        ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG)
+        ns.systemctl("reload", "jitlaunch.service", check=False)

@@ -768,7 +768,9 @@ class Supervisor:
                 inst.fire(Event.STOP)
                 self._notify(rt)
             elif inst.stop_wanted.is_set():
-                log.info("%s: stopping on request (%s)", inst.label, inst.service.stop)
+                log.info("%s: stopping %s (%s)", inst.label,
+                         "for a reload" if inst.reloaded else "on request",
+                         "destroy" if inst.reloaded else inst.service.stop)
                 inst.fire(Event.STOP)
                 self._notify(rt)
             else:
