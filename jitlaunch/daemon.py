@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
-from .backends import Backend, create_backends
+from .backends import SETTINGS, Backend, create_backends
 from .config import Config, Endpoint, load_config
 from .control import ControlServer, control_path
 from .dns.server import DnsServer
@@ -239,8 +240,8 @@ class Daemon:
     async def _reload(self, trigger: str) -> ReloadResult:
         path = self.config.path
         try:
-            new = await trio.to_thread.run_sync(
-                load_config, None if path == DEFAULT_CONFIG_PATH else path)
+            new = await trio.to_thread.run_sync(functools.partial(
+                load_config, None if path == DEFAULT_CONFIG_PATH else path, backends=SETTINGS))
         except ConfigError as exc:
             return self._rejected(trigger, str(exc))
         plan = plan_reload(self.config, new, self.backends)

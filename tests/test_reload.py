@@ -14,7 +14,6 @@ from pathlib import Path
 import trio
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from jitlaunch.config import load_config
 from jitlaunch.daemon import Daemon
 
 from .conftest import (
@@ -24,6 +23,7 @@ from .conftest import (
     children_of,
     config_text,
     http_get,
+    load_config,
     query_udp,
     running,
     wait_until,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from jitlaunch.config import Config, parse_config
+from jitlaunch.config import Config
 from jitlaunch.lifecycle.reload import RESTART_KEYS, plan_reload
+
+from .conftest import parse_config
 
 BASE = """
 [daemon]
