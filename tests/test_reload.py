@@ -467,7 +467,10 @@ async def test_reload_notifies_systemd_before_and_after(tmp_path: Path, block: s
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
-            datagrams()
+            # The start's READY=1 comes from a task started once serve() reported started.
+            start: list[list[str]] = []
+            await wait_until(lambda: bool(start.extend(datagrams()) or start))
+            assert start[0][0] == "READY=1"
             for text, ok in ((conf.read_text() + service("b", f"{block}.2"), True),
                              ("[[service\n", False)):
                 conf.write_text(text)
