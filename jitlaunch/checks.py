@@ -135,7 +135,10 @@ def _process(svc: ServiceConfig, root: bool) -> list[Finding]:
 
 def _qemu(svc: ServiceConfig, root: bool) -> list[Finding]:
     settings = svc.settings
-    out: list[Finding] = []
+    ident, out = _identity(svc, settings, "qemu")
+    if settings.user is not None and not root and (ident is None or ident.uid != os.geteuid()):
+        out.append(Finding(False, f"running QEMU as user {settings.user} needs a root daemon; "
+                           f"this check runs as uid {os.geteuid()}", svc.name, "qemu.user"))
     if not settings.kernel.is_file():
         out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
                            "qemu.kernel"))

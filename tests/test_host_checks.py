@@ -152,9 +152,12 @@ def test_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = _config(
         _qemu("nokernel", 1, f'kernel = "{tmp_path}/none.elf"')
         + _qemu("nobinary", 2, f'kernel = "{kernel}"\nbinary = "qemu-system-nothing-jl"')
-        + _qemu("fine", 3, f'kernel = "{kernel}"\naccel = "kvm"'),
+        + _qemu("fine", 3, f'kernel = "{kernel}"\naccel = "kvm"')
+        + _qemu("nouser", 4, f'kernel = "{kernel}"\nuser = "no-such-user-jl"'),
         block)
     found = _found(text)
+    assert (True, "nouser", "qemu.user", "user 'no-such-user-jl' does not exist on this host") \
+        in found
     assert found[:2] == [
         (True, "nokernel", "qemu.kernel", f"kernel image {tmp_path}/none.elf does not exist"),
         (True, "nobinary", "qemu.binary",

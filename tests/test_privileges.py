@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from dnslib import RCODE
 
 from jitlaunch.errors import ConfigError
@@ -21,8 +23,11 @@ from jitlaunch.identity import (
     execute_problem,
     resolve,
 )
+from jitlaunch.lifecycle.state import State
 
-from .conftest import config_text, load, parse_config, query_udp, running, wait_until
+from .conftest import PYTHON, ROOT, config_text, http_get, load, parse_config, query_udp, running, wait_until
+from .test_qemu import KERNEL, qemus
+from .test_qemu_faults import links, needs_netns, netns  # noqa: F401 - netns is a fixture
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -226,3 +231,119 @@ async def test_a_directory_the_user_cannot_enter_is_a_clear_boot_failure(
         assert rt.last_error is not None
         assert "cannot use the working directory: nobody (uid" in rt.last_error
         assert "may not enter" in rt.last_error
+
+
+
+def _qemu_service(front: str, mode: str, qemu: str) -> str:
+    return f"""
+[[service]]
+name = "uk"
+front = ["{front}"]
+ports = [18080]
+backend = "qemu"
+boot_timeout = "20s"
+idle_timeout = "500ms"
+stop = "{mode}"
+answer = "proxy"
+[service.qemu]
+kernel = "{KERNEL}"
+guest_ports = [80]
+accel = "tcg"
+grace = "1s"
+{qemu}
+"""
+
+
+@root_only
+@pytest.mark.parametrize("mode", ["destroy", "shutdown", "pause", "save"])
+async def test_qemu_runs_as_its_user_in_every_stop_mode(tmp_path: Path, block: str,
+                                                        mode: str) -> None:
+    """QEMU drops to the user (-runas) once its console, QMP socket, accelerator and network
+    are open; every stop mode still works: pause and resume, and save (the file handed over
+    by the daemon) then restore."""
+    nobody = _nobody()
+    if not KERNEL.exists() or shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs QEMU and the bundled image (make -C images)")
+    for qemu, uid, gid in (('user = "nobody"', nobody.pw_uid, nobody.pw_gid),
+                           ('user = "nobody"\ngroup = "daemon"', nobody.pw_uid,
+                            resolve("nobody", "daemon").gid)):
+        state = tmp_path / f"run{qemu.count(chr(10))}"
+        cfg = load(config_text(state, _qemu_service(f"{block}.1", mode, qemu)))
+        async with running(cfg) as d:
+            rt = d.supervisor.services["uk"]
+            assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+            inst = rt.instance
+            assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+            pid = inst.handle.pid
+            st = _status(pid)
+            assert (st["Uid"], st["Gid"]) == ([uid] * 4, [gid] * 4)
+            assert 0 not in st["Groups"]
+            await wait_until(lambda i=inst: i.state in (State.STOPPED, State.SAVED),
+                             timeout=20)
+            assert rt.idle_stops == 1, rt.last_error
+            if mode == "save":
+                assert (state / "saved" / "uk.state").stat().st_size > 0
+            again = await http_get(f"{block}.1", 18080)
+            assert again.startswith(b"HTTP/1.1 200"), rt.last_error
+            now = rt.instance
+            assert now is not None and now.handle is not None and now.handle.pid is not None
+            if mode == "pause":
+                assert now.handle.pid == pid
+            if mode == "save":
+                assert now.handle.pid != pid and "-incoming" in (state / "logs" / "uk.log").read_text()
+            st = _status(now.handle.pid)
+            assert (st["Uid"], st["Gid"]) == ([uid] * 4, [gid] * 4)
+
+
+@needs_netns
+async def test_qemu_as_its_user_with_bridge_networking(
+    tmp_path: Path, netns: list[str],  # noqa: F811 - the fixture
+) -> None:
+    """conf/bridge.toml with user = "nobody": the tap is opened before QEMU drops to the user,
+    so the guest on the bridge answers at its handed-over address; the warm pool member
+    (booted, paused, resumed) runs as the user too."""
+    nobody = _nobody()
+    if not KERNEL.exists():
+        pytest.skip("needs the bundled image (make -C images)")
+    state = tmp_path / "state"
+    text = (ROOT / "conf" / "bridge.toml").read_text()
+    text = text.replace("[dns]", f'[daemon]\nstate_dir = "{state}"\n\n[dns]')
+    text = text.replace("pool = 1", 'pool = 1\nuser = "nobody"')
+    conf = tmp_path / "bridge.toml"
+    conf.write_text(text.replace("../images/build/hello.elf", str(KERNEL)))
+    log = tmp_path / "daemon.log"
+    proc = None
+    try:
+        with open(log, "wb") as out:
+            proc = await trio.lowlevel.open_process(
+                [*netns, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=out)
+        with trio.fail_after(40):
+            while True:
+                res = await trio.run_process(
+                    [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                     "hello.jit.test", "A"], capture_stdout=True, check=False)
+                addr = res.stdout.decode().strip()
+                if addr.startswith("10.77.0."):
+                    break
+                assert proc.returncode is None, log.read_text()
+                await trio.sleep(0.05)
+        res = await trio.run_process(
+            [*netns, PYTHON, "-c", f"import socket; s = socket.create_connection(('{addr}', 80), 2);"
+             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.settimeout(2);"
+             "assert s.recv(100).startswith(b'HTTP/1.1 200')"],
+            capture_stdout=True, capture_stderr=True, check=False)
+        assert res.returncode == 0, res.stderr
+        await wait_until(lambda: len(qemus(state)) == 2, timeout=40)  # the pool refilled
+        for pid in qemus(state):
+            st = _status(pid)
+            assert (st["Uid"], st["Gid"]) == ([nobody.pw_uid] * 4, [nobody.pw_gid] * 4)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        assert "jlt" not in links(netns)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in qemus(state):
+            os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,9 @@ within :attr:`QMP.reply_timeout`) or :class:`QMPError`
 
 from __future__ import annotations
 
+import array
 import json
+import socket
 from typing import Any
 
 import trio
@@ -69,14 +71,35 @@ class QMP:
         assert scope.cancelled_caught
         raise ProtocolError(f"QMP {command}: no answer within {self.reply_timeout:g} s")
 
-    async def _execute(self, command: str, arguments: dict[str, Any]) -> Any:
+    async def send_fd(self, name: str, fd: int) -> None:
+        """QMP ``getfd``: give QEMU a copy of our descriptor ``fd`` (SCM_RIGHTS on the
+        socket) under ``name``, for a later command that takes ``fd:<name>``. QEMU then
+        writes or reads it whatever user it runs as (``-runas``)."""
+        async with self._lock:
+            with trio.move_on_after(self.reply_timeout) as scope:
+                await self._execute("getfd", {"fdname": name}, fd=fd)
+                return
+        assert scope.cancelled_caught
+        raise ProtocolError(f"QMP getfd: no answer within {self.reply_timeout:g} s")
+
+    async def _execute(self, command: str, arguments: dict[str, Any], fd: int | None = None) -> Any:
         self._next_id += 1
         ident = self._next_id
         msg: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
         try:
-            await self._stream.send_all(json.dumps(msg).encode() + b"\n")
+            if fd is not None:
+                # The descriptor rides on the first byte; the rest, if the kernel took only
+                # part, follows plainly.
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                sent = await self._stream.socket.sendmsg([data], ancillary)
+                data = data[sent:]
+            if data:
+                await self._stream.send_all(data)
+        except OSError as exc:
+            raise ProtocolError(f"QMP {command}: {exc.strerror or exc}") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ProtocolError(f"QMP {command}: connection lost") from exc
         while True:

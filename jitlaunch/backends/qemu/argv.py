@@ -27,11 +27,13 @@ def tap_netdev(tap: str) -> str:
 def build_argv(
     settings: QemuSettings, *, binary: str, accel: str, cmdline: str, qmp_path: Path,
     pidfile: Path, service: str, number: int, netdev: str, mac: str, incoming: Path | None = None,
+    runas: str | None = None,
 ) -> list[str]:
     """The argv of QEMU (``binary``) for one instance: microvm (or ``settings.machine``), the
     kernel booted directly with ``cmdline``, the serial console on stdio, QMP on
     ``qmp_path``, our marker in ``-name`` (the leftover sweep looks for it with ``pidfile``),
-    one virtio-net device with ``mac`` on ``netdev``, and ``-incoming`` from a saved state.
+    one virtio-net device with ``mac`` on ``netdev``, ``-incoming`` from a saved state, and
+    ``-runas`` (a user name, or ``uid:gid``) to drop to once everything is open.
 
     Guest RAM: unless ``settings.hugepages``, a private mapping of a memfd
     (``memory-backend-memfd,share=off``) instead of QEMU's anonymous memory. QEMU asks for
@@ -51,6 +53,8 @@ def build_argv(
         argv += ["-object", f"memory-backend-memfd,id=jl-ram,size={settings.memory}M,share=off",
                  "-machine", "memory-backend=jl-ram"]
     argv += settings.extra_args
+    if runas is not None:
+        argv += ["-runas", runas]
     if incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return argv

@@ -18,6 +18,7 @@ import trio
 from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
+from ...identity import resolve
 from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
 from ..bridge import Lease
 from ..pool import WarmPools
@@ -289,6 +290,7 @@ class QemuBackend(Backend):
         settings: QemuSettings = service.settings
         if not settings.kernel.is_file():
             raise BootFailed(f"kernel image {settings.kernel} does not exist")
+        runas = qemu_runas(settings)
         self._counter += 1
         tag = f"{service.name}-{os.getpid()}-{self._counter}"
         qmp_path = self.run_dir / f"{tag}.qmp"
@@ -327,6 +329,7 @@ class QemuBackend(Backend):
             argv = build_argv(
                 settings, binary=binary, accel=accel, cmdline=cmdline, qmp_path=qmp_path, pidfile=pidfile,
                 service=service.name, number=number, netdev=netdev, mac=mac, incoming=incoming,
+                runas=runas,
             )
             try:
                 if logfile is None:
@@ -401,3 +404,16 @@ class QemuBackend(Backend):
     async def _release_net(self, leases: list[Lease]) -> None:
         for lease in leases:
             await lease.release()
+
+
+def qemu_runas(settings: QemuSettings) -> str | None:
+    """``-runas``'s value for ``settings.user``, looked up now (UnknownIdentity, a boot
+    failure, names what is missing): a user name alone lets QEMU take the user's primary
+    group and its supplementary groups (initgroups); with ``group``, or a uid, it is
+    ``uid:gid`` and the only group is that gid. Never the daemon's groups."""
+    if settings.user is None:
+        return None
+    ident = resolve(settings.user, settings.group)
+    if isinstance(settings.user, str) and settings.group is None:
+        return settings.user
+    return f"{ident.uid}:{ident.gid}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
-import shlex
 import signal
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -381,8 +381,14 @@ class QemuHandle(Handle):
         version = await self.backend.qemu_version(self.binary)
         try:
             await qmp.execute("stop")
-            # exec: runs through /bin/sh, so the path is quoted (a state_dir may have spaces).
-            await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
+            # The file is opened here and handed over (QMP getfd): QEMU may run as a user
+            # (-runas) that could not create it in our state directory.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                await qmp.send_fd("jl-save", fd)
+            finally:
+                os.close(fd)
+            await qmp.execute("migrate", uri="fd:jl-save")
             while True:
                 info = await qmp.execute("query-migrate")
                 status = info.get("status")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Table
+from ...identity import parse_user_group
 
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
 MARKER = "jitlaunch"
@@ -41,6 +42,9 @@ class QemuSettings:
     bridge: str
     subnet: ipaddress.IPv4Network
     hugepages: bool = False
+    #: Who QEMU runs as once it has opened what it needs (``-runas``); None: the daemon's user.
+    user: str | int | None = None
+    group: str | int | None = None
 
 
 def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSettings:
@@ -77,6 +81,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
     if is_reduced(binary) and (why := reduced_cannot(accel, network)):
         raise t.error("binary", f"{binary!r} is QEMU's reduced build, which {why}; use "
                       f'binary = "auto" (the reduced build where it can run) or {FULL_BINARY!r}')
+    user, group = parse_user_group(t)
     settings = QemuSettings(
         kernel=(base_dir / kernel).resolve(),
         binary=binary,
@@ -94,6 +99,8 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
         bridge=bridge,
         subnet=subnet,
         hugepages=t.boolean("hugepages", False),
+        user=user,
+        group=group,
     )
     t.done()
     return settings
