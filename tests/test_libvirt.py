@@ -122,6 +122,49 @@ def test_bridge_settings(tmp_path: Path) -> None:
     assert not any(is_local(u) for u in ("qemu+ssh://kvm7/system", "qemu+tls://10.1.2.3/system"))
 
 
+def test_the_global_libvirt_table_gives_the_uri(tmp_path: Path) -> None:
+    """``[libvirt] uri`` is every libvirt service's connection unless the service names its
+    own; without either it is qemu:///system. Errors in the table name it, not a service."""
+    def services(top: str) -> str:
+        return f"""
+[dns]
+zones = ["jit.test"]
+{top}
+[[service]]
+name = "a"
+backend = "libvirt"
+front = ["127.77.0.1"]
+ports = [80]
+[service.libvirt]
+kernel = "k.elf"
+[[service]]
+name = "b"
+backend = "libvirt"
+front = ["127.77.0.2"]
+ports = [80]
+[service.libvirt]
+kernel = "k.elf"
+uri = "qemu+ssh://kvm7/system"
+"""
+
+    def uris(top: str) -> tuple[str, str]:
+        cfg = parse_config(services(top), str(tmp_path / "c.toml"))
+        return cfg.service("a").settings.uri, cfg.service("b").settings.uri
+
+    assert uris("") == ("qemu:///system", "qemu+ssh://kvm7/system")
+    assert uris('[libvirt]\nuri = "qemu:///session"') == ("qemu:///session", "qemu+ssh://kvm7/system")
+    assert uris("[libvirt]") == ("qemu:///system", "qemu+ssh://kvm7/system")
+    with pytest.raises(ConfigError) as info:
+        uris('[libvirt]\nuri = "session"')
+    assert str(info.value).endswith("c.toml: libvirt.uri: expected a libvirt URI such as "
+                                    "qemu:///system, got 'session'")
+    with pytest.raises(ConfigError, match=r"c.toml: libvirt.kernel: unknown key"):
+        uris('[libvirt]\nkernel = "k.elf"')
+    with pytest.raises(ConfigError, match=r"c.toml: qemu: the qemu backend has no global table; "
+                       r"its settings go in each service's \[service.qemu\]"):
+        uris('[qemu]\nkernel = "k.elf"')
+
+
 def domain_names(uri: str = TEST_URI) -> set[str]:
     conn = libvirt.open(uri)
     try:

@@ -41,6 +41,11 @@ class _Settings:
     def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
         return _module(self.name).parse_settings(table, base_dir, ports)
 
+    def parse_top(self, table: Table) -> Mapping[str, Any] | None:
+        """The global ``[<backend>]`` table's defaults, None if the backend has none."""
+        parse = getattr(_module(self.name), "parse_top", None)
+        return None if parse is None else parse(table)
+
 
 #: The settings parsers by backend name, for :func:`jitlaunch.config.parse_config`.
 SETTINGS: Mapping[str, SettingsParser] = MappingProxyType({n: _Settings(n) for n in _MODULES})

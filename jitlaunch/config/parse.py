@@ -10,8 +10,9 @@ errors too: a typo must never be silently ignored.
 The file has global tables ``[daemon]``, ``[dns]``, ``[proxy]``, ``[metrics]``, ``[host]`` and
 ``[defaults]`` and one ``[[service]]`` table per service. Every key of ``[defaults]`` may be
 repeated in a service; backend settings live in a sub-table named after the backend
-(``[service.process]``), read by that backend's :class:`SettingsParser`. See the README for
-the full reference.
+(``[service.process]``), read by that backend's :class:`SettingsParser`. A backend may also
+have a global table named after it (``[libvirt]``) whose keys are defaults for every one of
+its services' sub-tables (a service's own value wins). See the README for the full reference.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class SettingsParser(Protocol):
         """Read a service's backend table (call ``table.done()``); ``ports`` are the
         service's front ports. The result must compare by value (a frozen dataclass)."""
         ...
+
+    # Optional: ``parse_top(table: Table) -> Mapping[str, Any] | None`` reads the global
+    # ``[<backend>]`` table (call ``table.done()``) and returns the defaults it gives the
+    # services' sub-tables, or None if the backend has no global table.
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ def _parse_service(
     dns: DnsConfig,
     base_dir: Path,
     backends: Mapping[str, SettingsParser],
+    tops: Mapping[str, Mapping[str, Any]],
 ) -> ServiceConfig:
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a table, got {show(data)}", key=f"service[{index}]")
@@ -229,6 +235,8 @@ def _parse_service(
         if other != backend and other in data:
             raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
     table = t.sub(backend) if backend in data else Table(path, {}, f"{backend}.", name)
+    if tops.get(backend):
+        table = Table(path, {**tops[backend], **table.data}, table.prefix, name)
     settings = parser.parse_settings(table, base_dir, tuple(ports))
     if stop not in supported:
         raise pick("stop").error(
@@ -328,7 +336,7 @@ def parse_config(
     if base_dir is None:
         base_dir = (env.cwd / path).parent if not path.startswith("<") else env.cwd
     root = Table(path, data)
-    _check_tables(path, data)
+    _check_tables(path, data, backends)
 
     d = root.sub("daemon")
     state_dir = d.raw("state_dir")
@@ -382,11 +390,12 @@ def parse_config(
 
     defaults = _parse_defaults(root, dns, backends)
 
+    tops = _parse_backend_tables(root, backends)
     raw_services = root.raw("service", [])
     if not isinstance(raw_services, list):
         raise root.error("service", "expected [[service]] tables")
     services = tuple(
-        _parse_service(path, s, i, defaults, dns, base_dir, backends)
+        _parse_service(path, s, i, defaults, dns, base_dir, backends, tops)
         for i, s in enumerate(raw_services)
     )
     root.done()
@@ -405,11 +414,12 @@ _TABLES = {
 }
 
 
-def _check_tables(path: str, data: Mapping[str, Any]) -> None:
+def _check_tables(path: str, data: Mapping[str, Any], backends: Mapping[str, SettingsParser]) -> None:
     """Unknown top-level names first: a typo'd ``[dnss]`` must be named as such, not show up
-    later as ``dns.zones: missing``."""
+    later as ``dns.zones: missing``. A backend's name passes (:func:`_parse_backend_tables`
+    says whether that backend has a global table)."""
     for key, value in data.items():
-        if key in _TABLES:
+        if key in _TABLES or key in backends:
             continue
         table = isinstance(value, dict) or (
             isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
@@ -422,6 +432,23 @@ def _check_tables(path: str, data: Mapping[str, Any]) -> None:
         else:
             message = f"unknown key (keys belong in a table: {', '.join(known)})"
         raise ConfigError(path, message, key=key)
+
+
+def _parse_backend_tables(
+    root: Table, backends: Mapping[str, SettingsParser]
+) -> dict[str, Mapping[str, Any]]:
+    """The global ``[<backend>]`` tables: each backend's defaults for its services."""
+    tops: dict[str, Mapping[str, Any]] = {}
+    for name, parser in backends.items():
+        if name not in root.data:
+            continue
+        parse_top = getattr(parser, "parse_top", None)
+        found = parse_top(root.sub(name)) if parse_top is not None else None
+        if found is None:
+            raise root.error(name, f"the {name} backend has no global table; its settings go "
+                             f"in each service's [service.{name}]")
+        tops[name] = found
+    return tops
 
 
 def _parse_host(t: Table) -> HostConfig:

@@ -4,6 +4,6 @@ service uses this backend). See :mod:`.backend`; the domain XML is built in :mod
 
 from __future__ import annotations
 
-from .settings import STOP_MODES, LibvirtSettings, parse_settings
+from .settings import STOP_MODES, LibvirtSettings, parse_settings, parse_top
 
-__all__ = ["STOP_MODES", "LibvirtSettings", "parse_settings"]
+__all__ = ["STOP_MODES", "LibvirtSettings", "parse_settings", "parse_top"]

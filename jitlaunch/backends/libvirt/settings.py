@@ -1,4 +1,5 @@
-"""The libvirt backend's settings (the service's ``[service.libvirt]`` table), pure."""
+"""The libvirt backend's settings (the service's ``[service.libvirt]`` table, with defaults
+from the global ``[libvirt]`` table), pure."""
 
 from __future__ import annotations
 
@@ -53,10 +54,23 @@ def is_local(uri: str) -> bool:
         return False
 
 
-def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtSettings:
+def _uri(t: Table) -> str:
     uri = t.string("uri", DEFAULT_URI)
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^\s]*", uri):
         raise t.error("uri", f"expected a libvirt URI such as {DEFAULT_URI}, got {uri!r}")
+    return uri
+
+
+def parse_top(t: Table) -> dict[str, str]:
+    """The global ``[libvirt]`` table: ``uri``, the connection of every libvirt service
+    whose own table names none."""
+    top = {"uri": _uri(t)} if t.has("uri") else {}
+    t.done()
+    return top
+
+
+def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtSettings:
+    uri = _uri(t)
     kernel = t.string("kernel")
     guest_ports = t.raw("guest_ports", list(ports))
     if isinstance(guest_ports, int) and not isinstance(guest_ports, bool):
