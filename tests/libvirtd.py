@@ -45,12 +45,14 @@ stdio_handler = "file"
 
 
 def cgroup_dirs() -> set[str]:
-    """The directories one level below each cgroup hierarchy (``/sys/fs/cgroup/*/*``):
-    where libvirt's ``machine`` partition would appear."""
+    """libvirt's cgroup partitions, one level below each cgroup hierarchy
+    (``/sys/fs/cgroup/*/machine*``: ``machine``, or ``machine.slice`` under systemd). Only
+    these: other tests make cgroups of their own (tests/systemd_ns.py's ``jltest-*``) while
+    the libvirt tests run."""
     base = Path("/sys/fs/cgroup")
     if not base.is_dir():
         return set()
-    return {str(p) for p in base.glob("*/*") if p.is_dir() and not p.is_symlink()}
+    return {str(p) for p in base.glob("*/machine*") if p.is_dir() and not p.is_symlink()}
 
 
 class PrivateLibvirtd:
