@@ -4,10 +4,12 @@ Reload (:meth:`Daemon.reload`: SIGHUP, ``jitlaunch reload``, ``systemctl reload`
 time (a second waits for the first, then reads the file again; a SIGHUP while one already
 waits is merged into it), refused while the daemon stops. The file is read and parsed
 completely, the plan made (lifecycle/reload.py; keys that need a restart refuse it), the
-fronts it adds bound and a process backend it needs started; any failure there rejects the
-reload with nothing changed. Then it is committed synchronously (supervisor, proxy, DNS,
-metrics), so that no query or connection sees half of it. systemd hears ``RELOADING=1`` with
-``MONOTONIC_USEC=`` before and ``READY=1`` with a ``STATUS=`` line after, either way.
+services it adds or changes checked as ``jitlaunch check`` does (an error such as a missing
+binary refuses it), the fronts it adds bound and a process backend it needs started; any
+failure there rejects the reload with nothing changed. Then it is committed synchronously
+(supervisor, proxy, DNS, metrics), so that no query or connection sees half of it. systemd
+hears ``RELOADING=1`` with ``MONOTONIC_USEC=`` before and ``READY=1`` with a ``STATUS=`` line
+after, either way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
 from .backends import SETTINGS, Backend, create_backends
+from .checks import host_findings
 from .config import Config, Endpoint, load_config
 from .control import ControlServer, control_path
 from .dns.server import DnsServer
@@ -247,6 +250,17 @@ class Daemon:
         plan = plan_reload(self.config, new, self.backends)
         if plan.rejected:
             return self._rejected(trigger, plan.error())
+        # What `jitlaunch check` finds, for the services this reload adds or changes (the
+        # others were checked at start, and their instances may be running): an error
+        # rejects the reload, a warning is logged.
+        touched = set(plan.added) | set(plan.changed_names)
+        findings = [f for f in await trio.to_thread.run_sync(
+            functools.partial(host_findings, new, ports=False)) if f.service in touched]
+        errors = [f.text(path) for f in findings if f.error]
+        if errors:
+            return self._rejected(trigger, "; ".join(errors))
+        for finding in findings:
+            log.warning("check: %s", finding.text(path))
         try:
             bound = await self.proxy.bind_fronts(new)
         except ListenError as exc:

@@ -274,6 +274,9 @@ async def test_broken_configs_are_rejected_and_the_old_one_serves(
                  "service 'a': idle_timeout"),
                 (base.replace('state_dir = "', 'state_dir = "/nonexistent'),
                  "these keys change only with a restart: daemon.state_dir"),
+                # What `jitlaunch check` calls an error: a command that does not exist.
+                (base + service("b", f"{block}.8", "/nonexistent/demo {port}"),
+                 "service 'b': process.command: "),
                 # b's front is free, c's is taken: neither is added.
                 (base + service("b", f"{block}.8", demo("b"))
                  + service("c", f"{block}.9", demo("c")),
