@@ -116,6 +116,7 @@ class Daemon:
     _reload_lock: trio.Lock = field(default_factory=trio.Lock)
     _reload_waiting: bool = False
     _nursery: trio.Nursery | None = None
+    _serving: bool = False  # every listener is up: a reload may run
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -171,6 +172,7 @@ class Daemon:
                     "serving %d service(s) in %s", len(self.config.services),
                     ", ".join(z.name for z in self.config.dns.zones),
                 )
+                self._serving = True
                 task_status.started(self)
                 nursery.start_soon(
                     sd.serve_notify, self.notifier, self.supervisor,
@@ -187,6 +189,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            self._serving = False
             try:
                 with trio.CancelScope(shield=True):
                     for backend in self.backends.values():
@@ -212,15 +215,17 @@ class Daemon:
         """Re-read the config file and apply it (see the module docstring). Never raises
         for a bad config or a failed bind: the result says why it was rejected (also logged
         once). ``trigger`` names the cause in the log."""
-        if self.stopping or self._nursery is None:
-            return self._rejected(trigger, "the daemon is stopping (or not serving yet)")
+        if self.stopping:
+            return self._rejected(trigger, "the daemon is stopping")
+        if not self._serving:
+            return self._rejected(trigger, "the daemon is not serving yet (or any more)")
         self._reload_waiting = True
         try:
             await self._reload_lock.acquire()
         finally:
             self._reload_waiting = False
         try:
-            if self.stopping:
+            if self.stopping or not self._serving:
                 return self._rejected(trigger, "the daemon is stopping")
             self.notifier.send(
                 RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,

@@ -273,7 +273,7 @@ def status_line(supervisor: Supervisor) -> str:
             booting += 1
         if rt.last_error and (failure is None or rt.last_error_at >= failure[0]):
             failure = (rt.last_error_at, rt.last_error)
-    count = len(supervisor.services)
+    count = sum(not rt.removed for rt in supervisor.services.values())  # (not those leaving)
     line = f"{count} service{'s' if count != 1 else ''}; {running} running, {booting} booting"
     if failure is not None:
         line += f"; last failure: {failure[1]}"
