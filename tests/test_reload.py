@@ -489,3 +489,34 @@ async def test_reload_notifies_systemd_before_and_after(tmp_path: Path, block: s
     finally:
         daemon.notifier.close()
         receiver.close()
+
+
+async def test_dns_and_host_settings_apply_at_once(tmp_path: Path, block: str) -> None:
+    """Zones, the SOA serial, TTLs, RRL and the host's admission settings change with the
+    reload, the running instance untouched."""
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        ep = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+        inst = d.supervisor.services["a"].instance
+        soa = await query_udp(ep, "jit.test", "SOA")
+        assert soa.rr[0].rdata.times[0] == 1
+        assert int((await query_udp(ep, "a.other.test")).header.rcode) == RCODE.REFUSED
+        conf.write_text(base.replace('zones = ["jit.test"]', 'zones = ["jit.test", "other.test"]\n'
+                                     '[dns.soa]\nserial = 42\n[dns.rrl]\nrate = 7\n'
+                                     '[host]\nmax_queued = 3\nqueue_timeout = "4s"\n'
+                                     '[host.wake]\nrate = 0'))
+        result = await d.reload("test")
+        assert result.ok, result.message
+        assert result.message == ("changed a: names; changed dns.zones, dns.rrl.rate, "
+                                  "host.max_queued, host.queue_timeout, host.wake.rate")
+        assert (await query_udp(ep, "jit.test", "SOA")).rr[0].rdata.times[0] == 42
+        assert (await query_udp(ep, "other.test", "SOA")).rr[0].rdata.times[0] == 42
+        reply = await query_udp(ep, "a.other.test")
+        assert int(reply.header.rcode) == RCODE.NOERROR and reply.rr
+        assert d.dns.rrl.rate == 7 and d.dns.config.dns.rrl.rate == 7
+        sup = d.supervisor
+        assert sup.queue.bound == 3 and sup.config.host.queue_timeout == 4
+        assert sup.wake.config.rate == 0
+        assert sup.services["a"].instance is inst
