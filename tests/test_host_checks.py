@@ -4,6 +4,7 @@ findings once at start."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -188,14 +190,29 @@ def test_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "jl0 and taps); this check runs without it")]
 
 
+@contextlib.contextmanager
+def _dns_pair() -> Iterator[int]:
+    """A port on 127.0.0.1 held over UDP and TCP (as a running DNS server holds it)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            tcp.listen(1)
+            yield port
+            return
+    raise AssertionError("no port free over both UDP and TCP")
+
+
 def test_ports() -> None:
     block = fresh_block()
-    with socket.socket() as taken, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
+    with socket.socket() as taken, _dns_pair() as dns_port:
         taken.bind((f"{block}.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        dns.bind(("127.0.0.1", 0))
-        dns_port = dns.getsockname()[1]
         text = _config(
             f"""
 [[service]]
@@ -217,6 +234,8 @@ user = "root"
             (True, "elsewhere", "front",
              "cannot bind 192.0.2.77:18080 (TCP): no interface has this address"),
             (False, None, "dns.listen", f"cannot bind 127.0.0.1:{dns_port} (UDP): in use (by the "
+             "running jitlaunch itself? else the daemon cannot start)"),
+            (False, None, "dns.listen", f"cannot bind 127.0.0.1:{dns_port} (TCP): in use (by the "
              "running jitlaunch itself? else the daemon cannot start)"),
             (False, "busy", "front", f"cannot bind {block}.1:{port} (TCP): in use (by the "
              "running jitlaunch itself? else the daemon cannot start)"),
