@@ -96,6 +96,8 @@ def test_defaults_table_and_durations() -> None:
         (BASE + "max_held_per_connection = 0\n",
          "conf.toml: dns.max_held_per_connection: expected an integer from 1"),
         (BASE + "[daemon]\nstate_dir = 3\n", "conf.toml: daemon.state_dir: expected a path"),
+        (BASE + '[daemon]\nstate_dir = ""\n',
+         "conf.toml: daemon.state_dir: expected a path, got a string ('')"),
         (BASE + "[proxy]\nmax_buffer = 0\n", "conf.toml: proxy.max_buffer: expected an integer from 1"),
         (BASE + "[defaults]\nbogus = 1\n", "conf.toml: defaults.bogus: unknown key (allowed: backend"),
         (BASE + "[defaults]\nidle_timeout = -5\n",
@@ -421,3 +423,21 @@ def test_a_service_defined_twice_is_named_with_both_places() -> None:
     assert error(inline) == (
         "conf.toml: service 'a': defined twice, at [[service]] number 1 and at [[service]] number 2"
     )
+
+
+@pytest.mark.parametrize("backend", ["qemu", "libvirt"])
+def test_guest_ports_is_a_list_of_numbers(backend: str) -> None:
+    vm = SERVICE.replace("[service.process]", f'backend = "{backend}"\n[service.{backend}]').replace(
+        'command = "demo --port {port}"', 'kernel = "k.elf"')
+    where = f"conf.toml: service 'hello': {backend}.guest_ports"
+    assert error(BASE + vm + "guest_ports = 80\n") == (
+        f"{where}: expected a list of port numbers, got an integer (80); write guest_ports = [80]")
+    assert error(BASE + vm + "guest_ports = [true]\n") == (
+        f"{where}: expected a list of port numbers (1 to 65535), got a list ([True])")
+    cfg = parse_config(BASE + vm + "guest_ports = [80]\n", "/x/c.toml")
+    assert cfg.service("hello").settings.guest_ports == (80,)
+
+
+def test_missing_ports_says_missing() -> None:
+    assert error(BASE + SERVICE.replace("ports = [8080]\n", "")) == (
+        "conf.toml: service 'hello': ports: missing (expected a list of port numbers)")

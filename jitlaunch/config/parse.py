@@ -214,16 +214,9 @@ def _parse_service(
     if not front:
         raise t.error("front", "expected at least one address")
     _once(t, "front", front)
-    ports = t.raw("ports")
-    if isinstance(ports, int) and not isinstance(ports, bool):
-        raise t.error("ports", f"expected a list of port numbers, got {show(ports)}; "
-                      f"write ports = [{ports}]")
-    if (
-        not isinstance(ports, list)
-        or not ports
-        or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports)
-    ):
-        raise t.error("ports", f"expected a list of port numbers (1 to 65535), got {show(ports)}")
+    ports = t.ports("ports")
+    if not ports:
+        raise t.error("ports", "expected a list of port numbers (1 to 65535), got a list ([])")
     _once(t, "ports", ports)
     answer = inherited("answer")
     stop = inherited("stop")
@@ -340,7 +333,7 @@ def parse_config(
 
     d = root.sub("daemon")
     state_dir = d.raw("state_dir")
-    if state_dir is not None and not isinstance(state_dir, str):
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
         raise d.error("state_dir", f"expected a path, got {show(state_dir)}")
     daemon = DaemonConfig(
         state_dir=(base_dir / state_dir) if state_dir else default_state_dir(env),

@@ -105,6 +105,22 @@ class Table:
             raise self.error(key, f"expected an integer from {low} to {high}, got {value}")
         return value
 
+    def ports(self, key: str, default: list[int] | None = None) -> tuple[int, ...]:
+        """A list of TCP/UDP port numbers, 1 to 65535 (a lone number is an error, as in
+        :meth:`strings`)."""
+        value = self.raw(key, default)
+        if value is None:
+            raise self.missing(key, "a list of port numbers")
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise self.error(
+                key, f"expected a list of port numbers, got {show(value)}; write {key} = [{value}]"
+            )
+        if not isinstance(value, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in value
+        ):
+            raise self.error(key, f"expected a list of port numbers (1 to 65535), got {show(value)}")
+        return tuple(value)
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):

@@ -72,14 +72,8 @@ def parse_top(t: Table) -> dict[str, str]:
 def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtSettings:
     uri = _uri(t)
     kernel = t.string("kernel")
-    guest_ports = t.raw("guest_ports", list(ports))
-    if isinstance(guest_ports, int) and not isinstance(guest_ports, bool):
-        guest_ports = [guest_ports]
-    if (
-        not isinstance(guest_ports, list)
-        or len(guest_ports) != len(ports)
-        or not all(isinstance(p, int) and 1 <= p <= 65535 for p in guest_ports)
-    ):
+    guest_ports = t.ports("guest_ports", list(ports))
+    if len(guest_ports) != len(ports):
         raise t.error("guest_ports", f"expected {len(ports)} port number(s), one for each of "
                       f"the service's ports {list(ports)}")
     cmdline = t.string("cmdline", DEFAULT_CMDLINE)
