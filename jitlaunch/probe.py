@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 import struct
@@ -188,6 +189,11 @@ def probe(
 def run_probe(args: argparse.Namespace) -> int:
     try:
         server = split_server(args.server)
+        if not 0 < args.port < 65536:
+            raise ProbeInputError(f"--port: expected a port from 1 to 65535, got {args.port}")
+        if not 0 < args.timeout < math.inf:  # NaN fails this too
+            raise ProbeInputError(f"--timeout: expected a number of seconds above 0, got "
+                                  f"{args.timeout:g}")
         r = probe(
             args.name, server, args.port, args.path, tcp=args.tcp, ipv6=args.ipv6,
             timeout=args.timeout,

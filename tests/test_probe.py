@@ -43,12 +43,20 @@ def test_split_server() -> None:
             split_server(bad)
 
 
-def test_a_bad_server_exits_2() -> None:
-    res = subprocess.run([*PROBE, "x.jit.test", "--server", "[::1]"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert res.stderr == ("jitlaunch: probe: --server: expected ADDR:PORT such as 127.0.0.1:5353 "
-                          "or [::1]:5353, got '[::1]'\n")
+@pytest.mark.parametrize(("args", "error"), [
+    (["--server", "[::1]"], "--server: expected ADDR:PORT such as 127.0.0.1:5353 or [::1]:5353, "
+     "got '[::1]'"),
+    (["--server", "127.0.0.1:53", "--port", "70000"],
+     "--port: expected a port from 1 to 65535, got 70000"),
+    (["--server", "127.0.0.1:53", "--timeout", "-1"],
+     "--timeout: expected a number of seconds above 0, got -1"),
+    (["--server", "127.0.0.1:53", "--timeout", "nan"],
+     "--timeout: expected a number of seconds above 0, got nan"),
+])
+def test_bad_input_exits_2(args: list[str], error: str) -> None:
+    res = subprocess.run([*PROBE, "x.jit.test", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert (res.returncode, res.stderr) == (2, f"jitlaunch: probe: {error}\n")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
