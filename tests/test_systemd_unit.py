@@ -411,9 +411,10 @@ def _service(name: str, front: str, command: str, extra: str = "") -> str:
 
 
 def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace) -> None:
-    """`systemctl reload` (ExecReload=, SIGHUP): services added, removed and changed; a broken
-    config rejected with the old one serving and the unit active; an open proxied connection
-    to an unchanged service carries on byte for byte throughout."""
+    """`systemctl reload` (ExecReload=, SIGHUP) and `jitlaunch reload`: services added,
+    removed and changed; a broken config rejected with the old one serving and the unit
+    active; an open proxied connection to an unchanged service carries on byte for byte
+    throughout."""
     import subprocess
 
     _running(ns)
@@ -464,12 +465,21 @@ def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace)
         assert _dig(ns, "y.jit.test") == ["127.77.0.5"]
         assert ns.show("jitlaunch.service", "StatusText").startswith("4 services;")
         roundtrip("three")
+        # `jitlaunch reload` over the control socket: the error, exit status 1.
+        rejected = ns.run([f"{ROOT}/.venv/bin/jitlaunch", "reload"], check=False)
+        assert rejected.returncode == 1, rejected
+        assert rejected.stderr.startswith("jitlaunch: error: /etc/jitlaunch/jitlaunch.toml: "
+                                          "not valid TOML"), rejected.stderr
+        assert _active(ns) and _main_pid(ns) == main
+        roundtrip("four")
         client.stdin.close()
         assert client.wait(timeout=10) == 0
         client.stdout.close()
         client = None
-        reload(CONFIG, "removed e, y; changed py: idle_timeout")
+        ns.write("/etc/jitlaunch/jitlaunch.toml", CONFIG)
+        assert _jitlaunch(ns, "reload") == ["reloaded: removed e, y; changed py: idle_timeout"]
         assert _dig(ns, "e.jit.test") == []
+        assert _active(ns) and _main_pid(ns) == main
     finally:
         if client is not None:
             client.kill()
