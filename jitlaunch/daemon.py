@@ -242,6 +242,7 @@ class Daemon:
 
     def _rejected(self, trigger: str, why: str) -> ReloadResult:
         self.metrics.reloads["rejected"] += 1
+        self.metrics.last_reload_ok = False
         log.error("reload (%s) rejected, the running config stays: %s", trigger, why)
         return ReloadResult(False, why)
 
@@ -292,6 +293,7 @@ class Daemon:
             logging.getLogger("jitlaunch").setLevel(new.daemon.log_level.upper())
         self.metrics.reloads["ok"] += 1
         self.metrics.last_reload = time.time()
+        self.metrics.last_reload_ok = True
         summary = plan.summary()
         log.info("reloaded %s (%s): %s", path, trigger, summary)
         return ReloadResult(True, summary, plan)

@@ -107,6 +107,8 @@ class Metrics:
         #: last loaded successfully (the start counts), both kept by the daemon.
         self.reloads: collections.Counter[str] = collections.Counter()
         self.last_reload = time.time()
+        #: Whether the last reload was taken (True before any).
+        self.last_reload_ok = True
         self.open = 0
         self.endpoints: list[Endpoint] = []
         self._log = LimitedLog(log)
@@ -292,6 +294,11 @@ class DaemonCollector(Collector):
             "jitlaunch_config_last_reload_success_timestamp_seconds",
             "When the running config was loaded (at start or by the last successful reload), "
             "in seconds since the epoch", self.m.last_reload,
+        )
+        yield _gauge(
+            "jitlaunch_config_last_reload_successful",
+            "1 if the last config reload was taken (or none was tried), 0 if it was rejected",
+            1 if self.m.last_reload_ok else 0,
         )
 
     def _dns(self) -> Iterator[Metric]:

@@ -361,6 +361,8 @@ tests:
         values: '90x10'
       - series: 'jitlaunch_proxy_max_connections{{job="jitlaunch", instance="h:9464"}}'
         values: '100x10'
+      - series: 'jitlaunch_config_last_reload_successful{{job="jitlaunch", instance="h:9464"}}'
+        values: '1 0x15'
     alert_rule_test:
       - eval_time: 1m
         alertname: JitlaunchDown
@@ -392,6 +394,16 @@ tests:
             exp_annotations:
               summary: "the proxy on h:9464 holds 90% of its max_connections"
               description: "Past proxy.max_connections new connections are closed at once (jitlaunch_proxy_connections_closed_total{{reason=\\"max_connections\\"}})."
+      - eval_time: 10m
+        alertname: JitlaunchConfigReloadRejected
+        exp_alerts: []
+      - eval_time: 11m
+        alertname: JitlaunchConfigReloadRejected
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: jitlaunch, instance: "h:9464"}}
+            exp_annotations:
+              summary: "jitlaunch on h:9464 rejected its last config reload"
+              description: "The daemon still runs the config it had before: its config file does not parse, needs a restart for a key, or names something missing. `jitlaunch reload` prints why."
 """  # noqa: E501 - promtool compares whole annotations
 
 
@@ -399,7 +411,7 @@ tests:
 def test_alert_rules_check_and_fire(tmp_path: Path) -> None:
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert b"SUCCESS: 8 rules found" in check.stdout
+    assert b"SUCCESS: 9 rules found" in check.stdout
     tests = tmp_path / "rules-test.yml"
     tests.write_text(RULE_TESTS.format(rules=RULES))
     result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, timeout=30)

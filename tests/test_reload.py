@@ -298,11 +298,13 @@ async def test_broken_configs_are_rejected_and_the_old_one_serves(
             assert d.metrics.reloads == {"rejected": len(cases)}
             samples = await scrape(d)
             assert get(samples, "jitlaunch_reloads_total", result="rejected") == len(cases)
+            assert get(samples, "jitlaunch_config_last_reload_successful") == 0
             # Fixed, it goes through.
             conf.write_text(base + service("b", f"{block}.8", demo("b")))
             res = await cli("reload", "--socket", sock)
             assert res.returncode == 0 and res.stdout == b"reloaded: added b\n", res.stderr
             assert "Hello from b<" in (await http_get(f"{block}.8", 8080)).decode()
+            assert get(await scrape(d), "jitlaunch_config_last_reload_successful") == 1
 
 
 async def test_open_and_held_connections_of_unchanged_services_survive(
