@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jitlaunch import config
 from jitlaunch.backends import SETTINGS
@@ -441,3 +446,88 @@ def test_guest_ports_is_a_list_of_numbers(backend: str) -> None:
 def test_missing_ports_says_missing() -> None:
     assert error(BASE + SERVICE.replace("ports = [8080]\n", "")) == (
         "conf.toml: service 'hello': ports: missing (expected a list of port numbers)")
+
+
+# ---- any TOML: a Config or a ConfigError, never anything else --------------------------------
+
+_VALID: dict[str, Any] = {
+    "daemon": {"state_dir": "st", "drain_timeout": "2s", "log_level": "info"},
+    "dns": {
+        "listen": ["127.0.0.1:5353"], "zones": ["jit.test"], "nameservers": ["ns.jit.test"],
+        "soa": {"serial": 3}, "rrl": {"rate": 10, "exempt": ["10.0.0.0/8"]},
+    },
+    "proxy": {"max_buffer": 4096, "idle_timeout": "10m"},
+    "metrics": {"listen": ["127.0.0.1:0"]},
+    "host": {"max_instances": 5, "wake": {"rate": 2.5}},
+    "defaults": {"idle_timeout": "5m", "answer": "proxy"},
+    "service": [
+        {"name": "a", "front": ["127.77.0.1"], "ports": [8080], "names": ["www.jit.test"],
+         "process": {"command": "demo --port {port}"}},
+        {"name": "b", "front": ["127.77.0.2"], "ports": [80], "backend": "qemu",
+         "max_instances": 2, "qemu": {"kernel": "k.elf", "pool": 1, "guest_ports": [80]}},
+    ],
+}
+
+_scalars = (
+    st.text(max_size=12) | st.sampled_from(["", "never", "30s", "jit.test", "127.0.0.1", "qemu"])
+    | st.integers(-(2**63), 2**63 - 1) | st.sampled_from([0, 1, 65535, 65536, -1])
+    | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path] if path else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _leaves(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _leaves(v, (*path, i))
+    return out
+
+
+def _toml_doc(doc: dict[str, Any]) -> str:
+    return "\n".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in doc.items())
+
+
+def test_the_base_of_the_random_configs_is_valid() -> None:
+    cfg = parse_config(_toml_doc(_VALID), "/x/c.toml")
+    assert [s.name for s in cfg.services] == ["a", "b"] and cfg.daemon.state_dir == Path("/x/st")
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_any_toml_gives_a_config_or_a_config_error(data: st.DataObject) -> None:
+    doc = copy.deepcopy(_VALID)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_leaves(doc)))
+        parent = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        if data.draw(st.booleans()):
+            parent[path[-1]] = data.draw(_values)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent.append(data.draw(_values))
+    try:
+        parse_config(_toml_doc(doc), "/x/c.toml")
+    except ConfigError:
+        pass
