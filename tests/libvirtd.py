@@ -59,12 +59,17 @@ class PrivateLibvirtd:
     """``start()``, ``restart()`` (SIGTERM and a new one: its domains keep running) and
     ``stop()`` (destroys every domain first: they are all the test's). ``netns``: the name
     of a network namespace (``ip netns``) to run in. ``tcp_port``: also listen on
-    127.0.0.1:``tcp_port`` without authentication (a "remote" URI for the tests)."""
+    127.0.0.1:``tcp_port`` without authentication (a "remote" URI for the tests).
+    ``run_tmpfs``: /run is a tmpfs of libvirtd's mount namespace, as on a usual host, instead
+    of ``root/run`` (libvirtd fsyncs a domain's status file there on each state change); it
+    goes with libvirtd, so a restart would not find its domains again."""
 
-    def __init__(self, root: Path, netns: str | None = None, tcp_port: int | None = None) -> None:
+    def __init__(self, root: Path, netns: str | None = None, tcp_port: int | None = None,
+                 run_tmpfs: bool = False) -> None:
         self.root = root
         self.netns = netns
         self.tcp_port = tcp_port
+        self.run_tmpfs = run_tmpfs
         self.procs: list[subprocess.Popen[bytes]] = []
         for sub in (*BOUND, "sock"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -85,8 +90,10 @@ class PrivateLibvirtd:
         return f"<PrivateLibvirtd {self.root} netns={self.netns} pids={pids}>"
 
     def _argv(self) -> list[str]:
-        mounts = "; ".join(f"mount --bind {shlex.quote(str(self.root / sub))} {path}"
-                           for sub, path in BOUND.items())
+        mounts = "; ".join(
+            "mount -t tmpfs -o mode=755 tmpfs /run" if sub == "run" and self.run_tmpfs
+            else f"mount --bind {shlex.quote(str(self.root / sub))} {path}"
+            for sub, path in BOUND.items())
         daemon = [sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd",
                   "-f", "/etc/libvirt/libvirtd.conf", *(["--listen"] if self.tcp_port else [])]
         script = f"set -e; {mounts}; exec {shlex.join(daemon)}"

@@ -229,8 +229,12 @@ async def test_pause_and_resume(backend: tuple[LibvirtBackend, ServiceConfig]) -
     handle = await started(b, svc)
     assert await handle.stop("pause", 1) is True
     assert await handle.probe(2) == "the domain is paused"
+    dom = handle._dom
+    assert dom is not None and dom[0] is handle.conn._conn  # looked up once, then kept
     again = await started(b, svc, handle)
     assert again is handle and handle.wake == "resume" and await handle.probe(2) is None
+    assert handle._dom is dom
+    assert handle.resumed is not None and handle.resumed[0] >= handle.resumed[1] > 0
 
 
 async def test_save_and_restore(backend: tuple[LibvirtBackend, ServiceConfig]) -> None:
@@ -242,6 +246,7 @@ async def test_save_and_restore(backend: tuple[LibvirtBackend, ServiceConfig]) -
     assert path.exists() and name not in domain_names() and not handle.alive()
     again = await started(b, svc, handle)
     assert again is handle and handle.wake == "restore" and handle.alive()
+    assert handle._dom is None  # the restored domain is looked up afresh
     assert name in domain_names() and not path.exists()
     with trio.fail_after(1):
         await handle.wait_ready()  # it was ready when it was saved
