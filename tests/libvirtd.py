@@ -15,7 +15,8 @@ directory); ``cgroup_controllers = [ ]``, since by default libvirt puts each dom
 ``/sys/fs/cgroup/<controller>/machine/<domain>.libvirt-qemu`` and leaves the ``machine``
 directories behind on the host; ``stdio_handler = "file"`` (QEMU's output to
 ``root/log/qemu/<domain>.log``, without virtlogd). QEMU's capability cache is copied from the
-host's if there is one, which saves the ~9 s probe of a first start.
+host's if there is one, else from an earlier libvirtd of this process, which saves the ~9 s
+probe of a first start.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class PrivateLibvirtd:
         self.procs: list[subprocess.Popen[bytes]] = []
         for sub in (*BOUND, "sock"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        caps = Path("/var/cache/libvirt/qemu/capabilities")
-        if caps.is_dir() and not (root / "cache" / "qemu").exists():
-            shutil.copytree(caps, root / "cache" / "qemu" / "capabilities")
+        for caps in (Path("/var/cache/libvirt/qemu/capabilities"), PrivateLibvirtd._caps):
+            if caps is not None and caps.is_dir() and any(caps.iterdir()) \
+                    and not (root / "cache" / "qemu").exists():
+                shutil.copytree(caps, root / "cache" / "qemu" / "capabilities")
         (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
         conf = (f'unix_sock_dir = "{root / "sock"}"\nunix_sock_rw_perms = "0700"\n'
                 'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
@@ -84,6 +86,9 @@ class PrivateLibvirtd:
                      f'listen_addr = "127.0.0.1"\ntcp_port = "{tcp_port}"\n')
         (root / "etc" / "libvirtd.conf").write_text(conf)
         self.uri = f"qemu:///system?socket={root / 'sock' / 'libvirt-sock'}"
+
+    #: The capability cache of a libvirtd this process started, for the next one.
+    _caps: Path | None = None
 
     def __repr__(self) -> str:
         pids = [p.pid for p in self.procs if p.poll() is None]
@@ -122,6 +127,7 @@ class PrivateLibvirtd:
                 assert time.monotonic() < deadline, f"libvirtd did not answer within 60 s: {self.log()}"
                 time.sleep(0.05)
             if proc.poll() is None:
+                PrivateLibvirtd._caps = self.root / "cache" / "qemu" / "capabilities"
                 return
             assert time.monotonic() < deadline, f"libvirtd did not start within 60 s: {self.log()}"
 

@@ -301,8 +301,8 @@ def netns_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[l
     command prefix that runs a program in the namespace, and the libvirtd. Afterwards: every
     domain destroyed, libvirtd stopped, any process left in the namespace killed, the
     namespace deleted (its bridge and taps with it), and no cgroup directory left."""
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2 (ip)")
+    if shutil.which("ip") is None or shutil.which("dig") is None:
+        pytest.skip("needs iproute2 (ip) and dig")
     cgroups = cgroup_dirs()
     ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
