@@ -317,6 +317,8 @@ async def test_qemu_as_its_user_with_bridge_networking(
         with open(log, "wb") as out:
             proc = await trio.lowlevel.open_process(
                 [*netns, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=out)
+        # The pool member is booted (and paused) before the lookup takes it.
+        await wait_until(lambda: "warm pool member is ready" in log.read_text(), timeout=40)
         with trio.fail_after(40):
             while True:
                 res = await trio.run_process(
@@ -333,7 +335,11 @@ async def test_qemu_as_its_user_with_bridge_networking(
              "assert s.recv(100).startswith(b'HTTP/1.1 200')"],
             capture_stdout=True, capture_stderr=True, check=False)
         assert res.returncode == 0, res.stderr
-        await wait_until(lambda: len(qemus(state)) == 2, timeout=40)  # the pool refilled
+        # The pool refilled: its new member is READY, so its QEMU has dropped to the user (it
+        # does that before it runs the guest; a QEMU still starting is root).
+        await wait_until(lambda: log.read_text().count("warm pool member is ready") == 2,
+                         timeout=40)
+        assert len(qemus(state)) == 2
         for pid in qemus(state):
             st = _status(pid)
             assert (st["Uid"], st["Gid"]) == ([nobody.pw_uid] * 4, [nobody.pw_gid] * 4)
