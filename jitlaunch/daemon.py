@@ -253,7 +253,7 @@ class Daemon:
                 load_config, None if path == DEFAULT_CONFIG_PATH else path, backends=SETTINGS))
         except ConfigError as exc:
             return self._rejected(trigger, str(exc))
-        plan = plan_reload(self.config, new, self.backends)
+        plan = plan_reload(self.config, new, self.backends, self.proxy.passed_fronts)
         if plan.rejected:
             return self._rejected(trigger, plan.error())
         # What `jitlaunch check` finds, for the services this reload adds or changes (the

@@ -80,6 +80,20 @@ def test_dns_and_proxy_keys_apply_at_once() -> None:
     assert not plan.rejected
 
 
+def test_a_front_passed_by_systemd_cannot_be_dropped() -> None:
+    old = cfg(service("a"), service("b", 8081))
+    passed = {("127.77.0.1", 8080)}
+    plan = plan_reload(old, cfg(service("b", 8081)), {"process"}, passed)
+    assert plan.restart == (
+        "service 'a': front 127.77.0.1 port 8080 was passed by systemd (socket activation): "
+        "dropping it needs a restart, with the socket unit changed too",)
+    # Given to another service, it stays open: fine.
+    assert not plan_reload(old, cfg(service("c"), service("b", 8081)), {"process"},
+                           passed).rejected
+    # A front the daemon bound itself may go.
+    assert not plan_reload(old, cfg(service("a")), {"process"}, passed).rejected
+
+
 def test_restart_only_keys_reject_the_reload_naming_each() -> None:
     base2 = BASE.replace("5353", "5354").replace("/tmp/jl-plan", "/tmp/jl-other") + \
         '[metrics]\nlisten = ["127.0.0.1:9999"]\n'

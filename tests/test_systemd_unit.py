@@ -471,6 +471,12 @@ def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace)
         assert rejected.stderr.startswith("jitlaunch: error: /etc/jitlaunch/jitlaunch.toml: "
                                           "not valid TOML"), rejected.stderr
         assert _active(ns) and _main_pid(ns) == main
+        # py's front was passed by systemd (jitlaunch-py.socket): it cannot be dropped.
+        head, _py, hello = CONFIG.split("[[service]]")
+        ns.write("/etc/jitlaunch/jitlaunch.toml", head + "[[service]]" + hello)
+        rejected = ns.run([f"{ROOT}/.venv/bin/jitlaunch", "reload"], check=False)
+        assert rejected.returncode == 1 and "service 'py': front 127.77.0.2 port 8080 was " \
+            "passed by systemd" in rejected.stderr, rejected
         roundtrip("four")
         client.stdin.close()
         assert client.wait(timeout=10) == 0

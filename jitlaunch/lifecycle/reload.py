@@ -17,8 +17,10 @@ empty. The rules, which the README's configuration reference repeats key by key:
   service changes, which need what the daemon sets up only when it starts: a backend other
   than ``process`` that no running service uses yet; a warm pool (``pool`` > 0) on a service
   that is added, removed or changed; a qemu service on ``network = "bridge"`` when no qemu
-  service used the bridge; a libvirt ``uri`` that no libvirt service used. Each of them makes
-  the reload fail with a message naming the key; the running config stays.
+  service used the bridge; a libvirt ``uri`` that no libvirt service used; dropping a front
+  that systemd passed (socket activation: systemd would go on listening there, and nobody
+  would accept). Each of them makes the reload fail with a message naming the key; the
+  running config stays.
 """
 
 from __future__ import annotations
@@ -179,11 +181,13 @@ def _fronts(config: Config) -> set[tuple[str, int]]:
 
 
 def plan_reload(
-    old: Config, new: Config, running_backends: Collection[str] = ()
+    old: Config, new: Config, running_backends: Collection[str] = (),
+    passed_fronts: Collection[tuple[str, int]] = (),
 ) -> ReloadPlan:
     """What reloading from ``old`` (running) to ``new`` does. ``running_backends`` names the
-    backends the daemon runs now. Never raises for a valid pair of configs; a reload that
-    cannot be done has :attr:`ReloadPlan.restart` set."""
+    backends the daemon runs now, ``passed_fronts`` the front ``(address, port)`` pairs
+    systemd passed. Never raises for a valid pair of configs; a reload that cannot be done
+    has :attr:`ReloadPlan.restart` set."""
     restart: list[str] = []
     at_once: list[str] = []
     for table in ("daemon", "dns", "proxy", "metrics", "host"):
@@ -216,6 +220,12 @@ def plan_reload(
             removed.append(name)
             restart += _service_restart(old, name, svc, None, running_backends)
     before_fronts, after_fronts = _fronts(old), _fronts(new)
+    for addr, port in sorted((before_fronts - after_fronts) & set(passed_fronts)):
+        owner = next(s.name for s in old.services if addr in s.front and port in s.ports)
+        restart.append(
+            f"service {owner!r}: front {addr} port {port} was passed by systemd (socket "
+            "activation): dropping it needs a restart, with the socket unit changed too"
+        )
     return ReloadPlan(
         added=tuple(added), removed=tuple(removed), changed=tuple(changed),
         unchanged=tuple(unchanged), replaced=tuple(replaced), at_once=tuple(at_once),

@@ -114,6 +114,8 @@ class Proxy:
         self.passed: dict[tuple[str, str, int], socket.socket] = {}
         #: The fronts listening now, by (address, port).
         self.fronts: dict[tuple[str, int], Front] = {}
+        #: The fronts systemd passed (a reload must not drop them), by (address, port).
+        self.passed_fronts: set[tuple[str, int]] = set()
         self._accept_nursery: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
 
@@ -179,6 +181,8 @@ class Proxy:
                 for addr in svc.front:
                     for port in svc.ports:
                         given = self.passed.pop((svc.name, addr, port), None)
+                        if given is not None:
+                            self.passed_fronts.add((addr, port))
                         listener = (
                             trio.SocketListener(trio.socket.from_stdlib_socket(given))
                             if given is not None else await _listen(addr, port)
