@@ -332,6 +332,8 @@ def test_the_same_text_parses_to_equal_configs() -> None:
         ('[dnss]\nzones = ["jit.test"]\n', "dnss: unknown table (did you mean [dns]?)"),
         (BASE + "[proxi]\nmax_buffer = 1\n", "proxi: unknown table (did you mean [proxy]?)"),
         (BASE + '[[services]]\nname = "a"\n', "services: unknown table (did you mean [[service]]?)"),
+        (BASE + '[libvrt]\nuri = "test:///default"\n',
+         "libvrt: unknown table (did you mean [libvirt]?)"),
         ('zones = ["jit.test"]\n' + BASE,
          "zones: unknown key (keys belong in a table: [daemon], [dns], [proxy], [metrics], "
          "[host], [defaults], [[service]])"),

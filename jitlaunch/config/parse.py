@@ -418,8 +418,9 @@ def _check_tables(path: str, data: Mapping[str, Any], backends: Mapping[str, Set
             isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
         )
         known = list(_TABLES.values())
-        if table and (close := difflib.get_close_matches(key, list(_TABLES), n=1)):
-            message = f"unknown table (did you mean {_TABLES[close[0]]}?)"
+        names = {**_TABLES, **{b: f"[{b}]" for b in backends}}
+        if table and (close := difflib.get_close_matches(key, list(names), n=1)):
+            message = f"unknown table (did you mean {names[close[0]]}?)"
         elif table:
             message = f"unknown table (the tables are {', '.join(known[:-1])} and {known[-1]})"
         else:
