@@ -143,13 +143,23 @@ def _qemu(svc: ServiceConfig, root: bool) -> list[Finding]:
         out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
                            "qemu.kernel"))
     # binary = "auto": the program it picks on this host (KVM and the reduced build looked at now).
-    from .backends.qemu.settings import REDUCED_BINARY, choose_binary, kvm_usable
+    from .backends.qemu.settings import (
+        REDUCED_BINARY,
+        choose_binary,
+        is_reduced,
+        kvm_usable,
+        reduced_cannot,
+    )
 
     accel = settings.accel if settings.accel != "auto" else "kvm" if kvm_usable() else "tcg"
     binary = choose_binary(settings, accel, shutil.which(REDUCED_BINARY) is not None)
     if shutil.which(binary) is None:
         out.append(Finding(True, f"QEMU binary {binary!r} is not found (or not executable)"
                            + ("" if "/" in binary else " in PATH"), svc.name, "qemu.binary"))
+    if is_reduced(binary) and (why := reduced_cannot(accel, settings.network)):
+        out.append(Finding(True, f"binary = {binary!r} is QEMU's reduced build, which {why}, "
+                           'and /dev/kvm is not usable here; set binary = "auto" or '
+                           '"qemu-system-x86_64"', svc.name, "qemu.binary"))
     if settings.accel == "kvm":
         try:
             os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))

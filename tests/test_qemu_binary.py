@@ -143,6 +143,28 @@ async def test_forced_reduced_build_without_kvm_is_a_clear_boot_failure(state: P
     assert not qemus(state)
 
 
+def test_check_reports_the_reduced_build_forced_without_kvm(
+    state: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``jitlaunch check`` says the same before anything runs; with KVM it has nothing to say
+    about the program (when it is installed)."""
+    from jitlaunch.backends.qemu import settings
+    from jitlaunch.checks import host_findings
+
+    cfg = load(config_text(state, qemu_service(
+        "127.0.0.1", accel="auto", qemu=f'network = "bridge"\nbinary = "{REDUCED_BINARY}"')))
+    monkeypatch.setattr(settings, "kvm_usable", lambda: False)
+    found = [(f.error, f.key, f.message) for f in host_findings(cfg, ports=False)
+             if f.key == "qemu.binary"]
+    assert found == [(True, "qemu.binary",
+                      f"binary = {REDUCED_BINARY!r} is QEMU's reduced build, which runs with KVM "
+                      'only (it has no TCG), and /dev/kvm is not usable here; set binary = "auto" '
+                      'or "qemu-system-x86_64"')]
+    if shutil.which(REDUCED_BINARY) is not None:
+        monkeypatch.setattr(settings, "kvm_usable", lambda: True)
+        assert not [f for f in host_findings(cfg, ports=False) if f.key == "qemu.binary"]
+
+
 @needs_both
 @needs_netns
 @pytest.mark.parametrize(("first", "then"), [
