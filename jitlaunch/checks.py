@@ -188,6 +188,11 @@ def _libvirt(svc: ServiceConfig) -> list[Finding]:
     if local and not settings.kernel.is_file():
         out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
                            "libvirt.kernel"))
+    if settings.network == "bridge" and settings.local and not _net_admin():
+        out.append(Finding(False, "bridge networking needs root or CAP_NET_ADMIN (to create "
+                           f"{settings.bridge} and forget its addresses' neighbour entries; "
+                           "libvirt makes the taps); this check runs without it", svc.name,
+                           "libvirt.network"))
     return out
 
 

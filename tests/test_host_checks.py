@@ -188,6 +188,22 @@ def test_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _found(bridge, ports=False) == [(
         False, "br", "qemu.network", "bridge networking needs root or CAP_NET_ADMIN (to create "
         "jl0 and taps); this check runs without it")]
+    # libvirt: a local libvirtd's bridge is ours to make; a remote host's is its own.
+    libvirt = "".join(f"""
+[[service]]
+name = "lv{n}"
+backend = "libvirt"
+front = ["BLOCK.{n}"]
+ports = [80]
+[service.libvirt]
+kernel = "{kernel}"
+network = "bridge"
+uri = "{uri}"
+""" for n, uri in ((1, "qemu:///system"), (2, "qemu+ssh://kvm7/system")))
+    assert _found(_config(libvirt, block), ports=False) == [(
+        False, "lv1", "libvirt.network", "bridge networking needs root or CAP_NET_ADMIN (to "
+        "create jl0 and forget its addresses' neighbour entries; libvirt makes the taps); this "
+        "check runs without it")]
 
 
 @contextlib.contextmanager
