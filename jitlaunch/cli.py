@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -64,15 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_control_commands(sub)
 
     args = parser.parse_args(argv)
-    if args.command in ("status", "start", "stop", "reload"):
-        return _control(args)
-    if args.command == "check":
-        return _check(args.file, host=not args.config_only)
-    if args.command == "probe":
-        from .probe import run_probe
+    try:
+        if args.command in ("status", "start", "stop", "reload"):
+            status = _control(args)
+        elif args.command == "check":
+            status = _check(args.file, host=not args.config_only)
+        elif args.command == "probe":
+            from .probe import run_probe
 
-        return run_probe(args)
-    return _run(args.config, args.log_level)
+            return run_probe(args)
+        else:
+            return _run(args.config, args.log_level)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of our output went away (`jitlaunch status | head -1`): point stdout at
+        # /dev/null so the flush at exit cannot fail again, and end as SIGPIPE would have.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return status
 
 
 def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

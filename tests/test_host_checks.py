@@ -316,3 +316,17 @@ def test_the_daemon_logs_the_findings_at_start(tmp_path: Path) -> None:
     assert (f"ERROR jitlaunch: check: {path}: service 'gone': process.command: /nonexistent/bin/x "
             "does not exist") in text
     assert text.count("check: ") == 1
+
+
+def test_a_closed_stdout_ends_the_cli_quietly() -> None:
+    """`jitlaunch check FILE | head -0`: status 141 as after SIGPIPE, no traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "jitlaunch.cli", "check", "--config-only",
+             str(ROOT / "conf" / "default.toml")], cwd=ROOT, stdout=w, stderr=subprocess.PIPE,
+            timeout=60)
+    finally:
+        os.close(w)
+    assert (res.returncode, res.stderr) == (141, b"")

@@ -10,12 +10,15 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.backends.qemu.argv import build_argv
+from jitlaunch.backends.qemu.backend import qemu_runas
 from jitlaunch.errors import ConfigError
 from jitlaunch.identity import (
     UnknownIdentity,
@@ -353,3 +356,29 @@ async def test_qemu_as_its_user_with_bridge_networking(
             await proc.wait()
         for pid in qemus(state):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_qemu_runas() -> None:
+    """-runas: a user name alone (QEMU then takes its groups), else uid:gid (that gid only)."""
+    _nobody()
+    settings = parse_config(BASE.replace('[service.process]\ncommand = "true"', f"""
+backend = "qemu"
+[service.qemu]
+kernel = "{KERNEL}"
+user = "nobody"
+""")).service("svc").settings
+    assert qemu_runas(settings) == "nobody"
+    assert qemu_runas(replace(settings, user=None)) is None
+    daemon_gid = resolve("nobody", "daemon").gid
+    assert qemu_runas(replace(settings, group="daemon")) == f"{resolve('nobody').uid}:{daemon_gid}"
+    assert qemu_runas(replace(settings, user=resolve("nobody").uid)) == (
+        f"{resolve('nobody').uid}:{resolve('nobody').gid}")
+    with pytest.raises(UnknownIdentity):
+        qemu_runas(replace(settings, user="no-such-user-jl"))
+    argv = build_argv(settings, binary="qemu", accel="tcg", cmdline="", qmp_path=Path("/q"),
+                      pidfile=Path("/p"), service="svc", number=1, netdev="user,id=n0",
+                      mac="02:00:00:00:00:01", runas="nobody")
+    assert argv[argv.index("-runas") + 1] == "nobody"
+    assert "-runas" not in build_argv(
+        settings, binary="qemu", accel="tcg", cmdline="", qmp_path=Path("/q"), pidfile=Path("/p"),
+        service="svc", number=1, netdev="user,id=n0", mac="02:00:00:00:00:01")
