@@ -522,3 +522,41 @@ async def test_dns_and_host_settings_apply_at_once(tmp_path: Path, block: str) -
         assert sup.queue.bound == 3 and sup.config.host.queue_timeout == 4
         assert sup.wake.config.rate == 0
         assert sup.services["a"].instance is inst
+
+
+async def test_an_unchanged_qemu_service_keeps_its_instance_and_warm_pool(
+    tmp_path: Path, block: str
+) -> None:
+    """Real QEMU: a reload that adds a service leaves the unchanged qemu service's running
+    instance and warm pool member alone (same processes); changing the pooled service is
+    refused (its pool is set up at start)."""
+    from .test_qemu import image, qemus  # noqa: F401 - image: the kernel, built once
+    from .test_qemu import service as qemu_service
+
+    state = tmp_path / "state"
+    conf = write(tmp_path / "jl.toml", tmp_path,
+                 qemu_service(f"{block}.1", extra="max_instances = 2", qemu="pool = 1"))
+    base = conf.read_text()
+    try:
+        async with running(load_config(conf)) as d:
+            pool = d.backends["qemu"].pools["uk"]  # type: ignore[attr-defined]
+            await wait_until(lambda: len(pool) == 1, timeout=60)
+            inst = await d.supervisor.acquire("uk")
+            await wait_until(lambda: len(pool) == 1, timeout=60)  # refilled
+            member, pids = pool[0], sorted(qemus(state))
+            assert len(pids) == 2
+            conf.write_text(base + service("a", f"{block}.2", demo("a")))
+            assert (await d.reload("test")).message == "added a"
+            assert "Hello from a<" in (await http_get(f"{block}.2", 8080)).decode()
+            assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+            assert pool == [member] and d.supervisor.services["uk"].instance is inst
+            assert sorted(qemus(state)) == pids
+            conf.write_text(base.replace("pool = 1", "pool = 1\nmemory = 96"))
+            result = await d.reload("test")
+            assert not result.ok and "'uk': qemu.pool = 1" in result.message, result.message
+            assert pool == [member] and sorted(qemus(state)) == pids
+    finally:
+        leaked = qemus(state)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, "QEMU processes leaked"
