@@ -176,6 +176,7 @@ def status_report(supervisor: Supervisor, now: float) -> dict[str, Any]:
             "boot_failures": rt.boot_failures,
             "deaths": rt.deaths,
             "idle_stops": rt.idle_stops,
+            "removed": rt.removed,
         })
     return ok_reply(pid=os.getpid(), config=supervisor.config.path, services=services)
 
@@ -481,8 +482,9 @@ def format_status(reply: Mapping[str, Any]) -> str:
         failure = svc.get("last_failure")
         if failure:
             failure = f"{_seconds(svc.get('last_failure_age'))} ago: {failure}"
+        name = str(svc.get("name")) + ("(removed)" if svc.get("removed") else "")
         rows.append((
-            str(svc.get("name")), str(svc.get("backend")), inst.get("state", "stopped"),
+            name, str(svc.get("backend")), inst.get("state", "stopped"),
             str(inst.get("pid") or "-"), inst.get("address") or "-", _seconds(inst.get("uptime")),
             _seconds(svc.get("last_activity_age")), _seconds(inst.get("boot_time")),
             str(svc.get("connections", 0)), failure or "-",

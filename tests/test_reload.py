@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from jitlaunch.control import format_status, status_report
 from jitlaunch.daemon import Daemon
 
 from .conftest import (
@@ -156,6 +157,11 @@ async def test_reload_adds_removes_and_changes_services(tmp_path: Path, block: s
         result = await d.reload("test")
         assert result.ok, result.message
         assert result.message == "added d; removed c; changed b: process.command, ttl"
+        # Until c's instance is stopped, `jitlaunch status` says it is leaving (no checkpoint
+        # since the reload: its instance cannot be stopped yet).
+        report = status_report(sup, trio.current_time())
+        assert [s["removed"] for s in report["services"]] == [False, False, True, False]
+        assert format_status(report).splitlines()[3].startswith("c(removed) ")
         # DNS at once: d exists, c does not, b's new TTL.
         assert await rcode(d, "d.jit.test") == RCODE.NOERROR
         assert await rcode(d, "c.jit.test") == RCODE.NXDOMAIN

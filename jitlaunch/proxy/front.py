@@ -313,7 +313,8 @@ class Proxy:
             buffered = b""
             eof = False
             if inst is None:
-                self._close(service, "backoff")
+                # (removed: accepted just before a reload closed the front)
+                self._close(service, "removed" if sup.services[service].removed else "backoff")
                 return
             if inst.state is not State.READY:
                 if self.pending[service] >= self.config.proxy.max_pending:
