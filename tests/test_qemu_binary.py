@@ -126,6 +126,7 @@ async def test_user_networking_runs_the_full_qemu(state: Path, block: str) -> No
         inst = d.supervisor.services["uk"].instance
         assert inst is not None and inst.handle is not None and inst.handle.pid is not None
         assert inst.handle.binary == FULL_BINARY and exe(inst.handle.pid) == FULL_BINARY
+        assert inst.handle.describe().endswith(f"{FULL_BINARY} kvm")  # in the status and repr
 
 
 async def test_forced_reduced_build_without_kvm_is_a_clear_boot_failure(state: Path) -> None:

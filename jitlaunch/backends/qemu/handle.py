@@ -83,7 +83,7 @@ class QemuHandle(Handle):
         self._probing = trio.Lock()
 
     def describe(self) -> str:
-        return f"{super().describe()} {self.accel}".strip()
+        return f"{super().describe()} {os.path.basename(self.binary)} {self.accel}".strip()
 
     def endpoint(self, port: int) -> tuple[str, int]:
         if self.host_ports:
