@@ -112,6 +112,13 @@ def _process(svc: ServiceConfig, root: bool) -> list[Finding]:
                                "process.directory"))
         elif ident is not None and (problem := enter_problem(directory, ident)):
             out.append(Finding(True, problem, svc.name, "process.directory"))
+    if ident is not None and ident.uid != 0 and settings.subnet is not None:
+        low = [p for p in svc.ports if p < _unprivileged_port_start()]
+        if low:
+            out.append(Finding(False, f"with a subnet, instances listen on the service's own "
+                               f"ports, and as {ident} port {low[0]} needs "
+                               "CAP_NET_BIND_SERVICE on the program (or a lower "
+                               "net.ipv4.ip_unprivileged_port_start)", svc.name, "process.user"))
     word = settings.command[0]
     fields = {f for _, f, _, _ in string.Formatter().parse(word) if f is not None}
     if fields - {"python"}:
@@ -194,6 +201,13 @@ def _libvirt(svc: ServiceConfig) -> list[Finding]:
                            "libvirt makes the taps); this check runs without it", svc.name,
                            "libvirt.network"))
     return out
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
 
 
 def _net_admin() -> bool:

@@ -175,6 +175,7 @@ def summary(config: Config) -> str:
             f"{s.answer}, idle {s.idle_timeout:g} s, boot {s.boot_timeout:g} s, stop {s.stop}, "
             f"max {s.max_instances}{', pinned' if s.pinned else ''}"
             f"{f', priority {s.priority}' if s.priority else ''}"
+            f"{f', user {user}' if (user := getattr(s.settings, 'user', None)) is not None else ''}"
         )
     return "\n".join(lines)
 

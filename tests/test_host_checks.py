@@ -132,6 +132,15 @@ def test_what_the_user_may_not_do(tmp_path: Path) -> None:
         + _process("ok", 3, "/bin/true", 'user = "nobody"\ndirectory = "/"'), block)
     found = _found(text)
     assert [(f[1], f[2]) for f in found] == [("dir", "process.directory"), ("bin", "process.command")]
+    low = _config(_process("low", 1, "/bin/true", 'user = "nobody"\nsubnet = "127.77.1.0/24"'),
+                  block).replace("18080", "80")
+    if checks._unprivileged_port_start() > 80:
+        (warning,) = [f for f in _found(low, ports=False) if f[2] == "process.user"]
+        assert warning[0] is False and warning[3].startswith(
+            "with a subnet, instances listen on the service's own ports, and as nobody (uid ")
+        assert "port 80 needs CAP_NET_BIND_SERVICE" in warning[3]
+    assert [f for f in _found(low.replace("subnet", "# subnet"), ports=False)
+            if f[2] == "process.user"] == []
     assert all(f[0] and f[3].startswith("nobody (uid ") and " may not enter " in f[3] for f in found)
 
 
@@ -282,6 +291,7 @@ def test_jitlaunch_check_exit_status(tmp_path: Path) -> None:
     # --config-only: the configuration alone (written for another host).
     only = _cli("check", "--config-only", str(bad))
     assert only.returncode == 0 and only.stdout.startswith(f"{bad}: OK\n") and only.stderr == ""
+    assert "  gone: gone.jit.test -> " in only.stdout and ", user root\n" in only.stdout
     with socket.socket() as taken:
         taken.bind((f"{block}.1", 0))
         taken.listen(1)
