@@ -239,6 +239,14 @@ async def test_sighup_and_jitlaunch_reload_in_a_real_daemon(tmp_path: Path, bloc
         assert "Hello from x<" in (await http_get(f"{block}.2", 8080)).decode()
         x_pids = set(children_of(proc.pid)) - set(kids)
         assert x_pids
+        # A burst of SIGHUPs (the kernel and trio coalesce pending ones; those that arrive
+        # while a reload waits are merged into it): the daemon and its instances carry on.
+        for _ in range(20):
+            proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: log.read_text().count("(SIGHUP): no changes") >= 1)
+        assert log.read_text().count("(SIGHUP): no changes") <= 20
+        assert int((await query_udp(server, "x.jit.test")).header.rcode) == RCODE.NOERROR
+        assert set(children_of(proc.pid)) == set(kids) | x_pids
 
         conf.write_text(text)
         res = await cli("reload", "--socket", sock)
@@ -426,6 +434,12 @@ async def test_reload_concurrency_shutdown_and_a_racing_boot(tmp_path: Path, blo
             nursery.start_soon(reload)
             nursery.start_soon(reload)
         assert [r.message for r in results] == ["added x", "no changes"]
+        # SIGHUPs while one reload runs: the first waits, the next is merged into it.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reload)
+            nursery.start_soon(d.reload_on_signal)
+            nursery.start_soon(d.reload_on_signal)
+        assert d.metrics.reloads == {"ok": 4}
 
         # s boots (held by the gate); a reload changes it twice: the boot it had goes on
         # under the old settings, then a port change replaces it once ready.
