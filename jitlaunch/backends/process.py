@@ -35,7 +35,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from ..identity import enter_problem, parse_user_group, resolve
+from ..identity import Identity, enter_problem, parse_user_group, resolve
 from .base import (
     Backend,
     Handle,
@@ -114,6 +114,18 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> ProcessS
     )
     t.done()
     return settings
+
+
+def _identity(settings: ProcessSettings) -> Identity:
+    """The instance's user, looked up at each boot (a user created after the daemon started
+    works). The child's chdir happens before it drops privileges, so the directory is checked
+    as the user here: it must not start in a directory it cannot enter. BootFailed (an
+    unknown user or group, a closed directory) names the problem."""
+    assert settings.user is not None
+    ident = resolve(settings.user, settings.group)
+    if settings.directory is not None and (problem := enter_problem(settings.directory, ident)):
+        raise BootFailed(f"cannot use the working directory: {problem}")
+    return ident
 
 
 class ProcessHandle(Handle):
@@ -236,13 +248,9 @@ class ProcessBackend(Backend):
         drop: dict[str, Any] = {}
         user_env: dict[str, str] = {}
         if settings.user is not None:
-            # Resolved at each boot: a user created after the daemon started works. The
-            # child's chdir happens before it drops privileges, so check the directory as the
-            # user here: it must not start in a directory it cannot enter.
-            ident = resolve(settings.user, settings.group)
-            if settings.directory is not None and (
-                    problem := enter_problem(settings.directory, ident)):
-                raise BootFailed(f"cannot use the working directory: {problem}")
+            # The user database and the directory's permissions are read in a thread (NSS may
+            # ask a network service).
+            ident = await trio.to_thread.run_sync(_identity, settings)
             drop = ident.popen_kwargs()
             user_env = ident.environment()
         if settings.subnet is not None:
