@@ -97,7 +97,7 @@ ln -s /proc/self/fd/2 "$R/dev/stderr"
 mount -t tmpfs -o mode=1777,nosuid,nodev jltest-shm "$R/dev/shm"
 mount -t tmpfs -o mode=755,nosuid,nodev jltest-run "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev jltest-tmp "$R/tmp"
-cp -r "{base}/units/." "$R/etc/systemd/system/"
+{binds}cp -r "{base}/units/." "$R/etc/systemd/system/"
 cd "$R"
 mkdir -p .jltest-oldroot
 pivot_root . .jltest-oldroot
@@ -114,13 +114,16 @@ class SystemdError(AssertionError):
 class SystemdNamespace:
     """A running systemd in its own namespaces. Use :func:`systemd_namespace`."""
 
-    def __init__(self, units: Mapping[str, str]) -> None:
+    def __init__(self, units: Mapping[str, str], keep: Sequence[Path] = ()) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="jltest-systemd-"))
         self.cgroup = f"jltest-{os.getpid()}-{secrets.token_hex(4)}"
         self.pid = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._cgroups: list[Path] = []
         self._units = dict(units)
+        # Host directories under the namespace's fresh /tmp, /run or /dev (a checkout in
+        # /tmp), bound in read-only at the same path so that they stay visible.
+        self._keep = [Path(p).resolve() for p in keep if _hidden(Path(p).resolve())]
 
     # ---- starting and stopping ---------------------------------------------------------
 
@@ -142,6 +145,10 @@ class SystemdNamespace:
         fill = {
             "unified": UNIFIED / self.cgroup, "named": NAMED / self.cgroup, "base": self.base,
             "systemd": SYSTEMD, "target": TARGET,
+            "binds": "".join(
+                f'mkdir -p "$R{p}"\nmount --bind "{p}" "$R{p}"\n'
+                f'mount -o remount,bind,ro "$R{p}"\n' for p in self._keep
+            ),
         }
         (self.base / "wrapper.sh").write_text(_WRAPPER.format(**fill))
         (self.base / "inner.sh").write_text(_INNER.format(**fill))
@@ -277,14 +284,30 @@ class SystemdNamespace:
 
 
 @contextlib.contextmanager
-def systemd_namespace(units: Mapping[str, str], timeout: float = 30.0) -> Iterator[SystemdNamespace]:
-    """A running systemd with ``units`` (file name -> text) in /etc/systemd/system."""
-    ns = SystemdNamespace(units)
+def systemd_namespace(
+    units: Mapping[str, str], timeout: float = 30.0, keep: Sequence[Path] = ()
+) -> Iterator[SystemdNamespace]:
+    """A running systemd with ``units`` (file name -> text) in /etc/systemd/system; the
+    directories in ``keep`` stay visible inside even where the namespace mounts a fresh
+    tmpfs (/tmp, /run, /dev)."""
+    ns = SystemdNamespace(units, keep)
     try:
         ns.start(timeout)
         yield ns
     finally:
         ns.close()
+
+
+def _hidden(path: Path) -> bool:
+    """Whether the namespace's root does not show ``path`` of the host: under its own tmpfs
+    mounts (/tmp, /run, /dev), or on another file system than / (the overlay's lower layer
+    is / alone, without the mounts below it)."""
+    if path.parts[1:2] in (("tmp",), ("run",), ("dev",)):
+        return True
+    try:
+        return path.stat().st_dev != Path("/").stat().st_dev
+    except OSError:
+        return False
 
 
 def available() -> str | None:

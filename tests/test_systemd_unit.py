@@ -2,9 +2,10 @@
 
 One systemd for the module. systemd/jitlaunch.service and jitlaunch.socket are used as
 shipped, with one drop-in of the test's: ExecStart= runs this checkout's .venv and config,
-WatchdogSec= is short, and the Python the .venv was made from is bound in read-only when it
-lives under /root or /home (ProtectHome= hides those). The daemon's state directory is
-/var/lib/jitlaunch of the namespace, in the overlay's throw-away upper layer.
+WatchdogSec= is short, and this checkout and the Python the .venv was made from are bound in
+read-only where the unit's sandbox hides them (/root and /home: ProtectHome=; /tmp:
+PrivateTmp=). The daemon's state directory is /var/lib/jitlaunch of the namespace, in the
+overlay's throw-away upper layer.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ machine = "microvm,acpi=off,pic=off,pit=off,rtc=off"
 """.replace("KERNEL", str(ROOT / "images" / "build" / "hello.elf"))
 
 
+#: Host directories the namespace must show even where it mounts its own tmpfs (a checkout
+#: in /tmp): this checkout and the Python its .venv was made from.
+KEEP = (ROOT, Path(sys.base_prefix))
+
+
 def _dropin() -> str:
     lines = [
         "[Service]",
@@ -67,9 +73,13 @@ def _dropin() -> str:
         # py's front comes from systemd too, named after the service.
         "Sockets=jitlaunch.socket jitlaunch-py.socket",
     ]
-    base = Path(sys.base_prefix).resolve()
-    if base.parts[1:2] in (("root",), ("home",)):
-        lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={base}"]
+    # What the unit's sandbox hides (ProtectHome= hides /root and /home, PrivateTmp= /tmp):
+    # the Python the .venv was made from and this checkout, bound in read-only.
+    hidden = [p for p in (Path(sys.base_prefix).resolve(), ROOT.resolve())
+              if p.parts[1:2] in (("root",), ("home",), ("tmp",))]
+    if any(p.parts[1:2] in (("root",), ("home",)) for p in hidden):
+        lines.append("ProtectHome=tmpfs")
+    lines += [f"BindReadOnlyPaths={p}" for p in hidden]
     return "[Unit]\nRequires=jitlaunch-py.socket\nAfter=jitlaunch-py.socket\n" + \
         "\n".join(lines) + "\n"
 
@@ -112,7 +122,7 @@ def _namespace() -> Iterator[SystemdNamespace]:
         "jitlaunch.service.d/test.conf": _dropin(),
         "jitlaunch-py.socket": FRONT_SOCKET,
     }
-    with systemd_namespace(units) as ns:
+    with systemd_namespace(units, keep=KEEP) as ns:
         # SupplementaryGroups=kvm needs the group; the overlay keeps /etc/group throw-away.
         ns.run(["sh", "-c", "getent group kvm >/dev/null || groupadd -r kvm"])
         # The control group, a member of it and a user outside it.
