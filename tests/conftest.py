@@ -8,7 +8,7 @@ import os
 import random
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -193,3 +193,55 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 def block() -> str:
     return fresh_block()
+
+
+# ---- nothing outlives its test --------------------------------------------------------------
+
+
+def _processes_under(path: str) -> list[tuple[int, str]]:
+    """Live processes whose command line or environment names ``path`` (a test's tmp_path:
+    its daemons, their instances, QEMU with its state-dir files), with their command line."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone, or a zombie's
+            continue
+        if path.encode() in cmdline or path.encode() in environ:
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used tmp_path: any process still running that belongs to it (a
+    daemon or an instance left behind, e.g. when a test failed after SIGKILLing its daemon)
+    is killed, and a test that passed fails for leaking it."""
+    yield
+    tmp_path = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if tmp_path is None:
+        return
+    path = str(tmp_path) + "/"
+    left = _processes_under(path)
+    for pid, _ in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    report = getattr(request.node, "rep_call", None)
+    if left and report is not None and report.passed:
+        pytest.fail("left running after the test (now killed): "
+                    + "; ".join(f"pid {pid}: {cmd[:160]}" for pid, cmd in left))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report
