@@ -101,7 +101,8 @@ class PrivateLibvirtd:
             for sub, path in BOUND.items())
         daemon = [sys.executable, str(ROOT / "scripts" / "subreaper"), "libvirtd",
                   "-f", "/etc/libvirt/libvirtd.conf", *(["--listen"] if self.tcp_port else [])]
-        script = f"set -e; {mounts}; exec {shlex.join(daemon)}"
+        # libvirtd locks a console's pty with /var/lock/LCK..<pty> (/var/lock is /run/lock).
+        script = f"set -e; {mounts}; mkdir -p /run/lock; exec {shlex.join(daemon)}"
         inside = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [*inside, "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 

@@ -24,7 +24,7 @@ import trio
 from dnslib import RCODE
 
 from jitlaunch.backends.base import free_port
-from jitlaunch.backends.libvirt.backend import state_id
+from jitlaunch.backends.libvirt.backend import LibvirtHandle, state_id
 from jitlaunch.lifecycle.state import State
 
 from .conftest import PYTHON, ROOT, config_text, http_get, load, query_udp, running, wait_until
@@ -423,3 +423,124 @@ async def test_bridge_networking_hands_over_the_domains_address(
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---- the console read through libvirt (console = "stream"), as for a remote host -----------
+
+
+def _uri(libvirtd: PrivateLibvirtd, kind: str) -> str:
+    return libvirtd.uri if kind == "socket" else f"qemu+tcp://127.0.0.1:{libvirtd.tcp_port}/system"
+
+
+def _streamed(inst) -> LibvirtHandle:  # type: ignore[no-untyped-def]
+    """The instance's handle, whose console stream is open and has carried bytes."""
+    handle = inst.handle
+    assert isinstance(handle, LibvirtHandle) and handle.streamed
+    assert handle.stream is not None and handle.stream.ended is None
+    return handle
+
+
+@pytest.mark.parametrize("kind", ["socket", "tcp"])
+async def test_stream_console_boots_and_serves(
+    state: Path, block: str, libvirtd: PrivateLibvirtd, kind: str
+) -> None:
+    uri = _uri(libvirtd, kind)
+    cfg = load(config_text(state, service(f"{block}.1", uri, lv='console = "stream"')))
+    async with running(cfg) as d:
+        rec = await query_udp(server(d), "uk.jit.test")
+        assert rec.header.rcode == RCODE.NOERROR and str(rec.rr[0].rdata) == f"{block}.1"
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200") and b"uk" in body
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.state is State.READY
+        handle = _streamed(inst)
+        assert handle.stream is not None and handle.stream.received > 0
+        # The serial is a pty (nothing written on the libvirt host's disk), READY came
+        # through the stream, and the console text is in the local log.
+        xml = await handle.conn.call("xml", lambda c: handle._domain(c).XMLDesc())
+        assert "<serial type='pty'>" in xml and "type='file'" not in xml
+        assert b"READY " in (state / "logs" / "uk.log").read_bytes()
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
+
+
+@pytest.mark.parametrize("kind", ["socket", "tcp"])
+@pytest.mark.parametrize("mode", ["destroy", "shutdown", "pause", "save"])
+async def test_stream_console_in_every_stop_mode(
+    state: Path, block: str, libvirtd: PrivateLibvirtd, mode: str, kind: str
+) -> None:
+    uri = _uri(libvirtd, kind)
+    cfg = load(config_text(state, service(
+        f"{block}.1", uri, lv='console = "stream"',
+        extra=f'idle_timeout = "500ms"\nstop = "{mode}"\nanswer = "proxy"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None
+        first = _streamed(inst).stream
+        await wait_until(lambda: inst.state in (State.STOPPED, State.SAVED), timeout=30)
+        assert first is not None
+        if mode == "pause":  # the console stays open across suspend and resume
+            assert first.ended is None
+        else:
+            await wait_until(lambda: first.ended is not None, timeout=10)
+        again = await http_get(f"{block}.1", 18080)
+        assert again.startswith(b"HTTP/1.1 200") and b"uk" in again
+        now = rt.instance
+        assert now is not None
+        handle = _streamed(now)
+        if mode == "pause":
+            assert now is inst and handle.stream is first
+        elif mode == "save":  # restored, with its new pty's console opened again
+            assert now is inst and handle.wake == "restore" and handle.stream is not first
+            assert handle.stream is not None
+            # The restored guest's console still reaches the local log: a third request.
+            before = handle.stream.received
+            assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+            assert handle.stream.ended is None and handle.stream.received >= before
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
+
+
+@pytest.mark.parametrize("kind", ["socket", "tcp"])
+async def test_stream_console_survives_a_libvirtd_restart(
+    state: Path, block: str, libvirtd: PrivateLibvirtd, kind: str
+) -> None:
+    uri = _uri(libvirtd, kind)
+    cfg = load(config_text(state, service(f"{block}.1", uri, lv='console = "stream"',
+                                          extra='answer = "proxy"')))
+    async with running(cfg) as d:
+        rt = d.supervisor.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = rt.instance
+        assert inst is not None
+        first = _streamed(inst).stream
+        await trio.to_thread.run_sync(libvirtd.restart)
+        conn = d.backends["libvirt"].connection(uri)  # type: ignore[attr-defined]
+        await wait_until(lambda: conn._conn is not None and conn._opened >= 2, timeout=15)
+        # The console is opened again on the new connection; the instance is kept.
+        await wait_until(lambda: inst.handle.stream is not first  # type: ignore[union-attr]
+                         and inst.handle.stream is not None, timeout=10)  # type: ignore[union-attr]
+        assert first is not None and first.ended is not None
+        assert rt.instance is inst and rt.deaths == 0
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        _streamed(inst)
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
+
+
+async def test_stream_console_warm_pool(
+    state: Path, block: str, libvirtd: PrivateLibvirtd
+) -> None:
+    extra = 'answer = "proxy"\nmax_instances = 2'
+    cfg = load(config_text(state, service(f"{block}.1", _uri(libvirtd, "tcp"), extra=extra,
+                                          lv='pool = 1\nconsole = "stream"')))
+    async with running(cfg) as d:
+        pool = d.backends["libvirt"].pools["uk"]  # type: ignore[attr-defined]
+        await wait_until(lambda: len(pool) == 1, timeout=30)
+        member = pool[0]
+        assert member.paused and member.stream is not None and member.stream.ended is None
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = d.supervisor.services["uk"].instance
+        assert inst is not None and inst.handle is member and member.wake == "pool"
+        assert _streamed(inst).stream is not None
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
+    assert not list((state / "logs").glob("uk.pool-*.log"))

@@ -2,8 +2,13 @@
 
 Domains are named ``jl-<id>-<service>-<n>``, where ``<id>`` identifies the state directory:
 a restarted daemon destroys the domains with its own prefix that an earlier run left and
-never touches anyone else's. The console is a file in ``<state_dir>/logs`` (the service's
-log), read every PROBE_INTERVAL for the READY line through the shared console scanner.
+never touches anyone else's. The console (``console = "file"``, the default for a local
+libvirtd) is a file in ``<state_dir>/logs`` (the service's log), read every PROBE_INTERVAL for
+the READY line through the shared console scanner; with ``console = "stream"`` (the default
+for a remote host, whose files we cannot read) it is a pty that libvirt relays to us
+(:mod:`.stream`), fed to the same scanner and appended to the same local log. Such a domain
+is created (or restored) paused, its console opened, then resumed, so no byte is lost; after
+a restore or a reconnect the console is opened again.
 Stop modes: ``destroy``; ``shutdown`` (ACPI, then destroy after ``grace``); ``pause``
 (suspend, and resume on the next start); ``save`` (``virDomainSave`` to
 ``<state_dir>/libvirt``, restored on the next start, which removes the file). A domain that
@@ -37,8 +42,9 @@ from ..bridge import Address, reserve_address
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
 from ..pool import WarmPools
 from ..qemu.settings import USER_GATEWAY, USER_IP, USER_PREFIX, instance_mac, kvm_usable
-from .conn import ERR_NO_DOMAIN, ERR_OPERATION_INVALID, Connection, error_code
+from .conn import ERR_NO_DOMAIN, ERR_OPERATION_INVALID, Connection, error_code, import_libvirt
 from .settings import LibvirtSettings
+from .stream import ConsoleStream
 from .xml import domain_xml, user_net_args
 
 log = logging.getLogger("jitlaunch.libvirt")
@@ -52,6 +58,8 @@ _STOPPED_DETAIL = {0: "shut down", 1: "destroyed", 2: "crashed", 3: "migrated", 
 #: libvirt's domain states (virDomainState).
 _STATE = {0: "in no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
           5: "shut off", 6: "crashed", 7: "suspended by the guest"}
+#: libvirt's VIR_DOMAIN_START_PAUSED (createXML) and VIR_DOMAIN_SAVE_PAUSED (restoreFlags).
+START_PAUSED, RESTORE_PAUSED = 1, 4
 #: QEMU could not bind a host forward's port (taken since free_port() chose it).
 _HOSTFWD_TAKEN = "host forwarding"
 HOSTFWD_ATTEMPTS = 3
@@ -98,6 +106,8 @@ class LibvirtHandle(Handle):
         self.resumed: tuple[float, float] | None = None
         #: (connection, domain): the libvirt domain object, see :meth:`_domain`.
         self._dom: tuple[Any, Any] | None = None
+        #: The console read through libvirt (``console = "stream"``), while open.
+        self.stream: ConsoleStream | None = None
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.is_set() else "paused" if self.paused else "running"
@@ -123,9 +133,17 @@ class LibvirtHandle(Handle):
 
     # ---- readiness -----------------------------------------------------------------------
 
+    @property
+    def streamed(self) -> bool:
+        return self.settings.console == "stream"
+
     async def wait_ready(self) -> None:
-        """Read the console file until the READY line (BootFailed on a KVM failure)."""
+        """Read the console until the READY line (BootFailed on a KVM failure): the file
+        every PROBE_INTERVAL, or the stream as its bytes come (:meth:`_console_data`)."""
         while not self._ready.is_set():
+            if self.streamed:
+                await self._ready.wait()
+                break
             await trio.to_thread.run_sync(self._read_console)
             if self._offset and "first byte" not in self.times:
                 self.times["first byte"] = trio.current_time()
@@ -145,6 +163,9 @@ class LibvirtHandle(Handle):
         except OSError:
             return  # not created yet
         self._offset += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         for event in self.scanner.feed(data):
             if event == READY:
                 self._ready.set()
@@ -152,6 +173,41 @@ class LibvirtHandle(Handle):
                 self._failure = BootFailed(
                     f"KVM emulation failure (see {self.console_path}); set accel = \"tcg\"")
                 self._ready.set()
+
+    def _console_data(self, data: bytes) -> None:
+        """On the trio loop: bytes from the console stream."""
+        self.times.setdefault("first byte", trio.current_time())
+        self._feed(data)
+
+    def _console_end(self, stream: ConsoleStream, reason: str) -> None:
+        if stream is self.stream and reason != "closed by jitlaunch":
+            log.info("%s: the console stream ended (%s)", self.name, reason)
+
+    async def open_console(self) -> None:
+        """Open the domain's console through libvirt (it replaces an earlier one of ours,
+        which a lost connection or a restore has ended). BootFailed with libvirt's message
+        if it cannot be opened."""
+        await self.close_console()
+        stream: ConsoleStream = ConsoleStream(
+            self.name, self.console_path, trio.lowlevel.current_trio_token(),
+            self._console_data, lambda reason: self._console_end(stream, reason))
+        self.stream = stream
+
+        def open_it(conn: Any) -> None:
+            try:
+                stream.open(import_libvirt(), conn, self._domain(conn))
+            except OSError as exc:
+                raise BootFailed(f"opening the console of {self.name}: cannot write "
+                                 f"{self.console_path}: {exc.strerror or exc}") from exc
+
+        await self.conn.call(f"opening the console of {self.name}", open_it)
+
+    async def close_console(self) -> None:
+        """Close the console stream if one is open (shielded; never raises)."""
+        stream, self.stream = self.stream, None
+        if stream is not None and stream.ended is None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(stream.close, limiter=self.backend.limiter)
 
     async def wait_exited(self) -> str:
         await self._gone.wait()
@@ -216,12 +272,23 @@ class LibvirtHandle(Handle):
         self._dom = None
         self.backend.domains[self.name] = self
         try:
-            await self.conn.call(f"restore {self.name} from {path}",
-                                 lambda c: c.restore(str(path)))
+            if self.streamed:  # paused until its new pty is open: see the module
+                await self.conn.call(f"restore {self.name} from {path}",
+                                     lambda c: c.restoreFlags(str(path), None, RESTORE_PAUSED))
+            else:
+                await self.conn.call(f"restore {self.name} from {path}",
+                                     lambda c: c.restore(str(path)))
         finally:
             self.saved_file = None
             with contextlib.suppress(OSError):
                 path.unlink()
+        if self.streamed:
+            try:
+                await self.open_console()
+                await self._domain_call("resume", "resume")
+            except BaseException:
+                await self.destroy()
+                raise
         self._ready.set()
 
     async def stop(self, mode: str, grace: float) -> bool:
@@ -256,6 +323,7 @@ class LibvirtHandle(Handle):
             raise
         self.saved_file = path
         self.gone("saved")
+        await self.close_console()
         return True
 
     async def destroy(self) -> None:
@@ -271,6 +339,7 @@ class LibvirtHandle(Handle):
                     if error_code(exc.__cause__ or exc) not in (ERR_NO_DOMAIN, ERR_OPERATION_INVALID):
                         log.warning("%s", exc)
                 self.gone("destroyed by jitlaunch")
+            await self.close_console()
             if self.saved_file is None:
                 self.backend.domains.pop(self.name, None)
                 if ".pool-" in self.console_path.name:  # one file per pool member: no pile-up
@@ -292,7 +361,7 @@ class LibvirtBackend(Backend):
         self.prefix = f"jl-{state_id(state_dir)}-"
         self.domains: dict[str, LibvirtHandle] = {}
         self._conns: dict[str, Connection] = {}
-        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+        self.limiter = trio.CapacityLimiter(MAX_THREADS)
         self._host_ports: set[int] = set()
         self._counter = 0
         self._kvm: bool | None = None
@@ -310,7 +379,7 @@ class LibvirtBackend(Backend):
         conn = self._conns.get(uri)
         if conn is None:
             conn = self._conns[uri] = Connection(
-                uri, limiter=self._limiter,
+                uri, limiter=self.limiter,
                 on_event=lambda name, event, detail: self._event(uri, name, event, detail),
                 on_reconnect=lambda: self._resync_soon(uri),
             )
@@ -381,8 +450,16 @@ class LibvirtBackend(Backend):
             log.warning("%s", exc)
             return
         for name, handle in list(self.domains.items()):
-            if handle.conn.uri == uri and name not in names and handle.saved_file is None:
+            if handle.conn.uri != uri or handle.saved_file is not None:
+                continue
+            if name not in names:
                 handle.gone("the domain vanished while the libvirt connection was down")
+            elif handle.streamed and handle.alive():
+                # The old connection's console stream went with it.
+                try:
+                    await handle.open_console()
+                except BootFailed as exc:
+                    log.warning("%s (its READY line and console log are lost)", exc)
 
     def _event(self, uri: str, name: str, event: int, detail: int) -> None:
         handle = self.domains.get(name)
@@ -519,13 +596,16 @@ class LibvirtBackend(Backend):
                 xml = domain_xml(settings, name=name, domain_type=self._domain_type(settings),
                                  cmdline=cmdline, console=console, mac=mac,
                                  qemu_args=user_net_args(host_ports, guest_ports, mac),
-                                 bridge=settings.bridge if net is not None else None)
+                                 bridge=settings.bridge if net is not None else None,
+                                 pty=settings.console == "stream")
                 handle = LibvirtHandle(self, service, number, conn, name, console, host_ports,
                                        mac, net)
                 self.domains[name] = handle
                 handle.times["create"] = trio.current_time()
+                streamed = settings.console == "stream"
                 try:
-                    await conn.call(f"creating domain {name}", _create_xml(xml))
+                    await conn.call(f"creating domain {name}",
+                                    _create_xml(xml, START_PAUSED if streamed else 0))
                     handle.times["created"] = trio.current_time()
                 except BaseException as exc:
                     self.domains.pop(name, None)
@@ -535,6 +615,14 @@ class LibvirtBackend(Backend):
                         log.info("%s: a host port was taken; retrying with others", name)
                         continue
                     raise
+                if streamed:  # created paused: see the module
+                    try:
+                        await handle.open_console()
+                        await handle._domain_call("resume", "resume")
+                    except BaseException:
+                        await handle.destroy()  # releases its ports and address too
+                        net = None
+                        raise
                 log.info("%s#%d: domain %s created (%s%s)", service.name, number, name, conn.uri,
                          f", {net.ip} on {net.bridge}" if net is not None else "")
                 return handle
@@ -545,5 +633,5 @@ class LibvirtBackend(Backend):
         raise AssertionError("unreachable")
 
 
-def _create_xml(xml: str) -> Any:
-    return lambda c: c.createXML(xml, 0)
+def _create_xml(xml: str, flags: int) -> Any:
+    return lambda c: c.createXML(xml, flags)

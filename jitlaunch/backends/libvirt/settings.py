@@ -14,6 +14,7 @@ from ...config import Table
 from ..qemu.settings import CMDLINE_FIELDS, DEFAULT_CMDLINE, parse_bridge
 
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
+CONSOLE_MODES = ("file", "stream")
 DEFAULT_URI = "qemu:///system"
 #: The placeholders a user's domain XML template may use (``${name}``, string.Template).
 TEMPLATE_FIELDS = ("name", "memory", "cpus", "kernel", "cmdline", "mac", "console", "domain_type",
@@ -36,6 +37,9 @@ class LibvirtSettings:
     network: str
     bridge: str
     subnet: ipaddress.IPv4Network
+    #: How READY is read: ``file`` (the serial console in a file of ours, read here) or
+    #: ``stream`` (a pty console read through libvirt, which works for a remote host too).
+    console: str = "file"
 
     @property
     def local(self) -> bool:
@@ -112,6 +116,8 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtS
         network=t.string("network", "user", choices=("user", "bridge")),
         bridge=bridge,
         subnet=subnet,
+        console=t.string("console", "file" if is_local(uri) else "stream",
+                         choices=CONSOLE_MODES),
     )
     t.done()
     return settings

@@ -10,7 +10,8 @@ is passed to QEMU directly in ``<qemu:commandline>`` (a virtio-net *device*, on 
 Bridge networking is libvirt's own ``<interface type='bridge'>``: libvirt makes the tap
 (``vnetN``), attaches it to our bridge and removes it with the domain; the NIC is virtio on
 virtio-mmio, with our MAC. The serial console goes to a file that the backend reads for the
-READY line.
+READY line, or (``console = "stream"``, for a remote host) to a pty that libvirt relays to
+us (``virDomainOpenConsole``, see :mod:`.stream`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def user_net_args(host_ports: dict[int, int], guest_ports: dict[int, int], mac: 
 
 def domain_xml(
     settings: LibvirtSettings, *, name: str, domain_type: str, cmdline: str, console: Path,
-    mac: str, qemu_args: list[str], bridge: str | None = None,
+    mac: str, qemu_args: list[str], bridge: str | None = None, pty: bool = False,
 ) -> str:
     """The XML of a transient domain ``name`` (``domain_type`` ``kvm`` or ``qemu``, i.e.
     TCG), from the user's template when the service has one (``${name}`` and the other
     TEMPLATE_FIELDS, XML-escaped; ``qemu_args`` are then not used), else microvm as the
     module's docstring says: with ``bridge``, a NIC of MAC ``mac`` on that bridge (and
-    ``qemu_args`` unused), else ``qemu_args`` passed to QEMU (user networking)."""
+    ``qemu_args`` unused), else ``qemu_args`` passed to QEMU (user networking). The serial
+    console is the file ``console``, or with ``pty`` a pty (``console`` is then the local
+    log that the backend writes, only a template's placeholder)."""
     if settings.template is not None:
         values = {
             "name": name, "memory": str(settings.memory), "cpus": str(settings.cpus),
@@ -63,6 +66,17 @@ def domain_xml(
     args = "".join(f"    <qemu:arg value={quoteattr(a)}/>\n" for a in qemu_args)
     if args:
         args = f"  <qemu:commandline>\n{args}  </qemu:commandline>\n"
+    if pty:
+        serial = """    <serial type='pty'/>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+"""
+    else:
+        serial = f"""    <serial type='file'>
+      <source path={quoteattr(str(console))}/>
+    </serial>
+"""
     return f"""<domain type={quoteattr(domain_type)} xmlns:qemu={quoteattr(QEMU_NS)}>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{settings.memory}</memory>
@@ -78,9 +92,6 @@ def domain_xml(
   <devices>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
-    <serial type='file'>
-      <source path={quoteattr(str(console))}/>
-    </serial>
-{nic}  </devices>
+{serial}{nic}  </devices>
 {args}</domain>
 """
