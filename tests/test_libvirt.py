@@ -306,3 +306,118 @@ async def test_libvirt_errors_become_boot_failures(tmp_path: Path) -> None:
             await b.start(cfg.services[0], 1, None)
         nursery.cancel_scope.cancel()
     assert not b.domains and not b._host_ports
+
+
+# ---- the console read through libvirt (console = "stream") ---------------------------------
+
+
+def test_console_setting_defaults_to_a_stream_for_a_remote_host(tmp_path: Path) -> None:
+    assert config(tmp_path).services[0].settings.console == "file"
+    for uri in ("qemu+ssh://kvm7/system", "qemu+tls://10.1.2.3/system"):
+        assert config(tmp_path, uri=uri).services[0].settings.console == "stream"
+    assert config(tmp_path, extra='console = "stream"').services[0].settings.console == "stream"
+    remote_file = config(tmp_path, uri="qemu+ssh://kvm7/system", extra='console = "file"')
+    assert remote_file.services[0].settings.console == "file"
+    with pytest.raises(ConfigError, match=r"libvirt.console: .*file.*stream"):
+        config(tmp_path, extra='console = "pty"')
+
+
+def test_domain_xml_with_a_pty_console(tmp_path: Path) -> None:
+    """A pty serial with its console (what virDomainOpenConsole reads), no file on the
+    libvirt host; libvirt's test driver accepts the domain."""
+    svc = config(tmp_path, extra='console = "stream"').services[0]
+    text = domain_xml(svc.settings, name="jl-pty-test", domain_type="qemu", cmdline="",
+                      console=tmp_path / "c.log", mac="m", qemu_args=[], pty=True)
+    root = ET.fromstring(text)
+    (serial,) = root.findall("devices/serial")
+    assert serial.get("type") == "pty" and serial.find("source") is None
+    assert root.find("devices/console").get("type") == "pty"  # type: ignore[union-attr]
+    assert root.find("devices/console/target").attrib == {"type": "serial", "port": "0"}  # type: ignore[union-attr]
+    assert "c.log" not in text
+    conn = libvirt.open(TEST_URI)
+    try:
+        dom = conn.createXML(text, 0)
+        try:
+            desc = ET.fromstring(dom.XMLDesc())
+            assert [s.get("type") for s in desc.findall("devices/serial")] == ["pty"]
+            assert [c.get("type") for c in desc.findall("devices/console")] == ["pty"]
+        finally:
+            dom.destroy()
+    finally:
+        conn.close()
+
+
+class FakeStream:
+    """A non-blocking virStream's reading side: ``recv`` returns what was queued, -2 when
+    nothing is, b"" at the end."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes | int] = []
+        self.aborted = 0
+
+    def recv(self, n: int) -> bytes | int:
+        return self.queue.pop(0) if self.queue else -2
+
+    def eventRemoveCallback(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+async def test_console_stream_feeds_trio_and_appends_to_a_capped_log(tmp_path: Path) -> None:
+    """Bytes go to trio in order and to the log with O_APPEND, so the instance-log cap's
+    copy-truncate leaves the writer at the start of the emptied file; the end is reported
+    once, and close() after it does nothing more."""
+    from jitlaunch.backends.libvirt.stream import ConsoleStream
+    from jitlaunch.logcap import rotate_if_large
+
+    got: list[bytes] = []
+    ends: list[str] = []
+    log_path = tmp_path / "uk.log"
+    stream = ConsoleStream("d", log_path, trio.lowlevel.current_trio_token(), got.append,
+                           ends.append)
+    fake = FakeStream()
+
+    class Conn:
+        def newStream(self, flags: int) -> FakeStream:
+            return fake
+
+    class Dom:
+        def openConsole(self, dev: None, st: FakeStream, flags: int) -> None:
+            assert st is fake
+
+    callbacks: list[object] = []
+    fake.eventAddCallback = lambda ev, cb, op: callbacks.append(cb)  # type: ignore[attr-defined]
+    stream.open(libvirt, Conn(), Dom())
+    assert callbacks == [stream._readable]
+    fake.queue += [b"booting\n", b"x" * 100]
+    stream._readable(fake, 1, libvirt)
+    assert log_path.read_bytes() == b"booting\n" + b"x" * 100
+    assert rotate_if_large(log_path, 50)
+    fake.queue += [b"READY 10.0.2.15:80\n", b""]
+    stream._readable(fake, 1, libvirt)
+    await trio.testing.wait_all_tasks_blocked()
+    assert log_path.read_bytes() == b"READY 10.0.2.15:80\n"  # at the start of the emptied file
+    assert (tmp_path / "uk.log.1").read_bytes() == b"booting\n" + b"x" * 100
+    assert got == [b"booting\n", b"x" * 100, b"READY 10.0.2.15:80\n"]
+    assert ends == ["the console closed"] and stream.received == 127 and fake.aborted == 1
+    stream.close()
+    stream._readable(fake, 1, libvirt)  # a late event of the closed stream: ignored
+    await trio.testing.wait_all_tasks_blocked()
+    assert ends == ["the console closed"] and fake.aborted == 1 and len(callbacks) == 1
+
+
+async def test_stream_console_needs_a_driver_that_opens_consoles(tmp_path: Path) -> None:
+    """The test driver creates no domain paused (nor opens consoles): a clear boot failure
+    quoting libvirt, nothing left behind."""
+    cfg = config(tmp_path, extra='console = "stream"')
+    b = LibvirtBackend(cfg.daemon.state_dir, list(cfg.services))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)
+        with pytest.raises(BootFailed, match=r"creating domain jl-.*: unsupported flags"):
+            await b.start(cfg.services[0], 1, None)
+        assert not b.domains and not b._host_ports
+        await b.aclose()
+        nursery.cancel_scope.cancel()
+    assert not {n for n in domain_names() if n.startswith(b.prefix)}

@@ -544,3 +544,29 @@ async def test_stream_console_warm_pool(
         assert _streamed(inst).stream is not None
     assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
     assert not list((state / "logs").glob("uk.pool-*.log"))
+
+
+async def test_a_console_that_cannot_be_opened_is_a_boot_failure(
+    state: Path, block: str, libvirtd: PrivateLibvirtd
+) -> None:
+    """A template whose serial is a file has no console libvirt can relay: the boot fails
+    with libvirt's message, and the domain (created paused) is destroyed at once."""
+    from jitlaunch.backends.libvirt.backend import LibvirtBackend
+    from jitlaunch.errors import BootFailed
+
+    (state / "t.xml").write_text(
+        "<domain type='${domain_type}'><name>${name}</name><memory unit='MiB'>${memory}"
+        "</memory><os><type arch='x86_64' machine='microvm'>hvm</type><kernel>${kernel}"
+        "</kernel></os><devices><controller type='usb' model='none'/><memballoon model='none'/>"
+        "<serial type='file'><source path='${console}'/></serial></devices></domain>")
+    cfg = load(config_text(state, service(
+        f"{block}.1", libvirtd.uri, lv=f'console = "stream"\ntemplate = "{state / "t.xml"}"')))
+    b = LibvirtBackend(cfg.daemon.state_dir, list(cfg.services))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)
+        with pytest.raises(BootFailed, match=r"^opening the console of jl-\S+-uk-\S+: .+") as info:
+            await b.start(cfg.services[0], 1, None)
+        assert not b.domains and not b._host_ports
+        await b.aclose()
+        nursery.cancel_scope.cancel()
+    assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
