@@ -180,7 +180,10 @@ class LibvirtHandle(Handle):
         self._feed(data)
 
     def _console_end(self, stream: ConsoleStream, reason: str) -> None:
-        if stream is self.stream and reason != "closed by jitlaunch":
+        """On the trio loop: the stream ended. With the domain that is expected (its death
+        is the lifecycle events' business); with the connection, :meth:`LibvirtBackend._resync`
+        opens it again. Either way only worth a line of the log."""
+        if stream is self.stream and self.alive() and not self.expect_stop:
             log.info("%s: the console stream ended (%s)", self.name, reason)
 
     async def open_console(self) -> None:
