@@ -493,11 +493,10 @@ async def test_stream_console_in_every_stop_mode(
             assert now is inst and handle.stream is first
         elif mode == "save":  # restored, with its new pty's console opened again
             assert now is inst and handle.wake == "restore" and handle.stream is not first
-            assert handle.stream is not None
-            # The restored guest's console still reaches the local log: a third request.
-            before = handle.stream.received
+            # The new console is the restored domain's (the guest prints nothing more after
+            # its boot, so no bytes are expected): it is still open after another request.
             assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
-            assert handle.stream.ended is None and handle.stream.received >= before
+            assert handle.stream is not None and handle.stream.ended is None
     assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())
 
 
