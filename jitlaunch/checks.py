@@ -200,6 +200,11 @@ def _libvirt(svc: ServiceConfig) -> list[Finding]:
                            f"{settings.bridge} and forget its addresses' neighbour entries; "
                            "libvirt makes the taps); this check runs without it", svc.name,
                            "libvirt.network"))
+    if settings.console == "file" and not settings.local:
+        out.append(Finding(False, 'console = "file" with a remote URI: the console file is '
+                           "written on the libvirt host, and READY is looked for in a file of "
+                           'this one; console = "stream" reads it through libvirt', svc.name,
+                           "libvirt.console"))
     return out
 
 

@@ -213,6 +213,13 @@ uri = "{uri}"
         False, "lv1", "libvirt.network", "bridge networking needs root or CAP_NET_ADMIN (to "
         "create jl0 and forget its addresses' neighbour entries; libvirt makes the taps); this "
         "check runs without it")]
+    # A remote host's console file is not ours to read (stream, its default, is fine).
+    remote_file = libvirt.replace('uri = "qemu+ssh://kvm7/system"',
+                                  'uri = "qemu+ssh://kvm7/system"\nconsole = "file"')
+    assert _found(_config(remote_file, block), ports=False)[1:] == [(
+        False, "lv2", "libvirt.console", 'console = "file" with a remote URI: the console file '
+        "is written on the libvirt host, and READY is looked for in a file of this one; "
+        'console = "stream" reads it through libvirt')]
 
 
 @contextlib.contextmanager
