@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import sys
 import time
 from collections.abc import Iterator
@@ -460,6 +461,9 @@ def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace)
             assert client is not None and client.stdin and client.stdout
             client.stdin.write(line + "\n")
             client.stdin.flush()
+            # The client prints one line per line sent (its reads time out after 20 s).
+            ready, _, _ = select.select([client.stdout], [], [], 30)
+            assert ready, f"no echo within 30 s\n{_journal(ns)[-2000:]}"
             assert client.stdout.readline() == line + "\n"
 
         roundtrip("one " * 100)
