@@ -42,9 +42,11 @@ from dataclasses import dataclass
 
 from ..config import HostConfig, ServiceConfig, WakeConfig
 
-#: Per-instance memory (MiB) a QEMU process needs beyond its guest's memory: measured with the
-#: bundled image booted to READY and serving, full qemu-system-x86_64 under TCG: peak RSS 43
-#: MiB with 16 MiB of guest memory (22 MiB of it shared libraries), rounded up.
+#: Per-instance memory (MiB) a QEMU process needs beyond its guest's memory. Measured with the
+#: bundled image booted to READY and serving (bench/storm, README "Capacity"): the full
+#: qemu-system-x86_64 under TCG peaks at 36 MiB RSS with 16 MiB of guest memory, 22 MiB of it
+#: shared libraries; the reduced qemu-system-x86_64-microvm idles at 14.5 MiB. One figure for
+#: both, on the safe side: the budget may admit fewer reduced-build instances than would fit.
 QEMU_OVERHEAD = 32
 #: What a process-backend instance is assumed to take (MiB): it has no memory setting.
 PROCESS_MEMORY = 32
