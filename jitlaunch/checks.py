@@ -200,6 +200,11 @@ def _libvirt(svc: ServiceConfig) -> list[Finding]:
                            f"{settings.bridge} and forget its addresses' neighbour entries; "
                            "libvirt makes the taps); this check runs without it", svc.name,
                            "libvirt.network"))
+    if settings.network == "user" and not settings.local:
+        out.append(Finding(False, 'network = "user" with a remote URI: QEMU forwards the '
+                           "ports from 127.0.0.1 of the libvirt host, which this one cannot "
+                           'reach; network = "bridge" gives each domain an address', svc.name,
+                           "libvirt.network"))
     if settings.console == "file" and not settings.local:
         out.append(Finding(False, 'console = "file" with a remote URI: the console file is '
                            "written on the libvirt host, and READY is looked for in a file of "

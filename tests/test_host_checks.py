@@ -220,6 +220,12 @@ uri = "{uri}"
         False, "lv2", "libvirt.console", 'console = "file" with a remote URI: the console file '
         "is written on the libvirt host, and READY is looked for in a file of this one; "
         'console = "stream" reads it through libvirt')]
+    # A remote host's user networking forwards from its own loopback.
+    remote_user = libvirt.replace('network = "bridge"\nuri = "qemu+ssh', 'uri = "qemu+ssh')
+    assert _found(_config(remote_user, block), ports=False)[1:] == [(
+        False, "lv2", "libvirt.network", 'network = "user" with a remote URI: QEMU forwards the '
+        "ports from 127.0.0.1 of the libvirt host, which this one cannot reach; "
+        'network = "bridge" gives each domain an address')]
 
 
 @contextlib.contextmanager
