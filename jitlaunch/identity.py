@@ -135,22 +135,13 @@ def _path_problem(path: Path, ident: Identity) -> str | None:
         here = Path(walk.anchor or "/")
         for part in walk.parts[1:-1]:
             here = here / part
-            try:
-                st = os.stat(here)
-            except OSError as exc:
-                return f"{here}: {exc.strerror or exc}"
-            if not stat.S_ISDIR(st.st_mode):
-                return f"{here} is not a directory"
-            if not _may(st, ident, stat.S_IXOTH):
-                return f"{ident} may not enter {here}"
+            if problem := _enter_dir_problem(here, ident):
+                return problem
     return None
 
 
-def enter_problem(path: Path, ident: Identity) -> str | None:
-    """None if ``ident`` may make ``path`` its working directory, else why not."""
-    path = path.absolute()
-    if problem := _path_problem(path, ident):
-        return problem
+def _enter_dir_problem(path: Path, ident: Identity) -> str | None:
+    """Why ``ident`` cannot enter the directory ``path`` itself, or None."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -160,6 +151,12 @@ def enter_problem(path: Path, ident: Identity) -> str | None:
     if not _may(st, ident, stat.S_IXOTH):
         return f"{ident} may not enter {path}"
     return None
+
+
+def enter_problem(path: Path, ident: Identity) -> str | None:
+    """None if ``ident`` may make ``path`` its working directory, else why not."""
+    path = path.absolute()
+    return _path_problem(path, ident) or _enter_dir_problem(path, ident)
 
 
 def execute_problem(path: Path, ident: Identity | None) -> str | None:

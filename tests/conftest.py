@@ -195,6 +195,26 @@ def block() -> str:
     return fresh_block()
 
 
+#: An echo server as a script: ``python -c ECHO_SERVER ADDRESS PORT [GATE]``, one connection
+#: at a time; with GATE it does not listen until that file exists (a boot that lasts until the
+#: test says so).
+ECHO_SERVER = """
+import os, socket, sys, time
+if len(sys.argv) > 3:
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.01)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+while True:
+    c, _ = s.accept()
+    while data := c.recv(65536):
+        c.sendall(data)
+    c.close()
+"""
+
+
 # ---- nothing outlives its test --------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from jitlaunch.daemon import Daemon
 
 from .conftest import (
     DEMO,
+    ECHO_SERVER,
     PYTHON,
     alive,
     children_of,
@@ -31,22 +32,6 @@ from .conftest import (
     wait_until,
 )
 from .test_metrics import get, scrape
-
-ECHO = """
-import os, socket, sys, time
-if len(sys.argv) > 3:  # a gate: the boot lasts until the test creates this file
-    while not os.path.exists(sys.argv[3]):
-        time.sleep(0.01)
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen()
-while True:
-    c, _ = s.accept()
-    while data := c.recv(65536):
-        c.sendall(data)
-    c.close()
-"""
 
 
 def service(name: str, front: str, command: str = DEMO, extra: str = "", port: int = 8080) -> str:
@@ -69,7 +54,7 @@ def demo(name: str) -> str:
 
 def echo(tmp_path: Path, gate: Path | None = None) -> str:
     script = tmp_path / "echo.py"
-    script.write_text(ECHO)
+    script.write_text(ECHO_SERVER)
     return f"{PYTHON} {script} {{address}} {{port}}" + (f" {gate}" if gate else "")
 
 

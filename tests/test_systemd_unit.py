@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from . import systemd_ns
-from .conftest import ROOT
+from .conftest import ECHO_SERVER, ROOT
 from .systemd_ns import SystemdNamespace, systemd_namespace
 
 why_not = systemd_ns.available()
@@ -389,18 +389,6 @@ def test_a_unikernel_boots_under_the_hardened_unit(ns: SystemdNamespace) -> None
     assert _jitlaunch(ns, "stop", "hello") == ["hello#1 stopped"]
 
 
-ECHO = """import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen()
-while True:
-    c, _ = s.accept()
-    while data := c.recv(65536):
-        c.sendall(data)
-    c.close()
-"""
-
 # One line in, the same line back through the proxy: a client held open across reloads.
 _ECHO_CLIENT = """import socket, sys
 s = socket.create_connection(("127.77.0.3", 8080), timeout=20)
@@ -429,7 +417,7 @@ def test_systemctl_reload_adds_removes_changes_and_rejects(ns: SystemdNamespace)
     import subprocess
 
     _running(ns)
-    ns.write("/etc/jitlaunch/echo.py", ECHO)
+    ns.write("/etc/jitlaunch/echo.py", ECHO_SERVER)
     demo = "{python} -m jitlaunch.demo_http --address {address} --port {port} --name {name}"
     echo = _service("e", "127.77.0.3", "{python} /etc/jitlaunch/echo.py {address} {port}")
     main = _main_pid(ns)
