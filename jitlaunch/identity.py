@@ -69,14 +69,16 @@ def parse_user_group(t: Table) -> tuple[str | int | None, str | int | None]:
     (pure: nothing is looked up here). ``group`` needs ``user``."""
     out: list[str | int | None] = []
     for key, what in (("user", "a user name or uid"), ("group", "a group name or gid")):
-        value = t.raw(key)
+        value = written = t.raw(key)
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)  # a number as a string ("²" is a name: int() refuses it)
         if value is None or (isinstance(value, int) and not isinstance(value, bool)
                              and 0 <= value < 2**32 - 1):
             out.append(value)
         elif isinstance(value, str) and value.strip() and ":" not in value:
-            out.append(int(value) if value.isdigit() else value)
+            out.append(value)
         else:
-            raise t.error(key, f"expected {what}, got {value!r}")
+            raise t.error(key, f"expected {what}, got {written!r}")
     if out[1] is not None and out[0] is None:
         raise t.error("group", "needs user: set the user the instances run as too")
     return out[0], out[1]

@@ -5,9 +5,10 @@ time the DNS answer, the TCP connect and the first byte of the reply. Each phase
 connect, first byte, the rest of the reply) may take ``timeout`` seconds; a failure names its
 phase and the address and port it concerns.
 
-Exit status: 0 when the reply came, 1 when a phase failed, 2 for bad input (a ``--server``
-that is not ``ADDR:PORT``), 141 (128 + SIGPIPE, as ``yes | head -1`` gives) when the reader
-of the output went away (``jitlaunch probe ... | head -0``): quietly, without a traceback.
+Exit status: 0 when the reply came, 1 when a phase failed, 2 for bad input (a NAME that is
+not a domain name, a ``--server`` that is not ``ADDR:PORT``), 141 (128 + SIGPIPE, as
+``yes | head -1`` gives) when the reader of the output went away
+(``jitlaunch probe ... | head -0``): quietly, without a traceback.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def split_server(text: str) -> tuple[str, int]:
     for anything else."""
     expected = f"--server: expected ADDR:PORT such as 127.0.0.1:5353 or [::1]:5353, got {text!r}"
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ProbeInputError(expected)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -80,8 +81,10 @@ def resolve(
     """Ask ``server`` for the A (or AAAA) record of ``name``; return (address, ttl).
     Falls back to TCP when the UDP answer is truncated. ProbeError names the phase (DNS)."""
     qtype = "AAAA" if ipv6 else "A"
-    query = DNSRecord.question(name, qtype)
-    wire = query.pack()
+    try:
+        wire = DNSRecord.question(name, qtype).pack()
+    except Exception:  # dnslib: UnicodeError for an empty or long label, DNSLabelError, ...
+        raise ProbeInputError(f"NAME: expected a domain name, got {name!r}") from None
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
     at = where(*server)
     transport = "TCP" if tcp else "UDP"

@@ -107,6 +107,11 @@ def test_user_and_group_are_parsed_as_written() -> None:
     assert _config_error(BASE + 'user = "a:b"\n') == (
         "c.toml: service 'svc': process.user: expected a user name or uid, got 'a:b'")
     assert _config_error(BASE + "user = -1\n").endswith("got -1")
+    # A number as a string is a uid only in ASCII digits, and in the uid range as a number is.
+    assert parse_config(BASE + 'user = "\u00b2"\n', "c.toml").service("svc").settings.user == "\u00b2"
+    for big in ("4294967295", "99999999999999999999"):
+        assert _config_error(BASE + f'user = "{big}"\n').endswith(f"got {big!r}")
+        assert _config_error(BASE + f'user = "nobody"\ngroup = "{big}"\n').endswith(f"got {big!r}")
 
 
 def test_resolve() -> None:

@@ -38,7 +38,7 @@ def test_split_server() -> None:
     assert split_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert split_server("[::1]:5353") == ("::1", 5353)
     for bad in ("127.0.0.1", "localhost:53", "::1:5353", "[127.0.0.1]:53", "1.2.3.4:0",
-                "1.2.3.4:70000", "[::1]", ":53", "1.2.3.4:x"):
+                "1.2.3.4:70000", "[::1]", ":53", "1.2.3.4:x", "1.2.3.4:\u00b2"):
         with pytest.raises(ProbeInputError, match="--server: expected ADDR:PORT"):
             split_server(bad)
 
@@ -57,6 +57,14 @@ def test_bad_input_exits_2(args: list[str], error: str) -> None:
     res = subprocess.run([*PROBE, "x.jit.test", *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert (res.returncode, res.stderr) == (2, f"jitlaunch: probe: {error}\n")
+
+
+@pytest.mark.parametrize("name", ["a" * 64 + ".jit.test", "a..jit.test", ("a" * 60 + ".") * 5])
+def test_a_name_that_is_not_a_domain_name_exits_2(name: str) -> None:
+    res = subprocess.run([*PROBE, name, "--server", "127.0.0.1:53"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (
+        2, f"jitlaunch: probe: NAME: expected a domain name, got {name!r}\n")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
