@@ -133,7 +133,11 @@ def _may(st: os.stat_result, ident: Identity, bit: int) -> bool:
 def _path_problem(path: Path, ident: Identity) -> str | None:
     """Why ``ident`` cannot reach ``path``: search permission on each directory above it,
     as written and with symbolic links resolved (the kernel walks both)."""
-    for walk in dict.fromkeys((path.absolute(), path.resolve())):
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # 3.11 raises RuntimeError for a symlink loop
+        return f"{path}: {exc}"
+    for walk in dict.fromkeys((path.absolute(), resolved)):
         here = Path(walk.anchor or "/")
         for part in walk.parts[1:-1]:
             here = here / part
