@@ -9,6 +9,7 @@ import pwd
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +18,13 @@ import pytest
 import trio
 from dnslib import RCODE
 
+from jitlaunch.backends.process import _identity
+from jitlaunch.backends.qemu import backend as qemu_backend
 from jitlaunch.backends.qemu.argv import build_argv
 from jitlaunch.backends.qemu.backend import qemu_runas
-from jitlaunch.errors import ConfigError
+from jitlaunch.errors import BootFailed, ConfigError
 from jitlaunch.identity import (
+    Identity,
     UnknownIdentity,
     enter_problem,
     execute_problem,
@@ -240,6 +244,44 @@ async def test_a_directory_the_user_cannot_enter_is_a_clear_boot_failure(
         assert "cannot use the working directory: nobody (uid" in rt.last_error
         assert "may not enter" in rt.last_error
 
+
+
+def test_a_symlink_loop_on_the_working_directory_is_a_boot_failure(tmp_path: Path) -> None:
+    """Python 3.11's Path.resolve raises RuntimeError for a loop: it must not surface as an
+    "internal error" (a traceback logged as a bug) but as the directory's problem."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    ident = resolve(os.getuid())
+    problem = enter_problem(tmp_path / "a", ident)
+    assert problem is not None and str(tmp_path / "a") in problem
+    settings = parse_config(BASE + f'user = "{ident.label}"\ndirectory = "{tmp_path / "a"}"\n',
+                            "c.toml").service("svc").settings
+    with pytest.raises(BootFailed, match="cannot use the working directory"):
+        _identity(settings)
+
+
+async def test_the_qemu_user_is_looked_up_in_a_worker_thread(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As for a process service: NSS may ask a network service, which must not stall DNS."""
+    if not KERNEL.exists():
+        pytest.skip("needs the bundled image (make -C images)")
+    threads: list[bool] = []
+
+    def spy(user: str | int, group: str | int | None = None) -> Identity:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return resolve(user, group)
+
+    monkeypatch.setattr(qemu_backend, "resolve", spy)
+    cfg = load(config_text(tmp_path, _qemu_service(f"{block}.1", "destroy",
+                                                   'user = "no-such-user-jl"')))
+    async with running(cfg) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        await query_udp(server, "uk.jit.test")  # answer = "proxy": the front, at once
+        rt = d.supervisor.services["uk"]
+        await wait_until(lambda: rt.last_error is not None)
+        assert "user 'no-such-user-jl' does not exist on this host" in str(rt.last_error)
+    assert threads and not any(threads)
 
 
 def _qemu_service(front: str, mode: str, qemu: str) -> str:

@@ -290,7 +290,9 @@ class QemuBackend(Backend):
         settings: QemuSettings = service.settings
         if not settings.kernel.is_file():
             raise BootFailed(f"kernel image {settings.kernel} does not exist")
-        runas = qemu_runas(settings)
+        # The user database is read in a thread (NSS may ask a network service).
+        runas = (await trio.to_thread.run_sync(qemu_runas, settings)
+                 if settings.user is not None else None)
         self._counter += 1
         tag = f"{service.name}-{os.getpid()}-{self._counter}"
         qmp_path = self.run_dir / f"{tag}.qmp"
