@@ -573,3 +573,22 @@ async def test_an_unchanged_qemu_service_keeps_its_instance_and_warm_pool(
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         assert not leaked, "QEMU processes leaked"
+
+
+async def test_proxy_settings_apply_to_services_already_served(tmp_path: Path, block: str) -> None:
+    """``proxy.max_connecting`` and ``proxy.max_connections`` change with the reload for a
+    service that has been served already (its connect limiter and the splice pipes' bound
+    were set from the old config)."""
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+        assert d.proxy._connecting["a"].total_tokens == 32
+        conf.write_text(base.replace("[metrics]", "[proxy]\nmax_connecting = 2\n"
+                                     "max_connections = 100\n[metrics]"))
+        result = await d.reload("test")
+        assert result.ok, result.message
+        assert d.proxy.max_connections == 100
+        assert d.proxy._connecting["a"].total_tokens == 2
+        assert d.proxy.pipes.limit == 50
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()

@@ -159,6 +159,9 @@ class Proxy:
         owners = {(a, p): s.name for s in config.services for a in s.front for p in s.ports}
         self.config = config
         self._apply_settings(config)
+        self.pipes.limit = max(1, self.max_connections // 2)
+        for limiter in self._connecting.values():  # (made from the old max_connecting)
+            limiter.total_tokens = config.proxy.max_connecting
         for key, front in list(self.fronts.items()):
             if key in owners:
                 front.service = owners[key]
