@@ -267,6 +267,12 @@ class Daemon:
             return self._rejected(trigger, "; ".join(errors))
         for finding in findings:
             log.warning("check: %s", finding.text(path))
+        from .backends.qemu import QemuBackend
+
+        qemu = self.backends.get("qemu")
+        if isinstance(qemu, QemuBackend):  # (a saved instance records its image's id)
+            await qemu.learn_images(
+                [s for s in new.services if s.name in touched and s.backend == "qemu"])
         try:
             bound = await self.proxy.bind_fronts(new)
         except ListenError as exc:

@@ -592,3 +592,39 @@ async def test_proxy_settings_apply_to_services_already_served(tmp_path: Path, b
         assert d.proxy._connecting["a"].total_tokens == 2
         assert d.proxy.pipes.limit == 50
         assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+
+
+async def test_a_qemu_service_a_reload_points_at_a_new_kernel_can_save(
+    tmp_path: Path, block: str
+) -> None:
+    """Real QEMU: a reload gives the qemu service a kernel image the backend did not know at
+    start, and ``stop = "save"``: its next instance is saved (the image's id is known)."""
+    import shutil
+
+    from jitlaunch.lifecycle.state import State
+
+    from .test_qemu import KERNEL, image, qemus  # noqa: F401 - image: the kernel, built once
+    from .test_qemu import service as qemu_service
+
+    state = tmp_path / "state"
+    conf = write(tmp_path / "jl.toml", tmp_path, qemu_service(f"{block}.1"))
+    base = conf.read_text()
+    kernel = tmp_path / "copy.elf"
+    shutil.copy(KERNEL, kernel)
+    try:
+        async with running(load_config(conf)) as d:
+            conf.write_text(base.replace(f'kernel = "{KERNEL}"', f'kernel = "{kernel}"')
+                            .replace('boot_timeout = "20s"', 'boot_timeout = "20s"\nstop = "save"'))
+            result = await d.reload("test")
+            assert result.message == "changed uk: qemu.kernel, stop", result.message
+            inst = await d.supervisor.acquire("uk")
+            assert d.supervisor.stop("uk") is inst
+            with trio.fail_after(30):
+                await inst.released.wait()
+            assert inst.state is State.SAVED
+            assert d.backends["qemu"].saved_path("uk").exists()  # type: ignore[attr-defined]
+    finally:
+        leaked = qemus(state)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, "QEMU processes leaked"

@@ -89,6 +89,14 @@ class QemuBackend(Backend):
         task_status.started()
         await self.warm.keep()
 
+    async def learn_images(self, services: list[ServiceConfig]) -> None:
+        """Note the ids of the kernel images of ``services`` not known yet (a reload that
+        adds a service or gives one another kernel: saving an instance records its id)."""
+        for svc in services:
+            kernel = svc.settings.kernel
+            if kernel not in self.image_ids and kernel.is_file():
+                self.image_ids[kernel] = await trio.to_thread.run_sync(image_id, kernel)
+
     async def clean_leftovers(self) -> None:
         """Kill our QEMU processes from an earlier run and remove their files and taps. Saved
         states of configured services are kept: the next request restores one if its kernel
