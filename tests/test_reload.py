@@ -11,6 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -628,3 +629,29 @@ async def test_a_qemu_service_a_reload_points_at_a_new_kernel_can_save(
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         assert not leaked, "QEMU processes leaked"
+
+
+async def test_a_front_that_cannot_get_a_socket_rejects_the_reload(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors (EMFILE) when a reload makes a new front's socket: the reload
+    is rejected with the reason, counted, and the running config stays (the OSError escaped
+    Daemon.reload: ``jitlaunch reload`` got no reply and nothing was logged or counted)."""
+    import errno
+
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        conf.write_text(base + service("b", f"{block}.2", demo("b")))
+
+        def emfile(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        with monkeypatch.context() as m:
+            m.setattr(trio.socket, "socket", emfile)
+            result = await d.reload("test")
+        assert not result.ok
+        assert f"{block}.2:8080" in result.message and "Too many open files" in result.message
+        assert d.metrics.reloads["rejected"] == 1 and not d.metrics.last_reload_ok
+        assert "b" not in d.supervisor.services
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()

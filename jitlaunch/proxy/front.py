@@ -630,7 +630,10 @@ def _source(stream: trio.SocketStream) -> str:
 
 async def _listen(host: str, port: int) -> trio.SocketListener:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:  # (EMFILE: a ListenError too, which fails a reload rather than escaping it)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise listen_error("the proxy", host, port, exc) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
