@@ -297,6 +297,7 @@ class Daemon:
         self.config = new
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger("jitlaunch").setLevel(new.daemon.log_level.upper())
+            self.dns.query_log.refresh()  # on at debug level only
         self.metrics.reloads["ok"] += 1
         self.metrics.last_reload = time.time()
         self.metrics.last_reload_ok = True

@@ -655,3 +655,29 @@ async def test_a_front_that_cannot_get_a_socket_rejects_the_reload(
         assert d.metrics.reloads["rejected"] == 1 and not d.metrics.last_reload_ok
         assert "b" not in d.supervisor.services
         assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+
+
+async def test_log_level_debug_by_reload_turns_the_dns_query_log_on_and_off(
+    tmp_path: Path, block: str
+) -> None:
+    """``log_level = "debug"`` by a reload logs DNS queries at once (README: "at debug level
+    it also logs DNS queries"), and back to ``info`` stops it (the query log decided whether
+    it was on only when DNS started serving)."""
+    import logging
+
+    logger = logging.getLogger("jitlaunch")
+    level = logger.level
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")),
+                 top='log_level = "info"')
+    base = conf.read_text()
+    try:
+        async with running(load_config(conf)) as d:
+            assert not d.dns.query_log.enabled
+            conf.write_text(base.replace('log_level = "info"', 'log_level = "debug"'))
+            assert (await d.reload("test")).message == "changed daemon.log_level"
+            assert d.dns.query_log.enabled
+            conf.write_text(base)
+            assert (await d.reload("test")).ok
+            assert not d.dns.query_log.enabled
+    finally:
+        logger.setLevel(level)
