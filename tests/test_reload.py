@@ -681,3 +681,26 @@ async def test_log_level_debug_by_reload_turns_the_dns_query_log_on_and_off(
             assert not d.dns.query_log.enabled
     finally:
         logger.setLevel(level)
+
+
+async def test_a_service_a_reload_removed_goes_while_the_daemon_drains(
+    tmp_path: Path, block: str
+) -> None:
+    """Shutdown right after a reload removed a running service: the drain waits for another
+    service's open connection while the removed one's runtime is dropped, and goes on
+    (the drain iterated the services while waiting: RuntimeError, dictionary changed size)."""
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")),
+                 service("b", f"{block}.2", echo(tmp_path)))
+    async with running(load_config(conf)) as d:
+        sup = d.supervisor
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()
+        stream = await trio.open_tcp_stream(f"{block}.2", 8080)
+        async with stream:
+            assert await echo_roundtrip(stream, b"held") == b"held"
+            conf.write_text(config_text(tmp_path / "state", service("b", f"{block}.2",
+                                                                    echo(tmp_path))))
+            assert (await d.reload("test")).message == "removed a"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup.drain)
+                await wait_until(lambda: "a" not in sup.services, timeout=10)
+                await stream.aclose()

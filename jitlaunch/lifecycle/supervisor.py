@@ -231,7 +231,7 @@ class Supervisor:
             if inst is not None and inst.state is State.READY and rt.connections:
                 inst.fire(Event.DRAIN)
                 self._notify(rt)
-        for rt in self.services.values():
+        for rt in list(self.services.values()):  # (a removed service may go meanwhile)
             await rt.no_connections.wait()
 
     # ---- reload ----------------------------------------------------------------------
