@@ -33,6 +33,11 @@ class UnknownIdentity(BootFailed):
     """A service's ``user`` or ``group`` does not exist on this host."""
 
 
+#: The variables :meth:`Identity.environment` sets: the daemon's own must not reach a child
+#: that runs as another user.
+USER_VARS = ("USER", "LOGNAME", "HOME")
+
+
 @dataclass(frozen=True)
 class Identity:
     """Resolved user and groups. ``label`` is the user as configured, for messages."""
@@ -47,9 +52,10 @@ class Identity:
 
     def environment(self) -> dict[str, str]:
         """``USER``, ``LOGNAME`` and ``HOME`` for a child running as this user, as login and
-        systemd's ``User=`` set them (empty without a passwd entry)."""
+        systemd's ``User=`` set them. Without a passwd entry, ``USER`` and ``LOGNAME`` are the
+        uid and there is no ``HOME``: the caller drops the daemon's own (see :data:`USER_VARS`)."""
         if self.name is None:
-            return {}
+            return {"USER": str(self.uid), "LOGNAME": str(self.uid)}
         return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home or "/"}
 
     def popen_kwargs(self) -> dict[str, Any]:

@@ -217,6 +217,28 @@ async def test_a_process_runs_as_its_user_and_group(tmp_path: Path, block: str) 
 
 
 @root_only
+async def test_a_uid_without_a_passwd_entry_gets_none_of_the_daemons_user_variables(
+    tmp_path: Path, block: str,
+) -> None:
+    free_uid = next(u for u in range(40000, 50000) if not _has_uid(u))
+    cfg = load(config_text(tmp_path, _service(f"{block}.1", f"user = {free_uid}\ngroup = {free_uid}")))
+    env = {"HOME": "/root", "USER": "root", "LOGNAME": "root"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        async with running(cfg) as d:
+            server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+            reply = await query_udp(server, "svc.jit.test")
+            assert reply.header.rcode == RCODE.NOERROR, d.supervisor.services["svc"].last_error
+            inst = d.supervisor.services["svc"].instance
+            assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+            assert _status(inst.handle.pid)["Uid"] == [free_uid] * 4
+            environ = _environ(inst.handle.pid)
+    assert not [v for v in environ if v.split(b"=", 1)[0] == b"HOME"]
+    assert f"USER={free_uid}".encode() in environ and f"LOGNAME={free_uid}".encode() in environ
+
+
+@root_only
 async def test_an_unknown_user_is_a_clear_boot_failure(tmp_path: Path, block: str) -> None:
     cfg = load(config_text(tmp_path, _service(f"{block}.1", 'user = "no-such-user-jl"')))
     async with running(cfg) as d:

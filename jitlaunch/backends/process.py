@@ -35,7 +35,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from ..identity import Identity, enter_problem, parse_user_group, resolve
+from ..identity import USER_VARS, Identity, enter_problem, parse_user_group, resolve
 from .base import (
     Backend,
     Handle,
@@ -279,6 +279,9 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
         env = dict(os.environ)
+        if settings.user is not None:
+            for var in USER_VARS:  # the daemon's (root's HOME) are not the user's
+                env.pop(var, None)
         env.update(user_env)
         env.update(settings.environment)
         env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
