@@ -704,3 +704,20 @@ async def test_a_service_a_reload_removed_goes_while_the_daemon_drains(
                 nursery.start_soon(sup.drain)
                 await wait_until(lambda: "a" not in sup.services, timeout=10)
                 await stream.aclose()
+
+
+async def test_a_qemu_kernel_image_that_cannot_be_read_does_not_break_the_reload(
+    tmp_path: Path, block: str
+) -> None:
+    """A reload points the qemu service at a kernel image the daemon cannot read (EIO here;
+    a non-root daemon: a file of another user's, mode 0600, which ``jitlaunch check`` does not
+    see): the reload is taken (its boot says why it fails) instead of raising OSError."""
+    from .test_qemu import KERNEL, image  # noqa: F401 - image: the kernel, built once
+    from .test_qemu import service as qemu_service
+
+    conf = write(tmp_path / "jl.toml", tmp_path, qemu_service(f"{block}.1"))
+    base = conf.read_text()
+    async with running(load_config(conf)) as d:
+        conf.write_text(base.replace(f'kernel = "{KERNEL}"', 'kernel = "/proc/self/mem"'))
+        result = await d.reload("test")
+        assert result.ok and result.message == "changed uk: qemu.kernel", result.message

@@ -95,7 +95,10 @@ class QemuBackend(Backend):
         for svc in services:
             kernel = svc.settings.kernel
             if kernel not in self.image_ids and kernel.is_file():
-                self.image_ids[kernel] = await trio.to_thread.run_sync(image_id, kernel)
+                try:
+                    self.image_ids[kernel] = await trio.to_thread.run_sync(image_id, kernel)
+                except OSError as exc:  # unreadable: its boot fails and says why
+                    log.warning("%s: cannot read the kernel image %s: %s", svc.name, kernel, exc)
 
     async def clean_leftovers(self) -> None:
         """Kill our QEMU processes from an earlier run and remove their files and taps. Saved
