@@ -4,6 +4,7 @@ recognition. The real libvirtd tests are in test_libvirt_real.py."""
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -421,3 +422,35 @@ async def test_stream_console_needs_a_driver_that_opens_consoles(tmp_path: Path)
         await b.aclose()
         nursery.cancel_scope.cancel()
     assert not {n for n in domain_names() if n.startswith(b.prefix)}
+
+
+async def test_a_console_stream_closed_while_it_opens_stays_closed(tmp_path: Path) -> None:
+    """close() (a destroy, or a newer open_console) may come while open() still runs in its
+    worker thread: the stream it then opens is aborted at once, its log closed, no callback
+    left reading the console."""
+    from jitlaunch.backends.libvirt.stream import ConsoleStream
+
+    ends: list[str] = []
+    stream = ConsoleStream("d", tmp_path / "uk.log", trio.lowlevel.current_trio_token(),
+                           lambda data: None, ends.append)
+    fake = FakeStream()
+    callbacks: list[object] = []
+    fake.eventAddCallback = lambda ev, cb, op: callbacks.append(cb)  # type: ignore[attr-defined]
+
+    class Conn:
+        def newStream(self, flags: int) -> FakeStream:
+            return fake
+
+    class Dom:
+        def openConsole(self, dev: None, st: FakeStream, flags: int) -> None:
+            stream.close()  # as close_console does from another thread meanwhile
+
+    fds = len(os.listdir("/proc/self/fd"))
+    stream.open(libvirt, Conn(), Dom())
+    assert callbacks == [] and fake.aborted == 1 and stream._stream is None
+    assert len(os.listdir("/proc/self/fd")) == fds
+    await trio.testing.wait_all_tasks_blocked()
+    assert ends == ["closed by jitlaunch"]
+    stream.open(libvirt, Conn(), Dom())  # closed before it opens: not even opened
+    assert callbacks == [] and fake.aborted == 1
+    assert len(os.listdir("/proc/self/fd")) == fds

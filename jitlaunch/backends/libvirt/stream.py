@@ -55,13 +55,18 @@ class ConsoleStream:
     def open(self, libvirt: Any, conn: Any, dom: Any) -> None:
         """In a worker thread: open the log and the console of ``dom`` on ``conn`` (taking it
         over from any other client, ``VIR_DOMAIN_CONSOLE_FORCE``). libvirtError or OSError
-        if it cannot be opened (then nothing is left open)."""
+        if it cannot be opened (then nothing is left open); nothing is left open either if
+        :meth:`close` came meanwhile."""
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            if self.ended is not None:  # closed already: take the console from no one
+                raise _ClosedMeanwhile
             stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             try:
                 dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
                 with self._lock:
+                    if self.ended is not None:  # closed meanwhile (a destroy, a newer open)
+                        raise _ClosedMeanwhile
                     self._stream, self._fd = stream, fd
                     stream.eventAddCallback(
                         libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR
@@ -71,6 +76,8 @@ class ConsoleStream:
                     self._stream, self._fd = None, -1
                 _quietly(stream.abort)
                 raise
+        except _ClosedMeanwhile:
+            os.close(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -126,6 +133,10 @@ class ConsoleStream:
             self._token.run_sync_soon(fn, *args)
         except trio.RunFinishedError:
             pass  # the daemon is gone
+
+
+class _ClosedMeanwhile(Exception):
+    """The stream was closed while :meth:`ConsoleStream.open` opened it."""
 
 
 def _quietly(fn: Callable[[], Any]) -> None:
