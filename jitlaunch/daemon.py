@@ -207,9 +207,10 @@ class Daemon:
             return
         try:
             await self.reload("SIGHUP")
-        except Exception:  # a bug in reload must not end the daemon
+        except Exception:  # a bug outside the reload itself must not end the daemon
             self.metrics.reloads["rejected"] += 1
-            log.exception("reload (SIGHUP) failed unexpectedly; the running config stays")
+            self.metrics.last_reload_ok = False
+            log.exception("reload (SIGHUP) failed unexpectedly")
 
     async def reload(self, trigger: str = "request") -> ReloadResult:
         """Re-read the config file and apply it (see the module docstring). Never raises
@@ -233,6 +234,13 @@ class Daemon:
             )
             try:
                 result = await self._reload(trigger)
+            except Exception as exc:  # a bug: it must neither end the daemon nor pass unseen
+                self.metrics.reloads["rejected"] += 1
+                self.metrics.last_reload_ok = False
+                log.exception("reload (%s) failed unexpectedly; the config may be applied "
+                              "only in part: check it, then reload again or restart", trigger)
+                result = ReloadResult(False, f"failed unexpectedly ({exc!r}); see the "
+                                             "daemon's log")
             finally:
                 status = sd.status_line(self.supervisor)
                 self.notifier.send(READY=1, STATUS=status)

@@ -721,3 +721,24 @@ async def test_a_qemu_kernel_image_that_cannot_be_read_does_not_break_the_reload
         conf.write_text(base.replace(f'kernel = "{KERNEL}"', 'kernel = "/proc/self/mem"'))
         result = await d.reload("test")
         assert result.ok and result.message == "changed uk: qemu.kernel", result.message
+
+
+async def test_a_bug_in_a_reload_is_a_rejected_reload_and_the_daemon_serves(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception inside a reload (a bug) is logged, counted as rejected, turns
+    the last-reload gauge off (its alert fires) and is returned to the caller; the daemon
+    carries on."""
+    conf = write(tmp_path / "jl.toml", tmp_path, service("a", f"{block}.1", demo("a")))
+    async with running(load_config(conf)) as d:
+
+        async def broken(trigger: str) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(d, "_reload", broken)
+        result = await d.reload("test")
+        assert not result.ok and "RuntimeError('a bug')" in result.message
+        assert d.metrics.reloads == {"rejected": 1} and d.metrics.last_reload_ok is False
+        await d.reload_on_signal()
+        assert d.metrics.reloads == {"rejected": 2}
+        assert "Hello from a<" in (await http_get(f"{block}.1", 8080)).decode()

@@ -643,6 +643,9 @@ async def _listen(host: str, port: int) -> trio.SocketListener:
     except OSError as exc:
         sock.close()
         raise listen_error("the proxy", host, port, exc) from exc
+    except BaseException:  # cancelled at the bind's checkpoint: not left to the collector
+        sock.close()
+        raise
     return trio.SocketListener(sock)
 
 
