@@ -454,3 +454,43 @@ async def test_a_console_stream_closed_while_it_opens_stays_closed(tmp_path: Pat
     stream.open(libvirt, Conn(), Dom())  # closed before it opens: not even opened
     assert callbacks == [] and fake.aborted == 1
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+async def test_a_resync_during_a_create_leaves_the_new_domain_alone(
+    backend: tuple[LibvirtBackend, ServiceConfig], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnect's resync lists libvirt's domains while a start waits for its createXML
+    (as a request that came during libvirtd's restart does): the domain is not in the list
+    yet, and must not be taken for one that vanished (it was, and then leaked: destroy()
+    skips a domain that is gone)."""
+    import threading
+
+    from jitlaunch.backends.libvirt import backend as backend_module
+
+    b, svc = backend
+    go = threading.Event()
+    create_xml = backend_module._create_xml
+
+    def slow_create_xml(xml: str, flags: int) -> object:
+        create = create_xml(xml, flags)
+
+        def call(c: object) -> object:
+            go.wait(10)
+            return create(c)
+        return call
+
+    monkeypatch.setattr(backend_module, "_create_xml", slow_create_xml)
+    handles: list[LibvirtHandle] = []
+
+    async def start() -> None:
+        handles.append(await started(b, svc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start)
+        with trio.fail_after(5):
+            while not b.domains:
+                await trio.sleep(0.001)
+        await b._resync(TEST_URI)
+        go.set()
+    (handle,) = handles
+    assert handle.alive() and handle.name in domain_names()

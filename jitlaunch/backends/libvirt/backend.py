@@ -446,7 +446,11 @@ class LibvirtBackend(Backend):
             nursery.start_soon(self._resync, uri)
 
     async def _resync(self, uri: str) -> None:
-        """After a reconnect: a domain of ours that vanished meanwhile is reported gone."""
+        """After a reconnect: a domain of ours that vanished meanwhile is reported gone. Only
+        the domains that existed before the listing are judged: one whose createXML or
+        restore is still under way (or ends after the listing) is not in it."""
+        created = {name for name, h in self.domains.items()
+                   if "created" in h.times and h.saved_file is None}
         try:
             names = set(await self.connection(uri).call(
                 "listing domains", lambda c: [d.name() for d in c.listAllDomains()]))
@@ -454,7 +458,7 @@ class LibvirtBackend(Backend):
             log.warning("%s", exc)
             return
         for name, handle in list(self.domains.items()):
-            if handle.conn.uri != uri or handle.saved_file is not None:
+            if handle.conn.uri != uri or handle.saved_file is not None or name not in created:
                 continue
             if name not in names:
                 handle.gone("the domain vanished while the libvirt connection was down")
