@@ -91,17 +91,19 @@ def resolve(
     try:
         if tcp:
             with socket.create_connection(server, timeout=timeout) as s:
+                deadline = time.monotonic() + timeout  # for the answer, not for each recv
                 s.sendall(struct.pack("!H", len(wire)) + wire)
-                length = struct.unpack("!H", _recv_exactly(s, 2, at))[0]
-                data = _recv_exactly(s, length, at)
+                length = struct.unpack("!H", _recv_exactly(s, 2, at, deadline))[0]
+                data = _recv_exactly(s, length, at, deadline)
         else:
             with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.settimeout(timeout)
+                deadline = time.monotonic() + timeout  # replies with another id do not extend it
                 # Connected, so that a port where nothing listens is reported at once (the
                 # ICMP error comes back as ECONNREFUSED) instead of waiting out the timeout.
                 s.connect(server)
                 s.send(wire)
                 while True:
+                    s.settimeout(_left(deadline))
                     data = s.recv(65535)
                     if data[:2] == wire[:2]:
                         break
@@ -128,9 +130,18 @@ def resolve(
     raise ProbeError(f"DNS: {at} answered no {qtype} record for {name}")
 
 
-def _recv_exactly(s: socket.socket, n: int, at: str) -> bytes:
+def _left(deadline: float) -> float:
+    """The seconds left until ``deadline`` (time.monotonic); TimeoutError once none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _recv_exactly(s: socket.socket, n: int, at: str, deadline: float) -> bytes:
     buf = b""
     while len(buf) < n:
+        s.settimeout(_left(deadline))
         chunk = s.recv(n - len(buf))
         if not chunk:
             raise ProbeError(f"DNS: {at} closed the TCP connection early")
@@ -158,8 +169,10 @@ def fetch(
             if not first:
                 raise ProbeError(f"first byte: {at} closed the connection without a reply")
             phase = "reply"
+            deadline = time.monotonic() + timeout  # for the phase, not for each recv
             body = bytearray(first)
             while len(body) < 1 << 20:
+                s.settimeout(_left(deadline))
                 chunk = s.recv(65536)
                 if not chunk:
                     break

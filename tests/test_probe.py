@@ -90,6 +90,65 @@ def test_dns_phase_failures_name_the_server(host: str) -> None:
     assert str(info.value) == f"DNS: {at} refused the query over TCP (nothing listens there?)"
 
 
+def test_a_reply_dripped_byte_by_byte_is_bounded_by_the_timeout() -> None:
+    """The rest of the reply is one phase of ``timeout`` seconds, not ``timeout`` per recv:
+    a server that sends a byte every 0.1 s must not hold the probe for its whole reply."""
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+
+        def drip() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.1):
+                    try:
+                        conn.sendall(b"x")
+                    except OSError:
+                        return
+
+        t = threading.Thread(target=drip)
+        t.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(ProbeError) as info:
+                fetch("x.jit.test", "127.0.0.1", port, timeout=0.5)
+            assert str(info.value) == (
+                f"reply: 127.0.0.1:{port} did not finish its reply within 0.5 s")
+            assert time.monotonic() - start < 3
+        finally:
+            stop.set()
+            t.join(5)
+
+
+def test_dns_replies_with_another_id_do_not_extend_the_timeout() -> None:
+    stop = threading.Event()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def answer_wrongly() -> None:
+            server.settimeout(5)
+            query, client = server.recvfrom(512)
+            wrong = bytes([query[0] ^ 0xFF]) + query[1:]
+            while not stop.wait(0.1):
+                server.sendto(wrong, client)
+
+        t = threading.Thread(target=answer_wrongly)
+        t.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(ProbeError) as info:
+                resolve("x.jit.test", ("127.0.0.1", port), timeout=0.5)
+            assert str(info.value) == f"DNS: no answer from 127.0.0.1:{port} over UDP within 0.5 s"
+            assert time.monotonic() - start < 3
+        finally:
+            stop.set()
+            t.join(5)
+
+
 def test_connect_and_first_byte_failures_name_the_address() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
