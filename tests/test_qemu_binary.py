@@ -191,3 +191,37 @@ async def test_a_state_saved_by_one_program_is_restored_by_the_other(
         assert program != first and exe(pid) == program and accel == "kvm"
         assert rest == ", restoring" and not saved.exists()
         assert "discarding its saved state" not in log.read_text()
+
+
+async def test_a_state_saved_by_another_qemu_version_is_discarded_saying_so(
+    state: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After an upgrade of QEMU a saved state is not restored; the log says that the version
+    is why (not that the image or the settings changed)."""
+    import logging
+
+    from jitlaunch.backends.qemu.settings import image_id, saved_meta
+
+    cfg = load(config_text(state, qemu_service("127.0.0.1", accel="tcg")))
+    svc = cfg.services[0]
+    backend = QemuBackend(state, list(cfg.services))
+    backend.image_ids[svc.settings.kernel] = image_id(svc.settings.kernel)
+    saved = backend.saved_path(svc.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_bytes(b"state")
+    saved.with_suffix(".image").write_text(saved_meta(
+        backend.image_ids[svc.settings.kernel], svc.settings, "tcg", "02:00:00:00:00:09",
+        "QEMU emulator version 1.0.0"))
+
+    class Launched(Exception):
+        pass
+
+    async def launch(*args: object, **kwargs: object) -> None:
+        assert kwargs["incoming"] is None
+        raise Launched
+
+    monkeypatch.setattr(backend, "_launch", launch)
+    with caplog.at_level(logging.INFO), pytest.raises(Launched):
+        await backend.start(svc, 1, None)
+    assert not saved.exists()
+    assert "QEMU's version" in caplog.text, caplog.text

@@ -265,8 +265,9 @@ class QemuBackend(Backend):
                 incoming = state
                 mac = mac or kept_mac
             else:
-                log.info("%s: the kernel image or the QEMU settings changed since it was saved; "
-                         "discarding its saved state", service.name)
+                log.info("%s: the kernel image, the QEMU settings or QEMU's version changed "
+                         "since it was saved (now: %s); discarding its saved state", service.name,
+                         version or "QEMU's version unknown")
                 for p in (state, meta):
                     with contextlib.suppress(OSError):
                         p.unlink()
