@@ -225,3 +225,31 @@ async def test_a_state_saved_by_another_qemu_version_is_discarded_saying_so(
         await backend.start(svc, 1, None)
     assert not saved.exists()
     assert "QEMU's version" in caplog.text, caplog.text
+
+
+async def test_a_saved_state_is_kept_when_qemus_version_cannot_be_told(
+    state: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``qemu --version`` failing once (a timeout on a loaded host) fails that boot and keeps
+    the saved state: it is not discarded as if QEMU had changed."""
+    from jitlaunch.backends.qemu.settings import image_id, saved_meta
+
+    cfg = load(config_text(state, qemu_service("127.0.0.1", accel="tcg")))
+    svc = cfg.services[0]
+    backend = QemuBackend(state, list(cfg.services))
+    backend.image_ids[svc.settings.kernel] = image_id(svc.settings.kernel)
+    saved = backend.saved_path(svc.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_bytes(b"state")
+    saved.with_suffix(".image").write_text(saved_meta(
+        backend.image_ids[svc.settings.kernel], svc.settings, "tcg", "02:00:00:00:00:09",
+        "QEMU emulator version 1.0.0"))
+
+    async def unknown(binary: str) -> str:
+        return ""
+
+    monkeypatch.setattr(backend, "qemu_version", unknown)
+    with pytest.raises(BootFailed, match="the state is kept"):
+        await backend.start(svc, 1, None)
+    assert saved.exists() and saved.with_suffix(".image").exists()
+    assert not qemus(state)

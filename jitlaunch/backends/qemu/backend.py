@@ -258,7 +258,12 @@ class QemuBackend(Backend):
                 raise BootFailed(f"cannot read the saved state's description {meta}: {exc}") \
                     from exc
             accel = self._accel(settings)
-            version = await self.qemu_version(self._binary(settings, accel))
+            binary = self._binary(settings, accel)
+            version = await self.qemu_version(binary)
+            if not version:  # perhaps passing (a loaded host): never discard a state for it
+                raise BootFailed(f"cannot tell the version of {binary} (`{binary} --version` "
+                                 f"failed or took over 10 s), which restoring the saved state "
+                                 f"{state} depends on; the state is kept for the next start")
             kept_mac = saved_mac(text, self.image_ids.get(settings.kernel, ""), settings, accel,
                                  version)
             if kept_mac is not None:
