@@ -27,7 +27,17 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ROOT, BenchError, loopback_block, machine_info, median, percentile, table, write_results
+from common import (
+    ROOT,
+    BenchError,
+    MissingTool,
+    loopback_block,
+    machine_info,
+    median,
+    percentile,
+    table,
+    write_results,
+)
 from dnslib import DNSRecord
 
 from jitlaunch.backends import SETTINGS
@@ -213,7 +223,7 @@ def main() -> int:
                     help="the libvirt services' console setting (default file)")
     args = ap.parse_args()
     if not KERNEL.exists():
-        raise BenchError(f"{KERNEL} is missing: run make -C images")
+        raise MissingTool(f"{KERNEL} is missing: run make -C images")
     import libvirt
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
@@ -279,4 +289,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except BenchError as exc:
         print(f"libvirt: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, MissingTool) else 1)
