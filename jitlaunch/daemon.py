@@ -195,6 +195,7 @@ class Daemon:
                     for backend in self.backends.values():
                         await backend.aclose()
             finally:
+                self.notifier.close()
                 os.close(lock)  # last: every instance is gone, the next daemon may sweep
             log.info("stopped")
 

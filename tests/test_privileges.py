@@ -451,3 +451,20 @@ user = "nobody"
     assert "-runas" not in build_argv(
         settings, binary="qemu", accel="tcg", cmdline="", qmp_path=Path("/q"), pidfile=Path("/p"),
         service="svc", number=1, netdev="user,id=n0", mac="02:00:00:00:00:01")
+
+
+async def test_a_process_instance_does_not_inherit_the_daemons_systemd_channel(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOTIFY_SOCKET and the watchdog variables are the daemon's, not its instances'."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    cfg = load(config_text(tmp_path, _service(f"{block}.1", "")))
+    async with running(cfg) as d:
+        server = (d.dns_endpoints[0].host, d.dns_endpoints[0].port)
+        await query_udp(server, "svc.jit.test")
+        inst = d.supervisor.services["svc"].instance
+        assert inst is not None and inst.handle is not None and inst.handle.pid is not None
+        names = {v.split(b"=", 1)[0] for v in _environ(inst.handle.pid)}
+        assert not names & {b"NOTIFY_SOCKET", b"WATCHDOG_USEC"}, names
+        assert b"JITLAUNCH_INSTANCE" in names

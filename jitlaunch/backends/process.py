@@ -50,6 +50,11 @@ from .base import (
 log = logging.getLogger(__name__)
 
 STOP_MODES = ("destroy", "shutdown")
+#: Variables systemd gives the daemon (sd_notify(3), the watchdog, sd_listen_fds(3)) that a
+#: process instance must not inherit: they name the daemon's channel to its manager.
+SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
+                "LISTEN_FDNAMES")
+
 MARKER = "JITLAUNCH_INSTANCE"
 PLACEHOLDERS = ("address", "port", "name", "instance", "python")
 
@@ -279,6 +284,8 @@ class ProcessBackend(Backend):
             release()
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
         env = dict(os.environ)
+        for var in SYSTEMD_VARS:  # the daemon's systemd channel is not the instance's
+            env.pop(var, None)
         if settings.user is not None:
             for var in USER_VARS:  # the daemon's (root's HOME) are not the user's
                 env.pop(var, None)
