@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from jitlaunch.backends.qemu import QemuBackend, kvm_usable
-from jitlaunch.backends.qemu.settings import FULL_BINARY, REDUCED_BINARY
+from jitlaunch.backends.qemu.settings import FULL_BINARY, REDUCED_BINARY, image_id, saved_meta
+from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed
 
 from .conftest import PYTHON, ROOT, config_text, http_get, load, running, wait_until
@@ -193,15 +194,9 @@ async def test_a_state_saved_by_one_program_is_restored_by_the_other(
         assert "discarding its saved state" not in log.read_text()
 
 
-async def test_a_state_saved_by_another_qemu_version_is_discarded_saying_so(
-    state: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """After an upgrade of QEMU a saved state is not restored; the log says that the version
-    is why (not that the image or the settings changed)."""
-    import logging
-
-    from jitlaunch.backends.qemu.settings import image_id, saved_meta
-
+def _saved_by_qemu_1_0(state: Path) -> tuple[QemuBackend, ServiceConfig, Path]:
+    """A backend for one TCG service with a saved state whose description says QEMU 1.0.0
+    saved it (the image and settings match): the backend, the service, the state file."""
     cfg = load(config_text(state, qemu_service("127.0.0.1", accel="tcg")))
     svc = cfg.services[0]
     backend = QemuBackend(state, list(cfg.services))
@@ -212,6 +207,17 @@ async def test_a_state_saved_by_another_qemu_version_is_discarded_saying_so(
     saved.with_suffix(".image").write_text(saved_meta(
         backend.image_ids[svc.settings.kernel], svc.settings, "tcg", "02:00:00:00:00:09",
         "QEMU emulator version 1.0.0"))
+    return backend, svc, saved
+
+
+async def test_a_state_saved_by_another_qemu_version_is_discarded_saying_so(
+    state: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After an upgrade of QEMU a saved state is not restored; the log says that the version
+    is why (not that the image or the settings changed)."""
+    import logging
+
+    backend, svc, saved = _saved_by_qemu_1_0(state)
 
     class Launched(Exception):
         pass
@@ -232,18 +238,7 @@ async def test_a_saved_state_is_kept_when_qemus_version_cannot_be_told(
 ) -> None:
     """``qemu --version`` failing once (a timeout on a loaded host) fails that boot and keeps
     the saved state: it is not discarded as if QEMU had changed."""
-    from jitlaunch.backends.qemu.settings import image_id, saved_meta
-
-    cfg = load(config_text(state, qemu_service("127.0.0.1", accel="tcg")))
-    svc = cfg.services[0]
-    backend = QemuBackend(state, list(cfg.services))
-    backend.image_ids[svc.settings.kernel] = image_id(svc.settings.kernel)
-    saved = backend.saved_path(svc.name)
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_bytes(b"state")
-    saved.with_suffix(".image").write_text(saved_meta(
-        backend.image_ids[svc.settings.kernel], svc.settings, "tcg", "02:00:00:00:00:09",
-        "QEMU emulator version 1.0.0"))
+    backend, svc, saved = _saved_by_qemu_1_0(state)
 
     async def unknown(binary: str) -> str:
         return ""
