@@ -196,7 +196,8 @@ async def test_no_child_survives_the_daemon(tmp_path: Path, block: str) -> None:
 async def test_no_child_survives_an_exception(tmp_path: Path, block: str) -> None:
     cfg = load(config_text(tmp_path, service("hello", f"{block}.1")))
     with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="boom"), flatten_subgroups=True):
-        async with trio.open_nursery() as nursery:
+        # (strict: the default only from trio 0.25 on; Debian 12 has 0.22)
+        async with trio.open_nursery(strict_exception_groups=True) as nursery:
             daemon = Daemon(cfg)
             await nursery.start(daemon.serve)
             await daemon.supervisor.acquire("hello")

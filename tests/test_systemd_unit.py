@@ -61,22 +61,24 @@ machine = "microvm,acpi=off,pic=off,pit=off,rtc=off"
 
 
 #: Host directories the namespace must show even where it mounts its own tmpfs (a checkout
-#: in /tmp): this checkout and the Python its .venv was made from.
-KEEP = (ROOT, Path(sys.base_prefix))
+#: in /tmp): this checkout, the virtualenv running the tests and the Python it was made from.
+KEEP = (ROOT, Path(sys.prefix), Path(sys.base_prefix))
 
 
 def _dropin() -> str:
     lines = [
         "[Service]",
         "ExecStart=",
-        f"ExecStart={ROOT}/.venv/bin/jitlaunch run --config /etc/jitlaunch/jitlaunch.toml",
+        f"ExecStart={sys.prefix}/bin/jitlaunch run --config /etc/jitlaunch/jitlaunch.toml",
         f"WatchdogSec={WATCHDOG:g}s",
         # py's front comes from systemd too, named after the service.
         "Sockets=jitlaunch.socket jitlaunch-py.socket",
     ]
     # What the unit's sandbox hides (ProtectHome= hides /root and /home, PrivateTmp= /tmp):
-    # the Python the .venv was made from and this checkout, bound in read-only.
-    hidden = [p for p in (Path(sys.base_prefix).resolve(), ROOT.resolve())
+    # the virtualenv running the tests, the Python it was made from and this checkout, bound
+    # in read-only.
+    hidden = [p for p in (Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                          ROOT.resolve())
               if p.parts[1:2] in (("root",), ("home",), ("tmp",))]
     if any(p.parts[1:2] in (("root",), ("home",)) for p in hidden):
         lines.append("ProtectHome=tmpfs")
