@@ -305,6 +305,15 @@ def deployment_warnings(config: Config) -> list[str]:
             f"so the nameserver {inside[0]} (inside the zone) has no address to answer or to "
             "give the parent zone as glue; set it to this host's public address(es)"
         )
+    elif dns.nameserver_glue:
+        named = {ns for ns, _ in dns.nameserver_glue}
+        for ns in inside:
+            if ns not in named:
+                out.append(
+                    f"lame delegation: the nameserver {ns} (inside the zone) has no entry in "
+                    "dns.nameserver_addresses, so it has no address to answer or to give the "
+                    "parent zone as glue"
+                )
     for address in dns.nameserver_addresses:
         if _loopback(address):
             out.append(

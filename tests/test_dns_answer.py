@@ -7,6 +7,7 @@ replies are built shows up as a changed byte.
 from __future__ import annotations
 
 import random
+import re
 import struct
 
 import pytest
@@ -535,3 +536,45 @@ def test_dns_does_not_import_the_supervisor() -> None:
     import jitlaunch.lifecycle.answers as policy
 
     assert "import trio" not in pathlib.Path(policy.__file__).read_text()
+
+
+def test_each_nameserver_gets_its_own_glue_when_given_as_a_table() -> None:
+    """Two hosts, each one nameserver of the zone: `nameserver_addresses` as a table gives
+    each name its own address (as a list it gives every name all of them)."""
+    text = """
+[dns]
+zones = ["jit.test"]
+nameservers = ["ns1.jit.test", "ns2.jit.test"]
+nameserver_addresses = { "ns1.jit.test" = ["192.0.2.1"], "ns2.jit.test" = ["198.51.100.2", "2001:db8::2"] }
+"""
+    config = parse_config(text, "t.toml")
+    catalog = Catalog(config.dns, config.services)
+
+    def addresses(qname: str, qtype: str) -> list[str]:
+        reply = respond(DNSRecord.question(qname, qtype).pack(), catalog, snapshot, NOW, udp=True)
+        assert reply.reply is not None
+        return sorted(str(rr.rdata) for rr in DNSRecord.parse(reply.reply).rr)
+
+    assert addresses("ns1.jit.test", "A") == ["192.0.2.1"]
+    assert addresses("ns1.jit.test", "AAAA") == []
+    assert addresses("ns2.jit.test", "A") == ["198.51.100.2"]
+    assert addresses("ns2.jit.test", "AAAA") == ["2001:db8::2"]
+    ns = DNSRecord.parse(respond(DNSRecord.question("jit.test", "NS").pack(), catalog, snapshot,
+                                 NOW, udp=True).reply or b"")
+    glue = sorted((str(rr.rname), str(rr.rdata)) for rr in ns.ar if rr.rtype in (1, 28))
+    assert glue == [("ns1.jit.test.", "192.0.2.1"), ("ns2.jit.test.", "198.51.100.2"),
+                    ("ns2.jit.test.", "2001:db8::2")]
+
+
+@pytest.mark.parametrize(("glue", "error"), [
+    ('{ "ns3.jit.test" = ["192.0.2.1"] }', "dns.nameserver_addresses.ns3.jit.test: not one of "
+     "dns.nameservers (ns1.jit.test)"),
+    ('{ "ns1.jit.test" = [] }', "dns.nameserver_addresses.ns1.jit.test: expected at least one"),
+    ('{ "ns1.jit.test" = ["x"] }', "dns.nameserver_addresses.ns1.jit.test"),
+])
+def test_a_glue_table_names_only_nameservers(glue: str, error: str) -> None:
+    from jitlaunch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(f'[dns]\nzones = ["jit.test"]\nnameservers = ["ns1.jit.test"]\n'
+                     f"nameserver_addresses = {glue}\n", "t.toml")

@@ -67,6 +67,9 @@ class DnsConfig:
     max_held: int = 1024
     max_held_per_connection: int = 16
     rrl: RrlConfig = field(default_factory=RrlConfig)
+    # Glue per nameserver name, where ``nameserver_addresses`` is a table (else empty: every
+    # nameserver inside a zone gets all of ``nameserver_addresses``).
+    nameserver_glue: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,29 @@ def default_state_dir(env: ParseEnv) -> Path:
     return Path(base) / "jitlaunch"
 
 
+def _glue_table(t: Table, ns_names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``nameserver_addresses`` written as a table: each nameserver's own glue addresses
+    (two hosts, each one nameserver). Empty when it is a list (every nameserver inside a
+    zone gets all of them) or absent."""
+    value = t.raw("nameserver_addresses")
+    if not isinstance(value, dict):
+        return ()
+    sub = t.sub("nameserver_addresses")
+    out = []
+    for name in value:
+        ns = dns_name(t, "nameserver_addresses", name)
+        if ns not in ns_names:
+            raise sub.error(name, "not one of dns.nameservers "
+                            f"({', '.join(ns_names) or 'none set'})")
+        addrs = tuple(address(sub, name, a) for a in sub.strings(name, what="addresses"))
+        if not addrs:
+            raise sub.error(name, "expected at least one address")
+        _once(sub, name, addrs)
+        out.append((ns, addrs))
+    sub.done()
+    return tuple(out)
+
+
 def _parse_dns(root: Table) -> DnsConfig:
     t = root.sub("dns")
     listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"], what=_ENDPOINTS))
@@ -102,9 +125,14 @@ def _parse_dns(root: Table) -> DnsConfig:
     _once(t, "zones", zone_names)
     ns_names = [dns_name(t, "nameservers", n) for n in t.strings("nameservers", [], what="DNS names")]
     _once(t, "nameservers", ns_names)
-    glue = t.strings("nameserver_addresses", [], what="addresses")
-    glue_addrs = tuple(address(t, "nameserver_addresses", a) for a in glue)
-    _once(t, "nameserver_addresses", glue_addrs)
+    glue_by_name = _glue_table(t, ns_names)
+    if glue_by_name:
+        glue = [a for _, addrs in glue_by_name for a in addrs]
+        glue_addrs = tuple(dict.fromkeys(glue))
+    else:
+        glue = t.strings("nameserver_addresses", [], what="addresses")
+        glue_addrs = tuple(address(t, "nameserver_addresses", a) for a in glue)
+        _once(t, "nameserver_addresses", glue_addrs)
     _once(t, "listen", [e for e in listen if e.port != 0])  # port 0: a new free port each
     if not glue:
         glue_addrs = tuple(e.host for e in listen if e.host not in ("0.0.0.0", "::"))
@@ -131,6 +159,7 @@ def _parse_dns(root: Table) -> DnsConfig:
         listen=listen,
         zones=tuple(zones),
         nameserver_addresses=glue_addrs,
+        nameserver_glue=glue_by_name,
         ttl=t.integer("ttl", 30),
         booting_ttl=t.integer("booting_ttl", 1),
         edns_payload=t.integer("edns_payload", 1232, low=512, high=65535),

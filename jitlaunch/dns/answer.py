@@ -118,11 +118,13 @@ class Catalog:
                 key = w.name_to_wire(name)
                 self.services[key] = svc
                 self._add_node(key)
+        own = dict(dns.nameserver_glue)
         for zone in dns.zones:
             for ns in zone.nameservers:
                 key = w.name_to_wire(ns)
-                if self.zone_for(key) is not None and dns.nameserver_addresses:
-                    self.glue[key] = dns.nameserver_addresses
+                addresses = own.get(ns, () if own else dns.nameserver_addresses)
+                if self.zone_for(key) is not None and addresses:
+                    self.glue[key] = addresses
                     self._add_node(key)
 
     def _add_node(self, name: bytes) -> None:
