@@ -32,39 +32,7 @@ def _fail(message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jitlaunch", description="Authoritative DNS that starts services on demand."
-    )
-    parser.add_argument("--version", action="version", version=f"jitlaunch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--config", "-c", metavar="FILE", help="config file (default: the built-in one)")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-
-    check = sub.add_parser("check", help="validate a config file and print a summary")
-    check.add_argument("file", metavar="FILE")
-    check.add_argument("--config-only", action="store_true",
-                       help="check the configuration only, not this host (files, users, "
-                       "/dev/kvm, ports): for a config written for another machine")
-
-    probe = sub.add_parser(
-        "probe", help="resolve NAME, connect, send GET and print the DNS, connect and "
-        "first-byte times"
-    )
-    probe.add_argument("name", metavar="NAME")
-    probe.add_argument("--server", required=True, metavar="ADDR:PORT", help="DNS server to ask")
-    probe.add_argument("--port", type=int, default=8080,
-                       help="TCP port to connect to (default 8080, as the default config serves)")
-    probe.add_argument("--path", default="/", help="HTTP path to get (default /)")
-    probe.add_argument("--timeout", type=float, default=10.0,
-                       help="seconds each phase (DNS, connect, first byte) may take (default 10)")
-    probe.add_argument("--tcp", action="store_true", help="ask over TCP instead of UDP")
-    probe.add_argument("--ipv6", action="store_true", help="ask for AAAA instead of A")
-
-    _add_control_commands(sub)
-
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command in ("status", "start", "stop", "reload"):
             status = _control(args)
@@ -85,6 +53,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: every command and option, each with its help text."""
+    parser = argparse.ArgumentParser(
+        prog="jitlaunch", description="Authoritative DNS that starts services on demand."
+    )
+    parser.add_argument("--version", action="version", version=f"jitlaunch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", "-c", metavar="FILE", help="config file (default: the built-in one)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="log at this level (default: daemon.log_level of the config)")
+
+    check = sub.add_parser("check", help="validate a config file and print a summary")
+    check.add_argument("file", metavar="FILE", help="the config file to check")
+    check.add_argument("--config-only", action="store_true",
+                       help="check the configuration only, not this host (files, users, "
+                       "/dev/kvm, ports): for a config written for another machine")
+
+    probe = sub.add_parser(
+        "probe", help="resolve NAME, connect, send GET and print the DNS, connect and "
+        "first-byte times"
+    )
+    probe.add_argument("name", metavar="NAME", help="the service name to look up")
+    probe.add_argument("--server", required=True, metavar="HOST:PORT",
+                       help="the DNS server to ask: an address ([ADDR]:PORT for IPv6) or a "
+                       "host name, and its port")
+    probe.add_argument("--port", type=int, default=8080,
+                       help="TCP port to connect to (default 8080, as the default config serves)")
+    probe.add_argument("--path", default="/", help="HTTP path to get (default /)")
+    probe.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds each phase (DNS, connect, first byte) may take (default 10)")
+    probe.add_argument("--tcp", action="store_true", help="ask over TCP instead of UDP")
+    probe.add_argument("--ipv6", action="store_true", help="ask for AAAA instead of A")
+
+    _add_control_commands(sub)
+    return parser
+
+
 def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = (
         "the control socket (default: /run/jitlaunch/control.sock when it exists, else "
@@ -96,7 +103,7 @@ def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     reload = sub.add_parser(
         "reload", help="make the daemon re-read its config file (exit status 1 if it rejects it)")
     for command in (start, stop):
-        command.add_argument("service", metavar="SERVICE")
+        command.add_argument("service", metavar="SERVICE", help="the service's name")
     status.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
     for command in (status, start, stop, reload):
         command.add_argument("--socket", metavar="PATH", help=where)
@@ -257,7 +264,10 @@ async def _serve(config: Config) -> None:
                         nursery.cancel_scope.cancel()
                         return
                     else:
-                        log.info("%s: stopping every instance, then exiting", name)
+                        log.info("%s: draining open connections for up to %g s "
+                                 "(daemon.drain_timeout), then stopping every instance and "
+                                 "exiting; another %s stops at once", name,
+                                 daemon.config.daemon.drain_timeout, name)
                         daemon.stop()
 
             nursery.start_soon(on_signals)

@@ -56,11 +56,14 @@ def where(host: str, port: int) -> str:
 
 
 def split_server(text: str) -> tuple[str, int]:
-    """``ADDR:PORT`` (``[ADDR]:PORT`` for IPv6) into an address and a port; ProbeInputError
-    for anything else."""
-    expected = f"--server: expected ADDR:PORT such as 127.0.0.1:5353 or [::1]:5353, got {text!r}"
+    """``HOST:PORT`` (``[ADDR]:PORT`` for an IPv6 address) into an address and a port; a host
+    name is looked up (the system's resolver, the first address). ProbeInputError for
+    anything that is not of that form, ProbeError for a name that does not resolve."""
+    expected = (f"--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5353, [::1]:5353 "
+                f"or localhost:5353, got {text!r}")
     host, sep, port = text.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536:
         raise ProbeInputError(expected)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -71,7 +74,14 @@ def split_server(text: str) -> tuple[str, int]:
     try:
         return str(ipaddress.ip_address(host)), int(port)
     except ValueError:
-        raise ProbeInputError(expected) from None
+        pass
+    if not all(label and len(label) < 64 for label in host.rstrip(".").split(".")):
+        raise ProbeInputError(expected)
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise ProbeError(f"--server: cannot resolve {host!r}: {exc}") from None
+    return str(found[0][4][0]), int(port)
 
 
 def resolve(

@@ -235,7 +235,8 @@ async def test_sigterm_stops_every_instance(tmp_path: Path, block: str) -> None:
             code = await proc.wait()
         assert code == 0
         log = (tmp_path / "log").read_text()
-        assert "SIGTERM: stopping every instance" in log
+        assert ("SIGTERM: draining open connections for up to 2 s (daemon.drain_timeout), "
+                "then stopping every instance") in log
         assert not any(alive(k) for k in kids)
     finally:
         proc.kill()

@@ -37,15 +37,18 @@ def test_the_default_port_is_the_default_configs() -> None:
 def test_split_server() -> None:
     assert split_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert split_server("[::1]:5353") == ("::1", 5353)
-    for bad in ("127.0.0.1", "localhost:53", "::1:5353", "[127.0.0.1]:53", "1.2.3.4:0",
+    assert split_server("localhost:5353") in (("127.0.0.1", 5353), ("::1", 5353))
+    for bad in ("127.0.0.1", "::1:5353", "[127.0.0.1]:53", "1.2.3.4:0", "a..b:53",
                 "1.2.3.4:70000", "[::1]", ":53", "1.2.3.4:x", "1.2.3.4:\u00b2"):
         with pytest.raises(ProbeInputError, match="--server: expected ADDR:PORT"):
             split_server(bad)
+    with pytest.raises(ProbeError, match=r"--server: cannot resolve 'no-such-host\.invalid'"):
+        split_server("no-such-host.invalid:53")
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--server", "[::1]"], "--server: expected ADDR:PORT such as 127.0.0.1:5353 or [::1]:5353, "
-     "got '[::1]'"),
+    (["--server", "[::1]"], "--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5353, "
+     "[::1]:5353 or localhost:5353, got '[::1]'"),
     (["--server", "127.0.0.1:53", "--port", "70000"],
      "--port: expected a port from 1 to 65535, got 70000"),
     (["--server", "127.0.0.1:53", "--timeout", "-1"],
@@ -216,3 +219,18 @@ command = "{DEMO}"
         finally:
             os.close(w)
         assert (closed.returncode, closed.stderr) == (EXIT_BROKEN_PIPE, b"")
+
+
+def test_every_command_and_option_has_help_text() -> None:
+    import argparse
+
+    from jitlaunch.cli import build_parser
+
+    parser = build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert subs
+    helped = {c.dest: c.help for c in subs[0]._choices_actions}
+    for name, command in subs[0].choices.items():
+        assert helped.get(name), f"{name} has no help"
+        for action in command._actions:
+            assert action.help, f"jitlaunch {name} {'/'.join(action.option_strings) or action.dest}"
