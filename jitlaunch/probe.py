@@ -59,8 +59,8 @@ def split_server(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[ADDR]:PORT`` for an IPv6 address) into an address and a port; a host
     name is looked up (the system's resolver, the first address). ProbeInputError for
     anything that is not of that form, ProbeError for a name that does not resolve."""
-    expected = (f"--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5353, [::1]:5353 "
-                f"or localhost:5353, got {text!r}")
+    expected = (f"--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5300, [::1]:5300 "
+                f"or localhost:5300, got {text!r}")
     host, sep, port = text.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) \
             or not 0 < int(port) < 65536:

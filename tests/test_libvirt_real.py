@@ -110,7 +110,7 @@ async def test_conf_libvirt_toml_serves(
     state: Path, block: str, libvirtd: PrivateLibvirtd
 ) -> None:
     text = (ROOT / "conf" / "libvirt.toml").read_text()
-    text = text.replace("127.0.0.1:5353", "127.0.0.1:0").replace("127.77.0.", f"{block}.")
+    text = text.replace("127.0.0.1:5300", "127.0.0.1:0").replace("127.77.0.", f"{block}.")
     assert 'uri = "qemu:///system"' in text
     text = text.replace('uri = "qemu:///system"', f'uri = "{libvirtd.uri}"')
     text = f'[daemon]\nstate_dir = "{state}"\n[metrics]\nlisten = ["127.0.0.1:0"]\n' + text

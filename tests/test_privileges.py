@@ -394,7 +394,7 @@ async def test_qemu_as_its_user_with_bridge_networking(
         with trio.fail_after(40):
             while True:
                 res = await trio.run_process(
-                    [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                    [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
                      "hello.jit.test", "A"], capture_stdout=True, check=False)
                 addr = res.stdout.decode().strip()
                 if addr.startswith("10.77.0."):

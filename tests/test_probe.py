@@ -47,8 +47,8 @@ def test_split_server() -> None:
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--server", "[::1]"], "--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5353, "
-     "[::1]:5353 or localhost:5353, got '[::1]'"),
+    (["--server", "[::1]"], "--server: expected ADDR:PORT or HOST:PORT such as 127.0.0.1:5300, "
+     "[::1]:5300 or localhost:5300, got '[::1]'"),
     (["--server", "127.0.0.1:53", "--port", "70000"],
      "--port: expected a port from 1 to 65535, got 70000"),
     (["--server", "127.0.0.1:53", "--timeout", "-1"],

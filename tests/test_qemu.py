@@ -75,7 +75,7 @@ def server(d) -> tuple[str, int]:  # type: ignore[no-untyped-def]
 
 async def test_default_config_boots_the_unikernel_on_lookup(state: Path, block: str) -> None:
     text = (ROOT / "conf" / "default.toml").read_text()
-    text = text.replace("127.0.0.1:5353", "127.0.0.1:0").replace("127.77.0.", f"{block}.")
+    text = text.replace("127.0.0.1:5300", "127.0.0.1:0").replace("127.77.0.", f"{block}.")
     text = text.replace("[daemon]", f'[daemon]\nstate_dir = "{state}"')
     cfg = load(text, str(ROOT / "conf" / "default.toml"))
     async with running(cfg) as d:
@@ -296,7 +296,7 @@ async def test_bridge_mode_hands_over_inside_a_namespace(state: Path) -> None:
 
         async def ask() -> str:
             res = await trio.run_process(
-                [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
                  "hello.jit.test", "A"], capture_stdout=True, check=False)
             lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
             return "\n".join(lines).strip()  # empty while the daemon is not up yet

@@ -116,7 +116,7 @@ def _glue_table(t: Table, ns_names: list[str]) -> tuple[tuple[str, tuple[str, ..
 
 def _parse_dns(root: Table) -> DnsConfig:
     t = root.sub("dns")
-    listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5353"], what=_ENDPOINTS))
+    listen = tuple(endpoint(t, "listen", v) for v in t.strings("listen", ["127.0.0.1:5300"], what=_ENDPOINTS))
     if not listen:
         raise t.error("listen", "expected at least one ADDRESS:PORT")
     zone_names = [dns_name(t, "zones", z) for z in t.strings("zones", what="zone names")]

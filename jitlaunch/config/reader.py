@@ -195,7 +195,7 @@ def endpoint(table: Table, key: str, value: str) -> Endpoint:
     m = re.match(r"^\[([0-9a-fA-F:.]+)\]:([0-9]+)$", value) or re.match(
         r"^([0-9.]+):([0-9]+)$", value
     )
-    expected = f"expected ADDRESS:PORT such as '127.0.0.1:5353' or '[::1]:5353', got {value!r}"
+    expected = f"expected ADDRESS:PORT such as '127.0.0.1:5300' or '[::1]:5300', got {value!r}"
     if not m:
         raise table.error(key, expected)
     try:
