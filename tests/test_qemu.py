@@ -304,7 +304,7 @@ async def test_bridge_mode_hands_over_inside_a_namespace(state: Path) -> None:
         async def probe() -> str:
             res = await trio.run_process(
                 [*inside, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
-                 "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+                 "127.0.0.1:5300", "--port", "80"], capture_stdout=True, capture_stderr=True,
                 check=False)
             assert res.returncode == 0, res.stderr.decode()
             return res.stdout.decode()

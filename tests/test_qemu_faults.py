@@ -335,7 +335,7 @@ async def test_bridge_pool_refill_keeps_the_handed_out_address(
 
         async def ask() -> str:
             res = await trio.run_process(
-                [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
                  "hello.jit.test", "A"], capture_stdout=True, check=False)
             lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
             return "\n".join(lines).strip()
