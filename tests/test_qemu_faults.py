@@ -459,7 +459,7 @@ async def test_bridge_ready_tcp_boots(state: Path, netns: list[str]) -> None:
         await wait_until(lambda: b"serving" in daemon_log.read_bytes(), timeout=30)
         res = await trio.run_process(
             [*netns, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
-             "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+             "127.0.0.1:5300", "--port", "80"], capture_stdout=True, capture_stderr=True,
             check=False)
         assert res.returncode == 0, res.stderr.decode() + daemon_log.read_text()
         assert b"HTTP/1.1 200 OK" in res.stdout
