@@ -379,7 +379,7 @@ class Containers:
                         "this run's cgroups): %s", path, exc.strerror or exc)
 
 
-def _cgroup_problem(parent: Path | None) -> str | None:
+def cgroup_problem(parent: Path | None) -> str | None:
     if parent is None:
         return "no cgroup2 hierarchy is mounted where this process is"
     if not os.access(parent, os.W_OK) or not os.access(parent / "cgroup.procs", os.W_OK):
@@ -387,7 +387,7 @@ def _cgroup_problem(parent: Path | None) -> str | None:
     return None
 
 
-def _pidns_problem() -> tuple[str | None, str | None]:
+def pidns_problem() -> tuple[str | None, str | None]:
     """(unshare's path, None) if a PID namespace can be made here, else (None, why not)."""
     unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if unshare is None:
@@ -408,18 +408,18 @@ def open_containers(state_dir: Path, kind: str | None = None) -> Containers:
     """Blocking: choose how instances of ``state_dir`` are contained (``kind`` forces one:
     the tests) and log it once."""
     parent = own_cgroup()
-    cgroup_problem = _cgroup_problem(parent)
-    if kind in (None, CGROUP) and cgroup_problem is None:
+    no_cgroup = cgroup_problem(parent)
+    if kind in (None, CGROUP) and no_cgroup is None:
         log.info("process instances run each in a cgroup of its own below %s", parent)
         return Containers(state_dir, CGROUP, parent)
-    unshare, pidns_problem = (None, "not asked for") if kind == PGROUP else _pidns_problem()
+    unshare, no_pidns = (None, "not asked for") if kind == PGROUP else pidns_problem()
     if kind in (None, PIDNS) and unshare is not None:
         log.info("process instances run each in a PID namespace of its own (%s)",
-                 cgroup_problem or "as asked")
-        return Containers(state_dir, PIDNS, parent if cgroup_problem is None else None,
+                 no_cgroup or "as asked")
+        return Containers(state_dir, PIDNS, parent if no_cgroup is None else None,
                           unshare)
     if kind is None:
         log.warning("process instances run in a process group only: a process that leaves "
-                    "it (setsid) outlives its instance's stop (%s; %s)", cgroup_problem,
-                    pidns_problem)
-    return Containers(state_dir, PGROUP, parent if cgroup_problem is None else None)
+                    "it (setsid) outlives its instance's stop (%s; %s)", no_cgroup,
+                    no_pidns)
+    return Containers(state_dir, PGROUP, parent if no_cgroup is None else None)
