@@ -291,11 +291,11 @@ async def test_a_daemon_ends_nothing_of_a_daemon_on_another_state_directory(
         victims = [inst.handle.pid, *_sleepers(tag)]
         assert len(victims) == 2
         groups = _cgroups_of(their_state)
-        assert len(groups) == (1 if CGROUPS else 0)
         async with running(load(config_text(my_state, _service(f"{block}.2", DEMO)))) as me:
             await _ask(_server(me))
             assert all(alive(p) for p in victims)
         assert all(alive(p) for p in victims)
+        assert len(groups) == (1 if CGROUPS else 0)
         assert _cgroups_of(their_state) == groups
         assert _cgroups_of(my_state) == []
 
