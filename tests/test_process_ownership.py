@@ -351,3 +351,25 @@ async def test_in_a_pid_namespace_a_stop_ends_every_descendant(
             assert _sleepers(tag) == []
         finally:
             daemon.stop()
+
+
+async def test_the_daemons_environment_does_not_reach_qemu(
+    tmp_path: Path, block: str, cleanup: Cleanup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_qemu import KERNEL, qemus, service
+
+    if not KERNEL.exists():
+        pytest.skip(f"needs the unikernel ({KERNEL}: make -C images)")
+    monkeypatch.setenv("SECRET_TOKEN", "s3cr3t-of-the-daemon")
+    state = cleanup.state(tmp_path)
+    try:
+        async with running(load(config_text(state, service(f"{block}.1",
+                                                           'answer = "wait"')))) as d:
+            await _ask(_server(d), "uk")
+            (pid,) = qemus(state)
+            environ = _read(Path(f"/proc/{pid}/environ")).split("\0")
+            assert "SECRET_TOKEN" not in {v.split("=", 1)[0] for v in environ}
+            assert f"PATH={DEFAULT_PATH}" in environ
+    finally:
+        for pid in qemus(state):
+            os.kill(pid, signal.SIGKILL)

@@ -21,6 +21,7 @@ from ...errors import BootFailed
 from ...identity import resolve
 from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
 from ..bridge import Lease
+from ..childenv import child_environment
 from ..pool import WarmPools
 from .argv import build_argv, tap_netdev, user_netdev
 from .handle import RESUME_TIMEOUT, QemuHandle
@@ -368,6 +369,7 @@ class QemuBackend(Backend):
                 proc = await trio.lowlevel.open_process(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, start_new_session=True,
+                    env=child_environment(),  # never the daemon's (its secrets)
                 )
             except OSError as exc:
                 logfile.close()
