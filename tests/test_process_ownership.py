@@ -373,3 +373,56 @@ async def test_the_daemons_environment_does_not_reach_qemu(
     finally:
         for pid in qemus(state):
             os.kill(pid, signal.SIGKILL)
+
+
+TAPS = """
+import ipaddress, sys, trio
+from jitlaunch.backends import bridge
+
+async def main():
+    subnet = ipaddress.IPv4Network("10.78.0.0/24")
+    for owner in sys.argv[1:]:
+        print((await bridge.attach("jl0", subnet, owner)).tap)
+
+trio.run(main)
+"""
+
+
+def test_the_tap_sweep_removes_only_taps_of_its_own_identity(tmp_path: Path) -> None:
+    """Taps carry their daemon's state directory identity: the sweep at start removes an
+    earlier run's of its own, never another daemon's (live or gone), and still removes a
+    tap without an identity (an older version's) whose daemon is gone."""
+    import shutil
+    import subprocess
+
+    from .conftest import ROOT
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    inside = ["ip", "netns", "exec", ns]
+
+    def links() -> list[str]:
+        out = subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+        return [line.split()[0].split("@")[0] for line in out.splitlines()]
+
+    try:
+        mine, theirs = state_id(tmp_path / "jl"), state_id(tmp_path / "jl:b")
+        made = subprocess.run([*inside, PYTHON, "-c", TAPS, mine, theirs], capture_output=True,
+                              text=True, timeout=60, cwd=ROOT)
+        assert made.returncode == 0, made.stderr
+        my_tap, their_tap = made.stdout.split()
+        old_tap = "jlt00000100001"  # an older version's, its daemon (pid 1) not jitlaunch
+        subprocess.run([*inside, "ip", "tuntap", "add", old_tap, "mode", "tap"], check=True,
+                       timeout=10)
+        sweep = subprocess.run(
+            [*inside, PYTHON, "-c", "import sys; from jitlaunch.backends import bridge; "
+             "print(' '.join(sorted(bridge.remove_leftover_taps(sys.argv[1]))))", mine],
+            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert sweep.returncode == 0, sweep.stderr
+        assert sweep.stdout.split() == sorted([my_tap, old_tap])
+        assert their_tap in links() and my_tap not in links()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
