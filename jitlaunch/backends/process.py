@@ -314,13 +314,16 @@ class ProcessBackend(Backend):
         env.update(settings.environment)
         env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
         who = f" as user {settings.user}" if settings.user is not None else ""
-        assert self.containers is not None, "start() before run()"
+        what = f"run {argv[0]!r}{who}"
         box: Container | None = None
+        assert self.containers is not None, "start() before run()"
         try:
             if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
-                # The container's shell would say so only in the log.
+                # Run through the container's shell, it would say so only in the log.
                 raise FileNotFoundError(errno.ENOENT, f"not found in PATH ({env['PATH']})")
+            what = f"make its {self.containers.kind}"
             box = self.containers.open(service.name, number)
+            what = f"run {argv[0]!r}{who}"
             process = await trio.lowlevel.open_process(
                 box.command(argv),
                 stdin=box.stdin,
@@ -335,14 +338,15 @@ class ProcessBackend(Backend):
             logfile.close()
             release()
             if box is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError), trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(box.remove)
-            raise BootFailed(f"cannot run {argv[0]!r}{who}: {exc.strerror or exc}") from exc
+            raise BootFailed(f"cannot {what}: {exc.strerror or exc}") from exc
         try:
             box.started(process.pid)
         except OSError as exc:
             handle = ProcessHandle(process, host, port_map, routable, logfile, release, box)
-            await handle.stop("destroy", 0)
+            with trio.CancelScope(shield=True):
+                await handle.stop("destroy", 0)
             raise BootFailed(f"cannot put {argv[0]!r} into its {box.kind}: "
                              f"{exc.strerror or exc}") from exc
         return ProcessHandle(process, host, port_map, routable, logfile, release, box)
