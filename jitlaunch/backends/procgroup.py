@@ -13,7 +13,10 @@ One way per daemon, the first the host allows, chosen at start and logged once:
   ``rmdir``. The parent directory is written to ``<state_dir>/cgroup``, so a daemon started
   after one that was killed outright finds the cgroups of its own state directory's
   identity (compared whole: :func:`~jitlaunch.backends.owner.state_id`) and removes them,
-  and never anyone else's.
+  and never anyone else's. The daemon itself stays in its cgroup, which then has both
+  processes and children: cgroup2 allows that as long as no controller is enabled in its
+  ``cgroup.subtree_control`` (the daemon enables none; with one enabled there, the daemon
+  could not be in it at all).
 * ``pid namespace``: ``unshare --pid --fork --kill-child`` runs a small shell as the init of
   a new PID namespace; it passes SIGTERM on to every process in the namespace and exits
   with the command's status. When the init goes (or ``unshare``, which takes it along), the
