@@ -426,3 +426,19 @@ def test_the_tap_sweep_removes_only_taps_of_its_own_identity(tmp_path: Path) -> 
         assert their_tap in links() and my_tap not in links()
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+async def test_a_command_not_found_fails_its_boot_saying_so(
+    tmp_path: Path, block: str, cleanup: Cleanup
+) -> None:
+    """The command runs through its container's shell, yet a missing program is still a
+    boot failure that names it, and leaves no container behind."""
+    state = cleanup.state(tmp_path)
+    async with running(load(config_text(state, _service(f"{block}.1",
+                                                        "no-such-program-jl {port}")))) as d:
+        reply = await query_udp(_server(d), "svc.jit.test")
+        assert reply.header.rcode == RCODE.SERVFAIL
+        error = d.supervisor.services["svc"].last_error
+        assert error is not None
+        assert f"cannot run 'no-such-program-jl': not found in PATH ({DEFAULT_PATH})" in error
+        assert _cgroups_of(state) == []
