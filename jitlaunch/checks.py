@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .backends.childenv import DEFAULT_PATH
 from .config import Config, ServiceConfig
 from .identity import Identity, UnknownIdentity, enter_problem, execute_problem, resolve
 
@@ -126,7 +127,7 @@ def _process(svc: ServiceConfig, root: bool) -> list[Finding]:
     program = word.format(python=sys.executable)
     if "/" not in program:
         env = dict(settings.environment)
-        search = env.get("PATH", os.environ.get("PATH", os.defpath))
+        search = env.get("PATH", DEFAULT_PATH)  # an instance's, never the daemon's
         found = shutil.which(program, path=search)
         if found is None:
             out.append(Finding(True, f"{program!r} is not found in PATH ({search})", svc.name,

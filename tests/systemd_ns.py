@@ -272,15 +272,18 @@ class SystemdNamespace:
             time.sleep(0.05)
 
     def cgroup_pids(self, unit: str) -> list[int]:
-        """Host pids of the processes in a unit's cgroup (empty when it has none)."""
+        """Host pids of the processes in a unit's cgroup and the cgroups below it (a unit
+        with Delegate= makes its own), empty when it has none."""
         group = self.show(unit, "ControlGroup")
         if not group:
             return []
-        try:
-            text = (UNIFIED / self.cgroup / group.lstrip("/") / "cgroup.procs").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(p) for p in text.split()]
+        pids = []
+        for top, _, _ in os.walk(UNIFIED / self.cgroup / group.lstrip("/")):
+            try:
+                pids += [int(p) for p in (Path(top) / "cgroup.procs").read_text().split()]
+            except FileNotFoundError:
+                continue
+        return pids
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from jitlaunch import checks
+from jitlaunch.backends.childenv import DEFAULT_PATH
 from jitlaunch.checks import Finding, host_findings
 
 from .conftest import ROOT, fresh_block, parse_config
@@ -77,7 +78,7 @@ def test_process_binaries(tmp_path: Path) -> None:
         (True, "missing", "process.command", "/nonexistent/bin/x does not exist"),
         (True, "notexec", "process.command", f"{script} is not an executable file"),
         (True, "nopath", "process.command",
-         f"'no-such-program-jl' is not found in PATH ({os.environ.get('PATH', os.defpath)})"),
+         f"'no-such-program-jl' is not found in PATH ({DEFAULT_PATH})"),
         (True, "nodir", "process.directory", f"{tmp_path}/none is not a directory"),
     ]
     # The service's own PATH is the one its command is looked up in.

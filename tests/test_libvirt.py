@@ -283,14 +283,19 @@ async def test_leftovers_of_ours_are_destroyed_and_nobody_elses(
     conn = libvirt.open(TEST_URI)
     try:
         xml = conn.lookupByName(mine.name).XMLDesc()
-        for name in (f"{b.prefix}hello-1-99", "someone-else", f"jl-{'0' * 8}-hello-1-1"):
+        # Not ours: another state directory's (one whose path starts like ours too), and
+        # a name that merely starts with our identity.
+        others = ("someone-else", f"jl-{'0' * 8}-hello-1-1",
+                  f"jl-{state_id(Path(f'{tmp_path}/state:b'))}-hello-1-1",
+                  f"{b.prefix[:-1]}0-hello-1-1")
+        for name in (f"{b.prefix}hello-1-99", *others):
             conn.createXML(xml.replace(mine.name, name).replace(
                 "<uuid>", "<!--").replace("</uuid>", "-->"), 0)
         assert await b.clean_leftovers(b.connection(TEST_URI)) == [f"{b.prefix}hello-1-99"]
         names = domain_names()
         assert mine.name in names  # a live instance of ours is not a leftover
-        assert {"someone-else", f"jl-{'0' * 8}-hello-1-1"} <= names
-        for name in ("someone-else", f"jl-{'0' * 8}-hello-1-1"):
+        assert set(others) <= names
+        for name in others:
             conn.lookupByName(name).destroy()
     finally:
         conn.close()

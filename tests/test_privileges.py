@@ -41,7 +41,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs 
 #: A command the unprivileged user can run: the daemon's interpreter may live where it may not
 #: (a pyenv under /root), the system's is readable by all.
 SYSTEM_PYTHON = "/usr/bin/python3"
-SERVE = f"{SYSTEM_PYTHON} -m http.server --bind {{address}} {{port}}"
+SERVE = f"{SYSTEM_PYTHON} -u -m http.server --bind {{address}} {{port}}"
 
 
 def _nobody() -> pwd.struct_passwd:

@@ -286,7 +286,7 @@ async def main():
     leases = []
 
     async def one():
-        leases.append(await bridge.attach("jl0", subnet))
+        leases.append(await bridge.attach("jl0", subnet, "0badcafe"))
 
     async with trio.open_nursery() as n:
         for _ in range(4):

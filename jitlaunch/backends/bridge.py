@@ -2,8 +2,10 @@
 
 The bridge (created if absent, its address the subnet's first host, which instances use as
 their gateway) stays; each instance gets a tap named ``jlt<hex>`` attached to it and the next
-free address of the subnet. Taps are removed when their instance is released and, at daemon
-start, any ``jlt*`` tap left by an earlier run (:func:`remove_leftover_taps`). Where someone
+free address of the subnet. Each tap carries its daemon's state directory identity in its
+alias (``jitlaunch <state id>``). Taps are removed when their instance is released and, at
+daemon start, every tap of that identity an earlier run left (:func:`remove_leftover_taps`),
+never one of another state directory's daemon, live or not. Where someone
 else makes the tap (libvirt, for ``<interface type='bridge'>``), :func:`reserve_address` gives
 an address and makes the bridge, without a tap. Needs root or CAP_NET_ADMIN; netlink calls
 are blocking, so they run in a worker thread.
@@ -29,6 +31,8 @@ from ..errors import BootFailed
 log = logging.getLogger("jitlaunch.net")
 
 TAP_PREFIX = "jlt"
+#: A tap's alias (IFLA_IFALIAS) is this and its daemon's state directory identity.
+ALIAS = "jitlaunch"
 _in_use: dict[str, set[str]] = {}
 _taps = itertools.count(1)
 
@@ -166,12 +170,13 @@ def _reserve(bridge: str, subnet: ipaddress.IPv4Network) -> tuple[str, str]:
     return gateway, ip
 
 
-def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str) -> None:
+def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str, owner: str) -> None:
     try:
         with _ipr() as ipr:
             bridge_index = _ensure_bridge(ipr, bridge, subnet)
             ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
             tap_index = ipr.link_lookup(ifname=tap)[0]
+            ipr.link("set", index=tap_index, ifalias=f"{ALIAS} {owner}")
             ipr.link("set", index=tap_index, master=bridge_index, state="up")
     except BootFailed:
         raise
@@ -183,15 +188,16 @@ def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str) -> None:
         raise BootFailed(f"cannot attach a tap to bridge {bridge}: {exc}") from exc
 
 
-async def attach(bridge: str, subnet: ipaddress.IPv4Network) -> Lease:
-    """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address.
-    The address is reserved before any blocking call and freed again if the tap cannot be
-    made; BootFailed says why."""
+async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str) -> Lease:
+    """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address; the
+    tap's alias names ``owner``, the daemon's state directory identity
+    (:func:`~jitlaunch.backends.owner.state_id`). The address is reserved before any
+    blocking call and freed again if the tap cannot be made; BootFailed says why."""
     gateway, ip = _reserve(bridge, subnet)
     # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
     tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
     try:
-        await trio.to_thread.run_sync(_add_tap, bridge, subnet, tap)
+        await trio.to_thread.run_sync(_add_tap, bridge, subnet, tap, owner)
     except BaseException:
         _in_use[bridge].discard(ip)
         raise
@@ -232,13 +238,19 @@ def _owner_alive(name: str) -> bool:
         return False
 
 
-def remove_leftover_taps() -> list[str]:
-    """Delete ``jlt*`` taps whose creating daemon is gone (an earlier run of ours)."""
+def remove_leftover_taps(owner: str) -> list[str]:
+    """Delete the ``jlt*`` taps of state directory identity ``owner`` (the alias, compared
+    whole), which an earlier run left: call it before this run makes any. A tap without an
+    alias (made before taps had one) goes if the daemon that made it is gone; one with
+    another identity never does."""
     removed = []
     with _ipr() as ipr:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME") or ""
-            if name.startswith(TAP_PREFIX) and len(name) == 14 and not _owner_alive(name):
+            if not name.startswith(TAP_PREFIX) or len(name) != 14:
+                continue
+            alias = link.get_attr("IFLA_IFALIAS")
+            if alias == f"{ALIAS} {owner}" or (not alias and not _owner_alive(name)):
                 ipr.link("del", index=link["index"])
                 removed.append(name)
     return removed

@@ -3,13 +3,16 @@
 The template is split like a shell would (no shell runs) and each word is formatted with
 ``{address}``, ``{port}``, ``{name}``, ``{instance}`` and ``{python}`` (this interpreter). The
 child runs in its own session and process group, with its output appended to a per-service
-log file in the state directory (the previous instance's log is kept as ``.log.1``). It is
-stopped with SIGTERM to the whole group, then SIGKILL after the grace period.
+log file in the state directory (the previous instance's log is kept as ``.log.1``), in a
+container of its own that the kernel keeps track of (a cgroup, else a PID namespace:
+:mod:`.procgroup`). It is stopped with SIGTERM to every process in it, then SIGKILL to all
+after the grace period. Its environment is a fresh one (:mod:`.childenv`), never the daemon's.
 
-Leftovers: every child gets ``JITLAUNCH_INSTANCE=<state dir>:<service>#<n>`` in its
-environment, and its own children inherit it. A daemon that was killed outright cannot stop
-them, so at start the backend kills every process whose environment carries its state
-directory's marker: it can prove they are its own, and a daemon owns its state directory.
+Leftovers: a daemon that was killed outright cannot stop its instances. At start the
+backend removes the cgroups named with its state directory's identity, and kills every
+process whose environment carries ``JITLAUNCH_INSTANCE=<state dir>:<service>#<n>`` with
+exactly its state directory (every child gets it, and its own children inherit it): it can
+prove they are its own, and a daemon owns its state directory.
 
 Addresses: with ``subnet`` set (for example ``127.77.1.0/24``), each instance gets a free
 address of its own in it and listens on the service's own ports there, so DNS can hand that
@@ -19,10 +22,13 @@ connects to, and clients always go through the front address.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import logging
 import os
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -35,7 +41,7 @@ import trio
 
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
-from ..identity import USER_VARS, Identity, enter_problem, parse_user_group, resolve
+from ..identity import Identity, enter_problem, parse_user_group, resolve
 from .base import (
     Backend,
     Handle,
@@ -46,14 +52,12 @@ from .base import (
     process_state,
     wait_gone,
 )
+from .childenv import child_environment
+from .procgroup import Container, Containers, open_containers
 
 log = logging.getLogger(__name__)
 
 STOP_MODES = ("destroy", "shutdown")
-#: Variables systemd gives the daemon (sd_notify(3), the watchdog, sd_listen_fds(3)) that a
-#: process instance must not inherit: they name the daemon's channel to its manager.
-SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
-                "LISTEN_FDNAMES")
 
 MARKER = "JITLAUNCH_INSTANCE"
 PLACEHOLDERS = ("address", "port", "name", "instance", "python")
@@ -142,8 +146,10 @@ class ProcessHandle(Handle):
         routable: bool,
         logfile: IO[bytes],
         release: Any,
+        box: Container,
     ) -> None:
         self.process = process
+        self.box = box
         self.pid = self.pgid = process.pid
         self.host = host
         self.port_map = port_map
@@ -187,39 +193,56 @@ class ProcessHandle(Handle):
                 self._signal(signal.SIGTERM)
                 with trio.move_on_after(grace):
                     await self.process.wait()
-            # Kill the whole group even if the leader is gone: it may have left children.
-            self._signal(signal.SIGKILL)
+            # Kill all of it even if the leader is gone: it may have left children.
+            self.box.kill()
             await self.process.wait()
         finally:
-            self._logfile.close()
-            self._release()
+            try:
+                await trio.to_thread.run_sync(self.box.remove)
+            except OSError as exc:
+                log.warning("%s: cannot remove its container %s: %s", self.process.pid,
+                            self.box, exc.strerror or exc)
+            finally:
+                self._logfile.close()
+                self._release()
         return False
 
     def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
+        self.box.signal(sig)
 
 
 class ProcessBackend(Backend):
     name = "process"
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
         self.marker = f"{MARKER}={state_dir.resolve()}:"
         self._in_use: set[str] = set()
+        #: How instances are contained (chosen in :meth:`run`); a test may set it first.
+        self.containers: Containers | None = None
+        #: HOME, USER, LOGNAME of the daemon's own user, for instances without ``user``.
+        self._own_env: dict[str, str] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.containers is None:
+            self.containers = await trio.to_thread.run_sync(open_containers, self.state_dir)
+        for path in await trio.to_thread.run_sync(self.containers.sweep):
+            log.warning("removed cgroup %s left over from an earlier run", path)
         for pid in await trio.to_thread.run_sync(self._kill_leftovers):
             log.warning("killed process %d left over from an earlier run", pid)
+        with contextlib.suppress(BootFailed):
+            self._own_env = (await trio.to_thread.run_sync(resolve, os.geteuid())).environment()
         task_status.started()
         await trio.sleep_forever()
 
     def _kill_leftovers(self) -> list[int]:
-        """SIGKILL every process carrying our marker (none of ours is running yet); wait,
-        bounded, until they are gone, since they may still hold addresses and ports."""
-        marker = self.marker.encode()
+        """SIGKILL every process carrying our marker (none of ours is running yet): one
+        whose state directory is exactly ours, never one that merely starts like it (the
+        marker of ``<dir>:b`` begins with ``<dir>:``). Wait, bounded, until they are gone,
+        since they may still hold addresses and ports."""
+        prefix = f"{MARKER}=".encode()
+        ours = self.marker[len(prefix):-1].encode()
         killed = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
@@ -229,7 +252,9 @@ class ProcessBackend(Backend):
                     env = f.read().split(b"\0")
             except OSError:  # gone, or not ours to read
                 continue
-            if any(var.startswith(marker) for var in env):
+            # <state dir>:<service>#<n>, and a service name has no ':'.
+            if any(var.startswith(prefix) and var[len(prefix):].rpartition(b":")[0] == ours
+                   for var in env):
                 try:
                     os.kill(int(entry), signal.SIGKILL)
                 except ProcessLookupError:
@@ -251,7 +276,7 @@ class ProcessBackend(Backend):
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         settings: ProcessSettings = service.settings
         drop: dict[str, Any] = {}
-        user_env: dict[str, str] = {}
+        user_env = self._own_env
         if settings.user is not None:
             # The user database and the directory's permissions are read in a thread (NSS may
             # ask a network service).
@@ -283,19 +308,25 @@ class ProcessBackend(Backend):
         except OSError as exc:
             release()
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
-        env = dict(os.environ)
-        for var in SYSTEMD_VARS:  # the daemon's systemd channel is not the instance's
-            env.pop(var, None)
-        if settings.user is not None:
-            for var in USER_VARS:  # the daemon's (root's HOME) are not the user's
-                env.pop(var, None)
+        # Never the daemon's environment (its secrets, its systemd channel, its HOME).
+        env = child_environment()
         env.update(user_env)
         env.update(settings.environment)
         env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
+        who = f" as user {settings.user}" if settings.user is not None else ""
+        what = f"run {argv[0]!r}{who}"
+        box: Container | None = None
+        assert self.containers is not None, "start() before run()"
         try:
+            if "/" not in argv[0] and shutil.which(argv[0], path=env["PATH"]) is None:
+                # Run through the container's shell, it would say so only in the log.
+                raise FileNotFoundError(errno.ENOENT, f"not found in PATH ({env['PATH']})")
+            what = f"make its {self.containers.kind}"
+            box = self.containers.open(service.name, number)
+            what = f"run {argv[0]!r}{who}"
             process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
+                box.command(argv),
+                stdin=box.stdin,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -306,6 +337,16 @@ class ProcessBackend(Backend):
         except OSError as exc:
             logfile.close()
             release()
-            who = f" as user {settings.user}" if settings.user is not None else ""
-            raise BootFailed(f"cannot run {argv[0]!r}{who}: {exc.strerror or exc}") from exc
-        return ProcessHandle(process, host, port_map, routable, logfile, release)
+            if box is not None:
+                with contextlib.suppress(OSError), trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(box.remove)
+            raise BootFailed(f"cannot {what}: {exc.strerror or exc}") from exc
+        try:
+            box.started(process.pid)
+        except OSError as exc:
+            handle = ProcessHandle(process, host, port_map, routable, logfile, release, box)
+            with trio.CancelScope(shield=True):
+                await handle.stop("destroy", 0)
+            raise BootFailed(f"cannot put {argv[0]!r} into its {box.kind}: "
+                             f"{exc.strerror or exc}") from exc
+        return ProcessHandle(process, host, port_map, routable, logfile, release, box)

@@ -25,7 +25,6 @@ for good (not while it is paused or saved: the guest keeps its address).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ from ...errors import BootFailed
 from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
 from ..bridge import Address, reserve_address
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
+from ..owner import state_id
 from ..pool import WarmPools
 from ..qemu.settings import USER_GATEWAY, USER_IP, USER_PREFIX, instance_mac, kvm_usable
 from .conn import ERR_NO_DOMAIN, ERR_OPERATION_INVALID, Connection, error_code, import_libvirt
@@ -63,11 +63,6 @@ START_PAUSED, RESTORE_PAUSED = 1, 4
 #: QEMU could not bind a host forward's port (taken since free_port() chose it).
 _HOSTFWD_TAKEN = "host forwarding"
 HOSTFWD_ATTEMPTS = 3
-
-
-def state_id(state_dir: Path) -> str:
-    """Identifies a state directory in our domains' names (8 hex digits)."""
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
 
 
 class LibvirtHandle(Handle):

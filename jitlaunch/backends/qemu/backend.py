@@ -21,6 +21,8 @@ from ...errors import BootFailed
 from ...identity import resolve
 from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
 from ..bridge import Lease
+from ..childenv import child_environment
+from ..owner import state_id
 from ..pool import WarmPools
 from .argv import build_argv, tap_netdev, user_netdev
 from .handle import RESUME_TIMEOUT, QemuHandle
@@ -120,7 +122,8 @@ class QemuBackend(Backend):
             from ..bridge import remove_leftover_taps
 
             try:
-                for tap in await trio.to_thread.run_sync(remove_leftover_taps):
+                for tap in await trio.to_thread.run_sync(remove_leftover_taps,
+                                                         state_id(self.state_dir)):
                     log.warning("removed tap %s left over from an earlier run", tap)
             except Exception as exc:
                 log.warning("cannot look for leftover taps: %s", exc)
@@ -325,7 +328,7 @@ class QemuBackend(Backend):
         else:
             from ..bridge import attach
 
-            lease = await attach(settings.bridge, settings.subnet)
+            lease = await attach(settings.bridge, settings.subnet, state_id(self.state_dir))
             release_net.append(lease)
             ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
             address = lease.ip
@@ -368,6 +371,7 @@ class QemuBackend(Backend):
                 proc = await trio.lowlevel.open_process(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, start_new_session=True,
+                    env=child_environment(),  # never the daemon's (its secrets)
                 )
             except OSError as exc:
                 logfile.close()
