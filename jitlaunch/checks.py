@@ -20,6 +20,7 @@ and then:
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import ipaddress
 import os
@@ -78,8 +79,36 @@ def host_findings(config: Config, *, ports: bool = True) -> list[Finding]:
         elif svc.backend == "libvirt":
             out += _libvirt(svc)
     if ports:
-        out += _ports(config, root)
+        running = running_daemon(config.daemon.state_dir)
+        if running is None:
+            out += _ports(config, root)
+        else:
+            out.append(Finding(False, f"a jitlaunch daemon{running} runs on the state directory "
+                               f"{config.daemon.state_dir} and holds its addresses: the ports "
+                               "are not checked"))
     return sorted(out, key=lambda f: not f.error)
+
+
+def running_daemon(state_dir: Path) -> str | None:
+    """`` (pid N)`` (or ``""`` when the pid cannot be read) when a daemon holds the state
+    directory's lock (see daemon.lock_state_dir), else None. Opens nothing it would create
+    and follows no symbolic link."""
+    try:
+        fd = os.open(state_dir / "jitlaunch.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        try:
+            return f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+        except (OSError, ValueError):
+            return ""
+    finally:
+        os.close(fd)
+    return None
 
 
 def _identity(svc: ServiceConfig, settings: Any, section: str) -> tuple[Identity | None,

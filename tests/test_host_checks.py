@@ -354,3 +354,28 @@ def test_a_closed_stdout_ends_the_cli_quietly() -> None:
     finally:
         os.close(w)
     assert (res.returncode, res.stderr) == (141, b"")
+
+
+async def test_check_while_the_daemon_runs_says_so_once(tmp_path: Path, block: str) -> None:
+    """`jitlaunch check` of the config a daemon is running: one warning that the daemon holds
+    its addresses, not one "in use" per socket."""
+    from .conftest import DEMO, config_text, load, running
+
+    text = config_text(tmp_path / "state", f"""
+[[service]]
+name = "py"
+front = ["{block}.1"]
+ports = [8080, 8081]
+[service.process]
+command = "{DEMO}"
+user = "root"
+""").replace('listen = ["127.0.0.1:0"]\nzones', f'listen = ["{block}.53:5300"]\nzones')
+    assert f"{block}.53:5300" in text
+    config = load(text)
+    async with running(config):
+        found = host_findings(config)
+    held = [f for f in found if "holds its addresses" in f.text(None)]
+    assert len(held) == 1 and not held[0].error
+    assert f"(pid {os.getpid()})" in held[0].text(None)
+    assert not [f for f in found if "cannot bind" in f.text(None)]
+    assert not [f for f in host_findings(config) if "holds its addresses" in f.text(None)]
