@@ -84,7 +84,7 @@ async def probe(inside: list[str], log: Path) -> None:
     """A lookup and a GET through the namespace's DNS and bridge: HTTP 200."""
     res = await trio.run_process(
         [*inside, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
-         "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True, check=False)
+         "127.0.0.1:5300", "--port", "80"], capture_stdout=True, capture_stderr=True, check=False)
     if res.returncode != 0:
         raise AssertionError(res.stderr.decode() + await trio.Path(log).read_text())
     assert b"HTTP/1.1 200 OK" in res.stdout

@@ -160,9 +160,9 @@ def _parse_dns(root: Table) -> DnsConfig:
         zones=tuple(zones),
         nameserver_addresses=glue_addrs,
         nameserver_glue=glue_by_name,
-        ttl=t.integer("ttl", 30),
-        booting_ttl=t.integer("booting_ttl", 1),
-        edns_payload=t.integer("edns_payload", 1232, low=512, high=65535),
+        ttl=t.integer("ttl", 30, unit="seconds"),
+        booting_ttl=t.integer("booting_ttl", 1, unit="seconds"),
+        edns_payload=t.integer("edns_payload", 1232, low=512, high=65535, unit="bytes"),
         tcp_idle_timeout=t.duration("tcp_idle_timeout", 10),
         max_tcp_connections=t.integer("max_tcp_connections", 256, low=1),
         tcp_message_timeout=t.duration("tcp_message_timeout", 3),
@@ -308,8 +308,8 @@ _INHERITED: dict[str, Callable[[Table, DnsConfig], Any]] = {
     "boot_timeout": lambda t, dns: t.duration("boot_timeout", 10),
     "stop": lambda t, dns: t.string("stop", "destroy", choices=STOP_MODES),
     "max_instances": lambda t, dns: t.integer("max_instances", 1, low=1, high=10000),
-    "ttl": lambda t, dns: t.integer("ttl", dns.ttl),
-    "booting_ttl": lambda t, dns: t.integer("booting_ttl", dns.booting_ttl),
+    "ttl": lambda t, dns: t.integer("ttl", dns.ttl, unit="seconds"),
+    "booting_ttl": lambda t, dns: t.integer("booting_ttl", dns.booting_ttl, unit="seconds"),
     "retry_backoff": lambda t, dns: t.duration("retry_backoff", 1),
     "retry_backoff_max": lambda t, dns: t.duration("retry_backoff_max", 60),
     "health_interval": lambda t, dns: t.duration("health_interval", 10),
@@ -371,7 +371,7 @@ def parse_config(
             "log_level", "info", choices=("debug", "info", "warning", "error")
         ),
         query_log_rate=d.integer("query_log_rate", 100, high=100_000),
-        instance_log_max=d.integer("instance_log_max", 10 << 20, high=2**62),
+        instance_log_max=d.integer("instance_log_max", 10 << 20, high=2**62, unit="bytes"),
         control_group=d.string("control_group") if d.has("control_group") else None,
     )
     d.done()
@@ -380,7 +380,7 @@ def parse_config(
 
     p = root.sub("proxy")
     proxy = ProxyConfig(
-        max_buffer=p.integer("max_buffer", 65536, low=1),
+        max_buffer=p.integer("max_buffer", 65536, low=1, unit="bytes"),
         max_pending=p.integer("max_pending", 256, low=1),
         connect_timeout=p.duration("connect_timeout", 5),
         max_connections=p.integer("max_connections", low=1) if p.has("max_connections") else None,
@@ -393,7 +393,7 @@ def parse_config(
         answer_timeout=p.duration("answer_timeout", 30),
         idle_timeout=p.duration("idle_timeout", "10m"),
         half_close_timeout=p.duration("half_close_timeout", 30),
-        max_buffer_total=p.integer("max_buffer_total", 32 << 20, low=1, high=2**62),
+        max_buffer_total=p.integer("max_buffer_total", 32 << 20, low=1, high=2**62, unit="bytes"),
     )
     p.done()
 
@@ -475,8 +475,8 @@ def _parse_backend_tables(
 
 
 def _parse_host(t: Table) -> HostConfig:
-    def optional(key: str) -> int | None:
-        return t.integer(key, low=1) if t.has(key) else None
+    def optional(key: str, unit: str | None = None) -> int | None:
+        return t.integer(key, low=1, unit=unit) if t.has(key) else None
 
     w = t.sub("wake")
     rate = w.raw("rate", 1.0)
@@ -492,7 +492,7 @@ def _parse_host(t: Table) -> HostConfig:
     w.done()
     host = HostConfig(
         max_instances=optional("max_instances"),
-        memory=optional("memory"),
+        memory=optional("memory", "MiB"),
         max_booting=optional("max_booting"),
         max_queued=t.integer("max_queued", 256, low=0, high=1_000_000),
         queue_timeout=t.duration("queue_timeout", 30),

@@ -94,15 +94,19 @@ class Table:
         return list(value)
 
     def integer(
-        self, key: str, default: int | None = None, *, low: int = 0, high: int = 2**31 - 1
+        self, key: str, default: int | None = None, *, low: int = 0, high: int = 2**31 - 1,
+        unit: str | None = None,
     ) -> int:
+        """An integer from ``low`` to ``high``; ``unit`` (``"MiB"``) names what it counts in
+        messages."""
         value = self.raw(key, default)
+        what = f"{unit} as an integer" if unit else "an integer"
         if value is None:
-            raise self.missing(key, "an integer")
+            raise self.missing(key, what)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {show(value)}")
+            raise self.error(key, f"expected {what}, got {show(value)}")
         if not low <= value <= high:
-            raise self.error(key, f"expected an integer from {low} to {high}, got {value}")
+            raise self.error(key, f"expected {what} from {low} to {high}, got {value}")
         return value
 
     def ports(self, key: str, default: list[int] | None = None) -> tuple[int, ...]:

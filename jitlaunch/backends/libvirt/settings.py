@@ -104,7 +104,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> LibvirtS
     settings = LibvirtSettings(
         uri=uri,
         kernel=(base_dir / kernel).resolve(),
-        memory=t.integer("memory", 16, low=2, high=1 << 20),
+        memory=t.integer("memory", 16, low=2, high=1 << 20, unit="MiB"),
         cpus=t.integer("cpus", 1, low=1, high=256),
         accel=t.string("accel", "auto", choices=("auto", "kvm", "tcg")),
         guest_ports=tuple(guest_ports),

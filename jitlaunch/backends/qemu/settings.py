@@ -80,7 +80,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
         kernel=(base_dir / kernel).resolve(),
         binary=binary,
         machine=t.string("machine", "microvm"),
-        memory=t.integer("memory", 16, low=2, high=1 << 20),
+        memory=t.integer("memory", 16, low=2, high=1 << 20, unit="MiB"),
         cpus=t.integer("cpus", 1, low=1, high=256),
         accel=accel,
         network=network,
