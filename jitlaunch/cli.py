@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     where = (
-        "the control socket (default: /run/jitlaunch/control.sock when it exists, else "
-        "control.sock in the state directory of --config)"
+        "the control socket (default: the first that exists of control.sock in the state "
+        "directory of --config, in $RUNTIME_DIRECTORY, and /run/jitlaunch/control.sock)"
     )
     status = sub.add_parser("status", help="show the running daemon's services and instances")
     start = sub.add_parser("start", help="start a service's instance and wait until it is ready")
@@ -108,7 +108,9 @@ def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     for command in (status, start, stop, reload):
         command.add_argument("--socket", metavar="PATH", help=where)
         command.add_argument("--config", "-c", metavar="FILE",
-                             help="the daemon's config file, to find its state directory")
+                             help="the daemon's config file, to find its state directory (not "
+                             "needed, and not read when it has an error, where a runtime or "
+                             "system socket exists)")
 
 
 def _control(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .config import Config
-from .errors import BootFailed, JitlaunchError, ListenError
+from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
 
@@ -448,16 +448,35 @@ def call(path: Path, request: Mapping[str, Any], timeout: float = 60.0) -> dict[
 SYSTEM_SOCKET = Path("/run/jitlaunch") / SOCKET_NAME
 
 
-def client_socket(config_path: str | None) -> Path:
-    """The control socket a command-line client should use: the system daemon's when it
-    exists (and no config is named), else the one in the state directory of
-    ``config_path`` (the built-in config when None). Raises ConfigError for a bad config."""
+def client_socket(config_path: str | None, env: Mapping[str, str] | None = None,
+                  system: Path = SYSTEM_SOCKET) -> Path:
+    """The control socket a command-line client should use, the first that exists of: the
+    one in the state directory of ``config_path`` (when a config is named and can be read),
+    ``$RUNTIME_DIRECTORY/control.sock``, the system daemon's ``/run/jitlaunch/control.sock``;
+    else the state directory's (of the built-in config when None), which the caller's
+    connect then reports missing. A config that cannot be read is not needed when a runtime
+    or system socket exists (a reload of a broken file is the daemon's to reject); else it
+    raises ConfigError."""
     from .backends import SETTINGS
     from .config import load_config
 
-    if config_path is None and SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return control_path(load_config(config_path, backends=SETTINGS), {})
+    env = os.environ if env is None else env
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    found = [p for p in ((Path(runtime) / SOCKET_NAME) if runtime else None, system)
+             if p is not None and p.exists()]
+    own: Path | None = None
+    error: ConfigError | None = None
+    if config_path is not None or not found:
+        try:
+            own = load_config(config_path, backends=SETTINGS).daemon.state_dir / SOCKET_NAME
+        except ConfigError as exc:
+            error = exc
+    if own is not None and (own.exists() or not found):
+        return own
+    if found:
+        return found[0]
+    assert error is not None
+    raise error
 
 
 def _seconds(value: Any) -> str:

@@ -257,3 +257,56 @@ def test_cli_commands(short_dir: Path, block: str) -> None:
 def test_call_to_nothing_is_a_clear_error(short_dir: Path) -> None:
     with pytest.raises(ControlError, match="is the daemon running"):
         call(short_dir / "control.sock", {"command": "status"})
+
+
+def test_the_client_finds_the_socket_without_needing_the_config(short_dir: Path,
+                                                               block: str) -> None:
+    """The config's own socket when it exists; else $RUNTIME_DIRECTORY's, else the system
+    daemon's; a config with an error is not needed when one of those exists."""
+    from jitlaunch.control import client_socket
+    from jitlaunch.errors import ConfigError
+
+    state, runtime, system = short_dir / "state", short_dir / "run", short_dir / "sys.sock"
+    state.mkdir()
+    runtime.mkdir()
+    good = short_dir / "good.toml"
+    good.write_text(_config(state, block))
+    broken = short_dir / "broken.toml"
+    broken.write_text("[dns\n")
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    with pytest.raises(ConfigError):
+        client_socket(str(broken), {}, system)
+    assert client_socket(str(good), {}, system) == state / "control.sock"  # (connect says)
+    system.touch()
+    assert client_socket(str(broken), {}, system) == system
+    assert client_socket(str(good), {}, system) == system
+    (runtime / "control.sock").touch()
+    assert client_socket(str(broken), env, system) == runtime / "control.sock"
+    assert client_socket(None, env, system) == runtime / "control.sock"
+    (state / "control.sock").touch()
+    assert client_socket(str(good), env, system) == state / "control.sock"
+
+
+def test_reload_of_a_broken_file_is_the_daemons_to_reject(short_dir: Path, block: str) -> None:
+    """`jitlaunch reload -c FILE` after FILE broke: the client finds the daemon through
+    $RUNTIME_DIRECTORY without reading FILE, and the daemon rejects it: exit status 1."""
+    config = short_dir / "jitlaunch.toml"
+    config.write_text(_config(short_dir, block))
+    jl = [sys.executable, "-m", "jitlaunch.cli"]
+    daemon = subprocess.Popen([*jl, "run", "--config", str(config)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # poll with a deadline (about 30 s) for the socket
+            if (short_dir / "control.sock").exists():
+                break
+            with pytest.raises(subprocess.TimeoutExpired):
+                daemon.wait(0.1)
+        config.write_text("[dns\n")
+        env = {**os.environ, "RUNTIME_DIRECTORY": str(short_dir)}
+        out = subprocess.run([*jl, "reload", "-c", str(config)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stderr
+        assert "not valid TOML" in out.stderr
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
