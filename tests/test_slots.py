@@ -1,0 +1,284 @@
+"""Nobody can use one client, one source or one request against everyone else (issue 17).
+
+Real daemons on loopback; sources bound to many 127.x.y.z addresses stand for hosts and
+prefixes (each test's own /24 blocks from fresh_block). The pure slot accounting
+(jitlaunch/slots.py) is tested on trio's virtual clock.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from dnslib import RCODE, DNSRecord
+
+from jitlaunch.config import Endpoint
+from jitlaunch.slots import Slots, source_prefix
+
+from .conftest import DEMO, config_text, fresh_block, load, running, wait_until
+
+# ---- the slot accounting, pure --------------------------------------------------------------
+
+
+def test_source_prefix() -> None:
+    assert source_prefix("192.0.2.77") == "192.0.2.0/24"
+    assert source_prefix("192.0.2.77", 32) == "192.0.2.77/32"
+    assert source_prefix("2001:db8:1:2ff::1") == "2001:db8:1:200::/56"
+    assert source_prefix("2001:db8:1:2ff::1", ipv6_prefix=64) == "2001:db8:1:2ff::/64"
+    assert source_prefix("fe80::1%eth0") == "fe80::/56"
+    assert source_prefix("") == ""  # an unbound unix peer, say: its own key
+    # Every address of a /64 is one source: an IPv6 host cannot take more slots by using more.
+    assert len({source_prefix(f"2001:db8::{i:x}") for i in range(1000)}) == 1
+
+
+async def test_caps_per_key_and_in_all(autojump_clock: trio.testing.MockClock) -> None:
+    slots = Slots(total=4, per_key=2)
+    a1, a2 = slots.take("a"), slots.take("a")
+    assert a1 and a2 and slots.take("a") is None and slots.refusal == "key"
+    b1, b2 = slots.take("b"), slots.take("b")
+    assert b1 and b2 and slots.take("c") is None and slots.refusal == "total"
+    a1.release()
+    a1.release()  # idempotent
+    assert slots.in_use == 3 and slots.by_key == {"a": 1, "b": 2}
+    assert slots.take("c") is not None and slots.in_use == 4
+
+
+async def test_eviction_takes_the_oldest_reader_in_the_cap_hit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = Slots(total=3, per_key=2)
+    a1 = slots.take("a")
+    await trio.sleep(1)
+    a2 = slots.take("a")
+    await trio.sleep(1)
+    b1 = slots.take("b")
+    assert a1 and a2 and b1
+    a1.reading = False  # being answered: never evicted
+    # The per-key cap: the oldest reader of the same key goes (a2, not a1, not b1).
+    a3 = slots.take("a", evict=True)
+    assert a3 is not None and a2.evicted and a2.scope.cancel_called and not a1.evicted
+    # The total: the oldest reader of anyone (b1; a1 is busy).
+    c1 = slots.take("c", evict=True)
+    assert c1 is not None and b1.evicted and not a1.evicted
+    assert slots.in_use == 3 and slots.evictions == 2
+    # Nobody reading: refused.
+    for s in (a3, c1):
+        s.reading = False
+    assert slots.take("d", evict=True) is None and slots.refusal == "total"
+
+
+async def test_idle_timers_shorten_when_busy(autojump_clock: trio.testing.MockClock) -> None:
+    slots = Slots(total=4, per_key=4, busy_idle=0.2)
+    first = slots.take("a")
+    assert first is not None
+    ended_at = math.nan
+
+    async def idle() -> None:
+        nonlocal ended_at
+        assert first is not None
+        with slots.idle(first, 10.0):
+            await trio.sleep_forever()
+        ended_at = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle)
+        await trio.sleep(1)
+        assert slots.take("b") and not slots.busy
+        assert slots.take("c") and slots.busy  # 3 of 4: the running timer is cut
+    assert ended_at == 1.0 and first.idle_shortened
+    # A timer started while busy is short from the start.
+    with slots.idle(first, 10.0) as scope:
+        assert scope.deadline == trio.current_time() + 0.2
+
+
+# ---- DNS over TCP ------------------------------------------------------------------------------
+
+SERVICE = f"""
+[[service]]
+name = "hello"
+front = ["FRONT"]
+ports = [18080]
+answer = "proxy"
+[service.process]
+command = "{DEMO}"
+"""
+
+
+def frame(wire: bytes) -> bytes:
+    return struct.pack("!H", len(wire)) + wire
+
+
+QUERY = frame(DNSRecord.question("nope.jit.test", "A").pack())
+
+
+async def connect_from(source: str, ep: Endpoint) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect((ep.host, ep.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def tcp_answered(source: str, ep: Endpoint) -> bool:
+    """One query over a new connection from ``source``: answered (NXDOMAIN), or closed."""
+    stream = await connect_from(source, ep)
+    async with stream:
+        try:
+            await stream.send_all(QUERY)
+            data = b""
+            with trio.fail_after(10):
+                while len(data) < 2 or len(data) < 2 + struct.unpack_from("!H", data)[0]:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return False
+                    data += chunk
+        except (trio.BrokenResourceError, ConnectionError):
+            return False
+    return DNSRecord.parse(data[2:]).header.rcode == RCODE.NXDOMAIN
+
+
+async def closed_by_server(stream: trio.SocketStream) -> None:
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, ConnectionError):
+        pass
+
+
+async def test_idle_connections_of_one_prefix_leave_tcp_to_the_others(
+    tmp_path: Path, block: str
+) -> None:
+    """300 idle connections from 10 addresses of one /24 (30 each, under the old per-address
+    cap of 32) took all 256 slots; counted per prefix they get 32, and another /24 is
+    answered."""
+    cfg = load(config_text(tmp_path, SERVICE.replace("FRONT", f"{block}.1"),
+                           'tcp_idle_timeout = "60s"'))
+    other = fresh_block()
+    async with running(cfg) as d:
+        ep = d.dns_endpoints[0]
+        streams: list[trio.SocketStream] = []
+        try:
+            for i in range(300):
+                streams.append(await connect_from(f"{block}.{10 + i % 10}", ep))
+            counts = d.dns.counts
+            await wait_until(lambda: d.dns.tcp_connections + counts["tcp_refused_source"]
+                             + counts["tcp_refused"] == 300)
+            assert await tcp_answered(f"{other}.7", ep)
+            await wait_until(lambda: d.dns.tcp_connections == 32)  # the answered one closed
+            assert counts["tcp_refused_source"] == 300 - 32 and counts["tcp_refused"] == 0
+            assert d.dns.tcp_slots.by_key.get(f"{block}.0/24") == 32
+        finally:
+            for s in streams:
+                await trio.aclose_forcefully(s)
+        assert d.dns.counts["internal_error"] == 0
+
+
+async def test_idle_connections_are_cut_short_when_tcp_is_busy(tmp_path: Path, block: str) -> None:
+    """Past half of max_tcp_connections, idle connections get 200 ms (NSD's rule), those
+    already idle too: sources that each hold a connection with a query now and then cannot
+    keep the slots from a client that needs TCP (RRL's truncated replies send it there)."""
+    dns = 'tcp_idle_timeout = "60s"\nmax_tcp_connections = 10\nmax_tcp_connections_per_source = 4'
+    cfg = load(config_text(tmp_path, SERVICE.replace("FRONT", f"{block}.1"), dns))
+    prefixes = [fresh_block() for _ in range(3)]
+    async with running(cfg) as d:
+        ep = d.dns_endpoints[0]
+        streams: list[trio.SocketStream] = []
+        try:
+            for prefix in prefixes[:2]:  # 8 of 10: busy
+                for i in range(4):
+                    streams.append(await connect_from(f"{prefix}.{i + 1}", ep))
+            with trio.fail_after(5):  # not 60 s
+                for s in streams:
+                    await closed_by_server(s)
+            assert d.dns.counts["tcp_idle_busy"] >= 3  # at least all but the first 5
+            assert d.dns.counts["tcp_idle_busy"] + d.dns.counts["tcp_idle"] == 8
+            await wait_until(lambda: d.dns.tcp_connections == 0)
+            assert await tcp_answered(f"{prefixes[2]}.1", ep)
+        finally:
+            for s in streams:
+                await trio.aclose_forcefully(s)
+        assert d.dns.counts["internal_error"] == 0
+
+
+# ---- held `wait` answers --------------------------------------------------------------------------
+
+WAIT_SERVICES = f"""
+[[service]]
+name = "stuck"
+front = ["FRONT1"]
+ports = [18081]
+answer = "wait"
+boot_timeout = "60s"
+[service.process]
+command = "sleep 60"
+
+[[service]]
+name = "quick"
+front = ["FRONT2"]
+ports = [18082]
+answer = "wait"
+boot_timeout = "30s"
+[service.process]
+command = "{DEMO}"
+"""
+
+
+async def udp_flood(source: str, ep: Endpoint, name: str, count: int) -> trio.socket.SocketType:
+    """``count`` lookups of ``name`` from ``source``; the socket stays open (its replies, if
+    any ever come, are not read)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind((source, 0))
+    await sock.connect((ep.host, ep.port))
+    for i in range(count):
+        q = DNSRecord.question(name, "A")
+        q.header.id = i
+        await sock.send(q.pack())
+    return sock
+
+
+async def lookup_from(source: str, ep: Endpoint, name: str) -> DNSRecord:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((source, 0))
+        await sock.connect((ep.host, ep.port))
+        await sock.send(DNSRecord.question(name, "A").pack())
+        with trio.fail_after(20):
+            return DNSRecord.parse(await sock.recv(65535))
+
+
+async def test_held_answers_of_one_service_do_not_block_another(tmp_path: Path, block: str) -> None:
+    """The issue's case: one source's 1,100 lookups of a `wait` service that does not get
+    ready filled max_held (1,024), and another `wait` service's lookup got no reply. Now one
+    prefix holds at most max_held_per_source and one service max_held_per_service."""
+    services = (WAIT_SERVICES.replace("FRONT1", f"{block}.1").replace("FRONT2", f"{block}.2"))
+    cfg = load(config_text(tmp_path, services, "[dns.rrl]\nrate = 0"))
+    flooders = [fresh_block() for _ in range(3)]
+    socks = []
+    async with running(cfg) as d:
+        ep = d.dns_endpoints[0]
+        try:
+            counts = d.dns.counts
+            socks.append(await udp_flood(f"{flooders[0]}.1", ep, "stuck.jit.test", 1100))
+            # Two more prefixes: the service's bound (256) stops them, not max_held.
+            for prefix in flooders[1:]:
+                socks.append(await udp_flood(f"{prefix}.1", ep, "stuck.jit.test", 128))
+            await wait_until(lambda: d.dns.held + counts["held_dropped"]
+                             + counts["held_dropped_source"] + counts["held_dropped_service"]
+                             == 1100 + 2 * 128)
+            # Another service is held and answered.
+            rec = await lookup_from(f"{fresh_block()}.1", ep, "quick.jit.test")
+            assert rec.header.rcode == RCODE.NOERROR and [str(r.rdata) for r in rec.rr]
+            assert d.dns.held == 256 and d.dns.held_by_service == {"stuck": 256}
+            assert counts["held_dropped_source"] == 1100 - 128
+            assert counts["held_dropped_service"] == 128 and counts["held_dropped"] == 0
+        finally:
+            for s in socks:
+                s.close()
+        assert d.dns.counts["internal_error"] == 0
