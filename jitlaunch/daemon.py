@@ -167,6 +167,7 @@ class Daemon:
                 self.control = ControlServer(
                     self.config, self.supervisor, control_path(self.config, os.environ),
                     reload=self.reload)
+                self.metrics.control = self.control
                 await nursery.start(self.control.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
