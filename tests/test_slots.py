@@ -8,7 +8,13 @@ prefixes (each test's own /24 blocks from fresh_block). The pure slot accounting
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import signal
 import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +22,12 @@ import trio
 import trio.testing
 from dnslib import RCODE, DNSRecord
 
+from jitlaunch import control
 from jitlaunch.config import Endpoint
+from jitlaunch.control import MAX_PER_UID, ControlError, call
 from jitlaunch.slots import Slots, source_prefix
 
-from .conftest import DEMO, config_text, fresh_block, load, running, wait_until
+from .conftest import DEMO, PYTHON, config_text, fresh_block, load, running, wait_until
 
 # ---- the slot accounting, pure --------------------------------------------------------------
 
@@ -368,7 +376,8 @@ async def test_scrapes_share_renderings_and_never_block_the_loop(tmp_path: Path,
               f"worst {worst * 1000:.1f} ms; {scrapes} scrapes, {d.metrics.renderings - base} "
               f"renderings, {answered} lookups")
         # Before, every scrape held the loop for 0.15 to 0.25 s (more on a loaded machine).
-        assert worst < 0.15 and p95 < 0.03, f"loop blocked: p95 {p95 * 1000:.0f} ms, worst {worst * 1000:.0f} ms"
+        assert worst < 0.15 and p95 < 0.03, (
+            f"loop blocked: p95 {p95 * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
         assert scrapes >= 8 and answered > 50
         # Spaced renderings: at most one per MIN_RENDER_INTERVAL and 4x the rendering's time.
         assert d.metrics.renderings - base - 1 < scrapes
@@ -391,3 +400,180 @@ async def test_silent_connections_do_not_keep_a_scrape_out(tmp_path: Path, block
         finally:
             for s in silent:
                 await trio.aclose_forcefully(s)
+
+
+# ---- the control socket --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # A unix socket path must fit in 107 bytes: pytest's tmp_path may not.
+    path = Path(tempfile.mkdtemp(prefix="jlslots-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def dribble(path: Path, stop: trio.Event, interval: float = 0.2) -> None:
+    """Connect and send a byte every ``interval`` without ever ending a line, until ``stop``
+    or until the daemon closes the connection."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    with sock:
+        await sock.connect(os.fspath(path))
+        try:
+            while not stop.is_set():
+                await sock.send(b"{")
+                with trio.move_on_after(interval):
+                    await stop.wait()
+        except OSError:
+            pass  # closed by the daemon
+
+
+async def test_status_answers_while_connections_dribble(short_dir: Path, block: str) -> None:
+    """16 connections sending a byte now and then without a newline kept all 16 slots (the
+    idle timer restarted on every byte), and root's `jitlaunch status` timed out."""
+    async with running(load(config_text(short_dir, many_services(block, 1)))) as d:
+        path = short_dir / "control.sock"
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(dribble, path, stop)
+            assert d.control is not None
+            slots = d.control.slots
+            await wait_until(lambda: slots.in_use + slots.evictions == 16)
+            reply = await trio.to_thread.run_sync(lambda: call(path, {"command": "status"}, 5))
+            assert reply["ok"] is True
+            # One uid holds at most MAX_PER_UID; each newcomer closed its oldest reader.
+            assert d.control.counts["evicted"] == 16 - MAX_PER_UID + 1
+            stop.set()
+        assert d.control.counts.get("internal_error", 0) == 0
+
+
+async def test_a_request_must_arrive_whole_in_time(
+    short_dir: Path, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "REQUEST_TIMEOUT", 0.5)
+    async with running(load(config_text(short_dir, many_services(block, 1)))) as d:
+        assert d.control is not None
+        stop = trio.Event()
+        start = trio.current_time()
+        with trio.fail_after(5):
+            await dribble(short_dir / "control.sock", stop, interval=0.05)
+        assert 0.4 < trio.current_time() - start < 3
+        await wait_until(lambda: d.control is not None and d.control.counts.get("timeout") == 1)
+        samples = (await scrape_body(d.metrics_endpoints[0])).decode()
+        assert 'jitlaunch_control_events_total{event="timeout"} 1.0' in samples
+
+
+NOBODY_DRIBBLER = """
+import socket, sys, time
+socks = []
+for _ in range(16):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    socks.append(s)
+print("connected", flush=True)
+while True:
+    for s in socks:
+        try:
+            s.send(b"{")
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists()
+                    or shutil.which("setpriv") is None, reason="needs root, setpriv, /usr/bin/python3")
+@pytest.mark.parametrize("member", [True, False])
+async def test_another_uid_cannot_take_roots_slots(short_dir: Path, block: str, member: bool) -> None:
+    """16 dribbling connections of uid 65534: as a member of the control group it holds at
+    most MAX_PER_UID slots; outside it, it is refused and holds none. Root is served."""
+    import grp
+
+    top = f'control_group = "{grp.getgrgid(65534).gr_name}"' if member else ""
+    os.chmod(short_dir, 0o755)
+    async with running(load(config_text(short_dir, many_services(block, 1), top=top))) as d:
+        path = short_dir / "control.sock"
+        os.chmod(path, 0o666)
+        assert d.control is not None
+        server = d.control
+        proc = await trio.lowlevel.open_process(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+             "-c", NOBODY_DRIBBLER, os.fspath(path)], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            with trio.fail_after(10):
+                assert (await proc.stdout.receive_some(100)).startswith(b"connected")
+            if member:
+                await wait_until(lambda: server.slots.by_key == {65534: MAX_PER_UID}
+                                 and server.counts.get("evicted") == 16 - MAX_PER_UID)
+            else:
+                await wait_until(lambda: server.counts.get("refused", 0)
+                                 + server.counts.get("refused_busy", 0) == 16)
+                assert server.slots.in_use == 0
+            reply = await trio.to_thread.run_sync(lambda: call(path, {"command": "status"}, 5))
+            assert reply["ok"] is True
+        finally:
+            proc.kill()
+            await proc.wait()
+        assert server.counts.get("internal_error", 0) == 0
+
+
+async def spawn_daemon(conf: Path, log: Path, env: dict[str, str]) -> trio.Process:
+    with open(log, "ab") as logfile:
+        return await trio.lowlevel.open_process(
+            [PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)], stderr=logfile,
+            env={**os.environ, **env})
+
+
+async def test_a_second_daemon_on_the_same_runtime_dir_leaves_the_first_its_socket(
+    short_dir: Path, block: str
+) -> None:
+    """A second daemon (its own state directory) given the same $RUNTIME_DIRECTORY unlinked
+    the first one's control.sock, and removed its own at exit: the first had none left.
+    Now it stops at its start saying why, and the first keeps its socket."""
+    runtime = short_dir / "run"
+    runtime.mkdir()
+    env = {"RUNTIME_DIRECTORY": str(runtime)}
+    path = runtime / "control.sock"
+    confs = []
+    for name, front in (("one", block), ("two", fresh_block())):
+        conf = short_dir / f"{name}.toml"
+        conf.write_text(config_text(short_dir / name, many_services(front, 1)))
+        confs.append(conf)
+    first = await spawn_daemon(confs[0], short_dir / "one.log", env)
+    second: trio.Process | None = None
+    try:
+        def status() -> dict[str, object] | None:
+            try:
+                return call(path, {"command": "status"}, 5)
+            except ControlError:
+                return None
+
+        async def answered() -> dict[str, object]:
+            with trio.fail_after(30):
+                while (reply := await trio.to_thread.run_sync(status)) is None:
+                    await trio.sleep(0.05)
+            return reply
+
+        assert (await answered())["pid"] == first.pid
+        second = await spawn_daemon(confs[1], short_dir / "two.log", env)
+        with trio.fail_after(30):
+            code = await second.wait()
+        err = (short_dir / "two.log").read_text()
+        assert code == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (
+            f"jitlaunch: error: the control socket {path} belongs to another jitlaunch daemon "
+            f"(pid {first.pid}, state directory {short_dir / 'one'}); two daemons cannot share "
+            f"the runtime directory {runtime} ($RUNTIME_DIRECTORY): give each its own")
+        assert (await answered())["pid"] == first.pid
+    finally:
+        for proc in (second, first):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(30):
+                    await proc.wait()
+    assert first.returncode == 0
+    assert not path.exists()  # the first removed its own socket at exit
