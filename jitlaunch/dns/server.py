@@ -128,6 +128,7 @@ class DnsServer:
     what clients made us do besides answering (``tcp_reset``, ``tcp_slow_query``,
     ``tcp_slow_reader``, ``tcp_refused``, ``tcp_refused_source``, ``tcp_idle``,
     ``tcp_idle_busy``, ``held_dropped``, ``held_dropped_source``, ``held_dropped_service``,
+    ``held_waited`` (a TCP query past a held-answer bound, not read on until there is room),
     ``udp_receive_error``, ``udp_send_error``, ``rrl_slipped``, ``rrl_dropped``) and
     ``internal_error``, which must stay 0.
     """
@@ -368,8 +369,8 @@ class DnsServer:
     async def _wait_held_slot(self, source: str, service: str) -> None:
         full = self._held_full(source, service)
         if full is not None:  # counted once per query that has to wait, logged once
-            self._client_fault(full, "too many held answers (%s); a TCP connection waits",
-                               _HELD_BOUND[full])
+            self._client_fault("held_waited", "too many held answers (%s); a TCP connection "
+                               "waits", _HELD_BOUND[full])
         while self._held_full(source, service) is not None:
             await self._held_free.wait()
         self._hold(source, service)
