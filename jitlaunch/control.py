@@ -4,8 +4,22 @@ the daemon.
 A unix stream socket, ``control.sock`` in ``$RUNTIME_DIRECTORY`` (systemd's
 ``RuntimeDirectory=``, /run/jitlaunch) or else in the state directory; mode 0660, group
 ``daemon.control_group`` (root's otherwise). Besides the file mode, every connection's peer
-credentials (SO_PEERCRED) are checked: root, or a process in the control group; anyone else
-gets one error reply and the connection is closed.
+credentials (SO_PEERCRED) are checked when it is accepted: root, or a process in the control
+group; anyone else gets one error reply and the connection is closed, and never holds one of
+the :data:`MAX_CLIENTS` slots.
+
+What a client can hold (:mod:`jitlaunch.slots`): at most :data:`MAX_CLIENTS` connections at
+once, :data:`MAX_PER_UID` of one uid. Past either, the oldest connection that is waiting for
+its next request (of that uid, or of anyone) is closed to make room; a connection whose
+command is under way is never closed so, and when every one is busy the new connection is
+closed at once. Each request line must arrive whole within :data:`REQUEST_TIMEOUT` of the
+connection's accept or of our previous reply, however its bytes are paced.
+
+One daemon per control socket: a daemon whose socket is not in its own state directory (it is
+in ``$RUNTIME_DIRECTORY``) holds a lock on ``control.sock.lock`` beside it
+(:func:`claim_control_path`), so that a second daemon given the same runtime directory stops
+at its start saying so, rather than taking the first one's socket; and a daemon removes the
+socket at its exit only if it is still the one it bound.
 
 Protocol, version 1: one JSON object per line each way, a reply for every request, in order;
 a connection may carry several. Requests::
@@ -31,6 +45,8 @@ malformed, can end the daemon: each connection's task catches everything, logs i
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import grp
 import json
 import logging
@@ -51,6 +67,7 @@ from .config import Config
 from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
+from .slots import Slot, Slots
 
 if TYPE_CHECKING:
     from .daemon import ReloadResult
@@ -62,10 +79,16 @@ PROTOCOL_VERSION = 1
 SOCKET_NAME = "control.sock"
 #: The longest request line accepted, newline included.
 MAX_REQUEST = 4096
-#: A connection that sends no complete request for this long is closed.
+#: Each request line must arrive whole within this of the accept or of the previous reply.
+REQUEST_TIMEOUT = 10.0
+#: A reply not taken by the client within this closes the connection.
 IDLE_TIMEOUT = 30.0
-#: Connections served at once; more wait in the listen backlog.
+#: Connections served at once (see the module docstring for who gives way past it) ...
 MAX_CLIENTS = 16
+#: ... and of them, by one uid.
+MAX_PER_UID = 8
+#: A refused peer's error reply must be taken within this.
+REFUSAL_TIMEOUT = 2.0
 #: How long ``start`` waits beyond the service's boot timeout, and ``stop`` beyond its grace.
 MARGIN = 15.0
 COMMANDS = ("status", "start", "stop", "reload")
@@ -82,6 +105,42 @@ def control_path(config: Config, env: Mapping[str, str]) -> Path:
     when systemd made one, else the state directory."""
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     return (Path(runtime) if runtime else config.daemon.state_dir) / SOCKET_NAME
+
+
+def claim_control_path(path: Path, state_dir: Path) -> int | None:
+    """Make ``path`` this daemon's control socket path for as long as the returned
+    descriptor stays open: an exclusive flock on ``<path>.lock``, which then holds our pid
+    and state directory. None when ``path`` is in ``state_dir``, whose own lock already
+    makes us its only daemon (and no file is added there).
+
+    Raises ListenError naming the other daemon if one holds it: two daemons given the same
+    ``$RUNTIME_DIRECTORY`` would otherwise take each other's socket.
+    """
+    if path.parent == state_dir:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise ListenError(f"cannot open the lock file {lock}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            pid, other = os.pread(fd, 4096, 0).decode().split("\n")[:2]
+            holder = f" (pid {int(pid)}, state directory {other})"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ListenError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
+        raise ListenError(
+            f"the control socket {path} belongs to another jitlaunch daemon{holder}; two "
+            f"daemons cannot share the runtime directory {path.parent} ($RUNTIME_DIRECTORY): "
+            "give each its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n{state_dir}\n".encode(), 0)
+    return fd
 
 
 # ---- the protocol, without I/O ----------------------------------------------------------
@@ -228,10 +287,16 @@ class ControlServer:
         self.path = path
         self._reload = reload
         self.gid: int | None = None
-        #: Replies sent, by kind (``ok``, ``bad-request``, ``refused``, ``failed``) and
-        #: ``internal_error`` (a bug in this module: must stay 0).
+        #: Replies sent, by kind (``ok``, ``bad-request``, ``refused``, ``failed``,
+        #: ``rejected``); connections closed for a newer one while waiting for a request
+        #: (``evicted``), without a whole request in time (``timeout``), or at once because
+        #: every slot was busy (``refused_busy``); and ``internal_error`` (a bug in this
+        #: module: must stay 0).
         self.counts: dict[str, int] = {}
-        self._slots = trio.CapacityLimiter(MAX_CLIENTS)
+        self.slots = Slots(MAX_CLIENTS, MAX_PER_UID)
+        #: Refused peers being told so (bounded by MAX_CLIENTS; they hold no slot).
+        self.refusing = 0
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
 
     def __repr__(self) -> str:
         return f"<ControlServer {self.path} group={self.gid}>"
@@ -260,6 +325,8 @@ class ControlServer:
             # Created 0600 and opened up once it has its group: never briefly too open.
             with _umask(0o177):
                 await sock.bind(os.fspath(self.path))
+            st = os.lstat(self.path)
+            self._bound = (st.st_dev, st.st_ino)
             if self.gid is not None:
                 os.chown(self.path, -1, self.gid)
             os.chmod(self.path, 0o660)
@@ -279,15 +346,72 @@ class ControlServer:
                         _limited.warning("accept", "control socket accept failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
-                    nursery.start_soon(self._connection, stream)
+                    self._admit(stream, nursery)
         finally:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            self._unlink_ours()
             sock.close()
 
+    def _unlink_ours(self) -> None:
+        """Remove the socket file if it is still the one we bound (never another's)."""
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound:
+                self.path.unlink()
+
+    def _admit(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        """Check the peer, then give it a slot (or refuse it) and start its task."""
+        try:
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+            ok = allowed(peer, self.gid)
+        except OSError:  # gone already
+            stream.socket.close()
+            return
+        if not ok:
+            if self.refusing >= MAX_CLIENTS:
+                self._count("refused_busy")
+                _limited.warning("refused_busy", "control socket: too many refused peers at "
+                                 "once; closing a new connection")
+                stream.socket.close()
+                return
+            self.refusing += 1
+            nursery.start_soon(self._refuse, stream, peer)
+            return
+        evictions = self.slots.evictions
+        slot = self.slots.take(peer.uid, evict=True)
+        if self.slots.evictions != evictions:
+            self._count("evicted")
+            _limited.warning("evicted", "control socket: too many connections; closing the "
+                             "oldest one waiting for a request")
+        if slot is None:
+            self._count("refused_busy")
+            _limited.warning("refused_busy", "control socket: every connection is busy with "
+                             "a command; closing a new one")
+            stream.socket.close()
+            return
+        nursery.start_soon(self._connection, stream, slot)
+
+    async def _refuse(self, stream: trio.SocketStream, peer: Peer) -> None:
+        try:
+            with trio.move_on_after(REFUSAL_TIMEOUT):
+                async with stream:
+                    who = "root or the group " + repr(self.config.daemon.control_group) \
+                        if self.gid is not None else "root"
+                    await self._send(stream, error_reply(
+                        "refused", f"permission denied: uid {peer.uid} is not {who}"))
+                    await _close_after_reply(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception:
+            self._count("internal_error")
+            _limited.error("connection", "control connection failed", exc_info=True)
+        finally:
+            self.refusing -= 1
+            await trio.aclose_forcefully(stream)
+
     def _remove_stale(self) -> None:
-        # The state directory's lock makes us the only daemon here: a socket left at this
-        # path is a dead daemon's. Anything else is not ours to remove.
+        # The state directory's lock, or claim_control_path's beside a socket elsewhere,
+        # makes us the only daemon here: a socket left at this path is a dead daemon's.
+        # Anything else is not ours to remove.
         try:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:
@@ -296,38 +420,48 @@ class ControlServer:
             raise ListenError(f"{self.path} exists and is not a socket; not removing it")
         self.path.unlink()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, slot: Slot) -> None:
         try:
-            async with self._slots, stream:
-                peer = peer_of(stream.socket)  # type: ignore[arg-type]
-                if not allowed(peer, self.gid):
-                    who = "root or the group " + repr(self.config.daemon.control_group) \
-                        if self.gid is not None else "root"
-                    await self._send(stream, error_reply(
-                        "refused", f"permission denied: uid {peer.uid} is not {who}"))
-                    await _close_after_reply(stream)
-                    return
-                buf = bytearray()
-                while True:
-                    with trio.move_on_after(IDLE_TIMEOUT):
-                        data = await stream.receive_some(MAX_REQUEST)
-                    if not data:  # closed, or idle
-                        return
-                    buf += data
-                    while (end := buf.find(b"\n")) >= 0:
-                        line = bytes(buf[:end])
-                        del buf[: end + 1]
-                        await self._send(stream, await self._answer(line))
-                    if len(buf) >= MAX_REQUEST:
-                        await self._send(stream, error_reply(
-                            "bad-request", f"request longer than {MAX_REQUEST} bytes"))
-                        await _close_after_reply(stream)
-                        return
+            # slot.scope is cancelled if a newer connection takes this one's slot while it
+            # waits for a request (slot.reading).
+            with slot.scope:
+                async with stream:
+                    await self._serve_requests(stream, slot)
+            if slot.evicted:
+                return  # counted and logged where it was decided
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return  # the client went away
         except Exception:
             self._count("internal_error")
             _limited.error("connection", "control connection failed", exc_info=True)
+        finally:
+            slot.release()
+
+    async def _serve_requests(self, stream: trio.SocketStream, slot: Slot) -> None:
+        buf = bytearray()
+        while True:
+            slot.reading = True
+            # One deadline for the whole line: a byte now and then does not extend it.
+            with trio.move_on_after(REQUEST_TIMEOUT) as timer:
+                while (end := buf.find(b"\n")) < 0:
+                    if len(buf) >= MAX_REQUEST:
+                        await self._send(stream, error_reply(
+                            "bad-request", f"request longer than {MAX_REQUEST} bytes"))
+                        await _close_after_reply(stream)
+                        return
+                    data = await stream.receive_some(MAX_REQUEST)
+                    if not data:  # closed
+                        return
+                    buf += data
+            if timer.cancelled_caught:
+                self._count("timeout")
+                _limited.log(logging.INFO, "timeout", "control socket: no whole request within "
+                             "%g s; closing the connection", REQUEST_TIMEOUT)
+                return
+            slot.reading = False
+            line = bytes(buf[:end])
+            del buf[: end + 1]
+            await self._send(stream, await self._answer(line))
 
     async def _send(self, stream: trio.SocketStream, reply: dict[str, Any]) -> None:
         self._count("ok" if reply["ok"] else reply["kind"])

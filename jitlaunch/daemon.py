@@ -31,7 +31,7 @@ from . import systemd as sd
 from .backends import SETTINGS, Backend, create_backends
 from .checks import host_findings
 from .config import Config, Endpoint, load_config
-from .control import ControlServer, control_path
+from .control import ControlServer, claim_control_path, control_path
 from .dns.server import DnsServer
 from .errors import ConfigError, ListenError, StateDirInUse
 from .lifecycle.reload import ReloadPlan, plan_reload
@@ -148,6 +148,12 @@ class Daemon:
             ) from exc
         lock = lock_state_dir(self.config.daemon.state_dir)
         try:
+            control_lock = claim_control_path(
+                control_path(self.config, os.environ), self.config.daemon.state_dir)
+        except BaseException:
+            os.close(lock)
+            raise
+        try:
             if self.passed is None:
                 self.passed = sd.sort_passed(sd.listen_fds(os.environ, os.getpid()), self.config)
             async with trio.open_nursery() as nursery:
@@ -167,6 +173,7 @@ class Daemon:
                 self.control = ControlServer(
                     self.config, self.supervisor, control_path(self.config, os.environ),
                     reload=self.reload)
+                self.metrics.control = self.control
                 await nursery.start(self.control.serve)
                 log.info(
                     "serving %d service(s) in %s", len(self.config.services),
@@ -196,6 +203,8 @@ class Daemon:
                         await backend.aclose()
             finally:
                 self.notifier.close()
+                if control_lock is not None:
+                    os.close(control_lock)
                 os.close(lock)  # last: every instance is gone, the next daemon may sweep
             log.info("stopped")
 

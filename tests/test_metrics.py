@@ -70,10 +70,11 @@ def get(samples: dict[Sample, float], name: str, **labels: str) -> float:
 
 
 def delta(before: dict[Sample, float], after: dict[Sample, float]) -> dict[Sample, float]:
-    """Every sample that changed, by how much (process_* and the endpoint's own excepted)."""
+    """Every sample that changed, by how much (process_* and the endpoint's own,
+    jitlaunch_metrics_*, excepted)."""
     changed = {}
     for key in before.keys() | after.keys():
-        if key[0].startswith(("process_", "jitlaunch_metrics_requests")):
+        if key[0].startswith(("process_", "jitlaunch_metrics_")):
             continue
         d = after.get(key, 0.0) - before.get(key, 0.0)
         if d:
@@ -226,14 +227,17 @@ async def test_many_connections_are_capped_and_the_daemon_is_unaffected(
         ep = d.metrics_endpoints[0]
         streams = [await trio.open_tcp_stream(ep.host, ep.port) for _ in range(12)]
         try:
-            await wait_until(lambda: d.metrics.open == 4 and d.metrics.http["refused"] == 8)
+            # Silent connections: each new one closes the oldest that has sent nothing.
+            await wait_until(lambda: d.metrics.open == 4 and d.metrics.http["evicted"] == 8)
             dns = d.dns_endpoints[0]
             assert (await query_udp((dns.host, dns.port), "hello.jit.test")).header.rcode == 0
         finally:
             for s in streams:
                 await trio.aclose_forcefully(s)
         await wait_until(lambda: d.metrics.open == 0)
-        assert get(await scrape(d), "jitlaunch_metrics_requests_total", outcome="refused") == 8
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_metrics_requests_total", outcome="evicted") == 8
+        assert get(samples, "jitlaunch_metrics_requests_total", outcome="refused") == 0
 
 
 # ---- the counters move by exactly what happened --------------------------------------------------

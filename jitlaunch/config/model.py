@@ -66,6 +66,8 @@ class DnsConfig:
     max_tcp_connections_per_source: int = 32
     max_held: int = 1024
     max_held_per_connection: int = 16
+    max_held_per_source: int = 128  # held answers for one source prefix ([dns.rrl]'s prefixes)
+    max_held_per_service: int = 256
     rrl: RrlConfig = field(default_factory=RrlConfig)
     # Glue per nameserver name, where ``nameserver_addresses`` is a table (else empty: every
     # nameserver inside a zone gets all of ``nameserver_addresses``).

@@ -169,6 +169,8 @@ def _parse_dns(root: Table) -> DnsConfig:
         max_tcp_connections_per_source=t.integer("max_tcp_connections_per_source", 32, low=1),
         max_held=t.integer("max_held", 1024, low=1),
         max_held_per_connection=t.integer("max_held_per_connection", 16, low=1),
+        max_held_per_source=t.integer("max_held_per_source", 128, low=1),
+        max_held_per_service=t.integer("max_held_per_service", 256, low=1),
         rrl=_parse_rrl(t.sub("rrl")),
     )
     t.done()

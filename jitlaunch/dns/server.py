@@ -8,15 +8,20 @@ allows).
 Everything here faces the internet, so every bound is explicit (all in ``[dns]``):
 
 * TCP: at most ``max_tcp_connections`` open, ``max_tcp_connections_per_source`` from one
-  address (RFC 7766 section 10); more are closed at once. A connection is closed after
-  ``tcp_idle_timeout`` without a query, when a query has not arrived whole within
+  source prefix (RFC 7766 section 10; the prefixes of ``[dns.rrl]``, /24 and /56 by default,
+  so that one host cannot hold every slot through many of its addresses); more are closed at
+  once (:mod:`jitlaunch.slots`). A connection is closed after ``tcp_idle_timeout`` without a
+  query, or :data:`BUSY_IDLE_TIMEOUT` once more than half the connections are in use (as NSD
+  does), when a query has not arrived whole within
   ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
   for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
   A connection buffers at most one whole message plus :data:`TCP_READ_AHEAD` bytes.
 * UDP replies: response rate limiting per source prefix (``[dns.rrl]``, :mod:`.rrl`).
-* Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together (past it a
-  UDP query is dropped, a TCP connection stops reading until one completes) and
-  ``max_held_per_connection`` on one TCP connection (past it the connection stops reading).
+* Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together,
+  ``max_held_per_source`` for one source prefix and ``max_held_per_service`` for one service
+  (past any of these a UDP query is dropped, a TCP connection stops reading until there is
+  room), and ``max_held_per_connection`` on one TCP connection (past it the connection stops
+  reading).
 
 No exception from one datagram or one connection reaches the serving nursery: each task
 catches at its top, counts the event in :attr:`DnsServer.counts`, logs it through a
@@ -39,6 +44,7 @@ import trio
 from ..config import Config, Endpoint
 from ..errors import ListenError, listen_error
 from ..logutil import LimitedLog
+from ..slots import Slot, Slots, source_prefix
 from .authority import Authority, Services
 from .querylog import QueryLog
 from .rrl import RateLimiter, Verdict, truncated
@@ -50,6 +56,9 @@ UDP_BATCH = 64
 #: Bytes asked of a TCP stream per receive beyond the rest of the message being read, so that
 #: a connection buffers at most one whole message (65,537 bytes) plus this.
 TCP_READ_AHEAD = 4096
+#: The idle timeout of a DNS-over-TCP connection while more than half of
+#: ``max_tcp_connections`` are open (NSD's, under the same condition).
+BUSY_IDLE_TIMEOUT = 0.2
 #: What a client going away looks like from our side of a stream.
 _CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
@@ -117,7 +126,9 @@ class DnsServer:
 
     Start it with ``endpoints = await nursery.start(server.serve)``. :attr:`counts` counts
     what clients made us do besides answering (``tcp_reset``, ``tcp_slow_query``,
-    ``tcp_slow_reader``, ``tcp_refused``, ``tcp_refused_source``, ``held_dropped``,
+    ``tcp_slow_reader``, ``tcp_refused``, ``tcp_refused_source``, ``tcp_idle``,
+    ``tcp_idle_busy``, ``held_dropped``, ``held_dropped_source``, ``held_dropped_service``,
+    ``held_waited`` (a TCP query past a held-answer bound, not read on until there is room),
     ``udp_receive_error``, ``udp_send_error``, ``rrl_slipped``, ``rrl_dropped``) and
     ``internal_error``, which must stay 0.
     """
@@ -127,11 +138,16 @@ class DnsServer:
         self.authority = Authority(config, supervisor)
         self.counts: Counter[str] = Counter()
         self.rrl = RateLimiter(config.dns.rrl)
-        #: Open DNS-over-TCP connections, in total and by source address.
-        self.tcp_connections = 0
-        self._per_source: dict[str, int] = {}
-        #: Held ``wait`` answers, UDP and TCP together, bounded by ``dns.max_held``.
+        #: Open DNS-over-TCP connections, in total and by source prefix.
+        self.tcp_slots = Slots(
+            config.dns.max_tcp_connections, config.dns.max_tcp_connections_per_source,
+            BUSY_IDLE_TIMEOUT,
+        )
+        #: Held ``wait`` answers, UDP and TCP together, bounded by ``dns.max_held``, and by
+        #: source prefix and service (``max_held_per_source``, ``max_held_per_service``).
         self.held = 0
+        self.held_by_source: dict[str, int] = {}
+        self.held_by_service: dict[str, int] = {}
         self._held_free = trio.Event()
         self._log = LimitedLog(log)
         #: The debug log of queries (rate-limited; see :mod:`.querylog`).
@@ -153,6 +169,15 @@ class DnsServer:
         if config.daemon.query_log_rate != old.daemon.query_log_rate:
             self.query_log = QueryLog(config.daemon.query_log_rate)
             self.query_log.refresh()
+
+    @property
+    def tcp_connections(self) -> int:
+        """Open DNS-over-TCP connections."""
+        return self.tcp_slots.in_use
+
+    def _prefix(self, host: str) -> str:
+        rrl = self.config.dns.rrl
+        return source_prefix(host, rrl.ipv4_prefix, rrl.ipv6_prefix)
 
     def __repr__(self) -> str:
         where = ", ".join(str(e) for e in self.endpoints) or "unbound"
@@ -250,24 +275,28 @@ class DnsServer:
         if resp.internal_error:  # logged where it happened
             self.counts["internal_error"] += 1
         if resp.pending and resp.service is not None:
-            if self.held >= self.config.dns.max_held:
-                self._client_fault("held_dropped", "too many held answers; dropping a UDP query")
+            source = self._prefix(str(addr[0]))
+            full = self._held_full(source, resp.service)
+            if full is not None:
+                self._client_fault(full, "too many held answers (%s); dropping a UDP query",
+                                   _HELD_BOUND[full])
                 return None
-            self._hold()
-            nursery.start_soon(self._udp_held, sock, wire, addr, resp.service)
+            self._hold(source, resp.service)
+            nursery.start_soon(self._udp_held, sock, wire, addr, source, resp.service)
         elif resp.reply is not None:
             return self._udp_send_now(sock, resp.reply, addr)
         return None
 
     async def _udp_held(
-        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], service: str
+        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], source: str,
+        service: str,
     ) -> None:
         try:
             start = time.perf_counter()
             try:
                 reply = await self.authority.answer_held(wire, True, service)
             finally:
-                self._unhold()
+                self._unhold(source, service)
             if self.query_log.enabled:
                 self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
             if reply is not None:
@@ -309,18 +338,42 @@ class DnsServer:
 
     # ---- held answers -------------------------------------------------------------------
 
-    def _hold(self) -> None:
-        self.held += 1
+    def _held_full(self, source: str, service: str) -> str | None:
+        """None if one more answer may be held for ``source`` (a prefix) and ``service``,
+        else the counter of the bound it would pass."""
+        dns = self.config.dns
+        if self.held >= dns.max_held:
+            return "held_dropped"
+        if self.held_by_source.get(source, 0) >= dns.max_held_per_source:
+            return "held_dropped_source"
+        if self.held_by_service.get(service, 0) >= dns.max_held_per_service:
+            return "held_dropped_service"
+        return None
 
-    def _unhold(self) -> None:
+    def _hold(self, source: str, service: str) -> None:
+        self.held += 1
+        self.held_by_source[source] = self.held_by_source.get(source, 0) + 1
+        self.held_by_service[service] = self.held_by_service.get(service, 0) + 1
+
+    def _unhold(self, source: str, service: str) -> None:
         self.held -= 1
+        for counts, key in ((self.held_by_source, source), (self.held_by_service, service)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
         self._held_free.set()
         self._held_free = trio.Event()
 
-    async def _wait_held_slot(self) -> None:
-        while self.held >= self.config.dns.max_held:
+    async def _wait_held_slot(self, source: str, service: str) -> None:
+        full = self._held_full(source, service)
+        if full is not None:  # counted once per query that has to wait, logged once
+            self._client_fault("held_waited", "too many held answers (%s); a TCP connection "
+                               "waits", _HELD_BOUND[full])
+        while self._held_full(source, service) is not None:
             await self._held_free.wait()
-        self._hold()
+        self._hold(source, service)
 
     # ---- TCP ----------------------------------------------------------------------------
 
@@ -340,36 +393,32 @@ class DnsServer:
                     self.counts["tcp_reset"] += 1
                     await trio.aclose_forcefully(stream)
                     continue
-                if self.tcp_connections >= dns.max_tcp_connections:
-                    self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
+                slots = self.tcp_slots
+                slots.total, slots.per_key = dns.max_tcp_connections, dns.max_tcp_connections_per_source
+                prefix = self._prefix(source)
+                slot = slots.take(prefix)
+                if slot is None:
+                    if slots.refusal == "total":
+                        self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
+                    else:
+                        self._client_fault(
+                            "tcp_refused_source", "too many TCP connections from one source "
+                            "prefix; closing a new one from %s", prefix,
+                        )
                     await trio.aclose_forcefully(stream)
                     continue
-                if self._per_source.get(source, 0) >= dns.max_tcp_connections_per_source:
-                    self._client_fault(
-                        "tcp_refused_source", "too many TCP connections from one address; "
-                        "closing a new one from %s", source,
-                    )
-                    await trio.aclose_forcefully(stream)
-                    continue
-                self.tcp_connections += 1
-                self._per_source[source] = self._per_source.get(source, 0) + 1
-                nursery.start_soon(self._tcp_connection, stream, source)
+                nursery.start_soon(self._tcp_connection, stream, source, slot)
 
-    async def _tcp_connection(self, stream: trio.SocketStream, source: str) -> None:
+    async def _tcp_connection(self, stream: trio.SocketStream, source: str, slot: Slot) -> None:
         try:
-            await self._tcp_session(stream, source)
+            await self._tcp_session(stream, source, slot)
         except Exception as exc:
             self._connection_failed(exc)
         finally:
-            self.tcp_connections -= 1
-            left = self._per_source[source] - 1
-            if left:
-                self._per_source[source] = left
-            else:
-                del self._per_source[source]
+            slot.release()
             await trio.aclose_forcefully(stream)
 
-    async def _tcp_session(self, stream: trio.SocketStream, source: str) -> None:
+    async def _tcp_session(self, stream: trio.SocketStream, source: str, slot: Slot) -> None:
         dns = self.config.dns
         qlog = self.query_log
         send_lock = trio.Lock()
@@ -382,12 +431,14 @@ class DnsServer:
                 if scope.cancelled_caught:
                     raise _SlowReader
 
+        prefix = self._prefix(source)
+
         async def held(wire: bytes, service: str) -> None:
             start = time.perf_counter()
             try:
                 reply = await self.authority.answer_held(wire, False, service)
             finally:
-                self._unhold()
+                self._unhold(prefix, service)
                 held_here.release()
             if qlog.enabled:
                 qlog.query(wire, reply, "tcp", source, time.perf_counter() - start)
@@ -400,20 +451,26 @@ class DnsServer:
             # were sent since, when we were ready to read again).
             started = 0.0
             while True:
-                if buf:
-                    deadline = started + dns.tcp_message_timeout
-                else:
-                    deadline = trio.current_time() + dns.tcp_idle_timeout
                 want = TCP_READ_AHEAD
                 if len(buf) >= 2:
                     want = max(want, 2 + struct.unpack_from("!H", buf)[0] - len(buf))
                 data: bytes | None = None
-                with trio.move_on_at(deadline):
-                    data = await stream.receive_some(want)
+                if buf:
+                    with trio.move_on_at(started + dns.tcp_message_timeout):
+                        data = await stream.receive_some(want)
+                else:
+                    # Idle: shortened while the server is busy (see Slots.idle), so that
+                    # connections asking for a query now and then cannot keep every slot.
+                    with self.tcp_slots.idle(slot, dns.tcp_idle_timeout):
+                        data = await stream.receive_some(want)
                 if data is None:
                     if buf:
                         raise _SlowQuery
-                    self.counts["tcp_idle"] += 1
+                    if slot.idle_shortened:
+                        self._client_fault("tcp_idle_busy", "DNS over TCP is busy: closing "
+                                           "connections idle for %g s", BUSY_IDLE_TIMEOUT)
+                    else:
+                        self.counts["tcp_idle"] += 1
                     break
                 if not data:
                     break
@@ -435,9 +492,9 @@ class DnsServer:
                     if resp.internal_error:  # logged where it happened
                         self.counts["internal_error"] += 1
                     if resp.pending and resp.service is not None:
-                        # Past either bound, stop reading until a held answer completes.
+                        # Past a bound, stop reading until a held answer completes.
                         await held_here.acquire()
-                        await self._wait_held_slot()
+                        await self._wait_held_slot(prefix, resp.service)
                         nursery.start_soon(held, wire, resp.service)
                     elif resp.reply is not None:
                         await send(resp.reply)
@@ -446,6 +503,13 @@ class DnsServer:
                     # (a slow reader, a full held bound) is not the client's to pay for.
                     started = trio.current_time()
             # Idle or at EOF: the nursery still sends the held answers as they complete.
+
+
+#: The ``[dns]`` key behind each held-answer counter, for the log.
+_HELD_BOUND = {
+    "held_dropped": "max_held", "held_dropped_source": "max_held_per_source",
+    "held_dropped_service": "max_held_per_service",
+}
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
