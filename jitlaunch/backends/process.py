@@ -14,7 +14,8 @@ directory's marker: it can prove they are its own, and a daemon owns its state d
 Addresses: with ``subnet`` set (for example ``127.77.1.0/24``), each instance gets a free
 address of its own in it and listens on the service's own ports there, so DNS can hand that
 address over. Without it, the instance listens on ``127.0.0.1`` on a free port the proxy
-connects to, and clients always go through the front address.
+connects to, and clients always go through the front address. A handed-over instance's
+traffic is its TCP connections to its address (traffic.py: the kernel's table, no privilege).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .base import (
     process_state,
     wait_gone,
 )
+from .traffic import ConnectionCounter, SocketTable
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class ProcessHandle(Handle):
         routable: bool,
         logfile: IO[bytes],
         release: Any,
+        sockets: SocketTable | None = None,
     ) -> None:
         self.process = process
         self.pid = self.pgid = process.pid
@@ -150,6 +153,8 @@ class ProcessHandle(Handle):
         self.address = host if routable else None
         self._logfile = logfile
         self._release = release
+        self._sockets = sockets
+        self._connections = ConnectionCounter(host, port_map.values()) if routable else None
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return self.host, self.port_map.get(port, port)
@@ -171,6 +176,16 @@ class ProcessHandle(Handle):
         if state in ("Z", "X", None):
             return "the process is exiting"
         return await connect_check(self.host, next(iter(self.port_map.values())), timeout)
+
+    #: A health probe is a connection of ours: its two ends, each new in the table.
+    probe_traffic = 2
+
+    async def traffic(self) -> int | None:
+        """Connections to the instance's own address and ports (traffic.py); None without
+        an address of its own (clients always go through the proxy then)."""
+        if self._connections is None or self._sockets is None:
+            return None
+        return self._connections.update(await self._sockets.entries(self.host))
 
     async def wait_exited(self) -> str:
         code = await self.process.wait()
@@ -209,6 +224,8 @@ class ProcessBackend(Backend):
         self.log_dir = state_dir / "logs"
         self.marker = f"{MARKER}={state_dir.resolve()}:"
         self._in_use: set[str] = set()
+        #: The TCP table that handed-over instances' traffic is read from, shared by them.
+        self.sockets = SocketTable()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for pid in await trio.to_thread.run_sync(self._kill_leftovers):
@@ -308,4 +325,4 @@ class ProcessBackend(Backend):
             release()
             who = f" as user {settings.user}" if settings.user is not None else ""
             raise BootFailed(f"cannot run {argv[0]!r}{who}: {exc.strerror or exc}") from exc
-        return ProcessHandle(process, host, port_map, routable, logfile, release)
+        return ProcessHandle(process, host, port_map, routable, logfile, release, self.sockets)
