@@ -7,16 +7,30 @@ directly as a client does once DNS handed them over, and the real daemon."""
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
+import pytest
 import trio
 
 from jitlaunch.lifecycle import activity
 from jitlaunch.lifecycle.activity import TrafficWatch
 from jitlaunch.lifecycle.state import State
 
-from .conftest import answers, config_text, http_get, load, query_udp, running, wait_until
+from .conftest import (
+    PYTHON,
+    ROOT,
+    answers,
+    config_text,
+    http_get,
+    load,
+    query_udp,
+    running,
+    wait_until,
+)
 from .test_capacity import host, services
+from .test_qemu import KERNEL, image, state  # noqa: F401 - fixtures
+from .test_qemu_faults import needs_netns, netns  # noqa: F401 - a fixture
 
 #: Between a client's fetches (the issue's reproduction).
 EVERY = 0.25
@@ -208,3 +222,83 @@ def test_watch_unknown_is_neither_busy_nor_a_baseline() -> None:
     assert not w.failing and not w.judged(2.0)
     assert w.active and not w.note(None, 3.0) and not w.active  # no counter: sampling ends
     assert w.judged(9.0)
+
+
+# ---- bridge networking: a unikernel on a tap, in a network namespace of the test's own -----
+
+# In the namespace: wait until DNS hands the address over, then fetch from it every 0.25 s for
+# the given seconds; print the fetches and the failures.
+FETCH_LOOP = """
+import socket, subprocess, sys, time
+seconds = float(sys.argv[1])
+deadline = time.monotonic() + 30
+while True:
+    out = subprocess.run(["dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+                          "hello.jit.test", "A"], capture_output=True, text=True).stdout.strip()
+    if out.startswith("10.77.0."):
+        break
+    assert time.monotonic() < deadline, "not handed over: " + out
+    time.sleep(0.05)
+fetches, failures = 0, []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with socket.create_connection((out, 80), 2) as s:
+            s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+            s.settimeout(2)
+            if not s.recv(100).startswith(b"HTTP/1.1 200"):
+                failures.append("bad reply")
+    except OSError as exc:
+        failures.append(str(exc))
+    fetches += 1
+    time.sleep(0.25)
+print(fetches, len(failures), failures[:3], flush=True)
+"""
+
+
+@pytest.mark.slow
+@needs_netns
+async def test_bridge_instance_in_use_stays_up_then_goes_idle(
+    state: Path, netns: list[str],  # noqa: F811 - the fixtures
+) -> None:
+    """conf/bridge.toml with idle_timeout 2 s and a health probe every second: a client in the
+    namespace fetches from the handed-over address for 8 s, and the instance is not stopped
+    (its tap's counters are its activity; the probes' own packets are not); once the client
+    stops, it is stopped for idleness within a few seconds."""
+    text = (ROOT / "conf" / "bridge.toml").read_text().replace("pool = 1", "")
+    text = text.replace('idle_timeout = "5m"', 'idle_timeout = "2s"\nhealth_interval = "1s"')
+    assert 'idle_timeout = "2s"' in text
+    text = text.replace("[dns]", f'[daemon]\nstate_dir = "{state}"\n\n[dns]')
+    conf = state / "bridge.toml"
+    conf.write_text(text.replace("../images/build/hello.elf", str(KERNEL)))
+    daemon_log = state / "daemon.log"
+    proc = None
+    try:
+        with open(daemon_log, "wb") as logfile:
+            proc = await trio.lowlevel.open_process(
+                [*netns, PYTHON, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+                stderr=logfile)
+        await wait_until(lambda: b"serving" in daemon_log.read_bytes(), timeout=30)
+        woke = await trio.run_process(
+            [*netns, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
+             "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+            check=False)
+        assert woke.returncode == 0, woke.stderr.decode() + daemon_log.read_text()
+        res = await trio.run_process([*netns, PYTHON, "-c", FETCH_LOOP, "8"],
+                                     capture_stdout=True, capture_stderr=True, check=False)
+        ended = trio.current_time()
+        assert res.returncode == 0, res.stderr.decode()
+        fetches, failed, _ = res.stdout.decode().split(" ", 2)
+        log = daemon_log.read_text()
+        assert int(fetches) >= 16 and failed == "0", res.stdout.decode() + log
+        assert "idle for" not in log and log.count("ready in") == 1, log
+        await wait_until(lambda: b"hello#1 idle for 2 s" in daemon_log.read_bytes(), timeout=15)
+        # 2 s after the last fetch, give or take a sample, the probe allowance, and load.
+        assert trio.current_time() - ended < 2 + 6
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
