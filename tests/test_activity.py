@@ -181,6 +181,32 @@ async def test_the_health_probe_is_not_a_client(tmp_path: Path, block: str) -> N
         assert trio.current_time() - ready < cfg.services[0].idle_timeout + 2
 
 
+async def test_a_counter_that_cannot_be_read_is_unknown_not_busy(
+    tmp_path: Path, block: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel's table cannot be read: logged once, and the instance is judged on lookups
+    and proxied traffic alone, as before (stopped after idle_timeout, client or not), never
+    kept for ever."""
+    cfg = load(config_text(tmp_path, handoff(block, "a")))
+    async with running(cfg) as d:
+        table = d.backends["process"].sockets
+
+        def unreadable(path: str) -> str:
+            raise PermissionError(13, "Permission denied", path)
+
+        table._read = unreadable
+        rt = d.supervisor.services["a"]
+        address = await handed_over(d, "a")
+        client = Client(address)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            await wait_until(lambda: rt.instance is None, timeout=10)
+            client.scope.cancel()
+        assert rt.idle_stops == 1
+        lines = [r.getMessage() for r in caplog.records if "cannot read its traffic" in r.message]
+        assert len(lines) == 1 and "Permission denied" in lines[0], lines
+
+
 # ---- the watch itself, on given times ------------------------------------------------------
 
 
