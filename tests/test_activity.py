@@ -328,3 +328,4 @@ async def test_bridge_instance_in_use_stays_up_then_goes_idle(
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+
