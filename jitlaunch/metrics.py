@@ -352,6 +352,11 @@ class DaemonCollector(Collector):
             "jitlaunch_unreachable_reports", "Ready instances the proxy could not reach and "
             "had checked", labels=["service"],
         )
+        traffic = CounterMetricFamily(
+            "jitlaunch_traffic_samples", "Samples of handed-over instances' traffic, by service "
+            "and result (moved: activity, still, unknown: it could not be read)",
+            labels=["service", "result"],
+        )
         backoff = GaugeMetricFamily(
             "jitlaunch_backoff_failures", "Failed boots in a row (0 once a boot succeeds)",
             labels=["service"],
@@ -380,6 +385,8 @@ class DaemonCollector(Collector):
             for state in State:
                 states.add_metric([name, state.value], 1 if inst is not None and inst.state is state else 0)
             unreachable.add_metric([name], rt.unreachable_reports)
+            for result in ("moved", "still", "unknown"):
+                traffic.add_metric([name, result], rt.traffic_samples[result])
             backoff.add_metric([name], rt.failures)
             members = getattr(self.m.backends.get(svc.backend), "pools", {}).get(name, ())
             pool.add_metric([name], len(members))
@@ -387,8 +394,8 @@ class DaemonCollector(Collector):
             max_instances.add_metric([name], svc.max_instances)
         for labels, n in sorted(stopped.items()):
             stops.add_metric(list(labels), n)
-        yield from (boots, started, stops, states, unreachable, backoff, pool, pool_target,
-                    max_instances)
+        yield from (boots, started, stops, states, unreachable, traffic, backoff, pool,
+                    pool_target, max_instances)
         yield from self._admission()
 
     def _admission(self) -> Iterator[Metric]:

@@ -29,6 +29,7 @@ from .conftest import (
     wait_until,
 )
 from .test_capacity import host, services
+from .test_metrics import get, scrape
 from .test_qemu import KERNEL, image, state  # noqa: F401 - fixtures
 from .test_qemu_faults import needs_netns, netns  # noqa: F401 - a fixture
 
@@ -101,6 +102,9 @@ async def test_an_instance_in_use_is_never_stopped_while_its_client_fetches(
             client.scope.cancel()
         assert not client.failures and client.fetches >= 8
         assert rt.idle_stops == 0 and rt.boots == 1
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_traffic_samples_total", service="a", result="moved") >= 2
+        assert get(samples, "jitlaunch_traffic_samples_total", service="a", result="unknown") == 0
         await wait_until(lambda: rt.instance is None, timeout=10)
         stopped = trio.current_time()
         assert rt.idle_stops == 1
@@ -203,6 +207,9 @@ async def test_a_counter_that_cannot_be_read_is_unknown_not_busy(
             await wait_until(lambda: rt.instance is None, timeout=10)
             client.scope.cancel()
         assert rt.idle_stops == 1
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_traffic_samples_total", service="a", result="unknown") >= 1
+        assert get(samples, "jitlaunch_traffic_samples_total", service="a", result="moved") == 0
         lines = [r.getMessage() for r in caplog.records if "cannot read its traffic" in r.message]
         assert len(lines) == 1 and "Permission denied" in lines[0], lines
 

@@ -159,6 +159,9 @@ class ServiceRuntime:
         self.idle_stops = 0
         self.readies = 0  # boots that reached READY
         self.boot_timeouts = 0  # of boot_failures, those not ready within the boot timeout
+        #: Samples of handed-over instances' traffic (activity.py), by result: ``moved``
+        #: (activity), ``still`` or ``unknown`` (it could not be read).
+        self.traffic_samples: collections.Counter[str] = collections.Counter()
         #: Instances stopped (not failed boots), by ``(reason, mode)``: reason ``idle``,
         #: ``requested``, ``evicted``, ``reload``, ``died``, ``hung`` or ``shutdown``; mode
         #: the stop mode used.
@@ -926,10 +929,14 @@ class Supervisor:
                     "traffic", "%s: cannot read its traffic (%s); judging it by lookups and "
                     "proxied traffic alone until it can", inst.label, exc)
             watch.failed(trio.current_time())
+            rt.traffic_samples["unknown"] += 1
         else:
             now = trio.current_time()
-            if watch.note(value, now):
+            moved = watch.note(value, now)
+            if moved:
                 rt.last_activity = max(rt.last_activity, now)
+            if value is not None:
+                rt.traffic_samples["moved" if moved else "still"] += 1
         if was_in_use and not watch.busy and len(self.queue):
             self._pump()
 
