@@ -923,7 +923,7 @@ class Supervisor:
             if scope.cancelled_caught:
                 raise TimeoutError(f"no answer within {TRAFFIC_TIMEOUT:g} s")
         except Exception as exc:
-            if not watch.failing and not watch.logged:
+            if not watch.logged:
                 watch.logged = True
                 _limited.warning(
                     "traffic", "%s: cannot read its traffic (%s); judging it by lookups and "
