@@ -195,7 +195,7 @@ async def test_a_counter_that_cannot_be_read_is_unknown_not_busy(
     async with running(cfg) as d:
         table = d.backends["process"].sockets
 
-        def unreadable(path: str) -> str:
+        def unreadable(path: str) -> dict[str, list[tuple[str, str, int]]]:
             raise PermissionError(13, "Permission denied", path)
 
         table._read = unreadable

@@ -13,7 +13,7 @@ from jitlaunch.backends.traffic import (
     ConnectionCounter,
     SocketTable,
     hex_address,
-    parse_table,
+    index_table,
     tap_packets_sent,
 )
 
@@ -39,11 +39,12 @@ def test_hex_address_as_the_kernel_prints_it() -> None:
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="the golden text is a little-endian host's")
-def test_parse_table_keeps_both_ends_and_leaves_listeners_out() -> None:
-    got = parse_table(TCP, {"4100057F"})
-    assert got == {"4100057F": [("4100057F:1F90", "0100007F:D95A", 1),
-                                ("0100007F:D95A", "4100057F:1F90", 1)]}
-    assert parse_table(TCP, {"0200007F"}) == {}
+def test_index_table_keeps_both_ends_and_leaves_listeners_out() -> None:
+    got = index_table(TCP)
+    assert got["4100057F"] == [("4100057F:1F90", "0100007F:D95A", 1),
+                               ("0100007F:D95A", "4100057F:1F90", 1)]
+    assert got["0100007F"] == [*got["4100057F"], ("0100007F:D95B", "0100007F:0035", 6)]
+    assert set(got) == {"4100057F", "0100007F"}
 
 
 def test_connection_counter_counts_new_and_open_connections() -> None:

@@ -53,10 +53,10 @@ def hex_address(ip: str) -> str:
 Entry = tuple[str, str, int]
 
 
-def parse_table(text: str, wanted: set[str]) -> dict[str, list[Entry]]:
-    """The entries of a /proc/net/tcp{,6} ``text`` whose local or remote address is in
-    ``wanted`` (hex, :func:`hex_address`), by that address; listening sockets left out.
-    Lines it cannot read are skipped."""
+def index_table(text: str) -> dict[str, list[Entry]]:
+    """The entries of a /proc/net/tcp{,6} ``text`` by address (hex, :func:`hex_address`):
+    each under its local and its remote address (once when both are the same); listening
+    sockets left out. Lines it cannot read are skipped."""
     out: dict[str, list[Entry]] = {}
     for line in text.splitlines()[1:]:
         fields = line.split(None, 4)
@@ -69,22 +69,23 @@ def parse_table(text: str, wanted: set[str]) -> dict[str, list[Entry]]:
             continue
         if state == LISTEN:
             continue
-        for end in (local, remote):
-            addr = end.partition(":")[0]
-            if addr in wanted:
-                out.setdefault(addr, []).append((local, remote, state))
-                if local.partition(":")[0] == remote.partition(":")[0]:
-                    break  # (an instance talking to itself: one entry)
+        entry = (local, remote, state)
+        a, b = local.partition(":")[0], remote.partition(":")[0]
+        out.setdefault(a, []).append(entry)
+        if b != a:
+            out.setdefault(b, []).append(entry)
     return out
 
 
 class SocketTable:
-    """The kernel's TCP table, read at most once per :data:`TABLE_AGE` for every instance that
-    asks at about the same time, in a worker thread. One per backend."""
+    """The kernel's TCP table, read and indexed at most once per :data:`TABLE_AGE` for every
+    instance that asks at about the same time, in a worker thread (a few thousand
+    connections: a few ms).
+    One per backend."""
 
     def __init__(self, paths: dict[int, str] | None = None) -> None:
         self.paths = paths or PROC_TCP
-        self._texts: dict[int, tuple[float, str]] = {}
+        self._tables: dict[int, tuple[float, dict[str, list[Entry]]]] = {}
         self._lock: trio.Lock | None = None
         #: Reads of the table (for tests: instances share them).
         self.reads = 0
@@ -96,17 +97,16 @@ class SocketTable:
         if self._lock is None:
             self._lock = trio.Lock()
         async with self._lock:
-            cached = self._texts.get(version)
+            cached = self._tables.get(version)
             if cached is None or trio.current_time() - cached[0] >= TABLE_AGE:
-                text = await trio.to_thread.run_sync(self._read, self.paths[version])
-                cached = self._texts[version] = (trio.current_time(), text)
-        wanted = hex_address(ip)
-        return parse_table(cached[1], {wanted}).get(wanted, [])
+                table = await trio.to_thread.run_sync(self._read, self.paths[version])
+                cached = self._tables[version] = (trio.current_time(), table)
+        return cached[1].get(hex_address(ip), [])
 
-    def _read(self, path: str) -> str:
+    def _read(self, path: str) -> dict[str, list[Entry]]:
         self.reads += 1
         with open(path) as f:
-            return f.read()
+            return index_table(f.read())
 
 
 class ConnectionCounter:
