@@ -377,6 +377,7 @@ class ServiceFigures(NamedTuple):
     retries: int
     to_instance: int
     to_client: int
+    traffic: tuple[int, int, int]  # handed-over traffic samples: moved, still, unknown
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,8 @@ def take_snapshot(m: Metrics) -> Snapshot:
             getattr(svc.settings, "pool", 0), svc.max_instances, rt.connections,
             accepted.get(name, 0), pending.get(name, 0), retries.get(name, 0),
             moved.get((name, "to_instance"), 0), moved.get((name, "to_client"), 0),
+            (rt.traffic_samples["moved"], rt.traffic_samples["still"],
+             rt.traffic_samples["unknown"]),
         ))
     control = m.control.counts if m.control is not None else {}
     return Snapshot(
@@ -547,6 +550,11 @@ def _instances(s: Snapshot) -> Iterator[Metric]:
         "jitlaunch_unreachable_reports", "Ready instances the proxy could not reach and "
         "had checked", labels=["service"],
     )
+    traffic = CounterMetricFamily(
+        "jitlaunch_traffic_samples", "Samples of handed-over instances' traffic, by service "
+        "and result (moved: activity, still, unknown: it could not be read)",
+        labels=["service", "result"],
+    )
     backoff = GaugeMetricFamily(
         "jitlaunch_backoff_failures", "Failed boots in a row (0 once a boot succeeds)",
         labels=["service"],
@@ -573,14 +581,16 @@ def _instances(s: Snapshot) -> Iterator[Metric]:
         for state in State:
             states.add_metric([name, state.value], 1 if f.state is state else 0)
         unreachable.add_metric([name], f.unreachable_reports)
+        for result, n in zip(("moved", "still", "unknown"), f.traffic, strict=True):
+            traffic.add_metric([name, result], n)
         backoff.add_metric([name], f.failures)
         pool.add_metric([name], f.pool)
         pool_target.add_metric([name], f.pool_target)
         max_instances.add_metric([name], f.max_instances)
     for labels, n in sorted(stopped.items()):
         stops.add_metric(list(labels), n)
-    yield from (boots, started, stops, states, unreachable, backoff, pool, pool_target,
-                max_instances)
+    yield from (boots, started, stops, states, unreachable, traffic, backoff, pool,
+                pool_target, max_instances)
     yield from _admission(s)
 
 

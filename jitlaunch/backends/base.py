@@ -79,6 +79,22 @@ class Handle(abc.ABC):
         failure is a reason. The default knows nothing to probe and says healthy."""
         return None
 
+    #: How far :meth:`traffic` may move between two samples a second apart without a client
+    #: (a guest's ARP answers on its tap), and how far one :meth:`probe` moves it.
+    traffic_noise: int = 0
+    probe_traffic: int = 0
+
+    async def traffic(self) -> int | None:
+        """A counter that grows while clients use the instance directly, at its own
+        :attr:`address`, where the proxy does not see them: packets the guest sent on its
+        tap, connections to the process's address. Only its changes matter (see
+        jitlaunch/lifecycle/activity.py); a health probe may move it by :attr:`probe_traffic`
+        at most. Cheap: called at most once a second while a handed-over instance waits to go
+        idle. None: this instance has no such counter (it is not asked again). Raises
+        OSError (or any error) when it cannot be read now: counted as unknown, logged once,
+        asked again later. The default has no counter."""
+        return None
+
     def describe(self) -> str:
         """A short description for logs and reprs: ``pid=4242 127.77.1.2``."""
         parts = []

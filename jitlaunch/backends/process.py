@@ -17,7 +17,8 @@ prove they are its own, and a daemon owns its state directory.
 Addresses: with ``subnet`` set (for example ``127.77.1.0/24``), each instance gets a free
 address of its own in it and listens on the service's own ports there, so DNS can hand that
 address over. Without it, the instance listens on ``127.0.0.1`` on a free port the proxy
-connects to, and clients always go through the front address.
+connects to, and clients always go through the front address. A handed-over instance's
+traffic is its TCP connections to its address (traffic.py: the kernel's table, no privilege).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .base import (
 )
 from .childenv import child_environment
 from .procgroup import Container, Containers, open_containers
+from .traffic import ConnectionCounter, SocketTable
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class ProcessHandle(Handle):
         logfile: IO[bytes],
         release: Any,
         box: Container,
+        sockets: SocketTable | None = None,
     ) -> None:
         self.process = process
         self.box = box
@@ -156,6 +159,8 @@ class ProcessHandle(Handle):
         self.address = host if routable else None
         self._logfile = logfile
         self._release = release
+        self._sockets = sockets
+        self._connections = ConnectionCounter(host, port_map.values()) if routable else None
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return self.host, self.port_map.get(port, port)
@@ -177,6 +182,16 @@ class ProcessHandle(Handle):
         if state in ("Z", "X", None):
             return "the process is exiting"
         return await connect_check(self.host, next(iter(self.port_map.values())), timeout)
+
+    #: A health probe is a connection of ours: its two ends, each new in the table.
+    probe_traffic = 2
+
+    async def traffic(self) -> int | None:
+        """Connections to the instance's own address and ports (traffic.py); None without
+        an address of its own (clients always go through the proxy then)."""
+        if self._connections is None or self._sockets is None:
+            return None
+        return self._connections.update(await self._sockets.entries(self.host))
 
     async def wait_exited(self) -> str:
         code = await self.process.wait()
@@ -223,6 +238,8 @@ class ProcessBackend(Backend):
         self.containers: Containers | None = None
         #: HOME, USER, LOGNAME of the daemon's own user, for instances without ``user``.
         self._own_env: dict[str, str] = {}
+        #: The TCP table that handed-over instances' traffic is read from, shared by them.
+        self.sockets = SocketTable()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.containers is None:
@@ -349,4 +366,5 @@ class ProcessBackend(Backend):
                 await handle.stop("destroy", 0)
             raise BootFailed(f"cannot put {argv[0]!r} into its {box.kind}: "
                              f"{exc.strerror or exc}") from exc
-        return ProcessHandle(process, host, port_map, routable, logfile, release, box)
+        return ProcessHandle(process, host, port_map, routable, logfile, release, box,
+                             self.sockets)

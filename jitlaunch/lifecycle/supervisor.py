@@ -11,8 +11,10 @@ share that boot. Rules:
   (``retry_backoff`` doubling up to ``retry_backoff_max``) before the next attempt.
 * An instance that goes away by itself is noticed at once (the backend's ``wait_exited``),
   released, and the next request starts a new one.
-* Activity is the latest lookup or proxied byte. With a connection open a service is never
-  idle; after ``idle_timeout`` without activity its instance is stopped in its stop mode.
+* Activity is the latest lookup or proxied byte, and for an instance whose address was handed
+  over, its traffic as its backend sees it (activity.py: sampled while it waits to go idle).
+  With a connection open, or traffic within a few seconds, a service is never idle nor
+  evicted; after ``idle_timeout`` without activity its instance is stopped in its stop mode.
 * Stopping always runs shielded and bounded, so a cancelled daemon never leaves an instance.
 * Admission (admission.py decides, this applies): every start goes through a bounded FIFO
   queue of services; the head starts when it fits the host budget, after evicting idle
@@ -44,6 +46,7 @@ from ..config import Config, HostConfig, ServiceConfig
 from ..errors import AdmissionRefused, BootFailed, BootTimeout, InBackoff
 from ..logutil import LimitedLog
 from . import admission as adm
+from .activity import TrafficWatch
 from .answers import ServiceAnswer, ServiceSnapshot, answer_for
 from .backoff import backoff_delay
 from .reload import ReloadPlan
@@ -57,6 +60,8 @@ STOP_MARGIN = 10.0
 UNREACHABLE_PROBE_TIMEOUT = 1.0
 #: Extra time a backend's probe may take beyond its timeout before we stop waiting.
 PROBE_MARGIN = 0.5
+#: The longest one read of an instance's traffic counter may take (else: unknown).
+TRAFFIC_TIMEOUT = 5.0
 
 _limited = LimitedLog(log)
 
@@ -105,6 +110,8 @@ class Instance:
         self.refused: AdmissionRefused | None = None
         #: Set when a reload removed its service or replaced it: stop it for good (destroy).
         self.reloaded = False
+        #: While it is ready with its address handed over: samples of its traffic (activity.py).
+        self.traffic: TrafficWatch | None = None
 
     @property
     def label(self) -> str:
@@ -152,6 +159,9 @@ class ServiceRuntime:
         self.idle_stops = 0
         self.readies = 0  # boots that reached READY
         self.boot_timeouts = 0  # of boot_failures, those not ready within the boot timeout
+        #: Samples of handed-over instances' traffic (activity.py), by result: ``moved``
+        #: (activity), ``still`` or ``unknown`` (it could not be read).
+        self.traffic_samples: collections.Counter[str] = collections.Counter()
         #: Instances stopped (not failed boots), by ``(reason, mode)``: reason ``idle``,
         #: ``requested``, ``evicted``, ``reload``, ``died``, ``hung`` or ``shutdown``; mode
         #: the stop mode used.
@@ -524,6 +534,9 @@ class Supervisor:
                     return f"probe error: {exc!r}"
             return f"no answer within {timeout:g} s"
 
+        if inst.traffic is not None:
+            inst.traffic.probe_started()  # its traffic is ours, not a client's (activity.py)
+
         async def leaving() -> None:
             await inst.condemned.wait()
 
@@ -643,7 +656,8 @@ class Supervisor:
                 if inst.condemned.is_set() or state is State.FAILED or self._closing:
                     mode = "destroy"
             out.append(adm.Holder(
-                svc.name, kind, adm.instance_memory(inst.service), idle=rt.connections == 0,
+                svc.name, kind, adm.instance_memory(inst.service),
+                idle=rt.connections == 0 and not self._traffic_in_use(inst),
                 pinned=svc.pinned, priority=svc.priority, last_active=rt.last_activity,
                 stop=svc.stop, frees=mode in adm.FREEING,
             ))
@@ -843,10 +857,16 @@ class Supervisor:
             await self._health(rt, inst)
             await trio.sleep_forever()  # condemned: the wait on the event below wins
 
-        which, value = await first_of(
-            handle.wait_exited, lambda: self._until_idle(rt), inst.condemned.wait, health,
-            inst.stop_wanted.wait,
-        )
+        # Handed over, clients talk to the instance directly: its backend sees their traffic.
+        if handle.address is not None and rt.config.answer != "proxy":
+            inst.traffic = TrafficWatch(handle.traffic_noise, handle.probe_traffic)
+        try:
+            which, value = await first_of(
+                handle.wait_exited, lambda: self._until_idle(rt, inst), inst.condemned.wait,
+                health, inst.stop_wanted.wait,
+            )
+        finally:
+            inst.traffic = None
         return value if which == 0 else None
 
     async def _watch_saved(self, rt: ServiceRuntime, inst: Instance, handle: Handle) -> None:
@@ -869,16 +889,61 @@ class Supervisor:
         finally:
             inst.unwatched.set()
 
-    async def _until_idle(self, rt: ServiceRuntime) -> None:
+    async def _until_idle(self, rt: ServiceRuntime, inst: Instance) -> None:
         while True:
             if rt.connections:
                 await rt.no_connections.wait()
                 continue
+            watch = inst.traffic
+            if watch is not None and watch.due(trio.current_time()):
+                await self._sample_traffic(rt, inst, watch)
             deadline = rt.last_activity + rt.config.idle_timeout
-            if trio.current_time() >= deadline:
+            if trio.current_time() >= deadline and (watch is None or watch.judged(deadline)):
                 return
-            with trio.move_on_at(deadline):
+            wake = deadline
+            if watch is not None and watch.active:
+                # Sample on; past the deadline, one more sample says whether it is idle.
+                wake = min(wake, watch.next_sample) if trio.current_time() < deadline \
+                    else watch.next_sample
+            with trio.move_on_at(wake):
                 await rt.reconfigured.wait()  # a reload may have changed idle_timeout
+
+    async def _sample_traffic(self, rt: ServiceRuntime, inst: Instance, watch: TrafficWatch) -> None:
+        """One sample of a handed-over instance's traffic counter (activity.py): a moved
+        counter is activity now; one that cannot be read is unknown, logged once per instance.
+        When the instance stops being in use while a start waits, the queue is pumped (it
+        may be evicted now), as when a last connection closes."""
+        handle = inst.handle
+        if handle is None:
+            return
+        was_in_use = watch.busy
+        try:
+            with trio.move_on_after(TRAFFIC_TIMEOUT) as scope:
+                value = await handle.traffic()
+            if scope.cancelled_caught:
+                raise TimeoutError(f"no answer within {TRAFFIC_TIMEOUT:g} s")
+        except Exception as exc:
+            if not watch.logged:
+                watch.logged = True
+                _limited.warning(
+                    "traffic", "%s: cannot read its traffic (%s); judging it by lookups and "
+                    "proxied traffic alone until it can", inst.label, exc)
+            watch.failed(trio.current_time())
+            rt.traffic_samples["unknown"] += 1
+        else:
+            now = trio.current_time()
+            moved = watch.note(value, now)
+            if moved:
+                rt.last_activity = max(rt.last_activity, now)
+            if value is not None:
+                rt.traffic_samples["moved" if moved else "still"] += 1
+        if was_in_use and not watch.busy and len(self.queue):
+            self._pump()
+
+    @staticmethod
+    def _traffic_in_use(inst: Instance) -> bool:
+        """Whether a handed-over instance's traffic moved within the last few seconds."""
+        return inst.traffic is not None and inst.traffic.in_use(trio.current_time())
 
     async def _release(self, rt: ServiceRuntime, inst: Instance, died: str | None) -> None:
         """Runs shielded: stop the instance through its backend and settle its state."""

@@ -224,6 +224,21 @@ class LibvirtHandle(Handle):
             return None if state == 1 else f"the domain is {_STATE.get(state, state)}"
         return f"libvirt did not answer within {timeout:g} s"
 
+    #: A lone ARP answer (or a guest's own chatter) between two samples is no client; the
+    #: health probe asks libvirt, not the guest.
+    traffic_noise = 1
+
+    async def traffic(self) -> int | None:
+        """With bridge networking, the packets the guest sent on its interface: libvirt's
+        ``virDomainInterfaceStats`` for its MAC, whose counters are the domain's view (its
+        ``tx``: what the guest sent), so that a remote host's domain is seen too. None with
+        user networking (never handed over). BootFailed when libvirt cannot tell."""
+        if self.net is None:
+            return None
+        stats = await self.conn.call(
+            f"interface stats of {self.name}", lambda c: self._domain(c).interfaceStats(self.mac))
+        return int(stats[5])
+
     # ---- control -------------------------------------------------------------------------
 
     def _domain(self, conn: Any) -> Any:

@@ -20,6 +20,7 @@ from ..base import PROBE_INTERVAL, Handle, connect_check, map_errors, probe_tcp,
 from ..bridge import Lease
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
 from ..qmp import QMP
+from ..traffic import tap_packets_sent
 from .settings import QemuSettings, saved_meta
 from .usernet import guest_answered, slirp_fd
 
@@ -84,6 +85,18 @@ class QemuHandle(Handle):
 
     def describe(self) -> str:
         return f"{super().describe()} {os.path.basename(self.binary)} {self.accel}".strip()
+
+    #: On its tap: a lone ARP answer between two samples is no client; a health probe makes
+    #: the guest send its SYN-ACK, the ACK of our FIN and its own FIN (2 or 3 packets).
+    traffic_noise = 1
+    probe_traffic = 3
+
+    async def traffic(self) -> int | None:
+        """With bridge networking, the packets the guest sent on its tap (traffic.py); with
+        user networking None: its address is never handed over, the proxy sees everything."""
+        if not self.release_net:
+            return None
+        return tap_packets_sent(self.release_net[0].tap)
 
     def endpoint(self, port: int) -> tuple[str, int]:
         if self.host_ports:
