@@ -266,7 +266,7 @@ import socket, subprocess, sys, time
 seconds = float(sys.argv[1])
 deadline = time.monotonic() + 30
 while True:
-    out = subprocess.run(["dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+    out = subprocess.run(["dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
                           "hello.jit.test", "A"], capture_output=True, text=True).stdout.strip()
     if out.startswith("10.77.0."):
         break
@@ -314,7 +314,7 @@ async def test_bridge_instance_in_use_stays_up_then_goes_idle(
         await wait_until(lambda: b"serving" in daemon_log.read_bytes(), timeout=30)
         woke = await trio.run_process(
             [*netns, PYTHON, "-m", "jitlaunch.cli", "probe", "hello.jit.test", "--server",
-             "127.0.0.1:5353", "--port", "80"], capture_stdout=True, capture_stderr=True,
+             "127.0.0.1:5300", "--port", "80"], capture_stdout=True, capture_stderr=True,
             check=False)
         assert woke.returncode == 0, woke.stderr.decode() + daemon_log.read_text()
         res = await trio.run_process([*netns, PYTHON, "-c", FETCH_LOOP, "8"],
