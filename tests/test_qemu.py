@@ -334,3 +334,29 @@ async def test_bridge_mode_hands_over_inside_a_namespace(state: Path) -> None:
             proc.kill()
             await proc.wait()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.mark.parametrize("mode", ["pause", "save"])
+async def test_a_requested_stop_then_a_wake_serves(state: Path, block: str, mode: str) -> None:
+    """`jitlaunch stop` of a pause or save service, then the next requests: each is served
+    by the resumed (restored) instance, which stays up (a stop request of its earlier run
+    made every later run stop at once), and a second requested stop waits for its release."""
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra=f'idle_timeout = "5m"\nstop = "{mode}"\nanswer = "proxy"',
+        qemu='grace = "1s"')))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        rt = sup.services["uk"]
+        for round_ in range(3):
+            body = await http_get(f"{block}.1", 18080)
+            assert body.startswith(b"HTTP/1.1 200"), (round_, body)
+            inst = rt.instance
+            assert inst is not None and inst.state is State.READY, (round_, inst)
+            assert rt.stops[("requested", mode)] == round_
+            stopping = sup.stop("uk")
+            assert stopping is inst
+            with trio.fail_after(20):
+                await stopping.released.wait()
+            assert inst.state is State.SAVED, (round_, inst)
+            assert rt.stops[("requested", mode)] == round_ + 1
+        assert rt.boots == 3 and rt.readies == 3

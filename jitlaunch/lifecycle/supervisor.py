@@ -78,16 +78,35 @@ def host_budget(host: HostConfig) -> adm.Budget:
 
 
 class Instance:
-    """One instance of a service, from its start to its release."""
+    """One instance of a service, from its start to its release.
+
+    An instance saved by a pause or a save is started again by a later request: each start
+    (a boot, a resume, a restore) begins a new *run*. Everything that was asked of a run or
+    says how it ended (a requested stop, a condemnation, an eviction, a reload's stop, its
+    release) belongs to that run alone and is set afresh by :meth:`new_run`; a flag of an
+    earlier run must never decide what a later one does (a stop requested of the run before
+    a pause made every later run stop at once).
+    """
 
     def __init__(self, service: ServiceConfig, number: int) -> None:
         self.service = service
         self.number = number
         self.state = State.STOPPED
         self.handle: Handle | None = None
-        self.error: BootFailed | None = None
         self.started_at = math.nan
         self.ready_at = math.nan
+        #: While SAVED with a live process (a paused VM): the watch on it, and its end.
+        self.saved_watch = trio.CancelScope()
+        self.unwatched = trio.Event()
+        self.unwatched.set()
+        #: While it waits in the admission queue: when it was queued; and why it was refused.
+        self.queued_at = math.nan
+        self.refused: AdmissionRefused | None = None
+        self.new_run()
+
+    def new_run(self) -> None:
+        """Forget what was asked of the previous run: called by each start."""
+        self.error: BootFailed | None = None
         #: Why a ready instance was declared dead or hung (set once, by :meth:`Supervisor._condemn`).
         self.cause: str | None = None
         self.hung = False
@@ -95,19 +114,12 @@ class Instance:
         self.condemned = trio.Event()
         #: Set by :meth:`Supervisor.stop` (``jitlaunch stop``): stop it now, as if idle.
         self.stop_wanted = trio.Event()
-        #: Set once the instance's resources have been released (its task is done with it).
+        #: Set once this run's resources have been released (its task is done with it).
         self.released = trio.Event()
         #: Set while report_unreachable checks it: further reports wait for that check.
         self.checking: trio.Event | None = None
-        #: While SAVED with a live process (a paused VM): the watch on it, and its end.
-        self.saved_watch = trio.CancelScope()
-        self.unwatched = trio.Event()
-        self.unwatched.set()
         #: Set when admission evicts it: the stop mode to use (frees its share of the host).
         self.evict_mode: str | None = None
-        #: While it waits in the admission queue: when it was queued; and why it was refused.
-        self.queued_at = math.nan
-        self.refused: AdmissionRefused | None = None
         #: Set when a reload removed its service or replaced it: stop it for good (destroy).
         self.reloaded = False
         #: While it is ready with its address handed over: samples of its traffic (activity.py).
@@ -727,7 +739,9 @@ class Supervisor:
             fresh.service = rt.config  # queued before a reload: boot the current settings
         if saved is not None:
             inst = saved  # resumed; the stand-in's waiters find it
-            inst.evict_mode = None  # (if it was about to be evicted, it is wanted after all)
+            # A new run: nothing asked of the last one (a requested stop, an eviction that
+            # was about to take it) carries over.
+            inst.new_run()
         elif fresh is not None:
             inst = fresh
         else:
