@@ -46,6 +46,8 @@ def test_the_package_ships_its_files_and_keeps_the_config(deb: Path, tmp_path: P
     for path in ("/usr/bin/jitlaunch", "/etc/jitlaunch/jitlaunch.toml",
                  "/lib/systemd/system/jitlaunch.service", "/lib/systemd/system/jitlaunch.socket",
                  "/usr/lib/jitlaunch/images/hello.elf", "/usr/share/man/man8/jitlaunch.8.gz",
+                 "/usr/share/man/man5/jitlaunch.toml.5.gz",
+                 "/usr/share/doc/jitlaunch/configuration.md.gz",
                  "/usr/share/doc/jitlaunch/examples/production.toml"):
         assert path in files, path
     control = tmp_path / "control"
