@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .backends.addresses import HOLD_MARGIN
 from .backends.childenv import DEFAULT_PATH
 from .config import Config, ServiceConfig
 from .identity import Identity, UnknownIdentity, enter_problem, execute_problem, resolve
@@ -315,6 +316,30 @@ def bind_problem(host: str, port: int, kind: socket.SocketKind) -> tuple[bool, s
 
 def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
+
+
+def shared_subnet_warnings(config: Config) -> list[str]:
+    """One sentence per subnet (process ``subnet``, or a bridge's) that several handed-over
+    services draw their instances' addresses from: allowed, but an address one of them had
+    is held from the others for its TTL plus a margin after its release (addresses.py), so
+    the subnet needs the room."""
+    users: dict[str, list[str]] = {}
+    for svc in config.services:
+        subnet = getattr(svc.settings, "subnet", None)
+        if subnet is None or svc.answer == "proxy":
+            continue
+        if svc.backend != "process" and getattr(svc.settings, "network", "") != "bridge":
+            continue
+        where = str(subnet) if svc.backend == "process" else \
+            f"{subnet} on bridge {svc.settings.bridge}"
+        users.setdefault(where, []).append(svc.name)
+    return [
+        f"services {', '.join(repr(n) for n in names)} share {where}: an instance address one "
+        f"of them had is held from the others for that service's ttl plus "
+        f"{HOLD_MARGIN:g} s after its release (a client may still have it cached), so "
+        f"the subnet needs room for that"
+        for where, names in users.items() if len(names) > 1
+    ]
 
 
 def deployment_warnings(config: Config) -> list[str]:

@@ -150,7 +150,7 @@ def _check(path: str, *, host: bool = True) -> int:
         config = load_config(path, backends=SETTINGS)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from .checks import deployment_warnings, host_findings
+    from .checks import deployment_warnings, host_findings, shared_subnet_warnings
 
     findings = host_findings(config) if host else []
     errors = [f for f in findings if f.error]
@@ -159,7 +159,7 @@ def _check(path: str, *, host: bool = True) -> int:
     for f in findings:
         print(f"jitlaunch: {'error' if f.error else 'warning'}: {f.text(config.path)}",
               file=sys.stderr)
-    for warning in deployment_warnings(config):
+    for warning in shared_subnet_warnings(config) + deployment_warnings(config):
         print(f"jitlaunch: warning: {warning}", file=sys.stderr)
     return 2 if errors else 0
 

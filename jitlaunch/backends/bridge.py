@@ -2,7 +2,8 @@
 
 The bridge (created if absent, its address the subnet's first host, which instances use as
 their gateway) stays; each instance gets a tap named ``jlt<hex>`` attached to it and the next
-free address of the subnet. Each tap carries its daemon's state directory identity in its
+free address of the subnet (one another service had stays that service's while clients may
+have it cached: addresses.py). Each tap carries its daemon's state directory identity in its
 alias (``jitlaunch <state id>``). Taps are removed when their instance is released and, at
 daemon start, every tap of that identity an earlier run left (:func:`remove_leftover_taps`),
 never one of another state directory's daemon, live or not. Where someone
@@ -27,13 +28,15 @@ from typing import Any
 import trio
 
 from ..errors import BootFailed
+from .addresses import AddressPool
 
 log = logging.getLogger("jitlaunch.net")
 
 TAP_PREFIX = "jlt"
 #: A tap's alias (IFLA_IFALIAS) is this and its daemon's state directory identity.
 ALIAS = "jitlaunch"
-_in_use: dict[str, set[str]] = {}
+#: Each bridge's addresses, in use or held for the service that had them (addresses.py).
+_pools: dict[str, AddressPool] = {}
 _taps = itertools.count(1)
 
 
@@ -45,6 +48,9 @@ class Lease:
     tap: str
     ip: str
     gateway: str
+    #: The service it is for, and how long the address is held for it after the release.
+    service: str = ""
+    hold: float = 0.0
     released: bool = field(default=False)
 
     async def release(self) -> None:
@@ -60,7 +66,7 @@ class Lease:
             except Exception as exc:  # it must not stop the rest of the release
                 log.warning("cannot remove tap %s: %s", self.tap, exc)
             finally:
-                _in_use.get(self.bridge, set()).discard(self.ip)
+                _pool(self.bridge).release(self.ip, self.service, self.hold)
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Address:
     ip: str
     gateway: str
     local: bool
+    service: str = ""
+    hold: float = 0.0
     released: bool = field(default=False)
 
     async def release(self) -> None:
@@ -88,7 +96,11 @@ class Address:
             except Exception as exc:
                 log.warning("cannot forget %s on bridge %s: %s", self.ip, self.bridge, exc)
             finally:
-                _in_use.get(self.bridge, set()).discard(self.ip)
+                _pool(self.bridge).release(self.ip, self.service, self.hold)
+
+
+def _pool(bridge: str) -> AddressPool:
+    return _pools.setdefault(bridge, AddressPool())
 
 
 def _ipr() -> Any:
@@ -157,16 +169,13 @@ def _ensure_bridge(ipr: Any, name: str, subnet: ipaddress.IPv4Network) -> int:
     return index
 
 
-def _reserve(bridge: str, subnet: ipaddress.IPv4Network) -> tuple[str, str]:
-    """Take the subnet's next free address on ``bridge`` (on the event loop, so that two
-    concurrent attaches never get the same one); returns (gateway, address)."""
-    used = _in_use.setdefault(bridge, set())
+def _reserve(bridge: str, subnet: ipaddress.IPv4Network, service: str) -> tuple[str, str]:
+    """Take a free address of the subnet on ``bridge`` for ``service`` (on the event loop,
+    so that two concurrent attaches never get the same one; one another service had is held
+    for it while its answers may be cached: addresses.py); returns (gateway, address)."""
     hosts = subnet.hosts()
     gateway = str(next(hosts))
-    ip = next((str(h) for h in hosts if str(h) not in used), None)
-    if ip is None:
-        raise BootFailed(f"no free address left in {subnet} on bridge {bridge}")
-    used.add(ip)
+    ip = _pool(bridge).take((str(h) for h in hosts), service, f"{subnet} on bridge {bridge}")
     return gateway, ip
 
 
@@ -188,20 +197,22 @@ def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str, owner: str) -
         raise BootFailed(f"cannot attach a tap to bridge {bridge}: {exc}") from exc
 
 
-async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str) -> Lease:
+async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str, *, service: str = "",
+                 hold: float = 0.0) -> Lease:
     """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address; the
     tap's alias names ``owner``, the daemon's state directory identity
     (:func:`~jitlaunch.backends.owner.state_id`). The address is reserved before any
-    blocking call and freed again if the tap cannot be made; BootFailed says why."""
-    gateway, ip = _reserve(bridge, subnet)
+    blocking call and freed again if the tap cannot be made; BootFailed says why. Released,
+    the address stays ``service``'s for ``hold`` seconds (addresses.py)."""
+    gateway, ip = _reserve(bridge, subnet, service)
     # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
     tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
     try:
         await trio.to_thread.run_sync(_add_tap, bridge, subnet, tap, owner)
     except BaseException:
-        _in_use[bridge].discard(ip)
+        _pool(bridge).release(ip, service, 0)
         raise
-    return Lease(bridge, tap, ip, gateway)
+    return Lease(bridge, tap, ip, gateway, service, hold)
 
 
 def _make_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
@@ -214,19 +225,21 @@ def _make_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
         raise BootFailed(f"cannot make bridge {bridge}: {exc}") from exc
 
 
-async def reserve_address(bridge: str, subnet: ipaddress.IPv4Network, *, local: bool) -> Address:
+async def reserve_address(bridge: str, subnet: ipaddress.IPv4Network, *, local: bool,
+                          service: str = "", hold: float = 0.0) -> Address:
     """A free address of ``subnet`` on ``bridge`` for an instance whose tap someone else
     makes. With ``local`` the bridge is created here (with ``subnet``) if absent, as by
     :func:`attach`; else it is a remote host's, and only the address is ours to give.
-    The address is reserved before any blocking call and freed again on failure."""
-    gateway, ip = _reserve(bridge, subnet)
+    The address is reserved before any blocking call and freed again on failure; released,
+    it stays ``service``'s for ``hold`` seconds (addresses.py)."""
+    gateway, ip = _reserve(bridge, subnet, service)
     if local:
         try:
             await trio.to_thread.run_sync(_make_bridge, bridge, subnet)
         except BaseException:
-            _in_use[bridge].discard(ip)
+            _pool(bridge).release(ip, service, 0)
             raise
-    return Address(bridge, ip, gateway, local)
+    return Address(bridge, ip, gateway, local, service, hold)
 
 
 def _owner_alive(name: str) -> bool:

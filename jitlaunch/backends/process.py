@@ -43,6 +43,7 @@ import trio
 from ..config import ServiceConfig, Table
 from ..errors import BootFailed
 from ..identity import Identity, enter_problem, parse_user_group, resolve
+from .addresses import AddressPool, hold_time
 from .base import (
     Backend,
     Handle,
@@ -233,7 +234,8 @@ class ProcessBackend(Backend):
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
         self.marker = f"{MARKER}={state_dir.resolve()}:"
-        self._in_use: set[str] = set()
+        #: The addresses of every service's subnet, in use or held (addresses.py).
+        self.addresses = AddressPool()
         #: How instances are contained (chosen in :meth:`run`); a test may set it first.
         self.containers: Containers | None = None
         #: HOME, USER, LOGNAME of the daemon's own user, for instances without ``user``.
@@ -280,15 +282,12 @@ class ProcessBackend(Backend):
         wait_gone(killed)
         return killed
 
-    def _allocate(self, settings: ProcessSettings) -> str:
+    def _allocate(self, settings: ProcessSettings, service: str) -> str:
+        """A free address of the service's subnet (addresses.py: one handed out to another
+        service is held for it until its answers have expired)."""
         assert settings.subnet is not None
         hosts = settings.subnet.hosts() if settings.subnet.num_addresses > 2 else iter(settings.subnet)
-        for addr in hosts:
-            text = str(addr)
-            if text not in self._in_use:
-                self._in_use.add(text)
-                return text
-        raise BootFailed(f"no free address left in subnet {settings.subnet}")
+        return self.addresses.take((str(a) for a in hosts), service, f"subnet {settings.subnet}")
 
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         settings: ProcessSettings = service.settings
@@ -301,7 +300,7 @@ class ProcessBackend(Backend):
             drop = ident.popen_kwargs()
             user_env = ident.environment()
         if settings.subnet is not None:
-            host = self._allocate(settings)
+            host = self._allocate(settings, service.name)
             port_map = {p: p for p in service.ports}
             routable = True
         else:
@@ -317,13 +316,15 @@ class ProcessBackend(Backend):
         }
         argv = [word.format(**values) for word in settings.command]
 
-        def release() -> None:
-            self._in_use.discard(host)
+        def release(hold: float = hold_time(service)) -> None:
+            # Held for the service as long as a client may have it cached (addresses.py).
+            if settings.subnet is not None:
+                self.addresses.release(host, service.name, hold)
 
         try:
             logfile = open_instance_log(self.log_dir, service.name, number, argv)
         except OSError as exc:
-            release()
+            release(0)  # never answered
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
         # Never the daemon's environment (its secrets, its systemd channel, its HOME).
         env = child_environment()
@@ -353,7 +354,7 @@ class ProcessBackend(Backend):
             )
         except OSError as exc:
             logfile.close()
-            release()
+            release(0)  # never answered
             if box is not None:
                 with contextlib.suppress(OSError), trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(box.remove)

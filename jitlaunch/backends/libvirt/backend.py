@@ -36,6 +36,7 @@ import trio
 from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
+from ..addresses import hold_time
 from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
 from ..bridge import Address, reserve_address
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
@@ -596,7 +597,8 @@ class LibvirtBackend(Backend):
         net: Address | None = None
         ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
         if settings.network == "bridge":
-            net = await reserve_address(settings.bridge, settings.subnet, local=settings.local)
+            net = await reserve_address(settings.bridge, settings.subnet, local=settings.local,
+                                        service=service.name, hold=hold_time(service))
             ip, prefix, gateway = net.ip, settings.subnet.prefixlen, net.gateway
         cmdline = settings.cmdline.format(
             ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],

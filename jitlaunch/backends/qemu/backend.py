@@ -326,9 +326,11 @@ class QemuBackend(Backend):
         if settings.network == "user":
             ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
         else:
+            from ..addresses import hold_time
             from ..bridge import attach
 
-            lease = await attach(settings.bridge, settings.subnet, state_id(self.state_dir))
+            lease = await attach(settings.bridge, settings.subnet, state_id(self.state_dir),
+                                 service=service.name, hold=hold_time(service))
             release_net.append(lease)
             ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
             address = lease.ip
