@@ -39,6 +39,7 @@ from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
 from .metrics import Metrics, new_registry
 from .proxy import Proxy
+from .statedir import open_private, prepare_state_dir
 
 log = logging.getLogger("jitlaunch")
 
@@ -56,8 +57,8 @@ def lock_state_dir(state_dir: Path) -> int:
     touches the directory's contents.
     """
     path = state_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # never through a symlink someone planted (see statedir.py)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise ListenError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
     try:
@@ -73,8 +74,11 @@ def lock_state_dir(state_dir: Path) -> int:
             f"the state directory {state_dir} is in use by another jitlaunch daemon{holder}; "
             "one daemon per state directory"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # for people to read: a full disk does not stop the daemon
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        log.warning("cannot write our pid into %s: %s", path, exc.strerror or exc)
     return fd
 
 
@@ -140,12 +144,7 @@ class Daemon:
         self._stop.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            self.config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ListenError(
-                f"cannot create the state directory {self.config.daemon.state_dir}: {exc.strerror}"
-            ) from exc
+        prepare_state_dir(self.config.daemon.state_dir)  # StateDirUnsafe: not ours alone
         lock = lock_state_dir(self.config.daemon.state_dir)
         try:
             if self.passed is None:

@@ -37,6 +37,7 @@ import trio
 from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
+from ...statedir import ensure_subdir, nofollow
 from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
 from ..bridge import Address, reserve_address
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
@@ -158,7 +159,7 @@ class LibvirtHandle(Handle):
 
     def _read_console(self) -> None:
         try:
-            with open(self.console_path, "rb") as f:
+            with open(self.console_path, "rb", opener=nofollow) as f:
                 f.seek(self._offset)
                 data = f.read(1 << 20)
         except OSError:
@@ -396,7 +397,7 @@ class LibvirtBackend(Backend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for d in (self.log_dir, self.saved_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            ensure_subdir(d)  # libvirtd writes console files and saved states there by path
         for leftover in self.saved_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
