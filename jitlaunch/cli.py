@@ -194,8 +194,8 @@ def _host_line(config: Config) -> str:
 
 
 def _run(path: str | None, level: str | None) -> int:
-    try:
-        config = load_config(path, backends=SETTINGS)
+    try:  # a regular file only: a FIFO would block here, and again at every reload
+        config = load_config(path, backends=SETTINGS, regular_only=True)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     logging.basicConfig(

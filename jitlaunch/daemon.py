@@ -28,6 +28,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
+from .aio import run_sync_abandoned
 from .backends import SETTINGS, Backend, create_backends
 from .checks import host_findings
 from .config import Config, Endpoint, load_config
@@ -82,6 +83,9 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+#: The longest a reload may take to read its config file and check what it names.
+RELOAD_READ_TIMEOUT = 10.0
+
 #: The path a config loaded without a file (the built-in one) reports.
 DEFAULT_CONFIG_PATH = "<default config>"
 
@@ -121,6 +125,7 @@ class Daemon:
     _reload_waiting: bool = False
     _nursery: trio.Nursery | None = None
     _serving: bool = False  # every listener is up: a reload may run
+    _reading: trio.CancelScope | None = None  # a reload reading and checking its file
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -140,8 +145,11 @@ class Daemon:
         return self._stop.is_set()
 
     def stop(self) -> None:
-        """Ask for an orderly shutdown; :meth:`serve` returns when it is done."""
+        """Ask for an orderly shutdown; :meth:`serve` returns when it is done. A reload
+        still reading its file is cancelled (it says so)."""
         self._stop.set()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         prepare_state_dir(self.config.daemon.state_dir)  # StateDirUnsafe: not ours alone
@@ -256,20 +264,38 @@ class Daemon:
 
     async def _reload(self, trigger: str) -> ReloadResult:
         path = self.config.path
-        try:
-            new = await trio.to_thread.run_sync(functools.partial(
-                load_config, None if path == DEFAULT_CONFIG_PATH else path, backends=SETTINGS))
-        except ConfigError as exc:
-            return self._rejected(trigger, str(exc))
-        plan = plan_reload(self.config, new, self.backends, self.proxy.passed_fronts)
-        if plan.rejected:
-            return self._rejected(trigger, plan.error())
-        # What `jitlaunch check` finds, for the services this reload adds or changes (the
-        # others were checked at start, and their instances may be running): an error
-        # rejects the reload, a warning is logged.
-        touched = set(plan.added) | set(plan.changed_names)
-        findings = [f for f in await trio.to_thread.run_sync(
-            functools.partial(host_findings, new, ports=False)) if f.service in touched]
+        # Reading the file and checking what it names (binaries, images) touch file systems
+        # that may hang (a network mount): in worker threads abandoned (cancellable) at
+        # RELOAD_READ_TIMEOUT, or at once when the daemon stops.
+        with trio.move_on_after(RELOAD_READ_TIMEOUT) as reading:
+            self._reading = reading
+            if self.stopping:
+                reading.cancel()
+            try:
+                new = await run_sync_abandoned(functools.partial(
+                    load_config, None if path == DEFAULT_CONFIG_PATH else path,
+                    backends=SETTINGS, regular_only=True))
+                plan = plan_reload(self.config, new, self.backends, self.proxy.passed_fronts)
+                if plan.rejected:
+                    return self._rejected(trigger, plan.error())
+                # What `jitlaunch check` finds, for the services this reload adds or changes
+                # (the others were checked at start, and their instances may be running): an
+                # error rejects the reload, a warning is logged.
+                touched = set(plan.added) | set(plan.changed_names)
+                checked = await run_sync_abandoned(
+                    functools.partial(host_findings, new, ports=False))
+            except ConfigError as exc:
+                return self._rejected(trigger, str(exc))
+            finally:
+                self._reading = None
+        if reading.cancelled_caught:
+            if self.stopping:
+                return self._rejected(trigger, f"cancelled: the daemon is stopping (the reload "
+                                               f"was still reading {path})")
+            return self._rejected(trigger, f"reading {path} and checking what it names took "
+                                           f"over {RELOAD_READ_TIMEOUT:g} s (a hung file "
+                                           "system?); nothing changed")
+        findings = [f for f in checked if f.service in touched]
         errors = [f.text(path) for f in findings if f.error]
         if errors:
             return self._rejected(trigger, "; ".join(errors))
