@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import trio
+
+T = TypeVar("T")
+
+# trio 0.23 renamed to_thread.run_sync's ``cancellable`` to ``abandon_on_cancel``; Debian 12
+# has 0.22, and later releases dropped the old name.
+_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel"
+            in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
+
+
+async def run_sync_abandoned(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread that a cancel abandons: the caller goes on at once
+    and the thread finishes (or hangs) on its own, its result dropped. Only for work whose
+    result nobody else needs, such as reading a file that may hang."""
+    return cast(T, await cast(Any, trio.to_thread.run_sync)(fn, *args, **{_ABANDON: True}))
 
 
 async def first_of(*waits: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:

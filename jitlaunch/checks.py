@@ -3,8 +3,9 @@
 :func:`host_findings` looks at this host without starting anything: the files and binaries
 services need, the users they run as, /dev/kvm, the addresses and ports to bind. Each finding
 is an *error* (the service or the daemon can never start as configured: a missing kernel
-image, binary or user) or a *warning* (it may be fine at run time: a port in use, perhaps by
-the running daemon itself; a privilege this check lacks but the daemon may have).
+image, binary or user, a state directory others can write) or a *warning* (it may be fine at
+run time: a port in use, perhaps by the running daemon itself; a privilege this check lacks
+but the daemon may have).
 
 :func:`deployment_warnings` is pure (a Config in, sentences out): a valid config that would
 not work for clients elsewhere. When DNS listens on an address that is not loopback (a
@@ -36,6 +37,7 @@ from .backends.addresses import HOLD_MARGIN
 from .backends.childenv import DEFAULT_PATH
 from .config import Config, ServiceConfig
 from .identity import Identity, UnknownIdentity, enter_problem, execute_problem, resolve
+from .statedir import state_dir_problem
 
 WILDCARDS = ("0.0.0.0", "::")
 
@@ -59,12 +61,15 @@ class Finding:
         return f"{where}: {self.message}"
 
 
-def host_findings(config: Config, *, ports: bool = True) -> list[Finding]:
+def host_findings(config: Config, *, ports: bool = True, state_dir: bool = True) -> list[Finding]:
     """Everything that can be checked here without starting anything (see the module's
     docstring), errors first. ``ports``: also try to bind every address the daemon would
-    (the daemon itself skips that: its own binds say it at once)."""
+    (the daemon itself skips that: its own binds say it at once); ``state_dir``: whether
+    the daemon would refuse its state directory (statedir.py; the daemon says it itself)."""
     out: list[Finding] = []
     root = os.geteuid() == 0
+    if state_dir and (problem := state_dir_problem(config.daemon.state_dir)) is not None:
+        out.append(Finding(True, problem, key="daemon.state_dir"))
     group = config.daemon.control_group
     if group is not None:
         try:

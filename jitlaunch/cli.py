@@ -203,8 +203,8 @@ def _host_line(config: Config) -> str:
 
 
 def _run(path: str | None, level: str | None) -> int:
-    try:
-        config = load_config(path, backends=SETTINGS)
+    try:  # a regular file only: a FIFO would block here, and again at every reload
+        config = load_config(path, backends=SETTINGS, regular_only=True)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     logging.basicConfig(
@@ -215,7 +215,8 @@ def _run(path: str | None, level: str | None) -> int:
     log.info("jitlaunch %s starting with %s", __version__, config.path)
     from .checks import host_findings
 
-    for f in host_findings(config, ports=False):  # what `jitlaunch check` says, once
+    # What `jitlaunch check` says, once (the daemon refuses an unsafe state dir itself).
+    for f in host_findings(config, ports=False, state_dir=False):
         (log.error if f.error else log.warning)("check: %s", f.text(config.path))
     raise_nofile_limit()
     try:

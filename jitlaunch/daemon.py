@@ -28,6 +28,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import systemd as sd
+from .aio import run_sync_abandoned
 from .backends import SETTINGS, Backend, create_backends
 from .checks import host_findings
 from .config import Config, Endpoint, load_config
@@ -39,6 +40,7 @@ from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
 from .metrics import Metrics, new_registry
 from .proxy import Proxy
+from .statedir import open_private, prepare_state_dir
 
 log = logging.getLogger("jitlaunch")
 
@@ -56,8 +58,8 @@ def lock_state_dir(state_dir: Path) -> int:
     touches the directory's contents.
     """
     path = state_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # never through a symlink someone planted (see statedir.py)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise ListenError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
     try:
@@ -73,10 +75,16 @@ def lock_state_dir(state_dir: Path) -> int:
             f"the state directory {state_dir} is in use by another jitlaunch daemon{holder}; "
             "one daemon per state directory"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # for people to read: a full disk does not stop the daemon
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        log.warning("cannot write our pid into %s: %s", path, exc.strerror or exc)
     return fd
 
+
+#: The longest a reload may take to read its config file and check what it names.
+RELOAD_READ_TIMEOUT = 10.0
 
 #: The path a config loaded without a file (the built-in one) reports.
 DEFAULT_CONFIG_PATH = "<default config>"
@@ -117,6 +125,7 @@ class Daemon:
     _reload_waiting: bool = False
     _nursery: trio.Nursery | None = None
     _serving: bool = False  # every listener is up: a reload may run
+    _reading: trio.CancelScope | None = None  # a reload reading and checking its file
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -136,16 +145,14 @@ class Daemon:
         return self._stop.is_set()
 
     def stop(self) -> None:
-        """Ask for an orderly shutdown; :meth:`serve` returns when it is done."""
+        """Ask for an orderly shutdown; :meth:`serve` returns when it is done. A reload
+        still reading its file is cancelled (it says so)."""
         self._stop.set()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            self.config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ListenError(
-                f"cannot create the state directory {self.config.daemon.state_dir}: {exc.strerror}"
-            ) from exc
+        prepare_state_dir(self.config.daemon.state_dir)  # StateDirUnsafe: not ours alone
         lock = lock_state_dir(self.config.daemon.state_dir)
         try:
             control_lock = claim_control_path(
@@ -266,20 +273,38 @@ class Daemon:
 
     async def _reload(self, trigger: str) -> ReloadResult:
         path = self.config.path
-        try:
-            new = await trio.to_thread.run_sync(functools.partial(
-                load_config, None if path == DEFAULT_CONFIG_PATH else path, backends=SETTINGS))
-        except ConfigError as exc:
-            return self._rejected(trigger, str(exc))
-        plan = plan_reload(self.config, new, self.backends, self.proxy.passed_fronts)
-        if plan.rejected:
-            return self._rejected(trigger, plan.error())
-        # What `jitlaunch check` finds, for the services this reload adds or changes (the
-        # others were checked at start, and their instances may be running): an error
-        # rejects the reload, a warning is logged.
-        touched = set(plan.added) | set(plan.changed_names)
-        findings = [f for f in await trio.to_thread.run_sync(
-            functools.partial(host_findings, new, ports=False)) if f.service in touched]
+        # Reading the file and checking what it names (binaries, images) touch file systems
+        # that may hang (a network mount): in worker threads abandoned (cancellable) at
+        # RELOAD_READ_TIMEOUT, or at once when the daemon stops.
+        with trio.move_on_after(RELOAD_READ_TIMEOUT) as reading:
+            self._reading = reading
+            if self.stopping:
+                reading.cancel()
+            try:
+                new = await run_sync_abandoned(functools.partial(
+                    load_config, None if path == DEFAULT_CONFIG_PATH else path,
+                    backends=SETTINGS, regular_only=True))
+                plan = plan_reload(self.config, new, self.backends, self.proxy.passed_fronts)
+                if plan.rejected:
+                    return self._rejected(trigger, plan.error())
+                # What `jitlaunch check` finds, for the services this reload adds or changes
+                # (the others were checked at start, and their instances may be running): an
+                # error rejects the reload, a warning is logged.
+                touched = set(plan.added) | set(plan.changed_names)
+                checked = await run_sync_abandoned(
+                    functools.partial(host_findings, new, ports=False))
+            except ConfigError as exc:
+                return self._rejected(trigger, str(exc))
+            finally:
+                self._reading = None
+        if reading.cancelled_caught:
+            if self.stopping:
+                return self._rejected(trigger, f"cancelled: the daemon is stopping (the reload "
+                                               f"was still reading {path})")
+            return self._rejected(trigger, f"reading {path} and checking what it names took "
+                                           f"over {RELOAD_READ_TIMEOUT:g} s (a hung file "
+                                           "system?); nothing changed")
+        findings = [f for f in checked if f.service in touched]
         errors = [f.text(path) for f in findings if f.error]
         if errors:
             return self._rejected(trigger, "; ".join(errors))

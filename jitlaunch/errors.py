@@ -58,6 +58,11 @@ class StateDirInUse(JitlaunchError):
     """Another daemon holds the lock on the state directory (one daemon per directory)."""
 
 
+class StateDirUnsafe(JitlaunchError):
+    """The state directory (or a directory above it, or one it holds) is not the daemon
+    user's alone: someone else could plant files in it. The message says what is required."""
+
+
 class IllegalTransition(JitlaunchError):
     """An instance was asked to make a state transition that its state machine forbids."""
 

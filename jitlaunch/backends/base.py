@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import os
 import shlex
 import socket
 import time
@@ -20,6 +21,7 @@ import trio
 
 from ..config import ServiceConfig
 from ..errors import BootFailed, ProtocolError
+from ..statedir import InstanceLog, ensure_subdir
 
 #: How often the TCP readiness probe tries to connect (the issue asks for <= 10 ms).
 PROBE_INTERVAL = 0.005
@@ -173,12 +175,15 @@ def _running(pid: int) -> bool:
 
 
 def open_instance_log(log_dir: Path, service: str, number: int, argv: list[str]) -> IO[bytes]:
-    """The per-service log an instance writes to; the previous instance's is kept as .log.1."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+    """The per-service log an instance writes to; the previous instance's is kept as .log.1
+    (renamed: whatever the entry was, nothing it points to is touched). Opened as the state
+    directory's files are (statedir.py: NotOurs for a planted one); writing to it never
+    fails (:class:`InstanceLog`). OSError if it cannot be opened."""
+    ensure_subdir(log_dir)
     path = log_dir / f"{service}.log"
-    if path.exists():
-        path.replace(path.with_suffix(".log.1"))
-    f = open(path, "ab", buffering=0)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, path.with_suffix(".log.1"))
+    f = InstanceLog(path)
     f.write(f"# jitlaunch: {service}#{number}: {shlex.join(argv)}\n".encode())
     return f
 

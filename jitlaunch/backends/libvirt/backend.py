@@ -36,6 +36,7 @@ import trio
 from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
+from ...statedir import ensure_subdir, nofollow
 from ..addresses import hold_time
 from ..base import PROBE_INTERVAL, Backend, Handle, free_port, map_errors
 from ..bridge import Address, reserve_address
@@ -154,7 +155,7 @@ class LibvirtHandle(Handle):
 
     def _read_console(self) -> None:
         try:
-            with open(self.console_path, "rb") as f:
+            with open(self.console_path, "rb", opener=nofollow) as f:
                 f.seek(self._offset)
                 data = f.read(1 << 20)
         except OSError:
@@ -407,7 +408,7 @@ class LibvirtBackend(Backend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for d in (self.log_dir, self.saved_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            ensure_subdir(d)  # libvirtd writes console files and saved states there by path
         for leftover in self.saved_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()

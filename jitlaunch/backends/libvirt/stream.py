@@ -25,6 +25,8 @@ from typing import Any
 
 import trio
 
+from ...statedir import open_private
+
 log = logging.getLogger("jitlaunch.libvirt")
 
 #: The most read from the stream in one call.
@@ -57,7 +59,7 @@ class ConsoleStream:
         over from any other client, ``VIR_DOMAIN_CONSOLE_FORCE``). libvirtError or OSError
         if it cannot be opened (then nothing is left open); nothing is left open either if
         :meth:`close` came meanwhile."""
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             if self.ended is not None:  # closed already: take the console from no one
                 raise _ClosedMeanwhile

@@ -19,6 +19,7 @@ from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed
 from ...identity import resolve
+from ...statedir import ensure_subdir, is_private_file, read_private
 from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
 from ..bridge import Lease
 from ..childenv import child_environment
@@ -77,7 +78,7 @@ class QemuBackend(Backend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for d in (self.run_dir, self.saved_dir, self.log_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            ensure_subdir(d)  # QEMU opens its pid file and QMP socket in run/ by path
         await self.clean_leftovers()
         for svc in self.services:
             settings: QemuSettings = svc.settings
@@ -253,11 +254,16 @@ class QemuBackend(Backend):
         settings: QemuSettings = service.settings
         incoming = None
         mac = saved.mac if isinstance(saved, QemuHandle) else None  # the guest knows its MAC
+        if state.is_symlink() or (state.exists() and not is_private_file(state)):
+            log.warning("%s: %s is not a regular file of ours; removing it, not restoring "
+                        "from it", service.name, state)
+            with contextlib.suppress(OSError):
+                state.unlink()
         if state.exists():
             meta = state.with_suffix(".image")
             try:
-                text = meta.read_text() if meta.exists() else ""
-            except OSError as exc:
+                text = read_private(meta).decode() if meta.exists() or meta.is_symlink() else ""
+            except (OSError, UnicodeDecodeError) as exc:
                 raise BootFailed(f"cannot read the saved state's description {meta}: {exc}") \
                     from exc
             accel = self._accel(settings)

@@ -16,6 +16,7 @@ import trio
 from ...aio import first_of
 from ...config import ServiceConfig
 from ...errors import BootFailed, ProtocolError
+from ...statedir import write_private
 from ..base import PROBE_INTERVAL, Handle, connect_check, map_errors, probe_tcp, process_state
 from ..bridge import Lease
 from ..console import KVM_FAILURE, READY, ConsoleScanner, last_words
@@ -396,7 +397,10 @@ class QemuHandle(Handle):
             await qmp.execute("stop")
             # The file is opened here and handed over (QMP getfd): QEMU may run as a user
             # (-runas) that could not create it in our state directory.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(FileNotFoundError):  # a fresh file, never a planted one
+                tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
             try:
                 await qmp.send_fd("jl-save", fd)
             finally:
@@ -412,9 +416,9 @@ class QemuHandle(Handle):
                         f"saving the state failed: {info.get('error-desc', status)}")
                 await trio.sleep(0.002)
             tmp.replace(path)
-            path.with_suffix(".image").write_text(saved_meta(
+            write_private(path.with_suffix(".image"), saved_meta(
                 self.backend.image_ids[self.settings.kernel], self.settings, self.accel, self.mac,
-                version))
+                version).encode())
         except BaseException:
             for p in (tmp, path, path.with_suffix(".image")):  # no half-written state
                 with contextlib.suppress(OSError):
