@@ -329,7 +329,7 @@ def netns_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[l
 
 BRIDGE_SERVICE = """
 [dns]
-listen = ["127.0.0.1:5353"]
+listen = ["127.0.0.1:5300"]
 zones = ["jit.test"]
 ttl = 30
 
@@ -375,7 +375,7 @@ async def test_bridge_networking_hands_over_the_domains_address(
 
     async def ask() -> str:
         res = await trio.run_process(
-            [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5353", "@127.0.0.1",
+            [*inside, "dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
              "hello.jit.test", "A"], capture_stdout=True, check=False)
         lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
         return "\n".join(lines).strip()  # empty while the daemon is not up yet
