@@ -317,6 +317,14 @@ class DaemonCollector(Collector):
         for key, action in _RRL.items():
             limited.add_metric([action], dns.counts.get(key, 0))
         yield limited
+        cookies = CounterMetricFamily(
+            "jitlaunch_dns_cookies", "DNS queries with a COOKIE option, by their server cookie "
+            "(valid: the client proved its address; invalid; none: a client cookie alone)",
+            labels=["server_cookie"],
+        )
+        for result in ("valid", "invalid", "none"):
+            cookies.add_metric([result], dns.authority.cookies_seen[result])
+        yield cookies
         events = CounterMetricFamily(
             "jitlaunch_dns_events", "What DNS clients made the server do besides answering "
             "(resets, slow clients, refused connections, dropped held queries, internal errors)",
@@ -395,11 +403,12 @@ class DaemonCollector(Collector):
         sup = self.m.supervisor
         outcomes = CounterMetricFamily(
             "jitlaunch_admission", "Starts by what admission did (admitted, queued, evicted, "
-            "refused_full, refused_timeout, refused_never, refused_closing, wake_limited)",
+            "refused_full, refused_timeout, refused_never, refused_closing, refused_unproven, "
+            "wake_limited)",
             labels=["outcome"],
         )
         for outcome in ("admitted", "queued", "evicted", "refused_full", "refused_timeout",
-                        "refused_never", "refused_closing", "wake_limited"):
+                        "refused_never", "refused_closing", "refused_unproven", "wake_limited"):
             outcomes.add_metric([outcome], sup.admission[outcome])
         yield outcomes
         yield _gauge("jitlaunch_admission_queue", "Starts waiting in the admission queue",
