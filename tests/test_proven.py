@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from jitlaunch.config import WakeConfig
+from jitlaunch.lifecycle import admission as adm
+from jitlaunch.lifecycle.admission import Budget, Decision, Eviction, Holder, Kind, Usage, Verdict
 from jitlaunch.lifecycle.state import State
 
 from .conftest import config_text, fresh_block, http_get, load, running, wait_until
@@ -18,6 +21,50 @@ from .test_capacity import host, pid, services, state
 from .test_metrics import get, scrape
 
 COOKIE = 10
+
+
+# ---- the rule, pure (admission.py) ----------------------------------------------------------
+
+
+def test_an_unproven_start_takes_free_room_only() -> None:
+    budget = Budget(max_instances=2, memory=1000, max_booting=1)
+    one = [Holder("a", Kind.RUNNING, 48, last_active=1.0)]
+    assert adm.decide(budget, Usage(), one, "c", 48, proven=False) == Decision(Verdict.START)
+    full = [*one, Holder("b", Kind.RUNNING, 48, last_active=2.0)]
+    proven = adm.decide(budget, Usage(), full, "c", 48)
+    assert proven.verdict is Verdict.EVICT and proven.evictions == (Eviction("a", "destroy"),)
+    unproven = adm.decide(budget, Usage(), full, "c", 48, proven=False)
+    assert unproven.verdict is Verdict.UNPROVEN and not unproven.evictions
+    assert "not proven" in unproven.reason
+    # What would wait (a boot slot, the service's own max_instances, instances on their way
+    # out, nothing to evict) is refused too; what can never fit stays REFUSE.
+    booting = [Holder("a", Kind.BOOTING, 48)]
+    assert adm.decide(budget, Usage(), booting, "c", 48).verdict is Verdict.WAIT
+    assert adm.decide(budget, Usage(), booting, "c", 48, proven=False).verdict is Verdict.UNPROVEN
+    leaving = [Holder("a", Kind.LEAVING, 48), Holder("b", Kind.LEAVING, 48)]
+    assert adm.decide(budget, Usage(), leaving, "c", 48).verdict is Verdict.WAIT
+    assert adm.decide(budget, Usage(), leaving, "c", 48, proven=False).verdict is Verdict.UNPROVEN
+    assert adm.decide(budget, Usage(), [], "c", 2000, proven=False).verdict is Verdict.REFUSE
+    # A paused instance of the service resumes: it needs a boot slot only.
+    paused = [Holder("c", Kind.PAUSED, 48), Holder("b", Kind.RUNNING, 48)]
+    assert adm.decide(budget, Usage(), paused, "c", 48, proven=False).verdict is Verdict.START
+
+
+def test_unproven_wakes_share_one_bucket() -> None:
+    """Unproven boots take from one bucket whatever prefix they claim; they never touch a
+    prefix's own bucket, which proven boots use."""
+    w = adm.WakeLimiter(WakeConfig(rate=1, burst=3))
+    forged = [f"10.{i}.0.1" for i in range(50)]
+    allowed = [w.allow(source, 0.0, proven=False) for source in forged]
+    assert allowed == [True] * 3 + [False] * 47
+    assert w.limited_unproven == 47 == w.limited
+    # Every prefix keeps its whole burst for proven boots.
+    assert all(w.allow("10.7.0.1", 0.0) for _ in range(3)) and not w.allow("10.7.0.1", 0.0)
+    assert w.allow("192.0.2.1", 0.0)
+    # The shared bucket refills at the rate.
+    assert w.allow("10.99.0.1", 1.0, proven=False) and not w.allow("10.98.0.1", 1.0, proven=False)
+    off = adm.WakeLimiter(WakeConfig(rate=0))
+    assert all(off.allow(s, 0.0, proven=False) for s in forged)
 
 
 def query(name: str, ident: int = 1, cookie: bytes | None = None) -> bytes:
