@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from jitlaunch.dns import cookies as cookies_mod
 from jitlaunch.dns import wire as w
 from jitlaunch.dns.answer import QueryCookie
 from jitlaunch.dns.authority import Authority
@@ -300,3 +301,32 @@ async def test_proven_over_tcp_or_with_a_valid_server_cookie() -> None:
     assert sup.proven == [False, True, False, True, True, True, False, True]
     assert auth.cookies_seen == {"none": 1, "valid": 4, "invalid": 1}, auth.cookies_seen
     assert sum(len(c) for c in auth._caches) == 4  # cached without the option
+
+
+def test_valid_cookies_are_remembered_not_hashed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cookie made or found valid is known afterwards (no SipHash: it costs more than a
+    cached answer); the age is still checked; the set of known cookies is bounded."""
+    monkeypatch.setattr(cookies_mod, "KNOWN", 8)
+    cookies = ServerCookies(SECRET)
+    hashes = 0
+    real = cookies._hash
+
+    class Counting:
+        def digest(self, data: bytes) -> bytes:
+            nonlocal hashes
+            hashes += 1
+            return real.digest(data)
+
+    monkeypatch.setattr(cookies, "_hash", Counting())
+    client = bytes.fromhex("2464c4abcf10c957")
+    sent = client + cookies.make(client, V4, A1_TIME)
+    assert hashes == 1
+    for t in (A1_TIME, A1_TIME + 100, A1_TIME + 3600):
+        assert cookies.answer(sent, V4, t)[1] == "valid"
+    assert hashes == 2  # the fresh one made at A1_TIME + 3600 (older than half an hour)
+    assert cookies.answer(sent, V4, A1_TIME + 3601)[1] == "invalid" and hashes == 3
+    # Not known for another address: checked, and invalid.
+    assert cookies.answer(sent, bytes(4), A1_TIME)[1] == "invalid" and hashes == 5
+    for i in range(20):
+        cookies.make(bytes([i]) * 8, V4, A1_TIME)
+    assert len(cookies._known) <= 8

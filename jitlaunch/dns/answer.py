@@ -30,7 +30,10 @@ checked against NSD by tests/test_dns_nsd.py:
   a label may hold any byte (a dot, or bytes that are not UTF-8); the question is echoed
   exactly as asked and answers point to it;
 * flags in replies: QR, AA for authoritative answers, the opcode and RD copied, nothing else;
-* a UDP reply too large for the bound: header and question (and OPT) only, with TC set.
+* a UDP reply too large for the bound: header and question (and OPT) only, with TC set;
+* a well-formed DNS cookie (RFC 7873) is handed on in :attr:`Response.cookie`: the reply is
+  the one without it, and the caller adds the server's COOKIE option to its OPT
+  (:func:`wire.add_option`), since that needs the client's address and the secret.
 
 The common replies (NXDOMAIN, NODATA, REFUSED, service answers) are the question copied from
 the query plus precomputed bytes: the SOA record of a zone's negative answers is built once

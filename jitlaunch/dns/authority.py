@@ -98,7 +98,7 @@ class Authority:
         sup = self.supervisor
         cookie: QueryCookie | None = None
         # Most queries end with an OPT without options (its zero data length) or have none.
-        if len(wire) > 12 and wire[11] and wire[-2:] != b"\0\0":
+        if wire[-2:] != b"\0\0" and len(wire) > 12 and wire[11]:
             split = w.split_cookie(wire)
             if split is not None:
                 wire, option, payload = split

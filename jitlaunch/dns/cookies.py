@@ -24,6 +24,12 @@ What a query's COOKIE option gets (RFC 7873 5.2, as NSD 4.6 answers with
   less than half an hour old, a fresh one after that (RFC 9018 4.3).
 
 Timestamps compare in serial number arithmetic (RFC 1982), as RFC 9018 asks.
+
+Cost: SipHash in Python takes about 9 µs, more than a cached answer (about 6 µs of CPU). A
+resolver sends the same cookie back for up to half an hour, so the cookies made or found
+valid lately are remembered (with the client's address; at most :data:`KNOWN` of them, all
+forgotten at once when full): finding one there costs a dictionary look-up. Only a valid
+cookie gets in, so forged ones cannot push the real ones out faster than real clients do.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ MAX_AGE = 3600
 MAX_AHEAD = 300
 #: One older than this is answered with a fresh one.
 REFRESH_AGE = 1800
+#: Cookies remembered as valid (with the client's address) before all are forgotten.
+KNOWN = 4096
 
 _U32 = struct.Struct("!I")
 _HEAD = struct.Struct("!HH")
@@ -76,6 +84,9 @@ class ServerCookies:
 
     def __init__(self, secret: bytes | None = None) -> None:
         self._hash = SipHash24(secret if secret is not None else os.urandom(16))
+        #: Client and server cookie and the client's address, of cookies known to be valid
+        #: (made here, or checked); their age is still checked each time.
+        self._known: set[bytes] = set()
 
     def __repr__(self) -> str:
         return "<ServerCookies>"  # never the secret
@@ -84,7 +95,14 @@ class ServerCookies:
         """A fresh 16-byte server cookie for ``client`` (8 bytes) at ``address`` at ``now``
         (seconds since the epoch)."""
         head = b"\x01\0\0\0" + _U32.pack(now & 0xFFFFFFFF)
-        return head + self._hash.digest(client + head + address)
+        made = head + self._hash.digest(client + head + address)
+        self._remember(client + made + address)
+        return made
+
+    def _remember(self, key: bytes) -> None:
+        if len(self._known) >= KNOWN:
+            self._known.clear()
+        self._known.add(key)
 
     def check(self, option: bytes, address: bytes, now: int) -> int:
         """The age in seconds (negative: ahead of us) of the server cookie in the COOKIE option
@@ -97,8 +115,11 @@ class ServerCookies:
             age -= 0x100000000
         if not -MAX_AHEAD <= age <= MAX_AGE:
             return _INVALID
-        if not hmac.compare_digest(self._hash.digest(option[:16] + address), option[16:]):
-            return _INVALID
+        key = option + address
+        if key not in self._known:
+            if not hmac.compare_digest(self._hash.digest(option[:16] + address), option[16:]):
+                return _INVALID
+            self._remember(key)
         return age
 
     def answer(self, option: bytes, address: bytes, now: int) -> tuple[bytes, str]:
