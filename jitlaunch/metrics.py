@@ -392,6 +392,7 @@ class Snapshot:
     last_reload_ok: bool
     dns_queries: list[tuple[tuple[str, str, str], int]]
     dns_counts: dict[str, int]
+    dns_cookies: dict[str, int]
     dns_tcp_connections: int
     dns_held: int
     services: list[ServiceFigures]
@@ -432,7 +433,8 @@ def take_snapshot(m: Metrics) -> Snapshot:
         services_configured=len(m.config.services),
         reloads=dict(m.reloads), last_reload=m.last_reload, last_reload_ok=m.last_reload_ok,
         dns_queries=sorted((key, n) for key, (n,) in dns.authority.queries.items()),
-        dns_counts=dict(dns.counts), dns_tcp_connections=dns.tcp_connections, dns_held=dns.held,
+        dns_counts=dict(dns.counts), dns_cookies=dict(dns.authority.cookies_seen),
+        dns_tcp_connections=dns.tcp_connections, dns_held=dns.held,
         services=services, retired_stops=dict(sup.retired_stops),
         admission=dict(sup.admission), queued=len(sup.queue),
         budget={k: getattr(sup.budget, k) for k in ("max_instances", "memory", "max_booting")},
@@ -515,6 +517,14 @@ def _dns(s: Snapshot) -> Iterator[Metric]:
     for key, action in _RRL.items():
         limited.add_metric([action], s.dns_counts.get(key, 0))
     yield limited
+    cookies = CounterMetricFamily(
+        "jitlaunch_dns_cookies", "DNS queries with a COOKIE option, by their server cookie "
+        "(valid: the client proved its address; invalid; none: a client cookie alone)",
+        labels=["server_cookie"],
+    )
+    for result in ("valid", "invalid", "none"):
+        cookies.add_metric([result], s.dns_cookies.get(result, 0))
+    yield cookies
     events = CounterMetricFamily(
         "jitlaunch_dns_events", "What DNS clients made the server do besides answering "
         "(resets, slow clients, refused connections, dropped held queries, internal errors)",
@@ -597,11 +607,12 @@ def _instances(s: Snapshot) -> Iterator[Metric]:
 def _admission(s: Snapshot) -> Iterator[Metric]:
     outcomes = CounterMetricFamily(
         "jitlaunch_admission", "Starts by what admission did (admitted, queued, evicted, "
-        "refused_full, refused_timeout, refused_never, refused_closing, wake_limited)",
+        "refused_full, refused_timeout, refused_never, refused_closing, refused_unproven, "
+        "wake_limited)",
         labels=["outcome"],
     )
     for outcome in ("admitted", "queued", "evicted", "refused_full", "refused_timeout",
-                    "refused_never", "refused_closing", "wake_limited"):
+                    "refused_never", "refused_closing", "refused_unproven", "wake_limited"):
         outcomes.add_metric([outcome], s.admission.get(outcome, 0))
     yield outcomes
     yield _gauge("jitlaunch_admission_queue", "Starts waiting in the admission queue", s.queued)

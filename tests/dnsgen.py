@@ -2,7 +2,8 @@
 
 Names in and out of the test zone ``jit.test`` in mixed case, labels with dots and odd bytes,
 long labels and names; types, classes, flags, opcodes; EDNS variants (payload sizes,
-versions, DO, options, broken options); malformed sections (no or two questions, records in
+versions, DO, options, broken options, DNS cookies: client only, with a server cookie, of
+lengths RFC 7873 forbids); malformed sections (no or two questions, records in
 the answer and authority sections, OPTs in the wrong place, counts larger than the message,
 bad compression pointers) and trailing bytes. Deterministic for a given ``random.Random``.
 """
@@ -73,6 +74,11 @@ def opt_record(rng: random.Random) -> bytes:
         rdata = struct.pack("!HH", 10, 9) + rng.randbytes(8)  # runs past the OPT's data
     elif choice < 0.22:
         rdata = b"\x00\x0a"
+    elif choice < 0.28:  # a client cookie and a server cookie that is not the server's
+        rdata = struct.pack("!HH", 10, 24) + rng.randbytes(8) + b"\x01\0\0\0" + rng.randbytes(12)
+    elif choice < 0.31:  # a whole COOKIE option of a length RFC 7873 forbids
+        n = rng.choice([0, 7, 9, 15, 41])
+        rdata = struct.pack("!HH", 10, n) + rng.randbytes(n)
     owner = b"\0" if rng.random() < 0.95 else rng.choice([b"\xc0\x0c", b"\x01a\0"])
     return owner + struct.pack("!HHIH", 41, payload, (ext << 24) | (version << 16) | flags,
                                len(rdata)) + rdata

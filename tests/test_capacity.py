@@ -26,6 +26,7 @@ from .conftest import (
     config_text,
     http_get,
     load,
+    query_tcp,
     query_udp,
     running,
     wait_until,
@@ -150,15 +151,16 @@ async def test_the_queue_is_bounded_and_times_out(tmp_path: Path, block: str) ->
             async with trio.open_nursery() as nursery:
                 replies: list[object] = []
 
+                # Lookups over TCP: proven, so they may wait in the queue (README, "Capacity").
                 async def ask_w() -> None:
-                    replies.append(await query_udp(dns, "w.jit.test"))
+                    replies.append((await query_tcp(dns, [("w.jit.test", "A")]))[0])
                     replies.append(time.monotonic())
 
                 began = time.monotonic()
                 nursery.start_soon(ask_w)
                 await wait_until(lambda: "w" in sup.queue)
                 # The queue (1) is full: c is refused, and its lookup still gets the front.
-                rec = await query_udp(dns, "c.jit.test")
+                rec = (await query_tcp(dns, [("c.jit.test", "A")]))[0]
                 assert answers(rec) == [f"{block}.3"] and rec.rr[0].ttl == 1
                 assert sup.admission["refused_full"] == 1 and state(sup, "c") is None
             # w waited a queue_timeout, then its held lookup got SERVFAIL; nothing started.
@@ -234,14 +236,16 @@ async def test_wake_limits_per_source_prefix(tmp_path: Path, block: str) -> None
     async with running(cfg) as d:
         sup = d.supervisor
         dns = ("127.0.0.1", d.dns_endpoints[0].port)
+        # Lookups over TCP: proven, so they count on their source's prefix.
         for name in ("a", "b"):
-            assert answers(await query_udp(dns, f"{name}.jit.test")) == [f"{block}.{'ab'.index(name) + 1}"]
+            rec = (await query_tcp(dns, [(f"{name}.jit.test", "A")]))[0]
+            assert answers(rec) == [f"{block}.{'ab'.index(name) + 1}"]
         await wait_until(lambda: state(sup, "a") is State.READY and state(sup, "b") is State.READY)
         # The source's prefix has used its burst: c is answered (its front) but not started,
         # a wait-mode service gets SERVFAIL at once, a connection to c's front is closed.
-        rec = await query_udp(dns, "c.jit.test")
+        rec = (await query_tcp(dns, [("c.jit.test", "A")]))[0]
         assert answers(rec) == [f"{block}.3"] and state(sup, "c") is None
-        rec = await query_udp(dns, "w.jit.test")
+        rec = (await query_tcp(dns, [("w.jit.test", "A")]))[0]
         assert rec.header.rcode == RCODE.SERVFAIL  # type: ignore[attr-defined]
         stream = await trio.open_tcp_stream(f"{block}.3", 8080)
         async with stream:
@@ -253,7 +257,11 @@ async def test_wake_limits_per_source_prefix(tmp_path: Path, block: str) -> None
         for _ in range(20):
             await query_udp(dns, "a.jit.test")
         assert sup.admission["wake_limited"] == 3 and sup.wake.limited == 3
-        # Other sources are not this prefix: the daemon's own start (no source) goes on.
+        # A UDP lookup is unproven: it takes from the bucket all unproven sources share
+        # (test_proven.py), not from this prefix's, and there is room: c starts.
+        await query_udp(dns, "c.jit.test")
+        assert state(sup, "c") is not None and sup.wake.limited == 3
+        # The daemon's own start (no source) is never limited.
         await sup.acquire("c")
 
 

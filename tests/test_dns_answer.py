@@ -453,15 +453,17 @@ class FakeSupervisor:
 
     def __init__(self) -> None:
         self.requests: list[str] = []
+        self.proven: list[bool] = []
 
-    def request(self, name: str, source: str | None = None) -> object:
+    def request(self, name: str, source: str | None = None, *, proven: bool = True) -> object:
         self.requests.append(name)
+        self.proven.append(proven)
         return self  # something is starting (None: refused)
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         return STATE[name]
 
-    async def acquire(self, name: str) -> None:
+    async def acquire(self, name: str, *, proven: bool = True) -> None:
         raise AssertionError("not used")
 
 

@@ -30,7 +30,10 @@ checked against NSD by tests/test_dns_nsd.py:
   a label may hold any byte (a dot, or bytes that are not UTF-8); the question is echoed
   exactly as asked and answers point to it;
 * flags in replies: QR, AA for authoritative answers, the opcode and RD copied, nothing else;
-* a UDP reply too large for the bound: header and question (and OPT) only, with TC set.
+* a UDP reply too large for the bound: header and question (and OPT) only, with TC set;
+* a well-formed DNS cookie (RFC 7873) is handed on in :attr:`Response.cookie`: the reply is
+  the one without it, and the caller adds the server's COOKIE option to its OPT
+  (:func:`wire.add_option`), since that needs the client's address and the secret.
 
 The common replies (NXDOMAIN, NODATA, REFUSED, service answers) are the question copied from
 the query plus precomputed bytes: the SOA record of a zone's negative answers is built once
@@ -73,7 +76,9 @@ class Response(NamedTuple):
     the ID) and the supervisor's state, and is worth keeping: the query was one canonical
     message (no trailing bytes, no EDNS options) about a name that exists. ``internal_error``
     means answering failed on a bug: the reply is a header-only SERVFAIL, and tests assert
-    that this never happens.
+    that this never happens. ``cookie`` is the query's DNS cookie when it had one (the
+    reply's OPT then still needs the server's COOKIE option: :mod:`.cookies`, added by the
+    caller, which knows the client's address).
     """
 
     reply: bytes | None
@@ -81,6 +86,15 @@ class Response(NamedTuple):
     pending: bool = False
     cacheable: bool = False
     internal_error: bool = False
+    cookie: QueryCookie | None = None
+
+
+class QueryCookie(NamedTuple):
+    """A query's COOKIE option: its data, and the query's EDNS payload size (the bound of a
+    UDP reply, with the option added)."""
+
+    option: bytes
+    payload: int
 
 
 NO_REPLY = Response(None)
@@ -165,7 +179,11 @@ def respond(wire: bytes, catalog: Catalog, state: Snapshots, now: float, *, udp:
             resp = _respond_simple(wire, simple, catalog)
             if resp is not None:
                 return resp
-        return _respond(w.parse_query(wire), catalog, state, now, udp)
+        q = w.parse_query(wire)
+        resp = _respond(q, catalog, state, now, udp)
+        if q.cookie is not None and q.edns is not None:
+            resp = resp._replace(cookie=QueryCookie(q.cookie, q.edns.payload))
+        return resp
     except Exception:
         # A bug must cost one answer, not the server. The fallback cannot fail, and the
         # flag lets tests (and the counters) see that this path was taken.

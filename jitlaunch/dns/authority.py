@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import math
+import time
 from typing import Protocol
 
 import trio
@@ -12,7 +14,9 @@ from ..errors import BootFailed
 from ..lifecycle.answers import ServiceSnapshot
 from ..lifecycle.state import State
 from . import stats
-from .answer import Catalog, Response, respond
+from . import wire as w
+from .answer import Catalog, QueryCookie, Response, respond
+from .cookies import VALID, ServerCookies, address_bytes
 
 
 class Services(Protocol):
@@ -21,14 +25,15 @@ class Services(Protocol):
     #: Bumped on every change of any service's state; cached replies are for one generation.
     generation: int
 
-    def request(self, name: str, source: str | None = None) -> object:
-        """Note a lookup of service ``name`` (from ``source``) and make sure it is starting or
-        ready; None when nothing is starting (backoff, refused, wake-limited)."""
+    def request(self, name: str, source: str | None = None, *, proven: bool = True) -> object:
+        """Note a lookup of service ``name`` (from ``source``; ``proven`` when that address
+        cannot be forged) and make sure it is starting or ready; None when nothing is
+        starting (backoff, refused, wake-limited)."""
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """Service ``name``'s state now."""
 
-    async def acquire(self, name: str) -> object:
+    async def acquire(self, name: str, *, proven: bool = True) -> object:
         """Wait until service ``name`` is ready; BootFailed if it cannot be."""
 
 #: Bounds of the reply cache: entries, and bytes of keys and replies together.
@@ -46,6 +51,12 @@ class Authority:
     bytes are exactly the question, the flags and the OPT's fields), so padding cannot grow
     the cache; unknown names are not cached at all (a random-name flood would only push the
     useful entries out). The cache is emptied when it reaches either bound.
+
+    DNS cookies (RFC 7873, :mod:`.cookies`): a query's COOKIE option is taken out before
+    anything else (:func:`wire.split_cookie`), so the query without it is answered (and
+    cached) as any other, and the reply gets the server's COOKIE option afterwards. A lookup
+    is proven (``supervisor.request(..., proven=True)``: it may evict) over TCP, or over UDP
+    with a valid server cookie. The cookie's secret lives as long as the authority.
     """
 
     def __init__(self, config: Config, supervisor: Services) -> None:
@@ -64,6 +75,12 @@ class Authority:
         #: (the daemon turns it off when it serves no metrics).
         self.queries: dict[stats.Key, list[int]] = {}
         self.counting = True
+        self.cookies = ServerCookies()
+        #: Queries with a COOKIE option, by their server cookie: ``valid``, ``invalid``,
+        #: ``none`` (a client cookie alone). A held answer is counted once, when it came.
+        self.cookies_seen: collections.Counter[str] = collections.Counter()
+        #: The wall clock (seconds since the epoch) that cookie timestamps use.
+        self.clock = time.time
 
     def reconfigure(self, config: Config) -> None:
         """Answer from ``config`` from now on (a reload): a new catalog and empty reply
@@ -77,8 +94,15 @@ class Authority:
 
     def answer_now(self, wire: bytes, udp: bool, source: str | None = None) -> Response:
         """Answer at once, or say the answer must be held (``pending``). ``source`` is the
-        client's address (wake limits)."""
+        client's address (wake limits, DNS cookies)."""
         sup = self.supervisor
+        cookie: QueryCookie | None = None
+        # Most queries end with an OPT without options (its zero data length) or have none.
+        if wire[-2:] != b"\0\0" and len(wire) > 12 and wire[11]:
+            split = w.split_cookie(wire)
+            if split is not None:
+                wire, option, payload = split
+                cookie = QueryCookie(option, payload)
         cache = self._caches[udp]
         key = wire[2:]
         hit = cache.get(key)
@@ -86,12 +110,25 @@ class Authority:
             _, tail, service, cell = hit
             if self.counting:
                 cell[0] += 1
+            reply = wire[:2] + tail
+            proven = not udp
+            if cookie is not None:
+                option, valid = self._server_cookie(cookie, source, count=True)
+                reply = self._add_cookie(reply, option, cookie, udp)
+                proven = proven or valid
             if service is not None:
-                sup.request(service, source)
-            return Response(wire[:2] + tail, service, cacheable=True)
+                sup.request(service, source, proven=proven)
+            return Response(reply, service, cacheable=True)
         generation = sup.generation
         resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
-        if resp.service is not None and sup.request(resp.service, source) is None and resp.pending:
+        cookie = cookie or resp.cookie
+        proven = not udp
+        option = b""
+        if cookie is not None:
+            option, valid = self._server_cookie(cookie, source, count=True)
+            proven = proven or valid
+        if resp.service is not None and sup.request(resp.service, source, proven=proven) is None \
+                and resp.pending:
             # Nothing is starting (refused, wake-limited, backing off): a wait-mode lookup
             # gets its SERVFAIL now rather than held for a boot that will not come.
             resp = respond(wire, self.catalog, _failed, trio.current_time(), udp=udp)
@@ -110,19 +147,46 @@ class Authority:
             self._cache_bytes += size - 2
         elif resp.internal_error:
             self.internal_errors += 1
+        if cookie is not None and resp.reply is not None:
+            resp = resp._replace(reply=self._add_cookie(resp.reply, option, cookie, udp))
         return resp
 
-    async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
-        """Wait for a ``wait`` service to be ready (or fail), then answer."""
+    def _server_cookie(self, cookie: QueryCookie, source: str | None, *,
+                       count: bool) -> tuple[bytes, bool]:
+        """The reply's COOKIE option for a query's ``cookie`` from ``source``, and whether
+        the query's server cookie was valid (its source is proven)."""
+        option, status = self.cookies.answer(cookie.option, address_bytes(source) or b"",
+                                             int(self.clock()))
+        if count:
+            self.cookies_seen[status] += 1
+        return option, status == VALID
+
+    def _add_cookie(self, reply: bytes, option: bytes, cookie: QueryCookie, udp: bool) -> bytes:
+        """``reply`` with the COOKIE ``option`` in its OPT, within a UDP reply's bound (the
+        query's payload size, at least 512, at most ours: as the answer logic has it)."""
+        limit = min(max(512, cookie.payload), self.catalog.edns_payload) if udp else 65535
+        return w.add_option(reply, option, limit)
+
+    async def answer_held(self, wire: bytes, udp: bool, service: str,
+                          source: str | None = None) -> bytes | None:
+        """Wait for a ``wait`` service to be ready (or fail), then answer. ``source`` is the
+        client's address (DNS cookies)."""
         sup = self.supervisor
         failed = False
         self.held += 1
+        # The query was counted and its start requested when it came (answer_now); the
+        # wait must not turn an unproven lookup into a proven one (a restart may evict).
+        proven = not udp
+        query = w.parse_query(wire)
+        if not proven and query.cookie is not None and query.edns is not None:
+            proven = self._server_cookie(QueryCookie(query.cookie, query.edns.payload),
+                                         source, count=False)[1]
         try:
             # A reload removed the service since the query came: answer from the new config.
             svc = self.config.service(service)
             # Bounded by the admission queue's wait and then the boot.
             with trio.fail_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
-                await sup.acquire(service)
+                await sup.acquire(service, proven=proven)
         except (BootFailed, trio.TooSlowError, KeyError):
             failed = True
         finally:
@@ -134,7 +198,11 @@ class Authority:
                 return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL
             return snap
 
-        reply = respond(wire, self.catalog, state, trio.current_time(), udp=udp).reply
+        resp = respond(wire, self.catalog, state, trio.current_time(), udp=udp)
+        reply = resp.reply
+        if resp.cookie is not None and reply is not None:
+            option = self._server_cookie(resp.cookie, source, count=False)[0]
+            reply = self._add_cookie(reply, option, resp.cookie, udp)
         if self.counting:
             self._cell(stats.key_of(wire, reply, udp))[0] += 1
         return reply

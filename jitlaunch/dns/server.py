@@ -294,7 +294,7 @@ class DnsServer:
         try:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, True, service)
+                reply = await self.authority.answer_held(wire, True, service, str(addr[0]))
             finally:
                 self._unhold(source, service)
             if self.query_log.enabled:
@@ -436,7 +436,7 @@ class DnsServer:
         async def held(wire: bytes, service: str) -> None:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, False, service)
+                reply = await self.authority.answer_held(wire, False, service, source)
             finally:
                 self._unhold(prefix, service)
                 held_here.release()

@@ -16,7 +16,9 @@ OPT record, so that an error reply can carry one). The rules:
 * records in the answer section, or in the authority section (except for IXFR, whose query
   carries the client's SOA there), in the additional section anything but one OPT, an OPT
   whose owner is not the root written as one zero octet, or whose data is not whole options
-  (version 0), sections that run past the end of the message: FORMERR;
+  (version 0), or has a COOKIE option of a length other than 8 or 16 to 40 (RFC 7873 5.2.2),
+  sections that run past the end of the message: FORMERR (as NSD, without an OPT: the OPT
+  was not read);
 * bytes after the last record are ignored (as NSD does).
 
 A name is kept in its uncompressed wire form, as asked (``b"\\x03www\\x07example\\x00"``):
@@ -28,6 +30,12 @@ nothing after it) without building anything, for the answer logic's fast path; e
 else goes through :func:`parse_query`. The builders are small functions over bytes, and
 :class:`SoaTemplate` holds a zone's SOA record as bytes: every NXDOMAIN and NODATA of the
 zone is the query's own question plus the template's bytes for that question's length.
+
+DNS cookies (RFC 7873) at the wire level: :attr:`Query.cookie` is the COOKIE option's data
+(the last one, as NSD takes it); :func:`split_cookie` takes the option out of the common query
+(one question, one OPT whose only option is a COOKIE) so that the query without it goes the
+fast way (the reply cache, :func:`scan_simple`), and :func:`add_option` puts the reply's
+COOKIE option into the reply's OPT afterwards. What the option says is :mod:`.cookies`' job.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _U16 = struct.Struct("!H")
 _TYPE_CLASS = struct.Struct("!HH")
+_OPTION = struct.Struct("!HH")
 
 # Header flag bits (RFC 1035 4.1.1, RFC 4035 3.2).
 QR = 0x8000
@@ -67,6 +76,9 @@ MAX_NAME = 255
 MAX_LABEL = 63
 #: The OPT's DO bit, in the TTL field (RFC 3225).
 EDNS_DO = 0x8000
+#: The COOKIE option (RFC 7873 4): its code, and the lengths of a well-formed one.
+OPTION_COOKIE = 10
+COOKIE_LENGTHS = frozenset({8, *range(16, 41)})
 
 
 class FormError(ProtocolError):
@@ -92,13 +104,14 @@ class Query:
 
     ``error`` is 0, FORMERR or NOTIMP; with an error, only ``ident``, ``flags`` and
     ``edns`` (when the OPT could still be read) are meaningful. ``question`` is the question
-    section exactly as sent, ``qname`` the question's name in wire form as asked.
+    section exactly as sent, ``qname`` the question's name in wire form as asked. ``cookie``
+    is the data of the OPT's COOKIE option (well-formed: 8 or 16 to 40 bytes), or None.
     ``canonical`` is True when the message is one well-formed query with no bytes after it and
     no EDNS options: then the message less its ID says all that the reply depends on.
     """
 
-    __slots__ = ("canonical", "edns", "error", "flags", "ident", "qclass", "qname", "qtype",
-                 "question")
+    __slots__ = ("canonical", "cookie", "edns", "error", "flags", "ident", "qclass", "qname",
+                 "qtype", "question")
 
     def __init__(self, ident: int, flags: int) -> None:
         self.ident = ident
@@ -109,6 +122,7 @@ class Query:
         self.qtype = 0
         self.qclass = 0
         self.edns: Edns | None = None
+        self.cookie: bytes | None = None
         self.canonical = False
 
     @property
@@ -280,9 +294,12 @@ def _read_sections(
         # Options are only read for version 0: a later version may define them otherwise
         # (and NSD answers BADVERS without reading them either).
         version = (ttl >> 16) & 0xFF
+        cookie = -1
         if (rtype == TYPE_OPT and literal_root and edns is None
-                and (version or _options_fit(wire, rdata, pos))):
+                and (version or (cookie := _read_options(wire, rdata, pos)) != -2)):
             edns = Edns(rclass, ttl >> 24, (ttl >> 16) & 0xFF, ttl & 0xFFFF, pos > rdata)
+            if cookie >= 0:
+                q.cookie = wire[cookie + 4 : cookie + 4 + _U16.unpack_from(wire, cookie + 2)[0]]
         else:
             # A second OPT, an OPT not owned by the root (RFC 6891 6.1.1), or any other
             # record (we have no TSIG keys): the query is malformed.
@@ -293,13 +310,53 @@ def _read_sections(
     return pos
 
 
-def _options_fit(wire: bytes, pos: int, end: int) -> bool:
-    """Whether the OPT's data is a sequence of whole options (RFC 6891 6.1.2)."""
+def _read_options(wire: bytes, pos: int, end: int) -> int:
+    """Read the OPT's data from ``pos`` to ``end``: -2 unless it is a sequence of whole
+    options (RFC 6891 6.1.2) with any COOKIE option well-formed (RFC 7873 5.2.2); else the
+    offset of the last COOKIE option, or -1 without one."""
+    cookie = -1
     while pos < end:
         if pos + 4 > end:
-            return False
-        pos += 4 + _U16.unpack_from(wire, pos + 2)[0]
-    return pos == end
+            return -2
+        code, length = _OPTION.unpack_from(wire, pos)
+        if code == OPTION_COOKIE:
+            if length not in COOKIE_LENGTHS:
+                return -2
+            cookie = pos
+        pos += 4 + length
+    return cookie if pos == end else -2
+
+
+def split_cookie(wire: bytes) -> tuple[bytes, bytes, int] | None:
+    """For the common query with a DNS cookie (the header of one question and one additional
+    record, a question whose name has no compression pointer, then an OPT of version 0
+    whose data is exactly one COOKIE option of a well-formed length, and no byte after it):
+    the same query without the option (its OPT then has no data), the option's data, and the
+    OPT's payload size. None for any other message (:func:`parse_query` finds its cookie).
+
+    Whatever is answered to the query without the option, with the reply's COOKIE option
+    added to its OPT, is what the query itself gets (tests/test_dns_cookies.py checks it)."""
+    n = len(wire)
+    if n < 44 or wire[4:12] != b"\0\x01\0\0\0\0\0\x01":
+        return None
+    pos = 12
+    while True:
+        length = wire[pos]
+        if not length:
+            break
+        if length > MAX_LABEL:
+            return None
+        pos += length + 1
+        if pos >= n:
+            return None
+    opt = pos + 5  # after the zero octet, the type and the class
+    if (opt + 15 > n or wire[opt : opt + 3] != b"\0\0\x29" or wire[opt + 6]
+            or wire[opt + 11 : opt + 13] != b"\0\x0a"):
+        return None
+    rdlength, length = _U16.unpack_from(wire, opt + 9)[0], _U16.unpack_from(wire, opt + 13)[0]
+    if opt + 11 + rdlength != n or rdlength != length + 4 or length not in COOKIE_LENGTHS:
+        return None
+    return wire[: opt + 9] + b"\0\0", wire[opt + 15 :], _U16.unpack_from(wire, opt + 3)[0]
 
 
 # ---- building -------------------------------------------------------------------------
@@ -312,6 +369,25 @@ def header(ident: int, flags: int, qd: int = 0, an: int = 0, ns: int = 0, ar: in
 def opt_record(payload: int, ext_rcode: int = 0, flags: int = 0) -> bytes:
     """An OPT record (RFC 6891 6.1.2): root owner, version 0, no options."""
     return b"\0" + _RR_FIXED.pack(TYPE_OPT, payload, (ext_rcode << 24) | flags, 0)
+
+
+def add_option(reply: bytes, option: bytes, limit: int) -> bytes:
+    """``reply`` with ``option`` (code, length and data) in its OPT, which is its last record
+    and has no data yet (as every reply we build with an OPT has it); ``reply`` as it is
+    without such an OPT. When that makes a reply longer than ``limit`` (a UDP reply's bound),
+    it is cut to the header, the question and the OPT with the option, TC set (RFC 6891 7:
+    the OPT is kept; as for any reply too large)."""
+    if len(reply) < 23 or reply[-11:-8] != b"\0\0\x29" or reply[-2:] != b"\0\0" \
+            or reply[10:12] == b"\0\0":
+        return reply
+    opt = reply[-11:-2] + _U16.pack(len(option)) + option
+    if len(reply) + len(option) <= limit:
+        return reply[:-11] + opt
+    end = 12
+    if reply[5]:  # the question, as echoed: uncompressed
+        end = read_name(reply, 12)[1] + 4
+    ident, flags, qd = struct.unpack_from("!HHH", reply)
+    return HEADER.pack(ident, flags | TC, qd, 0, 0, 1) + reply[12:end] + opt
 
 
 def servfail_for(wire: bytes) -> bytes:

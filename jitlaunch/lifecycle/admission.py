@@ -23,8 +23,18 @@ Rules (README, "Capacity"):
 * What cannot start now waits in a bounded FIFO queue (:class:`AdmissionQueue`), one entry
   per service, in the order of first requests; the head is admitted first (a smaller start
   behind it waits too, so nobody starves). A start that can never fit is refused.
-* Wake limits (:class:`WakeLimiter`): boots caused by lookups and connections from one
-  source prefix are limited by a token bucket; the table is fixed in size.
+* Only a proven request may take room from others. A request is proven when its source
+  address cannot be forged: a connection (the TCP handshake), a lookup over TCP, a UDP
+  lookup with a valid DNS server cookie. An unproven one (a UDP lookup without a valid
+  server cookie) may start an instance only into free room, now, with nobody queued before
+  it: ``decide(..., proven=False)`` answers START, REFUSE or UNPROVEN (refused: it would
+  have to evict or wait), never EVICT or WAIT. It is not queued either: a queued start holds
+  up those behind it, and forged lookups would fill the queue.
+* Wake limits (:class:`WakeLimiter`): boots caused by proven lookups and connections from one
+  source prefix are limited by a token bucket; the table is fixed in size. Unproven boots
+  share one more bucket of the same rate and burst, whatever their source says: forged
+  sources can neither use up a real prefix's budget nor multiply their own by claiming many
+  prefixes.
 """
 
 from __future__ import annotations
@@ -150,6 +160,7 @@ class Verdict(enum.Enum):
     EVICT = "evict"  # evict these, then wait for them to be released
     WAIT = "wait"
     REFUSE = "refuse"  # it can never fit
+    UNPROVEN = "unproven"  # refused: not proven, and it would have to evict or wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +172,25 @@ class Decision:
 
 def decide(
     budget: Budget, pools: Usage, holders: Iterable[Holder], service: str, memory: int,
-    service_max: int = 1, service_pool: int = 0,
+    service_max: int = 1, service_pool: int = 0, *, proven: bool = True,
 ) -> Decision:
     """What a start of ``service`` (costing ``memory`` MiB) may do now.
 
     ``holders`` are every instance the supervisor holds, ``pools`` what warm pools reserve,
     ``service_max`` and ``service_pool`` the service's ``max_instances`` and pool size. A
-    service that has a paused instance resumes it, which needs a boot slot only.
+    service that has a paused instance resumes it, which needs a boot slot only. An
+    unproven start (``proven=False``) that would have to evict or wait is UNPROVEN instead.
     """
+    decision = _decide(budget, pools, holders, service, memory, service_max, service_pool)
+    if proven or decision.verdict in (Verdict.START, Verdict.REFUSE):
+        return decision
+    return Decision(Verdict.UNPROVEN, f"not proven and no room now ({decision.reason})")
+
+
+def _decide(
+    budget: Budget, pools: Usage, holders: Iterable[Holder], service: str, memory: int,
+    service_max: int, service_pool: int,
+) -> Decision:
     hs = list(holders)
     resume = any(h.service == service and h.kind is Kind.PAUSED for h in hs)
     need_n, need_m = (0, 0) if resume else (1, memory)
@@ -268,6 +290,10 @@ class WakeLimiter:
     ``rate`` per second after that. The table has a fixed number of buckets indexed by a
     keyed hash of the prefix, so a flood from spoofed sources costs no memory; prefixes that
     share a bucket share its tokens (they can only be limited sooner). ``rate = 0``: off.
+
+    Only proven boots (``proven=True``: the source cannot be forged) are counted per prefix.
+    Unproven ones all take from one more bucket of the same rate and burst, as if they came
+    from one prefix: a forged source says nothing about who sent it.
     """
 
     def __init__(self, config: WakeConfig, buckets: int = WAKE_BUCKETS) -> None:
@@ -282,9 +308,13 @@ class WakeLimiter:
         size = buckets if self.enabled else 0
         self._tokens = array("d", [float(config.burst)]) * size
         self._stamp = array("d", [-math.inf]) * size
-        #: Counters: boots allowed and refused.
+        # The bucket that every unproven source shares.
+        self._unproven_tokens = array("d", [float(config.burst)])
+        self._unproven_stamp = array("d", [-math.inf])
+        #: Counters: boots allowed and refused (of those, unproven).
         self.allowed = 0
         self.limited = 0
+        self.limited_unproven = 0
 
     def __repr__(self) -> str:
         if not self.enabled:
@@ -292,11 +322,17 @@ class WakeLimiter:
         return (f"<WakeLimiter {self.config.rate:g}/s burst={self.config.burst} "
                 f"limited={self.limited}>")
 
-    def allow(self, host: str, now: float) -> bool:
+    def allow(self, host: str, now: float, *, proven: bool = True) -> bool:
         """Take a token for a boot caused by ``host`` (an address as the socket API gives
-        it); False when its prefix has none left. Never raises for such an address."""
+        it); False when its prefix has none left. An unproven boot takes from the bucket of
+        all unproven sources instead. Never raises for such an address."""
         if not self.enabled:
             return True
+        if not proven:
+            if self._take(self._unproven_tokens, self._unproven_stamp, 0, now):
+                return True
+            self.limited_unproven += 1
+            return False
         try:
             if ":" in host:
                 version, shift = 6, self._shift6
@@ -308,13 +344,16 @@ class WakeLimiter:
         except (OSError, ValueError):
             version, shift, value = 0, 0, 0  # not an address: one shared bucket
         i = hash((self._salt, version, value >> shift)) & self._mask
+        return self._take(self._tokens, self._stamp, i, now)
+
+    def _take(self, tokens_at: array[float], stamp_at: array[float], i: int, now: float) -> bool:
         rate, burst = self.config.rate, float(self.config.burst)
-        tokens = min(burst, self._tokens[i] + (now - self._stamp[i]) * rate)
-        self._stamp[i] = now
+        tokens = min(burst, tokens_at[i] + (now - stamp_at[i]) * rate)
+        stamp_at[i] = now
         if tokens >= 1.0:
-            self._tokens[i] = tokens - 1.0
+            tokens_at[i] = tokens - 1.0
             self.allowed += 1
             return True
-        self._tokens[i] = tokens
+        tokens_at[i] = tokens
         self.limited += 1
         return False

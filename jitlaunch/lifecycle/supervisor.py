@@ -22,6 +22,9 @@ share that boot. Rules:
   ``queue_timeout`` (then AdmissionRefused). The queue is pumped whenever room may have
   appeared: a release, a boot's end, a last connection closed. A boot's timeout counts from
   its start, not from the queue. Boots caused by a source prefix are rate-limited.
+* Only a proven request (``proven=True``: a connection, a lookup over TCP or with a valid
+  DNS cookie) is queued and may evict. An unproven one starts only into free room, now,
+  with nobody queued; otherwise it is refused at once (``refused_unproven``).
 * Reload (:meth:`Supervisor.reconfigure`, the plan from reload.py) is applied synchronously.
   An instance runs with the ServiceConfig it was started with (``inst.service``); the
   service's runtime holds the current one (``rt.config``). A removed service's runtime stays
@@ -159,6 +162,8 @@ class ServiceRuntime:
         self.no_connections.set()
         self.changed = trio.Event()
         self.restart_wanted = False
+        #: Whether a request that wanted the restart was proven (the restart may evict then).
+        self.restart_proven = False
         #: A start waiting in the admission queue: the instance it will be (or, when the
         #: service has a saved instance, a stand-in; the saved one is resumed).
         self.queued: Instance | None = None
@@ -206,7 +211,7 @@ class Supervisor:
         #: Admission counters (read by tests and metrics): ``admitted`` (started at once or
         #: from the queue), ``queued``, ``evicted``, ``refused_full`` (the queue was full),
         #: ``refused_timeout``, ``refused_never`` (can never fit), ``refused_closing``,
-        #: ``wake_limited``.
+        #: ``refused_unproven`` (no room for an unproven request), ``wake_limited``.
         self.admission: collections.Counter[str] = collections.Counter()
         self._admission_log = LimitedLog(logging.getLogger("jitlaunch.admission"))
         #: Bumped on every change of any service's state; DNS answer caches key on it.
@@ -365,15 +370,18 @@ class Supervisor:
 
     # ---- requests from DNS and the proxy ----------------------------------------------
 
-    def request(self, name: str, source: str | None = None) -> Instance | None:
+    def request(self, name: str, source: str | None = None, *,
+                proven: bool = True) -> Instance | None:
         """Note activity for service ``name`` and make sure an instance is starting or ready.
 
         Returns that instance (one not yet started while it waits in the admission queue),
         or None when the service is backing off after a failed boot, the start was refused
-        (queue full, or ``source``'s prefix has used up its wake limit) or the daemon is
-        shutting down. Never blocks. ``source`` is the client's address (a lookup's or a
-        connection's); requests for a service that is starting, ready or queued never count
-        against its wake limit.
+        (queue full, ``source``'s prefix has used up its wake limit, or an unproven request
+        found no room) or the daemon is shutting down. Never blocks. ``source`` is the
+        client's address (a lookup's or a connection's); requests for a service that is
+        starting, ready or queued never count against its wake limit. ``proven`` says the
+        source cannot be forged (a connection, DNS over TCP, a valid DNS server cookie):
+        only then may the start wait in the queue and evict.
         """
         rt = self.services[name]
         if rt.removed:
@@ -387,28 +395,34 @@ class Supervisor:
             return inst
         if inst is not None and inst.state in (State.DRAINING, State.STOPPING):
             rt.restart_wanted = True
+            rt.restart_proven = rt.restart_proven or proven
             return inst
         if rt.queued is not None:
             return rt.queued
         if self._closing or self._nursery is None or now < rt.retry_at:
             return None
-        if source is not None and not self.wake.allow(source, now):
+        # The wake limit first: it is cheap, and bounds how often a flood of unproven
+        # lookups makes the admission decision below run.
+        if source is not None and not self.wake.allow(source, now, proven=proven):
             self.admission["wake_limited"] += 1
             self._admission_log.log(
-                logging.INFO, "wake_limited", "a source prefix reached its wake limit; not "
-                "starting %s for it", name)
+                logging.INFO, "wake_limited", "%s reached %s wake limit; not starting %s for it",
+                *(("a source prefix", "its") if proven else ("unproven lookups", "their")), name)
+            return None
+        if not proven and not self._room_for_unproven(rt):
             return None
         return self._enqueue(rt)
 
-    async def acquire(self, name: str) -> Instance:
+    async def acquire(self, name: str, *, proven: bool = True) -> Instance:
         """Request service ``name`` and wait until an instance is ready; return it.
 
         Raises BootFailed (BootTimeout, InBackoff) if no instance can be had. The wait is
         bounded by the boot timeout because the boot itself is; callers may bound it more.
+        ``proven`` as for :meth:`request`.
         """
         rt = self.services[name]
         while True:
-            inst = self.request(name)
+            inst = self.request(name, proven=proven)
             if inst is None and rt.removed:
                 raise BootFailed(f"{name} was removed by a reload")
             if inst is None:
@@ -595,6 +609,27 @@ class Supervisor:
 
     # ---- admission ---------------------------------------------------------------------
 
+    def _room_for_unproven(self, rt: ServiceRuntime) -> bool:
+        """Whether an unproven start of ``rt`` may start now: nothing queued before it, and
+        room without evicting; a refusal is counted and logged."""
+        svc = rt.config
+        if len(self.queue):
+            verdict, reason = adm.Verdict.UNPROVEN, "other starts are queued"
+        else:
+            decision = adm.decide(
+                self.budget, self.pools, self._holders(), svc.name, adm.instance_memory(svc),
+                svc.max_instances, int(getattr(svc.settings, "pool", 0)), proven=False,
+            )
+            verdict, reason = decision.verdict, decision.reason
+        if verdict is adm.Verdict.START:
+            return True
+        outcome = "refused_unproven" if verdict is adm.Verdict.UNPROVEN else "refused_never"
+        self.admission[outcome] += 1
+        self._admission_log.log(
+            logging.INFO, outcome, "not starting %s for an unproven lookup (UDP without a "
+            "valid DNS cookie): %s", svc.name, reason)
+        return False
+
     def _enqueue(self, rt: ServiceRuntime) -> Instance | None:
         """Queue a start of ``rt`` and pump the queue: it starts now if it fits."""
         name = rt.config.name
@@ -751,7 +786,7 @@ class Supervisor:
         inst.fire(Event.START)
         inst.started_at = trio.current_time()
         rt.instance = inst
-        rt.restart_wanted = False
+        rt.restart_wanted = rt.restart_proven = False
         rt.boots += 1
         self._notify(rt)
         self._nursery.start_soon(self._run_instance, rt, inst, saved is not None)
@@ -1006,5 +1041,6 @@ class Supervisor:
         self._notify(rt)
         if rt.restart_wanted and not self._closing and self._nursery is not None:
             rt.restart_wanted = False
-            self.request(rt.config.name)
+            proven, rt.restart_proven = rt.restart_proven, False
+            self.request(rt.config.name, proven=proven)
         self._pump()  # its share of the host is free

@@ -312,7 +312,8 @@ class Proxy:
         sup = self.supervisor
         sup.connection_opened(service)
         try:
-            inst = sup.request(service, source)  # a boot it causes counts on its wake limit
+            # Proven (the handshake): a boot it causes counts on its prefix's wake limit.
+            inst = sup.request(service, source, proven=True)
             buffered = b""
             eof = False
             if inst is None:
