@@ -52,7 +52,8 @@ class Authority:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
-        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, list[int]]], ...] = ({}, {})
+        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, list[int], int]], ...] = (
+            {}, {})
         self._cache_bytes = 0
         self.held = 0
         #: Queries that hit a bug in the answer logic (answered with a SERVFAIL).
@@ -83,12 +84,12 @@ class Authority:
         key = wire[2:]
         hit = cache.get(key)
         if hit is not None and hit[0] == sup.generation:
-            _, tail, service, cell = hit
+            _, tail, service, cell, identity = hit
             if self.counting:
                 cell[0] += 1
             if service is not None:
                 sup.request(service, source)
-            return Response(wire[:2] + tail, service, cacheable=True)
+            return Response(wire[:2] + tail, service, cacheable=True, identity=identity)
         generation = sup.generation
         resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
         if resp.service is not None and sup.request(resp.service, source) is None and resp.pending:
@@ -106,13 +107,13 @@ class Authority:
                 self._cache_bytes = 0
             if hit is not None:  # a stale entry for an older generation
                 self._cache_bytes -= len(key) + len(hit[1])
-            cache[key] = (generation, resp.reply[2:], resp.service, cell)
+            cache[key] = (generation, resp.reply[2:], resp.service, cell, resp.identity)
             self._cache_bytes += size - 2
         elif resp.internal_error:
             self.internal_errors += 1
         return resp
 
-    async def answer_held(self, wire: bytes, udp: bool, service: str) -> bytes | None:
+    async def answer_held(self, wire: bytes, udp: bool, service: str) -> Response:
         """Wait for a ``wait`` service to be ready (or fail), then answer."""
         sup = self.supervisor
         failed = False
@@ -134,10 +135,10 @@ class Authority:
                 return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL
             return snap
 
-        reply = respond(wire, self.catalog, state, trio.current_time(), udp=udp).reply
+        resp = respond(wire, self.catalog, state, trio.current_time(), udp=udp)
         if self.counting:
-            self._cell(stats.key_of(wire, reply, udp))[0] += 1
-        return reply
+            self._cell(stats.key_of(wire, resp.reply, udp))[0] += 1
+        return resp
 
     def _cell(self, key: stats.Key) -> list[int]:
         cell = self.queries.get(key)

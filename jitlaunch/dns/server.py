@@ -13,7 +13,8 @@ Everything here faces the internet, so every bound is explicit (all in ``[dns]``
   ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
   for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
   A connection buffers at most one whole message plus :data:`TCP_READ_AHEAD` bytes.
-* UDP replies: response rate limiting per source prefix (``[dns.rrl]``, :mod:`.rrl`).
+* UDP replies: response rate limiting per source prefix and response identity
+  (``[dns.rrl]``, :mod:`.rrl`).
 * Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together (past it a
   UDP query is dropped, a TCP connection stops reading until one completes) and
   ``max_held_per_connection`` on one TCP connection (past it the connection stops reading).
@@ -256,7 +257,7 @@ class DnsServer:
             self._hold()
             nursery.start_soon(self._udp_held, sock, wire, addr, resp.service)
         elif resp.reply is not None:
-            return self._udp_send_now(sock, resp.reply, addr)
+            return self._udp_send_now(sock, resp.reply, addr, resp.identity)
         return None
 
     async def _udp_held(
@@ -265,13 +266,14 @@ class DnsServer:
         try:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, True, service)
+                resp = await self.authority.answer_held(wire, True, service)
             finally:
                 self._unhold()
+            reply = resp.reply
             if self.query_log.enabled:
                 self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
             if reply is not None:
-                blocked = self._udp_send_now(sock, reply, addr)
+                blocked = self._udp_send_now(sock, reply, addr, resp.identity)
                 if blocked is not None:
                     await trio.lowlevel.wait_writable(sock)
                     self._sendto(sock, blocked, addr)
@@ -279,13 +281,14 @@ class DnsServer:
             self._internal_error("a held UDP answer", exc)
 
     def _udp_send_now(
-        self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]
+        self, sock: socket.socket, reply: bytes, addr: tuple[object, ...], identity: int
     ) -> bytes | None:
-        """Send ``reply`` unless response rate limiting says otherwise; returns what is left
-        to send when the socket's send buffer is full (the caller waits for room once)."""
+        """Send ``reply`` (of RRL ``identity``) unless response rate limiting says otherwise;
+        returns what is left to send when the socket's send buffer is full (the caller waits
+        for room once)."""
         rrl = self.rrl
         if rrl.enabled:  # off (rate = 0) costs neither the address string nor the clock
-            verdict = rrl.check(str(addr[0]), trio.current_time())
+            verdict = rrl.check(str(addr[0]), trio.current_time(), identity)
             if verdict is Verdict.DROP:
                 self.counts["rrl_dropped"] += 1
                 return None
@@ -385,7 +388,7 @@ class DnsServer:
         async def held(wire: bytes, service: str) -> None:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, False, service)
+                reply = (await self.authority.answer_held(wire, False, service)).reply
             finally:
                 self._unhold()
                 held_here.release()
