@@ -116,10 +116,10 @@ def test_state_is_bounded_whatever_the_sources() -> None:
     """A flood from a million spoofed sources costs no memory: the table has a fixed size,
     and sources sharing a bucket can only be limited sooner."""
     rrl = RateLimiter(RrlConfig(rate=1, slip=0), buckets=1024)
-    size = rrl._balance.buffer_info()[1]
+    size = rrl._full.buffer_info()[1]
     for n in range(200_000):
         rrl.check(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", n / 1e6, HELLO_A)
-    assert rrl._balance.buffer_info()[1] == size == 1024
+    assert rrl._full.buffer_info()[1] == size == 1024
     # 200,000 sources, 782 /24 prefixes, 1024 buckets, 1 reply a second each: mostly limited.
     assert rrl.limited > 190_000
 

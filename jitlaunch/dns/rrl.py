@@ -44,7 +44,7 @@ The rules (``[dns.rrl]``, see :class:`~jitlaunch.config.RrlConfig`):
 * Sources in an ``exempt`` network are never limited. All three rates 0 (``rate = 0`` with
   the other two unset) turns RRL off.
 
-The state is a fixed table of :data:`BUCKETS` buckets (20 bytes each: 1.3 MB, allocated only
+The state is a fixed table of :data:`BUCKETS` buckets (12 bytes each: 0.8 MB, allocated only
 when RRL is on), indexed by a keyed hash of the prefix and the identity: a flood from spoofed
 sources or of random names costs no memory. Identities that share a bucket share its balance
 (each reply still debits its own kind's cost), which can only limit them sooner, never let
@@ -74,8 +74,9 @@ ANSWER, NXDOMAIN, ERROR = 0, 1, 2
 ERROR_IDENTITY = ERROR
 _KIND = 3
 _EXEMPT = -1  # never the value of hash()
-#: Float slack on the balance, so that ``rate`` replies of ``1 / rate`` fit in one second.
-_SLACK = 1e-9
+#: One second of credit, and a little float slack so that ``rate`` replies of ``1 / rate``
+#: each fit in it.
+_BURST = 1.0 + 1e-9
 
 
 def answer_identity(name: bytes, qtype: int, qclass: int) -> int:
@@ -97,6 +98,9 @@ class Verdict(enum.Enum):
     SEND = "send"
     SLIP = "slip"  # send truncated()
     DROP = "drop"
+
+
+_SEND = Verdict.SEND
 
 
 class RateLimiter:
@@ -121,7 +125,8 @@ class RateLimiter:
         self.enabled = any(rates)
         #: Seconds of balance one reply costs, by kind (0.0: that kind is not limited).
         self._cost = (*(1.0 / r if r else 0.0 for r in rates), 0.0)
-        self.floor = -float(config.window)
+        #: A bucket's balance never falls below ``-window`` seconds' worth (see check()).
+        self._most_debt = 1.0 + float(config.window)
         self._mask = buckets - 1
         self._shift4 = 32 - config.ipv4_prefix
         self._shift6 = 128 - config.ipv6_prefix
@@ -133,8 +138,7 @@ class RateLimiter:
             self._exempt.append((net.version, int(net.network_address) >> shift, shift))
         self._sources: dict[str, int] = {}
         size = buckets if self.enabled else 0
-        self._balance = array("d", bytes(8 * size))
-        self._stamp = array("d", [float("-inf")]) * size
+        self._full = array("d", [float("-inf")]) * size
         self._limited = array("I", bytes(4 * size))
         #: Counters, read by tests and metrics (``checked`` only while enabled).
         self.checked = 0
@@ -154,21 +158,27 @@ class RateLimiter:
 
     def check(self, host: str, now: float, identity: int) -> Verdict:
         if not self.enabled:
-            return Verdict.SEND
+            return _SEND
         self.checked += 1
         source = self._sources.get(host)
         if source is None:
             source = self._source(host)
         cost = self._cost[identity & _KIND]
         if source == _EXEMPT or not cost:
-            return Verdict.SEND
-        i = hash((source, identity)) & self._mask
-        # Credit the time since the last reply (at most one second), then debit this one.
-        balance = min(1.0, self._balance[i] + (now - self._stamp[i])) - cost
-        self._balance[i] = balance if balance > self.floor else self.floor
-        self._stamp[i] = now
-        if balance > -_SLACK:
-            return Verdict.SEND
+            return _SEND
+        # The bucket of this prefix and identity: the prefix's hash is keyed (a salt drawn at
+        # start), so which identities share a bucket cannot be foreseen from outside.
+        i = (source ^ identity) & self._mask
+        # A bucket keeps the time its balance will be full again (1 s of credit): the
+        # balance now is ``now + 1 - full``. Credit (at most full) and debit this reply.
+        full = self._full[i]
+        if full < now:
+            full = now
+        full += cost
+        limit = now + self._most_debt
+        self._full[i] = full if full < limit else limit
+        if full - now < _BURST:
+            return _SEND
         self.limited += 1
         slip = self.config.slip
         if slip:
