@@ -35,8 +35,9 @@ The rules (``[dns.rrl]``, see :class:`~jitlaunch.config.RrlConfig`):
   unless set; 0: not limited). A reply is sent while the balance is not negative; below zero
   it is *limited*. The balance never falls below ``window`` seconds' worth of debt, so an
   identity that stops being asked is served again within ``window`` seconds, and one asked
-  persistently above its rate stays limited. (Balances are kept in seconds: a reply costs
-  ``1 / rate`` of its kind, credit is the time passed, at most 1 s.)
+  persistently above its rate stays limited. (Balances are kept in seconds, as the time at
+  which a bucket's balance is full again: a reply costs ``1 / rate`` of its kind, the credit
+  is the time passed, at most 1 s; this is the generic cell rate algorithm.)
 * Of the limited replies, every ``slip``-th is sent truncated instead (TC=1, the question
   only, no records: smaller than the query, never an amplifier), so that a real client
   behind a limited prefix retries over TCP; the others are dropped. ``slip = 0`` drops them
