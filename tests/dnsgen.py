@@ -123,3 +123,56 @@ def random_query(rng: random.Random, ident: int) -> bytes:
     elif shape < 0.18:
         body += rng.randbytes(rng.randint(1, 30))  # trailing bytes
     return struct.pack("!HHHHHH", ident, flags, qd, an, ns, ar) + body
+
+
+def tsig_record(rng: random.Random) -> bytes:
+    """A TSIG record (RFC 8945 4.2), mostly well-formed: names in mixed case, compressed
+    now and then; MACs of several sizes; other data; sometimes of the wrong class or TTL, or
+    with a data length one off."""
+    key = rng.choice([wire_name(rng.choice(["key.example", "tsig-key.jit.test", "k"]), rng),
+                      b"\xc0\x0c"])
+    algorithm = rng.choice([wire_name(rng.choice(["hmac-sha256", "hmac-sha1", "gss-tsig",
+                                                  "hmac-md5.sig-alg.reg.int"]), rng), b"\xc0\x0c"])
+    mac = rng.randbytes(rng.choice([0, 16, 20, 32, 64]))
+    other = b"" if rng.random() < 0.8 else rng.randbytes(6)
+    original_id = rng.randrange(65536)
+    error = 0 if rng.random() < 0.9 else rng.choice([16, 17, 18])
+    rdata = (algorithm + struct.pack("!HIH", rng.randrange(65536), rng.randrange(2**32),
+                                     rng.choice([300, 0, 65535]))
+             + struct.pack("!H", len(mac)) + mac + struct.pack("!HHH", original_id, error, len(other))
+             + other)
+    rclass = 255 if rng.random() < 0.93 else rng.choice([1, 254])
+    ttl = 0 if rng.random() < 0.95 else 1
+    length = len(rdata) + (0 if rng.random() < 0.93 else rng.choice([-1, 1]))
+    return key + struct.pack("!HHIH", 250, rclass, ttl, length) + rdata + (
+        rng.randbytes(1) if length > len(rdata) else b"")
+
+
+def random_tsig_query(rng: random.Random, ident: int) -> bytes:
+    """One query signed with a key nobody has (about one in six malformed in some way)."""
+    flags = 0x0100 if rng.random() < 0.6 else 0
+    if rng.random() < 0.1:
+        flags |= rng.choice([0x0400, 0x0200, 0x0080, 0x0040, 0x0020, 0x0010])
+    if rng.random() < 0.06:
+        flags |= rng.choice([1, 2, 5]) << 11
+    if rng.random() < 0.02:
+        flags |= rng.randint(1, 15)
+    question = random_name(rng) + struct.pack("!HH", rng.choice(TYPES), rng.choice(CLASSES))
+    qd, ar = 1, 1
+    opt = b""
+    if rng.random() < 0.4:
+        opt, ar = opt_record(rng), 2
+    tsig = tsig_record(rng)
+    body = question + opt + tsig
+    shape = rng.random()
+    if shape < 0.04:
+        body, ar = question + tsig + opt_record(rng), ar + (0 if opt else 1)  # not the last
+        if opt:
+            body = question + tsig + opt
+    elif shape < 0.06:
+        body, ar = body + tsig_record(rng), ar + 1  # two
+    elif shape < 0.08:
+        qd, body = 0, opt + tsig
+    elif shape < 0.1:
+        body += rng.randbytes(rng.randint(1, 8))  # trailing bytes
+    return struct.pack("!HHHHHH", ident, flags, qd, 0, 0, ar) + body

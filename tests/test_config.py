@@ -64,6 +64,14 @@ def test_dns_limits_and_rrl() -> None:
     dns = parse_config(text, "c.toml").dns
     assert dns.tcp_message_timeout == 0.5
     assert dns.rrl.rate == 0 and dns.rrl.exempt == ("10.0.0.0/8", "::1/128")
+    # NXDOMAIN and error rates: as `rate` unless set (None), 0 for not limited.
+    assert (rrl.nxdomain_rate, rrl.error_rate) == (None, None)
+    rrl = parse_config(BASE + "[dns.rrl]\nnxdomain_rate = 50\nerror_rate = 0\n", "c.toml").dns.rrl
+    assert (rrl.rate, rrl.nxdomain_rate, rrl.error_rate) == (200, 50, 0)
+    with pytest.raises(ConfigError, match=r"c.toml: dns.rrl.error_rate: expected an integer from 0"):
+        parse_config(BASE + "[dns.rrl]\nerror_rate = -5\n", "c.toml")
+    with pytest.raises(ConfigError, match=r"dns.rrl.nxdomains_rate: unknown key .*'nxdomain_rate'"):
+        parse_config(BASE + "[dns.rrl]\nnxdomains_rate = 5\n", "c.toml")
 
 
 def test_defaults_table_and_durations() -> None:

@@ -15,7 +15,7 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jitlaunch.dns import answer, authority
+from jitlaunch.dns import answer, authority, rrl
 from jitlaunch.dns import wire as wire_mod
 from jitlaunch.dns.answer import Catalog, Response, respond
 from jitlaunch.dns.authority import Authority
@@ -57,6 +57,12 @@ front = [{MANY}]
 ports = [80]
 [service.process]
 command = "x"
+[[service]]
+name = "v6"
+front = ["fd00::6"]
+ports = [80]
+[service.process]
+command = "x"
 """,
     "t.toml",
 )
@@ -66,6 +72,7 @@ STATE = {
     "six": ServiceSnapshot(State.STARTING),  # the fronts, booting TTL 1
     "slow": ServiceSnapshot(State.STARTING),  # wait mode: held
     "many": ServiceSnapshot(State.STARTING),
+    "v6": ServiceSnapshot(State.STARTING),
 }
 NOW = 1000.0
 
@@ -307,9 +314,92 @@ def test_wait_mode_holds_the_reply_and_servfail_when_failed() -> None:
     assert failed.reply == header(15, QR | 2) + question("slow.jit.test", 1)
 
 
-def test_any_gives_both_families() -> None:
-    rec = DNSRecord.parse(run(header(16, 0) + question("six.jit.test", 255)).reply)  # type: ignore[arg-type]
-    assert sorted(QTYPE[r.rtype] for r in rec.rr) == ["A", "AAAA"]
+def test_any_gets_one_rrset() -> None:
+    """RFC 8482 4.1, as NSD answers: the A records (or the AAAA records if there are none)
+    of a service or a nameserver, the SOA alone at the apex; never more than one RRset."""
+    def types(qname: str, qclass: int = 1) -> list[str]:
+        resp = run(header(16, 0) + question(qname, 255, qclass))
+        rec = DNSRecord.parse(resp.reply)  # type: ignore[arg-type]
+        assert not rec.auth and not rec.ar
+        return [QTYPE[r.rtype] for r in rec.rr]
+
+    assert types("six.jit.test") == ["A"] and types("hello.jit.test") == ["A"]
+    assert types("v6.jit.test") == ["AAAA"] and types("ns.jit.test") == ["A"]
+    assert types("many.jit.test") == []  # 40 A records: TC without EDNS, as for A
+    assert types("jit.test") == ["SOA"] == types("jit.test", 255)
+    # At the apex the SOA query's very bytes, but for the type: 76 bytes for 26, where the
+    # whole apex (SOA, NS and the glue) was 136 bytes.
+    q = header(17, 0) + question("jit.test", 255)
+    soa = run(header(17, 0) + question("jit.test", 6)).reply
+    assert soa is not None and len(q) == 26
+    assert run(q).reply == soa.replace(question("jit.test", 6), question("jit.test", 255))
+    assert len(soa) == 76
+    # ANY still starts a service, as A and AAAA do.
+    assert run(header(18, 0) + question("six.jit.test", 255)).service == "six"
+
+
+def tsig_record(key: str = "key.example", algorithm: str = "hmac-sha256", mac: bytes = b"m" * 32,
+                original_id: int = 0x77, other: bytes = b"", rclass: int = 255, ttl: int = 0,
+                cut: int = 0, pad: bytes = b"") -> bytes:
+    rdata = (name(algorithm) + struct.pack("!HIH", 0x0001, 0x02030405, 300)
+             + struct.pack("!H", len(mac)) + mac + struct.pack("!HHH", original_id, 0, len(other))
+             + other)
+    rdata = rdata[: len(rdata) - cut] + pad
+    return name(key) + struct.pack("!HHIH", 250, rclass, ttl, len(rdata)) + rdata
+
+
+def badkey(key: str = "key.example", algorithm: str = "hmac-sha256", original_id: int = 0x77) -> bytes:
+    """Our reply's TSIG record: the query's names, time and fudge, no MAC, BADKEY (17)."""
+    rdata = (name(algorithm) + struct.pack("!HIH", 0x0001, 0x02030405, 300) + b"\0\0"
+             + struct.pack("!HHH", original_id, 17, 0))
+    return name(key) + struct.pack("!HHIH", 250, 255, 0, len(rdata)) + rdata
+
+
+def test_a_signed_query_gets_notauth_badkey() -> None:
+    """RFC 8945 5.2.1, as NSD 4.6 answers an unknown key: NOTAUTH, no question, an unsigned
+    TSIG record with error BADKEY; the names in lower case, time, fudge and original ID
+    copied; other data left out (4.2: only BADTIME has any)."""
+    q = header(0x55, RD, ar=1) + question("hello.jit.test", 1) + tsig_record()
+    reply = run(q).reply
+    assert reply == header(0x55, QR | RD | 9, qd=0, ar=1) + badkey()
+    assert reply is not None and len(reply) < len(q)
+    # Whatever is asked, even outside our zones or a transfer, over either transport.
+    for qname, qtype in (("example.org", 1), ("jit.test", 252), ("nope.jit.test", 255)):
+        q = header(0x56, 0, ar=1) + question(qname, qtype) + tsig_record(
+            key="Key.EXAMPLE", algorithm="HMAC-SHA256", other=b"abcdef", original_id=9)
+        for udp in (True, False):
+            assert run(q, udp).reply == header(0x56, QR | 9, qd=0, ar=1) + badkey(original_id=9)
+    # With an OPT (before the TSIG record), ours; with flags the query should not have set.
+    q = header(0x57, 0x0700, ar=2) + question("jit.test", 6) + opt(4096, do=True) + tsig_record()
+    assert run(q).reply == header(0x57, QR | RD | 9, qd=0, ar=2) + opt(1232, do=True) + badkey()
+    assert run(q).identity == rrl.ERROR_IDENTITY
+
+
+@pytest.mark.parametrize("shape", ["before the OPT", "class IN", "TTL", "data too long",
+                                   "data too short", "two", "count too large", "no question"])
+def test_a_tsig_record_out_of_place_or_shape_is_formerr(shape: str) -> None:
+    """As NSD: the TSIG record must be the last, class ANY, TTL 0, its data exactly its
+    fields (RFC 8945 4.2, 5.2), in an otherwise well-formed query."""
+    tsig, ar, qd, body = tsig_record(), 1, 1, question("hello.jit.test", 1)
+    if shape == "before the OPT":
+        tsig, ar = tsig + opt(1232), 2
+    elif shape == "class IN":
+        tsig = tsig_record(rclass=1)
+    elif shape == "TTL":
+        tsig = tsig_record(ttl=5)
+    elif shape == "data too long":
+        tsig = tsig_record(pad=b"x")
+    elif shape == "data too short":
+        tsig = tsig_record(cut=1)
+    elif shape == "two":
+        tsig, ar = tsig + tsig, 2
+    elif shape == "count too large":
+        ar = 2
+    elif shape == "no question":
+        qd, body = 0, b""
+    q = header(0x58, RD, qd=qd, ar=ar) + body + tsig
+    reply = run(q).reply
+    assert reply is not None and reply[:4] == struct.pack("!HH", 0x58, QR | (RD if qd else 0) | 1)
 
 
 # ---- robustness --------------------------------------------------------------------------

@@ -43,12 +43,16 @@ class Zone:
 class RrlConfig:
     """Response rate limiting for DNS over UDP (``[dns.rrl]``); see :mod:`jitlaunch.dns.rrl`."""
 
-    rate: int = 200  # responses per second per source prefix; 0 turns RRL off
+    rate: int = 200  # identical answers per second per source prefix; 0: not limited
     slip: int = 2  # every slip-th limited response is sent truncated (TC=1); 0 never
     window: float = 15.0  # seconds over which the rate is averaged
     ipv4_prefix: int = 24
     ipv6_prefix: int = 56
     exempt: tuple[str, ...] = ()  # networks never limited ("192.0.2.0/24")
+    # NXDOMAIN replies per second per prefix and zone, and errors per second per prefix
+    # (BIND's nxdomains-per-second, errors-per-second); None: as ``rate``; 0: not limited.
+    nxdomain_rate: int | None = None
+    error_rate: int | None = None
 
 
 @dataclass(frozen=True)

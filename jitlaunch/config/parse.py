@@ -193,6 +193,9 @@ def _parse_rrl(t: Table) -> RrlConfig:
         ipv4_prefix=t.integer("ipv4_prefix", 24, high=32),
         ipv6_prefix=t.integer("ipv6_prefix", 56, high=128),
         exempt=tuple(exempt),
+        # Unset: as ``rate`` (None, so that a reload changing ``rate`` changes that alone).
+        nxdomain_rate=t.integer("nxdomain_rate") if t.has("nxdomain_rate") else None,
+        error_rate=t.integer("error_rate") if t.has("error_rate") else None,
     )
     t.done()
     return cfg

@@ -8,6 +8,8 @@ checked against NSD by tests/test_dns_nsd.py:
   none, a second OPT or one not owned by the root): FORMERR; an opcode other than QUERY:
   NOTIMP. Both are the header only (opcode and RD kept) plus an OPT when the query's OPT
   could be read (RFC 6891 7);
+* a TSIG record (we hold no keys): NOTAUTH, the header (opcode and RD kept), the OPT if any
+  and an unsigned TSIG record with error BADKEY (RFC 8945 5.2.1, 5.3.2), as NSD answers it;
 * no question but an OPT (an EDNS probe): NOERROR with an OPT;
 * an OPT with a version other than 0: BADVERS (with the question); otherwise the OPT is
   answered with our payload size and the DO bit copied, and a UDP reply is bounded by the
@@ -16,11 +18,14 @@ checked against NSD by tests/test_dns_nsd.py:
   serve no secondaries): AXFR over UDP NOTIMP; otherwise REFUSED for a zone's apex and
   NOTAUTH for other names, as NSD answers when no transfer is allowed;
 * a name outside every zone: REFUSED (we are never an open resolver);
-* SOA and NS at the apex, with glue for nameservers inside the zone; for ANY both;
+* SOA and NS at the apex, with glue for nameservers inside the zone;
 * A and AAAA for service names, as the answer-mode policy
   (:func:`jitlaunch.lifecycle.answers.answer_for`) says for the service's snapshot and the
-  time (ANY gives both families); a ``wait`` service that is booting gives ``pending`` (hold
-  the reply and call again), a failed one SERVFAIL;
+  time; a ``wait`` service that is booting gives ``pending`` (hold the reply and call
+  again), a failed one SERVFAIL;
+* ANY gets one RRset (RFC 8482 4.1: a minimal answer, never an amplifier): the SOA at the
+  apex, else the A records, or the AAAA records when there are none; what NSD answers from a
+  zone file that lists the SOA first and A before AAAA;
 * NODATA (NOERROR, SOA in the authority section) for other types of a known name and for
   empty non-terminals; NXDOMAIN with the SOA for unknown names inside a zone; the negative
   TTL is the smaller of the SOA's TTL and its minimum (RFC 2308, section 5);
@@ -34,6 +39,9 @@ checked against NSD by tests/test_dns_nsd.py:
 * a well-formed DNS cookie (RFC 7873) is handed on in :attr:`Response.cookie`: the reply is
   the one without it, and the caller adds the server's COOKIE option to its OPT
   (:func:`wire.add_option`), since that needs the client's address and the secret.
+
+Each response carries its identity for response rate limiting (:mod:`.rrl`): the name, type
+and class of an answer, the name of a NODATA, the zone of an NXDOMAIN, one for all errors.
 
 The common replies (NXDOMAIN, NODATA, REFUSED, service answers) are the question copied from
 the query plus precomputed bytes: the SOA record of a zone's negative answers is built once
@@ -51,6 +59,7 @@ from typing import NamedTuple
 from ..config import DnsConfig, ServiceConfig, Zone
 from ..lifecycle.answers import ServiceSnapshot, answer_for
 from ..logutil import LimitedLog
+from . import rrl
 from . import wire as w
 
 log = logging.getLogger("jitlaunch.dns")
@@ -78,7 +87,8 @@ class Response(NamedTuple):
     means answering failed on a bug: the reply is a header-only SERVFAIL, and tests assert
     that this never happens. ``cookie`` is the query's DNS cookie when it had one (the
     reply's OPT then still needs the server's COOKIE option: :mod:`.cookies`, added by the
-    caller, which knows the client's address).
+    caller, which knows the client's address). ``identity`` is the reply's identity for
+    response rate limiting (see :mod:`.rrl`): an error's unless set.
     """
 
     reply: bytes | None
@@ -87,6 +97,7 @@ class Response(NamedTuple):
     cacheable: bool = False
     internal_error: bool = False
     cookie: QueryCookie | None = None
+    identity: int = rrl.ERROR_IDENTITY
 
 
 class QueryCookie(NamedTuple):
@@ -113,6 +124,7 @@ class ZoneData:
             negative_ttl=min(zone.soa_ttl, zone.minimum),
         )
         self.negative_soa = self.soa.negative
+        self.nxdomain_identity = rrl.nxdomain_identity(self.apex)
 
 
 class Catalog:
@@ -214,8 +226,9 @@ def _respond_simple(wire: bytes, simple: tuple[int, int, int, bool], catalog: Ca
         return None
     known = name in catalog.nodes  # an empty non-terminal: NODATA, else NXDOMAIN
     head = wire[:2] + bytes((0x84 | rd, w.NOERROR if known else w.NXDOMAIN))
+    identity = rrl.nodata_identity(name, w.CLASS_IN) if known else zone.nxdomain_identity
     return Response(head + b"\0\x01\0\0\0\x01" + ar + wire[12:qend] + zone.negative_soa(qend - 16)
-                    + opt, None, cacheable=known)
+                    + opt, None, cacheable=known, identity=identity)
 
 
 def _opt(catalog: Catalog, q: w.Query) -> bytes:
@@ -252,6 +265,16 @@ def _address_records(v4: tuple[str, ...], v6: tuple[str, ...], ttl: int,
 
 
 def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bool) -> Response:
+    if q.tsig is not None and q.error == w.NOTAUTH:
+        # No question, as NSD answers; the TSIG record goes last (RFC 8945 5.3.2). The key
+        # is looked at before the rest (5.2), so an OPT of a later version gets no BADVERS,
+        # but it gets no DO bit either, as in our BADVERS replies (its meaning is unknown).
+        edns = q.edns
+        opt = b"" if edns is None else w.opt_record(
+            catalog.edns_payload, 0, 0 if edns.version else edns.flags & w.EDNS_DO)
+        flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | w.NOTAUTH
+        return Response(w.header(q.ident, flags, 0, 0, 0, 2 if opt else 1) + opt
+                        + w.tsig_badkey(q.tsig))
     if q.error:
         return Response(_short(q, q.error, _opt(catalog, q), False))
     edns = q.edns
@@ -296,16 +319,19 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
                 return Response(None, asked, pending=True)
             if ans.servfail:
                 return Response(_short(q, w.SERVFAIL, opt, True), asked)
-            an, answers = _address_records(ans.v4, ans.v6, ans.ttl, qtype != w.TYPE_AAAA,
-                                           qtype != w.TYPE_A)
+            # ANY: the A records, or the AAAA records if there are none (RFC 8482 4.1).
+            an, answers = _address_records(
+                ans.v4, ans.v6, ans.ttl, qtype != w.TYPE_AAAA,
+                qtype == w.TYPE_AAAA or (qtype == w.TYPE_ANY and not ans.v4))
     elif name == zone.apex:
         if qtype in (w.TYPE_SOA, w.TYPE_NS, w.TYPE_ANY):
             return _apex(q, catalog, zone, flags, opt, limit if udp else 65535)
     elif name in catalog.glue:
         v4 = tuple(a for a in catalog.glue[name] if ":" not in a)
         v6 = tuple(a for a in catalog.glue[name] if ":" in a)
-        an, answers = _address_records(v4, v6, zone.zone.soa_ttl, qtype in (w.TYPE_A, w.TYPE_ANY),
-                                       qtype in (w.TYPE_AAAA, w.TYPE_ANY))
+        an, answers = _address_records(
+            v4, v6, zone.zone.soa_ttl, qtype in (w.TYPE_A, w.TYPE_ANY),
+            qtype == w.TYPE_AAAA or (qtype == w.TYPE_ANY and not v4))
     elif name not in catalog.nodes:
         flags |= w.NXDOMAIN
         cacheable = False  # unknown names are many: cached they would push the rest out
@@ -319,7 +345,13 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
     reply = w.header(q.ident, flags, 1, an, ns, ar) + q.question + answers + authority + additional
     if udp and len(reply) > limit:
         reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
-    return Response(reply, asked, cacheable=cacheable)
+    if flags & w.RCODE_MASK:
+        identity = zone.nxdomain_identity
+    elif an:
+        identity = rrl.answer_identity(name, qtype, qclass)
+    else:
+        identity = rrl.nodata_identity(name, qclass)
+    return Response(reply, asked, cacheable=cacheable, identity=identity)
 
 
 def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
@@ -332,10 +364,10 @@ def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
     glue: list[bytes] = []
     qtype = q.qtype
     soa_ttl = zone.zone.soa_ttl
-    if qtype in (w.TYPE_SOA, w.TYPE_ANY):
+    if qtype in (w.TYPE_SOA, w.TYPE_ANY):  # ANY: the SOA alone (RFC 8482 4.1)
         answers.append(zone.soa.record(comp, offset, soa_ttl))
         offset += len(answers[-1])
-    if qtype in (w.TYPE_NS, w.TYPE_ANY):
+    if qtype == w.TYPE_NS:
         for ns in zone.nameservers:
             rdata = comp.write(ns, offset + 12)
             answers.append(w.rr(_OWNER_Q, w.TYPE_NS, soa_ttl, rdata))
@@ -351,4 +383,5 @@ def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
              + b"".join(glue) + opt)
     if len(reply) > limit:
         reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
-    return Response(reply, None, cacheable=q.canonical)
+    return Response(reply, None, cacheable=q.canonical,
+                    identity=rrl.answer_identity(q.qname.lower(), qtype, q.qclass))

@@ -63,7 +63,8 @@ class Authority:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
-        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, list[int]]], ...] = ({}, {})
+        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, list[int], int]], ...] = (
+            {}, {})
         self._cache_bytes = 0
         self.held = 0
         #: Queries that hit a bug in the answer logic (answered with a SERVFAIL).
@@ -107,7 +108,7 @@ class Authority:
         key = wire[2:]
         hit = cache.get(key)
         if hit is not None and hit[0] == sup.generation:
-            _, tail, service, cell = hit
+            _, tail, service, cell, identity = hit
             if self.counting:
                 cell[0] += 1
             reply = wire[:2] + tail
@@ -118,7 +119,7 @@ class Authority:
                 proven = proven or valid
             if service is not None:
                 sup.request(service, source, proven=proven)
-            return Response(reply, service, cacheable=True)
+            return Response(reply, service, cacheable=True, identity=identity)
         generation = sup.generation
         resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
         cookie = cookie or resp.cookie
@@ -143,7 +144,7 @@ class Authority:
                 self._cache_bytes = 0
             if hit is not None:  # a stale entry for an older generation
                 self._cache_bytes -= len(key) + len(hit[1])
-            cache[key] = (generation, resp.reply[2:], resp.service, cell)
+            cache[key] = (generation, resp.reply[2:], resp.service, cell, resp.identity)
             self._cache_bytes += size - 2
         elif resp.internal_error:
             self.internal_errors += 1
@@ -168,7 +169,7 @@ class Authority:
         return w.add_option(reply, option, limit)
 
     async def answer_held(self, wire: bytes, udp: bool, service: str,
-                          source: str | None = None) -> bytes | None:
+                          source: str | None = None) -> Response:
         """Wait for a ``wait`` service to be ready (or fail), then answer. ``source`` is the
         client's address (DNS cookies)."""
         sup = self.supervisor
@@ -199,13 +200,12 @@ class Authority:
             return snap
 
         resp = respond(wire, self.catalog, state, trio.current_time(), udp=udp)
-        reply = resp.reply
-        if resp.cookie is not None and reply is not None:
+        if resp.cookie is not None and resp.reply is not None:
             option = self._server_cookie(resp.cookie, source, count=False)[0]
-            reply = self._add_cookie(reply, option, resp.cookie, udp)
+            resp = resp._replace(reply=self._add_cookie(resp.reply, option, resp.cookie, udp))
         if self.counting:
-            self._cell(stats.key_of(wire, reply, udp))[0] += 1
-        return reply
+            self._cell(stats.key_of(wire, resp.reply, udp))[0] += 1
+        return resp
 
     def _cell(self, key: stats.Key) -> list[int]:
         cell = self.queries.get(key)

@@ -2,34 +2,61 @@
 
 A UDP source address can be forged, so an authoritative server can be made to send replies
 to a victim (reflection, amplified when replies are larger than queries). RRL bounds how many
-replies go to one source prefix (``ipv4_prefix``, ``ipv6_prefix`` bits of the address) each
-second; TCP needs none, since its handshake proves the source.
+*identical* replies go to one source prefix (``ipv4_prefix``, ``ipv6_prefix`` bits of the
+address) each second, the design of Vixie and Schryver that BIND, NSD and Knot share: a
+reflection attack sends the same large reply over and over, while a real resolver behind the
+prefix asks for many different names and is not held back. TCP needs none, since its
+handshake proves the source.
+
+What counts as one reply (its *identity*, from :func:`answer_identity` and the others below,
+computed by the answer logic alongside the reply: :attr:`answer.Response.identity`):
+
+* an answer: the query name (lower case), type and class, as BIND keys its
+  ``responses-per-second`` (NSD keys its "positive" type by the name alone);
+* NODATA: the query name and class, not the type: BIND's ``nodata-per-second`` key (NSD
+  counts all NODATA of a zone as one). Only names that exist give NODATA, so a flood of
+  random names cannot make new identities of this kind; and a resolver asking AAAA of many
+  names that have only A records is not limited as one (it would be by NSD's key);
+* NXDOMAIN: the zone, whatever the name, as both BIND (``nxdomains-per-second``, the zone
+  origin) and NSD (``rrl_type_nxdomain``, the zone apex) key it: random names cannot spread a
+  flood over many identities;
+* every error (FORMERR, NOTIMP, REFUSED, SERVFAIL, NOTAUTH, BADVERS, an EDNS probe's reply):
+  one identity per prefix, as BIND keys the errors it limits (no name: ``errors-per-second``).
+  NSD keys them by zone; we answer many errors before any zone is known, and an error reply
+  is never larger than its query, so one class suffices.
+
+We have no delegations, so no referrals (BIND and NSD key those by the delegation point).
 
 The rules (``[dns.rrl]``, see :class:`~jitlaunch.config.RrlConfig`):
 
-* Each prefix has a balance, credited ``rate`` per second up to ``rate`` (a burst of at most
-  one second's worth) and debited by one for every reply it asks for, sent or not. A reply
-  is sent while the balance is not negative; below zero it is *limited*. The balance never
-  falls below ``-rate * window``, so a prefix that stops asking is served again within
-  ``window`` seconds, and a prefix asking persistently above ``rate`` stays limited.
+* Each identity of each prefix has a balance, credited ``rate`` per second up to ``rate`` (a
+  burst of at most one second's worth) and debited by one for every reply it asks for, sent
+  or not; NXDOMAIN has ``nxdomain_rate`` and errors ``error_rate`` instead (both ``rate``
+  unless set; 0: not limited). A reply is sent while the balance is not negative; below zero
+  it is *limited*. The balance never falls below ``window`` seconds' worth of debt, so an
+  identity that stops being asked is served again within ``window`` seconds, and one asked
+  persistently above its rate stays limited. (Balances are kept in seconds, as the time at
+  which a bucket's balance is full again: a reply costs ``1 / rate`` of its kind, the credit
+  is the time passed, at most 1 s; this is the generic cell rate algorithm.)
 * Of the limited replies, every ``slip``-th is sent truncated instead (TC=1, the question
   only, no records: smaller than the query, never an amplifier), so that a real client
   behind a limited prefix retries over TCP; the others are dropped. ``slip = 0`` drops them
   all, ``slip = 1`` truncates them all.
-* Sources in an ``exempt`` network are never limited. ``rate = 0`` turns RRL off.
+* Sources in an ``exempt`` network are never limited. All three rates 0 (``rate = 0`` with
+  the other two unset) turns RRL off.
 
-The state is a fixed table of :data:`BUCKETS` buckets (20 bytes each: 1.3 MB, allocated only
-when RRL is on), indexed by a keyed hash of the prefix: a flood from spoofed sources costs no
-memory.
-Prefixes that share a bucket share its balance, which can only limit sooner, never let more
-through.
+The state is a fixed table of :data:`BUCKETS` buckets (12 bytes each: 0.8 MB, allocated only
+when RRL is on), indexed by a keyed hash of the prefix and the identity: a flood from spoofed
+sources or of random names costs no memory. Identities that share a bucket share its balance
+(each reply still debits its own kind's cost), which can only limit them sooner, never let
+more through: a collision makes limiting stricter, not looser. The address-to-prefix work is
+kept for the last :data:`SOURCES` addresses seen.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-import math
 import random
 import socket
 import struct
@@ -39,6 +66,33 @@ from ..config import RrlConfig
 
 #: Buckets in the state table (a power of two).
 BUCKETS = 65536
+#: Source addresses whose prefix is remembered (the memo is emptied when full).
+SOURCES = 4096
+
+#: The kinds of reply, each with its own rate: the low two bits of an identity.
+ANSWER, NXDOMAIN, ERROR = 0, 1, 2
+#: The identity of every error reply (one per prefix).
+ERROR_IDENTITY = ERROR
+_KIND = 3
+_EXEMPT = -1  # never the value of hash()
+#: One second of credit, and a little float slack so that ``rate`` replies of ``1 / rate``
+#: each fit in it.
+_BURST = 1.0 + 1e-9
+
+
+def answer_identity(name: bytes, qtype: int, qclass: int) -> int:
+    """The identity of an answer to ``name`` (wire form, lower case), ``qtype``, ``qclass``."""
+    return hash((name, qtype, qclass)) & ~_KIND | ANSWER
+
+
+def nodata_identity(name: bytes, qclass: int) -> int:
+    """The identity of a NODATA reply about ``name`` (wire form, lower case): any type."""
+    return hash((name, -1, qclass)) & ~_KIND | ANSWER
+
+
+def nxdomain_identity(apex: bytes) -> int:
+    """The identity of every NXDOMAIN in the zone whose apex is ``apex`` (wire form)."""
+    return hash((apex, -3)) & ~_KIND | NXDOMAIN
 
 
 class Verdict(enum.Enum):
@@ -47,21 +101,33 @@ class Verdict(enum.Enum):
     DROP = "drop"
 
 
+_SEND = Verdict.SEND
+
+
 class RateLimiter:
     """Decides, reply by reply, whether a UDP reply to a source may go out.
 
-    ``check(host, now)`` takes the source address as the socket API gives it (``"192.0.2.1"``,
-    ``"2001:db8::1"``, optionally with ``%scope``) and the current time in seconds on any
-    monotonic clock; it never raises for an address the socket API can return.
+    ``check(host, now, identity)`` takes the source address as the socket API gives it
+    (``"192.0.2.1"``, ``"2001:db8::1"``, optionally with ``%scope``), the current time in
+    seconds on any monotonic clock and the reply's identity (see the module docstring); it
+    never raises for an address the socket API can return.
     """
 
     def __init__(self, config: RrlConfig, buckets: int = BUCKETS) -> None:
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         self.config = config
-        self.enabled = config.rate > 0
-        self.rate = float(config.rate)
-        self.floor = -config.rate * config.window
+        rates = (config.rate,
+                 config.rate if config.nxdomain_rate is None else config.nxdomain_rate,
+                 config.rate if config.error_rate is None else config.error_rate)
+        #: The rates of answers (and NODATA), NXDOMAIN and errors.
+        self.rates = rates
+        self.rate = config.rate
+        self.enabled = any(rates)
+        #: Seconds of balance one reply costs, by kind (0.0: that kind is not limited).
+        self._cost = (*(1.0 / r if r else 0.0 for r in rates), 0.0)
+        #: A bucket's balance never falls below ``-window`` seconds' worth (see check()).
+        self._most_debt = 1.0 + float(config.window)
         self._mask = buckets - 1
         self._shift4 = 32 - config.ipv4_prefix
         self._shift6 = 128 - config.ipv6_prefix
@@ -71,9 +137,9 @@ class RateLimiter:
             net = ipaddress.ip_network(text, strict=False)
             shift = net.max_prefixlen - net.prefixlen
             self._exempt.append((net.version, int(net.network_address) >> shift, shift))
+        self._sources: dict[str, int] = {}
         size = buckets if self.enabled else 0
-        self._balance = array("d", bytes(8 * size))
-        self._stamp = array("d", [-math.inf]) * size
+        self._full = array("d", [float("-inf")]) * size
         self._limited = array("I", bytes(4 * size))
         #: Counters, read by tests and metrics (``checked`` only while enabled).
         self.checked = 0
@@ -84,32 +150,36 @@ class RateLimiter:
     def __repr__(self) -> str:
         if not self.enabled:
             return "<RateLimiter off>"
+        rate, nx, err = self.rates
         return (
-            f"<RateLimiter {self.config.rate}/s window={self.config.window:g}s "
-            f"slip={self.config.slip} limited={self.limited} dropped={self.dropped}>"
+            f"<RateLimiter {rate}/s nxdomain={nx}/s error={err}/s "
+            f"window={self.config.window:g}s slip={self.config.slip} "
+            f"limited={self.limited} dropped={self.dropped}>"
         )
 
-    def check(self, host: str, now: float) -> Verdict:
+    def check(self, host: str, now: float, identity: int) -> Verdict:
         if not self.enabled:
-            return Verdict.SEND
+            return _SEND
         self.checked += 1
-        if ":" in host:
-            version = 6
-            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, host.partition("%")[0]))
-        else:
-            version = 4
-            value = int.from_bytes(socket.inet_aton(host))
-        for v, network, shift in self._exempt:
-            if v == version and value >> shift == network:
-                return Verdict.SEND
-        prefix = value >> (self._shift6 if version == 6 else self._shift4)
-        i = hash((self._salt, version, prefix)) & self._mask
-        # Credit since the last reply (at most one second's worth), then debit this one.
-        balance = min(self.rate, self._balance[i] + (now - self._stamp[i]) * self.rate) - 1.0
-        self._balance[i] = max(balance, self.floor)
-        self._stamp[i] = now
-        if balance >= 0:
-            return Verdict.SEND
+        source = self._sources.get(host)
+        if source is None:
+            source = self._source(host)
+        cost = self._cost[identity & _KIND]
+        if source == _EXEMPT or not cost:
+            return _SEND
+        # The bucket of this prefix and identity: the prefix's hash is keyed (a salt drawn at
+        # start), so which identities share a bucket cannot be foreseen from outside.
+        i = (source ^ identity) & self._mask
+        # A bucket keeps the time its balance will be full again (1 s of credit): the
+        # balance now is ``now + 1 - full``. Credit (at most full) and debit this reply.
+        full = self._full[i]
+        if full < now:
+            full = now
+        full += cost
+        limit = now + self._most_debt
+        self._full[i] = full if full < limit else limit
+        if full - now < _BURST:
+            return _SEND
         self.limited += 1
         slip = self.config.slip
         if slip:
@@ -119,6 +189,25 @@ class RateLimiter:
                 return Verdict.SLIP
         self.dropped += 1
         return Verdict.DROP
+
+    def _source(self, host: str) -> int:
+        """The keyed hash of ``host``'s prefix, or _EXEMPT; remembered for the next reply."""
+        if ":" in host:
+            version = 6
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, host.partition("%")[0]))
+            prefix = value >> self._shift6
+        else:
+            version = 4
+            value = int.from_bytes(socket.inet_aton(host))
+            prefix = value >> self._shift4
+        source = hash((self._salt, version, prefix))
+        for v, network, shift in self._exempt:
+            if v == version and value >> shift == network:
+                source = _EXEMPT
+        if len(self._sources) >= SOURCES:
+            self._sources.clear()
+        self._sources[host] = source
+        return source
 
 
 def truncated(reply: bytes) -> bytes:

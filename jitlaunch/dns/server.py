@@ -16,7 +16,8 @@ Everything here faces the internet, so every bound is explicit (all in ``[dns]``
   ``tcp_message_timeout`` of its first byte (a byte every few seconds must not hold a slot
   for ever), or when a reply is not taken by the client within ``tcp_message_timeout``.
   A connection buffers at most one whole message plus :data:`TCP_READ_AHEAD` bytes.
-* UDP replies: response rate limiting per source prefix (``[dns.rrl]``, :mod:`.rrl`).
+* UDP replies: response rate limiting per source prefix and response identity
+  (``[dns.rrl]``, :mod:`.rrl`).
 * Held ``wait`` answers: at most ``max_held`` at once over UDP and TCP together,
   ``max_held_per_source`` for one source prefix and ``max_held_per_service`` for one service
   (past any of these a UDP query is dropped, a TCP connection stops reading until there is
@@ -245,6 +246,8 @@ class DnsServer:
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.lowlevel.wait_readable(sock)
+                # The time for RRL (off, it costs nothing): one reading per batch is enough.
+                now = trio.current_time() if self.rrl.enabled else 0.0
                 for _ in range(UDP_BATCH):
                     try:
                         wire, addr = sock.recvfrom(65535)
@@ -254,7 +257,7 @@ class DnsServer:
                         self._client_fault("udp_receive_error", "UDP receive error: %s", exc)
                         continue
                     try:
-                        blocked = self._udp_datagram(sock, wire, addr, nursery)
+                        blocked = self._udp_datagram(sock, wire, addr, nursery, now)
                         if blocked is not None:  # send buffer full: wait once, then give up
                             await trio.lowlevel.wait_writable(sock)
                             self._sendto(sock, blocked, addr)
@@ -262,11 +265,12 @@ class DnsServer:
                         self._internal_error("a UDP query", exc)
 
     def _udp_datagram(
-        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery
+        self, sock: socket.socket, wire: bytes, addr: tuple[object, ...], nursery: trio.Nursery,
+        now: float,
     ) -> bytes | None:
         """Answer one datagram, synchronously: a coroutine per packet would cost more than a
         cached answer does. Returns the reply if the send buffer was full (the caller waits
-        for room once), else None."""
+        for room once), else None. ``now``: the time for RRL."""
         qlog = self.query_log
         start = time.perf_counter() if qlog.enabled else 0.0
         resp = self.authority.answer_now(wire, udp=True, source=str(addr[0]))
@@ -284,7 +288,7 @@ class DnsServer:
             self._hold(source, resp.service)
             nursery.start_soon(self._udp_held, sock, wire, addr, source, resp.service)
         elif resp.reply is not None:
-            return self._udp_send_now(sock, resp.reply, addr)
+            return self._udp_send_now(sock, resp.reply, addr, resp.identity, now)
         return None
 
     async def _udp_held(
@@ -294,13 +298,15 @@ class DnsServer:
         try:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, True, service, str(addr[0]))
+                resp = await self.authority.answer_held(wire, True, service, str(addr[0]))
             finally:
                 self._unhold(source, service)
+            reply = resp.reply
             if self.query_log.enabled:
                 self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
             if reply is not None:
-                blocked = self._udp_send_now(sock, reply, addr)
+                blocked = self._udp_send_now(
+                    sock, reply, addr, resp.identity, trio.current_time())
                 if blocked is not None:
                     await trio.lowlevel.wait_writable(sock)
                     self._sendto(sock, blocked, addr)
@@ -308,13 +314,15 @@ class DnsServer:
             self._internal_error("a held UDP answer", exc)
 
     def _udp_send_now(
-        self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]
+        self, sock: socket.socket, reply: bytes, addr: tuple[object, ...], identity: int,
+        now: float,
     ) -> bytes | None:
-        """Send ``reply`` unless response rate limiting says otherwise; returns what is left
-        to send when the socket's send buffer is full (the caller waits for room once)."""
+        """Send ``reply`` (of RRL ``identity``, at time ``now``) unless response rate
+        limiting says otherwise; returns what is left to send when the socket's send buffer
+        is full (the caller waits for room once)."""
         rrl = self.rrl
-        if rrl.enabled:  # off (rate = 0) costs neither the address string nor the clock
-            verdict = rrl.check(str(addr[0]), trio.current_time())
+        if rrl.enabled:  # off (rate = 0) costs not even the address string
+            verdict = rrl.check(str(addr[0]), now, identity)
             if verdict is Verdict.DROP:
                 self.counts["rrl_dropped"] += 1
                 return None
@@ -436,7 +444,7 @@ class DnsServer:
         async def held(wire: bytes, service: str) -> None:
             start = time.perf_counter()
             try:
-                reply = await self.authority.answer_held(wire, False, service, source)
+                reply = (await self.authority.answer_held(wire, False, service, source)).reply
             finally:
                 self._unhold(prefix, service)
                 held_here.release()

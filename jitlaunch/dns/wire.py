@@ -14,11 +14,14 @@ OPT record, so that an error reply can carry one). The rules:
 * a question count other than 1: FORMERR with RD cleared too, except for an EDNS probe (no
   question, nothing but one OPT of version 0), which is answered;
 * records in the answer section, or in the authority section (except for IXFR, whose query
-  carries the client's SOA there), in the additional section anything but one OPT, an OPT
-  whose owner is not the root written as one zero octet, or whose data is not whole options
-  (version 0), or has a COOKIE option of a length other than 8 or 16 to 40 (RFC 7873 5.2.2),
-  sections that run past the end of the message: FORMERR (as NSD, without an OPT: the OPT
-  was not read);
+  carries the client's SOA there), in the additional section anything but one OPT and a
+  TSIG record last, an OPT whose owner is not the root written as one zero octet, or whose
+  data is not whole options (version 0), or has a COOKIE option of a length other than 8 or
+  16 to 40 (RFC 7873 5.2.2), a TSIG record of another class than ANY, a TTL other than 0 or
+  data that is not exactly its fields (RFC 8945 4.2), sections that run past the end of the
+  message: FORMERR (as NSD, without an OPT: the OPT was not read);
+* otherwise, a TSIG record: NOTAUTH (we hold no keys: RFC 8945 5.2.1, BADKEY), with the
+  record's fields in :attr:`Query.tsig` for the reply's own TSIG record;
 * bytes after the last record are ignored (as NSD does).
 
 A name is kept in its uncompressed wire form, as asked (``b"\\x03www\\x07example\\x00"``):
@@ -67,8 +70,10 @@ OPCODE_QUERY = 0
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, NOTAUTH = 0, 1, 2, 3, 4, 5, 9
 BADVERS = 16
+#: TSIG's own error (RFC 8945 4.2): the key is not known.
+TSIG_BADKEY = 17
 
-TYPE_A, TYPE_NS, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 6, 28, 41
+TYPE_A, TYPE_NS, TYPE_SOA, TYPE_AAAA, TYPE_OPT, TYPE_TSIG = 1, 2, 6, 28, 41, 250
 TYPE_IXFR, TYPE_AXFR, TYPE_ANY = 251, 252, 255
 CLASS_IN, CLASS_ANY = 1, 255
 
@@ -99,19 +104,30 @@ class Edns(NamedTuple):
         return bool(self.flags & EDNS_DO)
 
 
+class Tsig(NamedTuple):
+    """What a reply's TSIG record takes from the query's (RFC 8945 4.2): names in wire form,
+    lower case; the time signed and fudge as sent (8 octets); the original ID."""
+
+    key: bytes
+    algorithm: bytes
+    time_fudge: bytes
+    original_id: int
+
+
 class Query:
     """A parsed query: what the answer logic needs, and nothing else.
 
-    ``error`` is 0, FORMERR or NOTIMP; with an error, only ``ident``, ``flags`` and
-    ``edns`` (when the OPT could still be read) are meaningful. ``question`` is the question
-    section exactly as sent, ``qname`` the question's name in wire form as asked. ``cookie``
-    is the data of the OPT's COOKIE option (well-formed: 8 or 16 to 40 bytes), or None.
+    ``error`` is 0, FORMERR, NOTIMP or NOTAUTH (a TSIG record, then in ``tsig``); with an
+    error, only ``ident``, ``flags``, ``edns`` (when the OPT could still be read) and
+    ``tsig`` are meaningful. ``question`` is the question section exactly as sent, ``qname``
+    the question's name in wire form as asked. ``cookie`` is the data of the OPT's COOKIE
+    option (well-formed: 8 or 16 to 40 bytes), or None.
     ``canonical`` is True when the message is one well-formed query with no bytes after it and
     no EDNS options: then the message less its ID says all that the reply depends on.
     """
 
     __slots__ = ("canonical", "cookie", "edns", "error", "flags", "ident", "qclass", "qname",
-                 "qtype", "question")
+                 "qtype", "question", "tsig")
 
     def __init__(self, ident: int, flags: int) -> None:
         self.ident = ident
@@ -123,6 +139,7 @@ class Query:
         self.qclass = 0
         self.edns: Edns | None = None
         self.cookie: bytes | None = None
+        self.tsig: Tsig | None = None
         self.canonical = False
 
     @property
@@ -221,6 +238,11 @@ def parse_query(wire: bytes) -> Query:
     if end < 0 or ancount or (nscount and q.qtype != TYPE_IXFR):
         q.error = FORMERR
         return q
+    if q.tsig is not None:
+        # A signed query, and we hold no keys: NOTAUTH with TSIG error BADKEY (RFC 8945
+        # 5.2.1), whatever was asked (as NSD answers one).
+        q.error = NOTAUTH
+        return q
     q.canonical = end == len(wire) and not nscount and (q.edns is None or not q.edns.has_options)
     return q
 
@@ -286,11 +308,11 @@ def _read_sections(
         _, rtype, _, _, _, pos = _skip_record(wire, pos)
     edns: Edns | None = None
     bad = False
-    for _ in range(arcount):
+    for i in range(arcount):
         # The OPT's owner must be the root written as one zero octet: NSD, too, rejects a
         # compression pointer there, even one to a root name.
         literal_root = pos < len(wire) and wire[pos] == 0
-        _, rtype, rclass, ttl, rdata, pos = _skip_record(wire, pos)
+        owner, rtype, rclass, ttl, rdata, pos = _skip_record(wire, pos)
         # Options are only read for version 0: a later version may define them otherwise
         # (and NSD answers BADVERS without reading them either).
         version = (ttl >> 16) & 0xFF
@@ -300,14 +322,34 @@ def _read_sections(
             edns = Edns(rclass, ttl >> 24, (ttl >> 16) & 0xFF, ttl & 0xFFFF, pos > rdata)
             if cookie >= 0:
                 q.cookie = wire[cookie + 4 : cookie + 4 + _U16.unpack_from(wire, cookie + 2)[0]]
+        elif (rtype == TYPE_TSIG and i == arcount - 1 and rclass == CLASS_ANY and not ttl
+                and (tsig := _read_tsig(wire, owner, rdata, pos)) is not None):
+            q.tsig = tsig  # the last record, class ANY, TTL 0 (RFC 8945 4.2, 5.2)
         else:
-            # A second OPT, an OPT not owned by the root (RFC 6891 6.1.1), or any other
-            # record (we have no TSIG keys): the query is malformed.
+            # A second OPT, an OPT not owned by the root (RFC 6891 6.1.1), a TSIG record
+            # out of place or out of shape, or any other record: the query is malformed.
             bad = True
     q.edns = edns
     if bad:
         raise FormError("unexpected record in the additional section")
     return pos
+
+
+def _read_tsig(wire: bytes, owner: bytes, pos: int, end: int) -> Tsig | None:
+    """The TSIG record data from ``pos`` to ``end`` (RFC 8945 4.2): algorithm name, time
+    signed (6), fudge (2), MAC size (2) and MAC, original ID (2), error (2), other length (2)
+    and other data, filling the data exactly; else None."""
+    algorithm, pos = read_name(wire, pos)
+    if pos + 10 > end:
+        return None
+    time_fudge = wire[pos : pos + 8]
+    pos += 10 + _U16.unpack_from(wire, pos + 8)[0]
+    if pos + 6 > end:
+        return None
+    original_id = _U16.unpack_from(wire, pos)[0]
+    if pos + 6 + _U16.unpack_from(wire, pos + 4)[0] != end:
+        return None
+    return Tsig(owner.lower(), algorithm.lower(), time_fudge, original_id)
 
 
 def _read_options(wire: bytes, pos: int, end: int) -> int:
@@ -388,6 +430,15 @@ def add_option(reply: bytes, option: bytes, limit: int) -> bytes:
         end = read_name(reply, 12)[1] + 4
     ident, flags, qd = struct.unpack_from("!HHH", reply)
     return HEADER.pack(ident, flags | TC, qd, 0, 0, 1) + reply[12:end] + opt
+
+
+def tsig_badkey(tsig: Tsig) -> bytes:
+    """The unsigned TSIG record of a reply to a query signed with a key we do not know (RFC
+    8945 5.2.1, 5.3.2): the query's key and algorithm names, time signed, fudge and original
+    ID, no MAC, error BADKEY and no other data (4.2: only BADTIME has any)."""
+    rdata = (tsig.algorithm + tsig.time_fudge + b"\0\0"
+             + struct.pack("!HHH", tsig.original_id, TSIG_BADKEY, 0))
+    return rr(tsig.key, TYPE_TSIG, 0, rdata, CLASS_ANY)
 
 
 def servfail_for(wire: bytes) -> bytes:
