@@ -418,7 +418,14 @@ def add_option(reply: bytes, option: bytes, limit: int) -> bytes:
     and has no data yet (as every reply we build with an OPT has it); ``reply`` as it is
     without such an OPT. When that makes a reply longer than ``limit`` (a UDP reply's bound),
     it is cut to the header, the question and the OPT with the option, TC set (RFC 6891 7:
-    the OPT is kept; as for any reply too large)."""
+    the OPT is kept; as for any reply too large). A NOTAUTH reply to a signed query (no
+    question, an empty OPT, then the TSIG record, which stays last: RFC 8945 5.3.2) gets the
+    option in that OPT, within ``limit``."""
+    if (len(reply) > 23 and reply[4:12] == b"\0\0\0\0\0\0\0\x02"
+            and reply[12:15] == b"\0\0\x29" and reply[21:23] == b"\0\0"):
+        if len(reply) + len(option) > limit:
+            return reply
+        return reply[:21] + _U16.pack(len(option)) + option + reply[23:]
     if len(reply) < 23 or reply[-11:-8] != b"\0\0\x29" or reply[-2:] != b"\0\0" \
             or reply[10:12] == b"\0\0":
         return reply
