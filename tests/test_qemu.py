@@ -360,3 +360,33 @@ async def test_a_requested_stop_then_a_wake_serves(state: Path, block: str, mode
             assert inst.state is State.SAVED, (round_, inst)
             assert rt.stops[("requested", mode)] == round_ + 1
         assert rt.boots == 3 and rt.readies == 3
+
+
+async def test_a_corrupt_saved_state_is_deleted_and_the_request_boots_afresh(
+    state: Path, block: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated saved state: the wake that would restore it is served by a fresh boot, the
+    state is deleted (logged with QEMU's words), and no boot fails or backs off."""
+    cfg = load(config_text(state, service(
+        f"{block}.1", extra='idle_timeout = "5m"\nstop = "save"\nanswer = "proxy"',
+        qemu='grace = "1s"')))
+    async with running(cfg) as d:
+        sup = d.supervisor
+        rt = sup.services["uk"]
+        assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
+        inst = sup.stop("uk")
+        assert inst is not None
+        with trio.fail_after(20):
+            await inst.released.wait()
+        saved = state / "saved" / "uk.state"
+        data = saved.read_bytes()
+        assert len(data) > 4096
+        saved.write_bytes(data[: len(data) // 3])
+        body = await http_get(f"{block}.1", 18080)
+        assert body.startswith(b"HTTP/1.1 200") and b"uk" in body
+        assert not saved.exists() and not saved.with_suffix(".image").exists()
+        assert rt.boot_failures == 0 and rt.failures == 0
+        now = rt.instance
+        assert now is not None and now.state is State.READY
+        assert any("restoring the saved state" in r.getMessage() and "failed" in r.getMessage()
+                   for r in caplog.records)

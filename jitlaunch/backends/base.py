@@ -97,6 +97,13 @@ class Handle(abc.ABC):
         asked again later. The default has no counter."""
         return None
 
+    def discard_restore(self) -> str | None:
+        """After a boot that failed while it restored a saved state: delete that state (it
+        cannot be restored: truncated, corrupt, from another program), and return what to
+        log (the state's path and the program's own words); None when it was not a restore.
+        The caller then boots the instance afresh."""
+        return None
+
     def describe(self) -> str:
         """A short description for logs and reprs: ``pid=4242 127.77.1.2``."""
         parts = []

@@ -35,11 +35,13 @@ share that boot. Rules:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import trio
 
@@ -67,6 +69,11 @@ PROBE_MARGIN = 0.5
 TRAFFIC_TIMEOUT = 5.0
 
 _limited = LimitedLog(log)
+
+
+async def _ready(handle: Handle) -> None:
+    with map_errors("readiness check failed"):
+        await handle.wait_ready()
 
 
 def host_budget(host: HostConfig) -> adm.Budget:
@@ -866,18 +873,30 @@ class Supervisor:
         backend = self.backends[svc.backend]
         with trio.move_on_after(svc.boot_timeout):
             saved = inst.handle if resume else None
-            with map_errors("cannot start it"):
-                inst.handle = await backend.start(svc, inst.number, saved)
-            handle = inst.handle
-
-            async def ready() -> None:
-                with map_errors("readiness check failed"):
-                    await handle.wait_ready()
-
-            which, exited = await first_of(ready, handle.wait_exited)
-            if which == 1:
-                raise BootFailed(f"{exited} before it was ready")
-            return
+            for attempt in (1, 2):
+                with map_errors("cannot start it"):
+                    inst.handle = await backend.start(svc, inst.number, saved)
+                handle = inst.handle
+                try:
+                    which, exited = await first_of(partial(_ready, handle), handle.wait_exited)
+                except BootFailed as exc:
+                    failure = exc
+                else:
+                    if which == 0:
+                        return
+                    failure = BootFailed(f"{exited} before it was ready")
+                # A saved state that cannot be restored is deleted and the same request
+                # boots afresh, once: it must not fail every boot (and back off) for good.
+                discarded = handle.discard_restore() if attempt == 1 else None
+                if discarded is None:
+                    raise failure
+                log.warning("%s: restoring the saved state %s failed: %s; deleted it, booting "
+                            "afresh", inst.label, discarded, failure)
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_MARGIN):
+                    with contextlib.suppress(Exception):
+                        await handle.stop("destroy", 0.0)
+                inst.handle = None
+                saved = None
         raise BootTimeout(f"not ready within the boot timeout of {svc.boot_timeout:g} s")
 
     def _boot_failed(self, rt: ServiceRuntime, inst: Instance, exc: BootFailed) -> None:

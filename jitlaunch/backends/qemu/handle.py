@@ -178,6 +178,17 @@ class QemuHandle(Handle):
                 except trio.BrokenResourceError:
                     return False
 
+    def discard_restore(self) -> str | None:
+        state = self.restoring
+        if state is None:
+            return None
+        for path in (state, state.with_suffix(".image")):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.restoring = None
+        words = last_words(self.console.last_lines(), self.binary)
+        return f"{state}{' (QEMU: ' + words + ')' if words else ''}"
+
     async def _wait_restored(self) -> None:
         qmp = await self.qmp()
         while True:
