@@ -205,7 +205,7 @@ def describe_instance(inst: Instance, now: float) -> dict[str, Any]:
     boot = inst.ready_at - inst.started_at
     return {
         "label": inst.label,
-        "state": str(inst.state),
+        "state": inst.shown_state,
         "pid": handle.pid if handle is not None else None,
         "address": handle.address if handle is not None else None,
         "uptime": _age(now, inst.started_at),

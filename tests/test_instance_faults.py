@@ -468,7 +468,7 @@ async def test_signals_never_orphan_instances(tmp_path: Path, block: str) -> Non
         # SIGHUP (a reload of the same file), SIGUSR1, SIGUSR2: logged, the daemon and its
         # instance carry on.
         for sig, line in ((signal.SIGHUP, "(SIGHUP): no changes"),
-                          (signal.SIGUSR1, "status: hello: <Instance hello#1 ready process"),
+                          (signal.SIGUSR1, "status: hello: hello#1 ready (process, pid="),
                           (signal.SIGUSR2, "SIGUSR2: ignored")):
             proc.send_signal(sig)
             await wait_until(lambda line=line: line in log.read_text())
@@ -503,7 +503,7 @@ async def test_status_names_every_instance_and_pool_member(qstate: Path, block: 
         await wait_until(lambda: len(pool) == 1)  # refilled
         assert inst.handle is not None
         lines = sup.status_lines()
-        assert lines[0].startswith(f"uk: <Instance uk#1 ready qemu pid={inst.handle.pid} ")
+        assert lines[0].startswith(f"uk: uk#1 ready (qemu, pid={inst.handle.pid} ")
         assert lines[1] == f"uk: warm pool 1 of 1: pid={pool[0].pid}"
         assert sorted(qemus(qstate)) == sorted([inst.handle.pid, pool[0].pid])
 

@@ -358,6 +358,8 @@ async def test_a_requested_stop_then_a_wake_serves(state: Path, block: str, mode
             with trio.fail_after(20):
                 await stopping.released.wait()
             assert inst.state is State.SAVED, (round_, inst)
+            # jitlaunch status says which: a paused QEMU is still there, a saved one is not.
+            assert inst.shown_state == ("paused" if mode == "pause" else "saved")
             assert rt.stops[("requested", mode)] == round_ + 1
         assert rt.boots == 3 and rt.readies == 3
 

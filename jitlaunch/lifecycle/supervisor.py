@@ -144,12 +144,30 @@ class Instance:
         self.state = next_state(self.state, event)
         return self.state
 
+    @property
+    def shown_state(self) -> str:
+        """Its state as people read it: ``queued`` while it waits for room, ``paused`` when
+        saved with its process still there (a paused VM), else the state's name."""
+        if self.state is State.STOPPED and not math.isnan(self.queued_at):
+            return "queued"
+        if self.state is State.SAVED and self.handle is not None:
+            try:
+                if self.handle.alive():
+                    return "paused"
+            except Exception:  # a backend's error: say what the table says
+                pass
+        return str(self.state)
+
+    def summary(self) -> str:
+        """``hello#3 ready (qemu, pid=4242 10.77.0.5)``: for status lines."""
+        described = self.handle.describe() if self.handle else ""
+        return (f"{self.label} {self.shown_state} ({self.service.backend}"
+                f"{', ' + described if described else ''})")
+
     def __repr__(self) -> str:
         described = self.handle.describe() if self.handle else ""
         extra = f" {described}" if described else ""
-        queued = self.state is State.STOPPED and not math.isnan(self.queued_at)
-        state = "queued" if queued else str(self.state)
-        return f"<Instance {self.label} {state} {self.service.backend}{extra}>"
+        return f"<Instance {self.label} {self.shown_state} {self.service.backend}{extra}>"
 
 
 class ServiceRuntime:
@@ -360,7 +378,7 @@ class Supervisor:
         lines = []
         for rt in self.services.values():
             inst = rt.instance
-            what = repr(inst) if inst is not None else "no instance"
+            what = inst.summary() if inst is not None else "no instance"
             backoff = ""
             if trio.current_time() < rt.retry_at:
                 backoff = f", backing off for {rt.retry_at - trio.current_time():.1f} s"
