@@ -45,8 +45,6 @@ malformed, can end the daemon: each connection's task catches everything, logs i
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import grp
 import json
 import logging
@@ -68,6 +66,7 @@ from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
 from .slots import Slot, Slots
+from .statedir import LockHeld, lock_file
 
 if TYPE_CHECKING:
     from .daemon import ReloadResult
@@ -124,22 +123,17 @@ def claim_control_path(path: Path, state_dir: Path) -> int | None:
     except OSError as exc:
         raise ListenError(f"cannot open the lock file {lock}: {exc.strerror or exc}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            pid, other = os.pread(fd, 4096, 0).decode().split("\n")[:2]
-            holder = f" (pid {int(pid)}, state directory {other})"
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise ListenError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
+        lock_file(fd, lock, f"{os.getpid()}\n{state_dir}\n")
+    except LockHeld as held:
+        pid, _, other = held.args[0].partition("\n")
+        holder = f" (pid {pid}, state directory {other.strip()})" if pid.isdigit() else ""
         raise ListenError(
             f"the control socket {path} belongs to another jitlaunch daemon{holder}; two "
             f"daemons cannot share the runtime directory {path.parent} ($RUNTIME_DIRECTORY): "
             "give each its own"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n{state_dir}\n".encode(), 0)
+    except OSError as exc:
+        raise ListenError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
     return fd
 
 

@@ -14,9 +14,6 @@ after, either way.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import functools
 import logging
 import os
@@ -40,7 +37,7 @@ from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
 from .metrics import Metrics, new_registry
 from .proxy import Proxy
-from .statedir import open_private, prepare_state_dir
+from .statedir import LockHeld, lock_file, open_private, prepare_state_dir
 
 log = logging.getLogger("jitlaunch")
 
@@ -63,23 +60,16 @@ def lock_state_dir(state_dir: Path) -> int:
     except OSError as exc:
         raise ListenError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise ListenError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+        lock_file(fd, path, f"{os.getpid()}\n")
+    except LockHeld as held:
+        pid = held.args[0].strip()
+        holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StateDirInUse(
             f"the state directory {state_dir} is in use by another jitlaunch daemon{holder}; "
             "one daemon per state directory"
         ) from None
-    try:  # for people to read: a full disk does not stop the daemon
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as exc:
-        log.warning("cannot write our pid into %s: %s", path, exc.strerror or exc)
+        raise ListenError(f"cannot lock {path}: {exc.strerror or exc}") from exc
     return fd
 
 

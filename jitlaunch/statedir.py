@@ -25,6 +25,7 @@ user. So:
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -254,6 +255,37 @@ def write_private(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
+
+
+class LockHeld(Exception):
+    """Another process holds the lock: ``args[0]`` is what it wrote into the file."""
+
+
+def lock_file(fd: int, path: os.PathLike[str] | str, note: str) -> int:
+    """Take an exclusive, non-blocking flock on the open ``fd`` (of ``path``) and write
+    ``note`` into the file for people to read (a full disk is logged, not fatal); returns
+    ``fd``, whose lock lives as long as it stays open (the kernel drops it if we die).
+    LockHeld with the holder's note if another process holds it; OSError for anything else.
+    ``fd`` is closed when it raises."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            try:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            except OSError:
+                pass
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LockHeld(holder) from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note.encode(), 0)
+    except OSError as exc:
+        log.warning("cannot write into %s: %s", path, exc.strerror or exc)
+    return fd
 
 
 def is_private_file(path: Path) -> bool:

@@ -257,16 +257,9 @@ def scan_simple(wire: bytes) -> tuple[int, int, int, bool] | None:
     if n < 17 or wire[2] & 0xF8 or wire[3] & 0x0F or wire[4:11] != b"\0\x01\0\0\0\0\0":
         return None
     arcount = wire[11]
-    pos = 12
-    while True:
-        length = wire[pos]
-        if not length:
-            break
-        if length > MAX_LABEL:
-            return None
-        pos += length + 1
-        if pos >= n:
-            return None
+    pos = _plain_name_end(wire, n)
+    if pos is None:
+        return None
     qend = pos + 5
     if pos - 11 > MAX_NAME or qend > n or wire[pos + 3] or wire[pos + 4] != CLASS_IN:
         return None
@@ -369,6 +362,22 @@ def _read_options(wire: bytes, pos: int, end: int) -> int:
     return cookie if pos == end else -2
 
 
+def _plain_name_end(wire: bytes, n: int) -> int | None:
+    """The offset of the zero octet that ends the question's name at offset 12, when the
+    name has no compression pointer and ends before byte ``n``; else None."""
+    pos = 12
+    while True:
+        length = wire[pos]
+        if not length:
+            break
+        if length > MAX_LABEL:
+            return None
+        pos += length + 1
+        if pos >= n:
+            return None
+    return pos
+
+
 def split_cookie(wire: bytes) -> tuple[bytes, bytes, int] | None:
     """For the common query with a DNS cookie (the header of one question and one additional
     record, a question whose name has no compression pointer, then an OPT of version 0
@@ -381,16 +390,9 @@ def split_cookie(wire: bytes) -> tuple[bytes, bytes, int] | None:
     n = len(wire)
     if n < 44 or wire[4:12] != b"\0\x01\0\0\0\0\0\x01":
         return None
-    pos = 12
-    while True:
-        length = wire[pos]
-        if not length:
-            break
-        if length > MAX_LABEL:
-            return None
-        pos += length + 1
-        if pos >= n:
-            return None
+    pos = _plain_name_end(wire, n)
+    if pos is None:
+        return None
     opt = pos + 5  # after the zero octet, the type and the class
     if (opt + 15 > n or wire[opt : opt + 3] != b"\0\0\x29" or wire[opt + 6]
             or wire[opt + 11 : opt + 13] != b"\0\x0a"):
