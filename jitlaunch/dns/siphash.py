@@ -41,9 +41,14 @@ class SipHash24:
         last = int.from_bytes(data[whole:], "little") | ((n & 0xFF) << 56)
         words = [int.from_bytes(data[i : i + 8], "little") for i in range(0, whole, 8)]
         words.append(last)
-        for m in words:
-            v3 ^= m
-            for _ in range(2):
+        # Two rounds after each word, then (-1: no word) v2 ^= 0xFF and four finalization
+        # rounds: one round body for both, written out once (no call per round).
+        for m, rounds in [*((w, 2) for w in words), (-1, 4)]:
+            if m >= 0:
+                v3 ^= m
+            else:
+                v2 ^= 0xFF
+            for _ in range(rounds):
                 v0 = (v0 + v1) & _M
                 v1 = ((v1 << 13) & _M) | (v1 >> 51)
                 v1 ^= v0
@@ -58,23 +63,8 @@ class SipHash24:
                 v1 = ((v1 << 17) & _M) | (v1 >> 47)
                 v1 ^= v2
                 v2 = ((v2 << 32) & _M) | (v2 >> 32)
-            v0 ^= m
-        v2 ^= 0xFF
-        for _ in range(4):
-            v0 = (v0 + v1) & _M
-            v1 = ((v1 << 13) & _M) | (v1 >> 51)
-            v1 ^= v0
-            v0 = ((v0 << 32) & _M) | (v0 >> 32)
-            v2 = (v2 + v3) & _M
-            v3 = ((v3 << 16) & _M) | (v3 >> 48)
-            v3 ^= v2
-            v0 = (v0 + v3) & _M
-            v3 = ((v3 << 21) & _M) | (v3 >> 43)
-            v3 ^= v0
-            v2 = (v2 + v1) & _M
-            v1 = ((v1 << 17) & _M) | (v1 >> 47)
-            v1 ^= v2
-            v2 = ((v2 << 32) & _M) | (v2 >> 32)
+            if m >= 0:
+                v0 ^= m
         return (v0 ^ v1 ^ v2 ^ v3).to_bytes(8, "little")
 
 
