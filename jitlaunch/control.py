@@ -65,6 +65,7 @@ from .config import Config
 from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
+from .net import serve
 from .slots import Slot, Slots
 from .statedir import LockHeld, lock_file
 
@@ -269,6 +270,20 @@ def allowed(peer: Peer, gid: int | None) -> bool:
     return peer.uid == 0 or (gid is not None and gid in _groups_of(peer))
 
 
+class _Client:
+    """An admitted connection: with a slot, or, for a peer that may not use the socket
+    (``slot`` None), only to be told so and closed."""
+
+    def __init__(self, server: ControlServer, peer: Peer, slot: Slot | None) -> None:
+        self.server, self.peer, self.slot = server, peer, slot
+
+    def release(self) -> None:
+        if self.slot is None:
+            self.server.refusing -= 1
+        else:
+            self.slot.release()
+
+
 class ControlServer:
     """Serves the control socket. ``await nursery.start(server.serve)`` binds it first."""
 
@@ -330,17 +345,10 @@ class ControlServer:
             raise ListenError(f"cannot create the control socket {self.path}: {exc.strerror or exc}") from exc
         listener = trio.SocketListener(sock)
         try:
-            async with trio.open_nursery() as nursery:
-                log.info("control socket %s", self.path)
-                task_status.started(self.path)
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:  # EMFILE and friends: back off, keep serving
-                        _limited.warning("accept", "control socket accept failed: %s", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    self._admit(stream, nursery)
+            log.info("control socket %s", self.path)
+            task_status.started(self.path)
+            await serve(listener, self._admit, self._connection, what="control socket",
+                        log=_limited, on_failure=self._failed)
         finally:
             self._unlink_ours()
             sock.close()
@@ -352,24 +360,21 @@ class ControlServer:
             if (st.st_dev, st.st_ino) == self._bound:
                 self.path.unlink()
 
-    def _admit(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
-        """Check the peer, then give it a slot (or refuse it) and start its task."""
+    def _admit(self, stream: trio.SocketStream) -> _Client | None:
+        """Check the peer, then give it a slot, or a refusal to send (or nothing)."""
         try:
             peer = peer_of(stream.socket)  # type: ignore[arg-type]
             ok = allowed(peer, self.gid)
         except OSError:  # gone already
-            stream.socket.close()
-            return
+            return None
         if not ok:
             if self.refusing >= MAX_CLIENTS:
                 self._count("refused_busy")
                 _limited.warning("refused_busy", "control socket: too many refused peers at "
                                  "once; closing a new connection")
-                stream.socket.close()
-                return
+                return None
             self.refusing += 1
-            nursery.start_soon(self._refuse, stream, peer)
-            return
+            return _Client(self, peer, None)
         evictions = self.slots.evictions
         slot = self.slots.take(peer.uid, evict=True)
         if self.slots.evictions != evictions:
@@ -380,27 +385,22 @@ class ControlServer:
             self._count("refused_busy")
             _limited.warning("refused_busy", "control socket: every connection is busy with "
                              "a command; closing a new one")
-            stream.socket.close()
-            return
-        nursery.start_soon(self._connection, stream, slot)
+            return None
+        return _Client(self, peer, slot)
+
+    def _failed(self, client: _Client, exc: Exception) -> None:
+        if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+            return  # the client went away
+        self._count("internal_error")
+        _limited.error("connection", "control connection failed", exc_info=exc)
 
     async def _refuse(self, stream: trio.SocketStream, peer: Peer) -> None:
-        try:
-            with trio.move_on_after(REFUSAL_TIMEOUT):
-                async with stream:
-                    who = "root or the group " + repr(self.config.daemon.control_group) \
-                        if self.gid is not None else "root"
-                    await self._send(stream, error_reply(
-                        "refused", f"permission denied: uid {peer.uid} is not {who}"))
-                    await _close_after_reply(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the client went away
-        except Exception:
-            self._count("internal_error")
-            _limited.error("connection", "control connection failed", exc_info=True)
-        finally:
-            self.refusing -= 1
-            await trio.aclose_forcefully(stream)
+        with trio.move_on_after(REFUSAL_TIMEOUT):
+            who = "root or the group " + repr(self.config.daemon.control_group) \
+                if self.gid is not None else "root"
+            await self._send(stream, error_reply(
+                "refused", f"permission denied: uid {peer.uid} is not {who}"))
+            await _close_after_reply(stream)
 
     def _remove_stale(self) -> None:
         # The state directory's lock, or claim_control_path's beside a socket elsewhere,
@@ -414,22 +414,16 @@ class ControlServer:
             raise ListenError(f"{self.path} exists and is not a socket; not removing it")
         self.path.unlink()
 
-    async def _connection(self, stream: trio.SocketStream, slot: Slot) -> None:
-        try:
-            # slot.scope is cancelled if a newer connection takes this one's slot while it
-            # waits for a request (slot.reading).
-            with slot.scope:
-                async with stream:
-                    await self._serve_requests(stream, slot)
-            if slot.evicted:
-                return  # counted and logged where it was decided
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return  # the client went away
-        except Exception:
-            self._count("internal_error")
-            _limited.error("connection", "control connection failed", exc_info=True)
-        finally:
-            slot.release()
+    async def _connection(self, stream: trio.SocketStream, client: _Client) -> None:
+        """One client (run by :func:`jitlaunch.net.serve`, which counts what it raises)."""
+        slot = client.slot
+        if slot is None:
+            await self._refuse(stream, client.peer)
+            return
+        # slot.scope is cancelled if a newer connection takes this one's slot while it waits
+        # for a request (slot.reading); an eviction is counted and logged where it was decided.
+        with slot.scope:
+            await self._serve_requests(stream, slot)
 
     async def _serve_requests(self, stream: trio.SocketStream, slot: Slot) -> None:
         buf = bytearray()

@@ -28,7 +28,7 @@ class LimitedLog:
         self._next: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool | BaseException = False) -> bool:
         """Count ``key`` and log ``msg % args`` unless ``key`` was logged within the interval.
         Returns whether a line was written."""
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -46,5 +46,5 @@ class LimitedLog:
     def warning(self, key: str, msg: str, *args: object) -> bool:
         return self.log(logging.WARNING, key, msg, *args)
 
-    def error(self, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def error(self, key: str, msg: str, *args: object, exc_info: bool | BaseException = False) -> bool:
         return self.log(logging.ERROR, key, msg, *args, exc_info=exc_info)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -50,8 +49,10 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import Config, Endpoint
+from .errors import ListenError
 from .lifecycle.state import State
 from .logutil import LimitedLog
+from .net import bound_endpoint, listen_tcp, serve
 from .slots import Slot, Slots
 
 if TYPE_CHECKING:
@@ -180,71 +181,62 @@ class Metrics:
         try:
             for ep in self.config.metrics.listen:
                 try:
-                    listeners.append(await _listen(ep))
-                except OSError as exc:
-                    log.error("metrics: cannot listen on %s: %s; serving no metrics there",
-                              ep, exc.strerror or exc)
-            self.endpoints = [_endpoint(lst) for lst in listeners]
+                    listeners.append(await listen_tcp(ep.host, ep.port, what="metrics", backlog=64))
+                except ListenError as exc:
+                    log.error("%s; serving no metrics there", exc)
+            self.endpoints = [bound_endpoint(lst) for lst in listeners]
             if self.endpoints:
                 log.info("metrics on %s", ", ".join(f"http://{e}/metrics" for e in self.endpoints))
             async with trio.open_nursery() as nursery:
                 if listeners:
                     nursery.start_soon(self._serve_renderings)
                 for lst in listeners:
-                    nursery.start_soon(self._accept_loop, lst, nursery)
+                    nursery.start_soon(functools.partial(
+                        serve, lst, self._admit, self._connection, what="metrics", log=self._log,
+                        on_failure=self._failed,
+                    ))
                 task_status.started(self.endpoints)
         finally:
             with trio.CancelScope(shield=True):
                 for lst in listeners:
                     await lst.aclose()
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: pause, keep serving
-                self._log.warning("accept", "metrics: accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            slots = self.slots
-            slots.total = slots.per_key = self.config.metrics.max_connections
-            evictions = slots.evictions
-            slot = slots.take("", evict=True)
-            if slots.evictions != evictions:
-                self.http["evicted"] += 1
-                self._log.warning("evicted", "metrics: too many connections; closing the oldest "
-                                  "one that has not sent its request yet")
-            if slot is None:
-                self.http["refused"] += 1
-                self._log.warning("refused", "metrics: too many connections being answered; "
-                                  "closing a new one")
-                stream.socket.close()
-                continue
-            nursery.start_soon(self._connection, stream, slot)
+    def _admit(self, stream: trio.SocketStream) -> Slot | None:
+        slots = self.slots
+        slots.total = slots.per_key = self.config.metrics.max_connections
+        evictions = slots.evictions
+        slot = slots.take("", evict=True)
+        if slots.evictions != evictions:
+            self.http["evicted"] += 1
+            self._log.warning("evicted", "metrics: too many connections; closing the oldest "
+                              "one that has not sent its request yet")
+        if slot is None:
+            self.http["refused"] += 1
+            self._log.warning("refused", "metrics: too many connections being answered; "
+                              "closing a new one")
+        return slot
+
+    def _failed(self, slot: Slot, exc: Exception) -> None:
+        if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)):
+            self.http["reset"] += 1
+        else:
+            self.http["error"] += 1
+            self._log.error("error", "metrics: a request failed", exc_info=exc)
 
     async def _connection(self, stream: trio.SocketStream, slot: Slot) -> None:
-        """One request: never raises (but Cancelled), always closes the stream."""
-        try:
-            # One deadline from the accept for the whole exchange: bytes sent one at a time
-            # do not extend it. slot.scope is cancelled when a newer connection needs the
-            # slot while this one has not sent its request yet.
-            with slot.scope, trio.move_on_after(self.config.metrics.timeout) as scope:
-                head = await _read_head(stream)
-                slot.reading = False
-                status, body, ctype = await self.respond(head)
-                self.http[str(status)] += 1
-                head_only = head is not None and head.startswith(b"HEAD ")
-                await stream.send_all(_response(status, body, ctype, head_only=head_only))
-            if scope.cancelled_caught:
-                self.http["timeout"] += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            self.http["reset"] += 1
-        except Exception:
-            self.http["error"] += 1
-            self._log.error("error", "metrics: a request failed", exc_info=True)
-        finally:
-            slot.release()
-            await trio.aclose_forcefully(stream)
+        """One request (run by :func:`jitlaunch.net.serve`, which counts what it raises)."""
+        # One deadline from the accept for the whole exchange: bytes sent one at a time do
+        # not extend it. slot.scope is cancelled when a newer connection needs the slot while
+        # this one has not sent its request yet.
+        with slot.scope, trio.move_on_after(self.config.metrics.timeout) as scope:
+            head = await _read_head(stream)
+            slot.reading = False
+            status, body, ctype = await self.respond(head)
+            self.http[str(status)] += 1
+            head_only = head is not None and head.startswith(b"HEAD ")
+            await stream.send_all(_response(status, body, ctype, head_only=head_only))
+        if scope.cancelled_caught:
+            self.http["timeout"] += 1
 
     async def respond(self, head: bytes | None) -> tuple[int, bytes, str]:
         """The status, body and content type for the request ``head`` (None: not HTTP, or
@@ -333,26 +325,6 @@ def _response(status: int, body: bytes, ctype: str, *, head_only: bool) -> bytes
         lines.append("Allow: GET, HEAD")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
     return head if head_only else head + body
-
-
-async def _listen(ep: Endpoint) -> trio.SocketListener:
-    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind((ep.host, ep.port))
-        sock.listen(64)
-    except OSError:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-def _endpoint(listener: trio.SocketListener) -> Endpoint:
-    host, port = listener.socket.getsockname()[:2]
-    return Endpoint(host, port)
 
 
 class ServiceFigures(NamedTuple):

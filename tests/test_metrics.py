@@ -169,7 +169,7 @@ async def test_an_address_in_use_is_logged_and_the_daemon_serves(
             assert d.metrics_endpoints == []
             ep = d.dns_endpoints[0]
             assert (await query_udp((ep.host, ep.port), "h.jit.test")).header.rcode == 0
-    assert f"metrics: cannot listen on {taken}" in caplog.text
+    assert f"cannot listen for metrics on {taken}" in caplog.text
 
 
 async def test_bad_requests_get_errors_and_the_daemon_is_unaffected(tmp_path: Path, block: str) -> None:
