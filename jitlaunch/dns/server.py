@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -45,31 +44,19 @@ import trio
 from ..config import Config, Endpoint
 from ..errors import ListenError, listen_error
 from ..logutil import LimitedLog
-from ..slots import Slot, Slots, source_prefix
+from ..net import peer_host, serve
+from ..slots import Slots, source_prefix
 from .authority import Authority, Services
 from .querylog import QueryLog
 from .rrl import RateLimiter, Verdict, truncated
+from .tcp import BUSY_IDLE_TIMEOUT, SlowQuery, SlowReader, TcpClient, TcpSession
 
 log = logging.getLogger("jitlaunch.dns")
 
 #: Datagrams answered per wake-up before other tasks get a turn.
 UDP_BATCH = 64
-#: Bytes asked of a TCP stream per receive beyond the rest of the message being read, so that
-#: a connection buffers at most one whole message (65,537 bytes) plus this.
-TCP_READ_AHEAD = 4096
-#: The idle timeout of a DNS-over-TCP connection while more than half of
-#: ``max_tcp_connections`` are open (NSD's, under the same condition).
-BUSY_IDLE_TIMEOUT = 0.2
 #: What a client going away looks like from our side of a stream.
 _CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
-
-
-class _SlowQuery(Exception):
-    """A TCP query did not arrive whole within ``tcp_message_timeout`` of its first byte."""
-
-
-class _SlowReader(Exception):
-    """A TCP client did not take a reply within ``tcp_message_timeout``."""
 
 
 def _bind_pair(ep: Endpoint) -> tuple[socket.socket, trio.socket.SocketType]:
@@ -222,14 +209,14 @@ class DnsServer:
             exc_info=True,
         )
 
-    def _connection_failed(self, exc: Exception) -> None:
+    def _connection_failed(self, client: TcpClient, exc: Exception) -> None:
         """Count and log why a TCP connection ended with ``exc``: the client's doing, or ours."""
         leaves = list(_leaves(exc))
-        if all(isinstance(e, _SlowReader) for e in leaves):
+        if all(isinstance(e, SlowReader) for e in leaves):
             self._client_fault("tcp_slow_reader", "a DNS-over-TCP client did not read its replies")
-        elif all(isinstance(e, _SlowQuery) for e in leaves):
+        elif all(isinstance(e, SlowQuery) for e in leaves):
             self._client_fault("tcp_slow_query", "a DNS-over-TCP query did not arrive in time")
-        elif all(isinstance(e, (_CLIENT_GONE, _SlowReader, _SlowQuery)) for e in leaves):
+        elif all(isinstance(e, (_CLIENT_GONE, SlowReader, SlowQuery)) for e in leaves):
             self._client_fault("tcp_reset", "a DNS-over-TCP client went away: %s", leaves[0])
         else:
             self._internal_error("a DNS-over-TCP connection", exc)
@@ -386,131 +373,36 @@ class DnsServer:
     # ---- TCP ----------------------------------------------------------------------------
 
     async def _serve_tcp(self, listener: trio.SocketListener) -> None:
+        await serve(listener, self._admit_tcp, self._tcp_session, what="DNS over TCP",
+                    log=self._log, on_failure=self._connection_failed,
+                    on_accept_error=self._accept_failed)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self.counts["tcp_accept_error"] += 1
+
+    def _admit_tcp(self, stream: trio.SocketStream) -> TcpClient | None:
         dns = self.config.dns
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and friends: back off briefly, keep serving
-                    self._client_fault("tcp_accept_error", "TCP accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    source = str(stream.socket.getpeername()[0])
-                except OSError:  # reset before we looked
-                    self.counts["tcp_reset"] += 1
-                    await trio.aclose_forcefully(stream)
-                    continue
-                slots = self.tcp_slots
-                slots.total, slots.per_key = dns.max_tcp_connections, dns.max_tcp_connections_per_source
-                prefix = self._prefix(source)
-                slot = slots.take(prefix)
-                if slot is None:
-                    if slots.refusal == "total":
-                        self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
-                    else:
-                        self._client_fault(
-                            "tcp_refused_source", "too many TCP connections from one source "
-                            "prefix; closing a new one from %s", prefix,
-                        )
-                    await trio.aclose_forcefully(stream)
-                    continue
-                nursery.start_soon(self._tcp_connection, stream, source, slot)
-
-    async def _tcp_connection(self, stream: trio.SocketStream, source: str, slot: Slot) -> None:
-        try:
-            await self._tcp_session(stream, source, slot)
-        except Exception as exc:
-            self._connection_failed(exc)
-        finally:
-            slot.release()
-            await trio.aclose_forcefully(stream)
-
-    async def _tcp_session(self, stream: trio.SocketStream, source: str, slot: Slot) -> None:
-        dns = self.config.dns
-        qlog = self.query_log
-        send_lock = trio.Lock()
-        held_here = trio.Semaphore(dns.max_held_per_connection)
-
-        async def send(reply: bytes) -> None:
-            async with send_lock:
-                with trio.move_on_after(dns.tcp_message_timeout) as scope:
-                    await stream.send_all(struct.pack("!H", len(reply)) + reply)
-                if scope.cancelled_caught:
-                    raise _SlowReader
-
+        source = peer_host(stream)
+        if source is None:  # reset before we looked
+            self.counts["tcp_reset"] += 1
+            return None
+        slots = self.tcp_slots
+        slots.total, slots.per_key = dns.max_tcp_connections, dns.max_tcp_connections_per_source
         prefix = self._prefix(source)
+        slot = slots.take(prefix)
+        if slot is None:
+            if slots.refusal == "total":
+                self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
+            else:
+                self._client_fault(
+                    "tcp_refused_source", "too many TCP connections from one source "
+                    "prefix; closing a new one from %s", prefix,
+                )
+            return None
+        return TcpClient(source, slot)
 
-        async def held(wire: bytes, service: str) -> None:
-            start = time.perf_counter()
-            try:
-                reply = (await self.authority.answer_held(wire, False, service, source)).reply
-            finally:
-                self._unhold(prefix, service)
-                held_here.release()
-            if qlog.enabled:
-                qlog.query(wire, reply, "tcp", source, time.perf_counter() - start)
-            if reply is not None:
-                await send(reply)
-
-        async with trio.open_nursery() as nursery:
-            buf = bytearray()
-            # When the first byte of the partial message in ``buf`` arrived (or, if replies
-            # were sent since, when we were ready to read again).
-            started = 0.0
-            while True:
-                want = TCP_READ_AHEAD
-                if len(buf) >= 2:
-                    want = max(want, 2 + struct.unpack_from("!H", buf)[0] - len(buf))
-                data: bytes | None = None
-                if buf:
-                    with trio.move_on_at(started + dns.tcp_message_timeout):
-                        data = await stream.receive_some(want)
-                else:
-                    # Idle: shortened while the server is busy (see Slots.idle), so that
-                    # connections asking for a query now and then cannot keep every slot.
-                    with self.tcp_slots.idle(slot, dns.tcp_idle_timeout):
-                        data = await stream.receive_some(want)
-                if data is None:
-                    if buf:
-                        raise _SlowQuery
-                    if slot.idle_shortened:
-                        self._client_fault("tcp_idle_busy", "DNS over TCP is busy: closing "
-                                           "connections idle for %g s", BUSY_IDLE_TIMEOUT)
-                    else:
-                        self.counts["tcp_idle"] += 1
-                    break
-                if not data:
-                    break
-                if not buf:
-                    started = trio.current_time()
-                buf += data
-                answered = False
-                while len(buf) >= 2:
-                    (length,) = struct.unpack_from("!H", buf)
-                    if len(buf) < 2 + length:
-                        break
-                    wire = bytes(buf[2 : 2 + length])
-                    del buf[: 2 + length]
-                    answered = True
-                    start = time.perf_counter() if qlog.enabled else 0.0
-                    resp = self.authority.answer_now(wire, udp=False, source=source)
-                    if qlog.enabled and not resp.pending:
-                        qlog.query(wire, resp.reply, "tcp", source, time.perf_counter() - start)
-                    if resp.internal_error:  # logged where it happened
-                        self.counts["internal_error"] += 1
-                    if resp.pending and resp.service is not None:
-                        # Past a bound, stop reading until a held answer completes.
-                        await held_here.acquire()
-                        await self._wait_held_slot(prefix, resp.service)
-                        nursery.start_soon(held, wire, resp.service)
-                    elif resp.reply is not None:
-                        await send(resp.reply)
-                if answered:
-                    # The rest of ``buf`` came in the data just read; time spent answering
-                    # (a slow reader, a full held bound) is not the client's to pay for.
-                    started = trio.current_time()
-            # Idle or at EOF: the nursery still sends the held answers as they complete.
+    async def _tcp_session(self, stream: trio.SocketStream, client: TcpClient) -> None:
+        await TcpSession(self, stream, client).run()
 
 
 #: The ``[dns]`` key behind each held-answer counter, for the log.
