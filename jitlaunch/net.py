@@ -54,8 +54,13 @@ T = TypeVar("T", bound=Ticket)
 
 
 def fd_shortage(exc: BaseException) -> bool:
-    """Whether ``exc`` says we ran out of descriptors or socket buffers."""
-    return isinstance(exc, OSError) and exc.errno in FD_ERRNOS
+    """Whether ``exc`` (or what it wraps, or a member of its group) says we ran out of
+    descriptors or socket buffers."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(fd_shortage(e) for e in exc.exceptions)
+    if isinstance(exc, OSError) and exc.errno in FD_ERRNOS:
+        return True
+    return exc.__cause__ is not None and fd_shortage(exc.__cause__)
 
 
 async def serve(

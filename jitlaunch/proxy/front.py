@@ -34,30 +34,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
+import functools
 import ipaddress
 import logging
 import math
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import trio
 
 from ..aio import first_of
 from ..config import Config, Endpoint
-from ..errors import BootFailed, listen_error
+from ..errors import BootFailed
 from ..fdlimit import FDS_PER_CONNECTION, default_max_connections, nofile_limit, reserve
 from ..lifecycle.backoff import backoff_delay
 from ..lifecycle.state import State
 from ..lifecycle.supervisor import Instance, Supervisor
 from ..logutil import LimitedLog
+from ..net import bound_endpoint, fd_shortage, listen_tcp, serve
+from ..slots import Slot, Slots
 from .relay import PipePool, Relay, Timeouts
 
 log = logging.getLogger("jitlaunch.proxy")
 
-#: After a failed accept (EMFILE and friends), wait this long before the next one.
-ACCEPT_PAUSE = 0.1
 #: Between connects to an instance that refused (its listen backlog is full): doubling.
 RETRY_FIRST = 0.005
 RETRY_MAX = 0.25
@@ -68,7 +68,6 @@ TIMERS = ("first_data", "no_answer", "first_answer", "idle", "half_close")
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a RST
 # struct tcp_info up to tcpi_unacked: u8 state, ca_state, retransmits, ...; u32 unacked at 24.
 _TCP_INFO_LEN = 28
-_FD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Proxy:
@@ -82,12 +81,12 @@ class Proxy:
         self.config = config
         self.supervisor = supervisor
         self.fd_limit = nofile_limit() if fd_limit is None else fd_limit
+        #: Connections open now (admitted, not yet closed), in all and by source address
+        #: (an IPv6 client by its /64); the caps are set by _apply_settings.
+        self.slots = Slots(0, 0)
         self._apply_settings(config)
         #: Splice pipes: one per two connections at most, so each costs 3 fds at most.
         self.pipes = PipePool(max(1, self.max_connections // 2))
-        #: Connections open now (admitted, not yet closed), in all and by source.
-        self.open = 0
-        self.by_source: dict[str, int] = {}
         self.pending: collections.Counter[str] = collections.Counter()
         #: Bytes buffered now for connections waiting for a boot, all services together
         #: (bounded by ``proxy.max_buffer_total``).
@@ -124,6 +123,7 @@ class Proxy:
         dns_tcp = config.dns.max_tcp_connections
         self.max_connections = pc.max_connections or default_max_connections(self.fd_limit, dns_tcp)
         self.max_per_source = pc.max_connections_per_source or max(1, self.max_connections // 8)
+        self.slots.total, self.slots.per_key = self.max_connections, self.max_per_source
         self.timeouts = Timeouts(
             first_data=pc.first_data_timeout,
             answer=pc.answer_timeout,
@@ -144,7 +144,7 @@ class Proxy:
                 for addr in svc.front:
                     for port in svc.ports:
                         if (addr, port) not in self.fronts and (addr, port) not in bound:
-                            bound[(addr, port)] = await _listen(addr, port)
+                            bound[(addr, port)] = await listen_tcp(addr, port, what="the proxy")
         except BaseException:
             for lst in bound.values():
                 lst.socket.close()
@@ -188,10 +188,10 @@ class Proxy:
                             self.passed_fronts.add((addr, port))
                         listener = (
                             trio.SocketListener(trio.socket.from_stdlib_socket(given))
-                            if given is not None else await _listen(addr, port)
+                            if given is not None else await listen_tcp(addr, port, what="the proxy")
                         )
                         self.fronts[(addr, port)] = Front(svc.name, port, listener)
-            bound = [_endpoint(f.listener) for f in self.fronts.values()]
+            bound = [bound_endpoint(f.listener) for f in self.fronts.values()]
             self._log_limits()
             async with trio.open_nursery() as connections:
                 with self._accepting:
@@ -231,45 +231,49 @@ class Proxy:
 
     # ---- admission -------------------------------------------------------------------
 
+    @property
+    def open(self) -> int:
+        """Connections open now (admitted, not yet closed)."""
+        return self.slots.in_use
+
+    @property
+    def by_source(self) -> dict[Hashable, int]:
+        """Open connections by source address (an IPv6 client by its /64)."""
+        return self.slots.by_key
+
     async def _accept_loop(self, front: Front, nursery: trio.Nursery) -> None:
         with front.scope:
-            await self._accept(front, nursery)
+            await serve(
+                front.listener, functools.partial(self._admit, front), self._connection,
+                what=f"proxy for {front.service}", log=self._log, on_failure=self._failed,
+                on_accept_error=self._accept_failed, handlers=nursery,
+            )
 
-    async def _accept(self, front: Front, nursery: trio.Nursery) -> None:
-        listener, port = front.listener, front.port
-        while True:
-            service = front.service
-            try:
-                stream = await listener.accept()
-            except trio.ClosedResourceError:
-                return  # closed by a reload
-            except OSError as exc:  # EMFILE and friends: pause, keep serving
-                self.accept_errors += 1
-                self._log.warning(
-                    f"accept:{service}", "proxy: accepting for %s failed: %s; pausing %g s",
-                    service, exc, ACCEPT_PAUSE,
-                )
-                await trio.sleep(ACCEPT_PAUSE)
-                continue
-            service = front.service  # a reload may have given the front to another service
-            self.accepted[service] += 1
-            source = _source(stream)
-            refused = self._admit(source)
-            if refused is not None:
-                self._close(service, refused)
-                stream.socket.close()
-                continue
-            self.open += 1
-            self.by_source[source] = self.by_source.get(source, 0) + 1
-            nursery.start_soon(self._connection, stream, service, port, source)
+    def _accept_failed(self, exc: OSError) -> None:
+        self.accept_errors += 1
 
-    def _admit(self, source: str) -> str | None:
-        """None to admit a connection from ``source``, else why it is refused."""
-        if self.open >= self.max_connections:
-            return "max_connections"
-        if self.by_source.get(source, 0) >= self.max_per_source:
-            return "max_per_source"
-        return None
+    def _admit(self, front: Front, stream: trio.SocketStream) -> _Client | None:
+        """Count the connection for its front's service (a reload may have given the front to
+        another), then admit it under the caps or close it with the cap's reason."""
+        service = front.service
+        self.accepted[service] += 1
+        source = _source(stream)
+        slot = self.slots.take(source)
+        if slot is None:
+            full = self.slots.in_use >= self.slots.total
+            self._close(service, "max_connections" if full else "max_per_source")
+            return None
+        return _Client(service, front.port, source, slot)
+
+    def _failed(self, client: _Client, exc: Exception) -> None:
+        service = client.service
+        if fd_shortage(exc):
+            self._close(service, "fds", str(exc))
+        else:
+            self.closed[(service, "error")] += 1
+            self._log.error(
+                f"error:{service}", "proxy: %s connection failed: %r", service, exc, exc_info=exc,
+            )
 
     def _close(self, service: str, reason: str, detail: str = "") -> None:
         self.closed[(service, reason)] += 1
@@ -282,29 +286,10 @@ class Proxy:
 
     # ---- one connection --------------------------------------------------------------
 
-    async def _connection(
-        self, client: trio.SocketStream, service: str, port: int, source: str
-    ) -> None:
-        """One connection's task: never raises (but Cancelled), always closes the client."""
-        try:
-            await self._handle(client, service, port, source)
-        except Exception as exc:
-            if _fd_shortage(exc):
-                self._close(service, "fds", str(exc))
-            else:
-                self.closed[(service, "error")] += 1
-                self._log.error(
-                    f"error:{service}", "proxy: %s connection failed: %r", service, exc,
-                    exc_info=True,
-                )
-        finally:
-            self.open -= 1
-            left = self.by_source[source] - 1
-            if left:
-                self.by_source[source] = left
-            else:
-                del self.by_source[source]
-            await trio.aclose_forcefully(client)
+    async def _connection(self, client: trio.SocketStream, conn: _Client) -> None:
+        """One connection's task (run by :func:`jitlaunch.net.serve`, which counts what it
+        raises, releases its slot and closes the client)."""
+        await self._handle(client, conn.service, conn.port, conn.source)
 
     async def _handle(
         self, client: trio.SocketStream, service: str, port: int, source: str
@@ -584,7 +569,7 @@ class Front:
         self.listener.socket.close()
 
     def __repr__(self) -> str:
-        where = _endpoint(self.listener) if self.listener.socket.fileno() >= 0 else "closed"
+        where = bound_endpoint(self.listener) if self.listener.socket.fileno() >= 0 else "closed"
         return f"<Front {where} {self.service}>"
 
 
@@ -609,13 +594,16 @@ async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
         delay = min(delay * 2, 2.0)
 
 
-def _fd_shortage(exc: BaseException) -> bool:
-    """True if ``exc`` (or what it wraps) is running out of descriptors or buffers."""
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_fd_shortage(e) for e in exc.exceptions)
-    if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
-        return True
-    return exc.__cause__ is not None and _fd_shortage(exc.__cause__)
+class _Client:
+    """An admitted connection: its service and front port, its source, its slot."""
+
+    __slots__ = ("port", "service", "slot", "source")
+
+    def __init__(self, service: str, port: int, source: str, slot: Slot) -> None:
+        self.service, self.port, self.source, self.slot = service, port, source, slot
+
+    def release(self) -> None:
+        self.slot.release()
 
 
 def _source(stream: trio.SocketStream) -> str:
@@ -627,29 +615,3 @@ def _source(stream: trio.SocketStream) -> str:
     if ":" in addr:
         return str(ipaddress.IPv6Network(f"{addr.split('%')[0]}/64", strict=False))
     return str(addr)
-
-
-async def _listen(host: str, port: int) -> trio.SocketListener:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:  # (EMFILE: a ListenError too, which fails a reload rather than escaping it)
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise listen_error("the proxy", host, port, exc) from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise listen_error("the proxy", host, port, exc) from exc
-    except BaseException:  # cancelled at the bind's checkpoint: not left to the collector
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-def _endpoint(listener: trio.SocketListener) -> Endpoint:
-    host, port = listener.socket.getsockname()[:2]
-    return Endpoint(host, port)
