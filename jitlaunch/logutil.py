@@ -28,7 +28,10 @@ class LimitedLog:
         self._next: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool | BaseException = False) -> bool:
+    def log(
+        self, level: int, key: str, msg: str, *args: object,
+        exc_info: bool | BaseException = False,
+    ) -> bool:
         """Count ``key`` and log ``msg % args`` unless ``key`` was logged within the interval.
         Returns whether a line was written."""
         self.counts[key] = self.counts.get(key, 0) + 1

@@ -33,44 +33,28 @@ a front that moved to another service serves that one from its next connection, 
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import ipaddress
 import logging
-import math
 import socket
-import struct
 from collections.abc import Callable, Hashable
 
 import trio
 
-from ..aio import first_of
 from ..config import Config, Endpoint
-from ..errors import BootFailed
 from ..fdlimit import FDS_PER_CONNECTION, default_max_connections, nofile_limit, reserve
-from ..lifecycle.backoff import backoff_delay
-from ..lifecycle.state import State
-from ..lifecycle.supervisor import Instance, Supervisor
+from ..lifecycle.supervisor import Supervisor
 from ..logutil import LimitedLog
 from ..net import bound_endpoint, fd_shortage, listen_tcp, serve
 from ..slots import Slot, Slots
-from .relay import PipePool, Relay, Timeouts
+from .course import TIMERS, Course
+from .relay import PipePool, Timeouts
 
 log = logging.getLogger("jitlaunch.proxy")
 
-#: Between connects to an instance that refused (its listen backlog is full): doubling.
-RETRY_FIRST = 0.005
-RETRY_MAX = 0.25
-#: The longest a connect keeps its max_connecting slot while waiting for the first byte.
-CONNECT_HOLD = 0.25
-#: Relay outcomes that are the proxy closing a connection on a timer.
-TIMERS = ("first_data", "no_answer", "first_answer", "idle", "half_close")
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a RST
-# struct tcp_info up to tcpi_unacked: u8 state, ca_state, retransmits, ...; u32 unacked at 24.
-_TCP_INFO_LEN = 28
 
 
-class Proxy:
+class Proxy(Course):
     """Start with ``await nursery.start(proxy.serve)``; it reports the bound front endpoints.
 
     ``fd_limit`` (default: the process's soft RLIMIT_NOFILE now) sets the defaults of the
@@ -291,268 +275,6 @@ class Proxy:
         raises, releases its slot and closes the client)."""
         await self._handle(client, conn.service, conn.port, conn.source)
 
-    async def _handle(
-        self, client: trio.SocketStream, service: str, port: int, source: str
-    ) -> None:
-        sup = self.supervisor
-        sup.connection_opened(service)
-        try:
-            # Proven (the handshake): a boot it causes counts on its prefix's wake limit.
-            inst = sup.request(service, source, proven=True)
-            buffered = b""
-            eof = False
-            if inst is None:
-                # (removed: accepted just before a reload closed the front)
-                self._close(service, "removed" if sup.services[service].removed else "backoff")
-                return
-            if inst.state is not State.READY:
-                if self.pending[service] >= self.config.proxy.max_pending:
-                    self._close(service, "pending")
-                    return
-                self.pending[service] += 1
-                held_at = trio.current_time()
-                try:
-                    got = await self._buffer_until_ready(client, service)
-                finally:
-                    self.pending[service] -= 1
-                if got is None:
-                    return
-                if self.on_held is not None:
-                    self.on_held(service, trio.current_time() - held_at)
-                inst, buffered, eof = got
-            await self._serve(client, service, port, inst, buffered, eof)
-        finally:
-            sup.connection_closed(service)
-
-    async def _buffer_until_ready(
-        self, client: trio.SocketStream, service: str
-    ) -> tuple[Instance, bytes, bool] | None:
-        limit = self.config.proxy.max_buffer
-        svc = self.supervisor.services[service].config  # (a removed one's, while it goes)
-        buf = bytearray()
-        eof = False
-
-        async def read() -> str:
-            nonlocal eof
-            while True:
-                data = await client.receive_some(limit - len(buf) + 1)
-                if not data:
-                    eof = True
-                    await trio.sleep_forever()  # keep waiting: the request may be complete
-                if self.buffered + len(data) > self.config.proxy.max_buffer_total:
-                    return "buffer_total"
-                buf.extend(data)
-                self.buffered += len(data)
-                if len(buf) > limit:
-                    return "buffer"
-
-        async def ready() -> Instance:
-            return await self.supervisor.acquire(service)
-
-        # The supervisor bounds the admission queue's wait and the boot; this is a safety net.
-        with trio.move_on_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
-            try:
-                try:
-                    which, value = await first_of(read, ready)
-                finally:
-                    self.buffered -= len(buf)
-            except BootFailed as exc:
-                self._close(service, "boot_failed", str(exc))
-                return None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self._close(service, "client")
-                return None
-            if which == 0:
-                self._close(service, value)
-                return None
-            assert isinstance(value, Instance)
-            return value, bytes(buf), eof
-        self._close(service, "timeout")
-        return None
-
-    async def _serve(
-        self,
-        client: trio.SocketStream,
-        service: str,
-        port: int,
-        inst: Instance,
-        buffered: bytes,
-        eof: bool,
-    ) -> None:
-        """Connect to ``inst`` and relay; on a failed connect or an unanswered reset, report
-        the instance and go on with the next one, within the boot timeout."""
-        svc = self.supervisor.services[service].config
-        deadline = math.inf  # set at the first failure
-        refusals = 0  # in a row, by the same live instance
-        while True:
-            why, relay = await self._attempt(client, service, port, inst, buffered, eof)
-            if relay is not None:
-                outcome = why
-                self.ended[(service, outcome)] += 1
-                if outcome == "first_answer":
-                    await self._report(inst, "no first byte within proxy.answer_timeout")
-                    if relay.replay is None or inst.state is State.READY:
-                        self._close(service, outcome)
-                        return
-                elif outcome == "unanswered_reset":
-                    if relay.replay is None:
-                        self._close(service, "reset", "the instance reset it before answering")
-                        return
-                    if inst.state is State.READY:
-                        await self._report(inst, "reset a connection before answering")
-                elif outcome == "unaccepted":
-                    if relay.replay is None:
-                        self._close(service, "reset", "the instance did not accept it")
-                        return
-                else:
-                    if outcome in TIMERS:
-                        self._close(service, outcome)
-                    elif outcome == "instance_reset" and not relay.activity.instance_bytes:
-                        self._close(service, "reset", "the instance reset it before answering")
-                    return
-                assert relay.replay is not None
-                buffered, eof = bytes(relay.replay), relay.client_eof
-                why = outcome
-            elif why == "fds":
-                self._close(service, "fds", "no file descriptor left to connect")
-                return
-            else:
-                await self._report(inst, why)
-            now = trio.current_time()
-            if deadline == math.inf:
-                deadline = now + svc.boot_timeout
-            if now >= deadline:
-                self._close(service, "connect", f"{why}, still after the boot timeout")
-                return
-            self.retries[service] += 1
-            with trio.move_on_at(deadline):
-                try:
-                    nxt = await self.supervisor.acquire(service)
-                except BootFailed as exc:
-                    self._close(service, "boot_failed", str(exc))
-                    return
-                if nxt is inst:  # alive, but not accepting (a full backlog): wait a little
-                    refusals += 1
-                    await trio.sleep(backoff_delay(refusals, RETRY_FIRST, RETRY_MAX))
-                else:
-                    refusals = 0
-                inst = nxt
-                continue
-            self._close(service, "connect", f"{why}, still after the boot timeout")
-            return
-
-    async def _attempt(
-        self,
-        client: trio.SocketStream,
-        service: str,
-        port: int,
-        inst: Instance,
-        buffered: bytes,
-        eof: bool,
-    ) -> tuple[str, Relay | None]:
-        """Connect to ``inst`` and relay: the outcome and the relay, or why the connect
-        failed and None.
-
-        A connect takes one of the service's ``max_connecting`` slots and keeps it until the
-        instance sends its first byte (at most ``CONNECT_HOLD``): an instance whose listen
-        backlog is full drops connections it has not accepted yet, so a burst of held
-        connections is let through only as fast as the instance answers.
-        """
-        limiter = self._connecting.get(service)
-        if limiter is None:
-            limiter = self._connecting[service] = trio.CapacityLimiter(
-                self.config.proxy.max_connecting
-            )
-        token = object()
-        await limiter.acquire_on_behalf_of(token)
-        held = True
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                held = False
-                limiter.release_on_behalf_of(token)
-
-        try:
-            upstream, why = await self._connect(inst, service, port)
-            if upstream is None:
-                return why, None
-
-            async def closed_unanswered() -> bool:
-                # A FIN before any byte: from a dying instance (replay elsewhere), or the
-                # service's own way of saying no (pass it on).
-                await self._report(inst, "closed a connection before answering")
-                return inst.state is not State.READY
-
-            relay = Relay(
-                client, upstream, self.timeouts, self.pipes,
-                buffered=buffered, client_eof=eof, keep=self.config.proxy.max_buffer,
-                closed_unanswered=closed_unanswered,
-            )
-            try:
-                async with trio.open_nursery() as nursery:
-
-                    async def hold() -> None:
-                        with trio.move_on_after(CONNECT_HOLD):
-                            await relay.answered.wait()
-                        release()
-                        await _watch_accepted(upstream.socket, relay)
-
-                    nursery.start_soon(hold)
-                    outcome = await relay.run()
-                    nursery.cancel_scope.cancel()
-            finally:
-                if not relay.activity.instance_bytes:
-                    # Unanswered: a reset, not a FIN after our unacknowledged bytes, so that
-                    # an instance that accepts it late never sees a request we replay.
-                    with contextlib.suppress(OSError):
-                        upstream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                await trio.aclose_forcefully(upstream)
-                self.bytes[(service, "to_instance")] += relay.activity.client_bytes
-                self.bytes[(service, "to_client")] += relay.activity.instance_bytes
-            return outcome, relay
-        finally:
-            release()
-
-    async def _connect(
-        self, inst: Instance, service: str, port: int
-    ) -> tuple[trio.SocketStream | None, str]:
-        """A stream to the instance's ``port``, or None and why not: ``gone`` (no handle),
-        ``fds``, ``refused``, ``connect_timeout`` or ``unreachable``."""
-        handle = inst.handle
-        if handle is None:
-            return None, "gone"
-        host, target = handle.endpoint(port)
-        try:
-            sock = trio.socket.socket(
-                socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
-            )
-        except OSError:
-            return None, "fds"
-        with trio.move_on_after(self.config.proxy.connect_timeout) as timer:
-            try:
-                await sock.connect((host, target))
-            except ConnectionRefusedError:
-                sock.close()
-                return None, "refused"
-            except OSError as exc:
-                sock.close()
-                self._log.warning(
-                    f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
-                    inst.label, host, target, exc,
-                )
-                return None, "unreachable"
-        if timer.cancelled_caught:
-            sock.close()
-            return None, "connect_timeout"
-        return trio.SocketStream(sock), ""
-
-    async def _report(self, inst: Instance, reason: str) -> None:
-        """Tell the supervisor that ``inst`` let a connection down; it checks the instance at
-        once and releases it if it is dead or hung."""
-        await self.supervisor.report_unreachable(inst, reason)
-
-
 class Front:
     """A front listener: the service it serves (a reload may change it) and its port."""
 
@@ -571,27 +293,6 @@ class Front:
     def __repr__(self) -> str:
         where = bound_endpoint(self.listener) if self.listener.socket.fileno() >= 0 else "closed"
         return f"<Front {where} {self.service}>"
-
-
-async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
-    """Until the instance answers: if its kernel leaves our bytes unacknowledged past a
-    retransmission, it never accepted the connection (its listen backlog overflowed, and
-    Linux drops the handshake's last ACK then), so abandon the relay as ``unaccepted``: the
-    caller replays the bytes on a new connection. Returns once the bytes are acknowledged."""
-    delay = CONNECT_HOLD
-    while not relay.answered.is_set():
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        except OSError:
-            return
-        retransmits, unacked = info[2], struct.unpack_from("I", info, 24)[0]
-        if unacked == 0 and relay.activity.client_bytes:
-            return
-        if unacked and retransmits:
-            relay.abandon("unaccepted")
-            return
-        await trio.sleep(delay)
-        delay = min(delay * 2, 2.0)
 
 
 class _Client:
