@@ -35,7 +35,7 @@ from typing import Any
 
 from .backends.addresses import HOLD_MARGIN
 from .backends.childenv import DEFAULT_PATH
-from .config import Config, ServiceConfig
+from .config import Config, Endpoint, ServiceConfig
 from .identity import Identity, UnknownIdentity, enter_problem, execute_problem, resolve
 from .statedir import state_dir_problem
 
@@ -286,7 +286,7 @@ def _ports(config: Config, root: bool) -> list[Finding]:
         if problem is None:
             continue
         error, why = problem
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = Endpoint(host, port)
         proto = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
         out.append(Finding(error, f"cannot bind {where} ({proto}): {why}", service, key))
     return out

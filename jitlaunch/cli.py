@@ -19,7 +19,7 @@ import trio
 
 from . import __version__
 from .backends import SETTINGS
-from .config import Config, load_config
+from .config import Config, Endpoint, load_config
 from .errors import ConfigError, JitlaunchError
 from .fdlimit import raise_nofile_limit
 
@@ -177,7 +177,7 @@ def summary(config: Config) -> str:
     ]
     for s in config.services:
         fronts = ", ".join(
-            f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a in s.front for p in s.ports
+            str(Endpoint(a, p)) for a in s.front for p in s.ports
         )
         lines.append(
             f"  {s.name}: {', '.join(s.names)} -> {fronts}; {s.backend} backend, answer "

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .config import Config
+from .config import Config, Endpoint
 from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
 from .lifecycle.supervisor import Instance, Supervisor
 from .logutil import LimitedLog
@@ -219,7 +219,7 @@ def status_report(supervisor: Supervisor, now: float) -> dict[str, Any]:
             "backend": svc.backend,
             "answer": svc.answer,
             "names": list(svc.names),
-            "fronts": [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a in svc.front for p in svc.ports],
+            "fronts": [str(Endpoint(a, p)) for a in svc.front for p in svc.ports],
             "instance": describe_instance(inst, now) if inst is not None else None,
             "connections": rt.connections,
             "last_activity_age": _age(now, rt.last_activity),

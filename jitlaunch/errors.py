@@ -73,18 +73,3 @@ class ProtocolError(JitlaunchError):
 
 class ListenError(JitlaunchError):
     """A socket the daemon must listen on cannot be bound (address in use, no permission)."""
-
-
-def listen_error(what: str, host: str, port: int, exc: OSError) -> ListenError:
-    """A ListenError for a failed bind, with a hint for the usual causes."""
-    import errno
-
-    hints = {
-        errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-        errno.EADDRINUSE: " (something else is listening there)",
-        errno.EADDRNOTAVAIL: " (no interface has this address)",
-    }
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return ListenError(
-        f"cannot listen for {what} on {where}: {exc.strerror or exc}{hints.get(exc.errno or 0, '')}"
-    )

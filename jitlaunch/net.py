@@ -34,7 +34,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from .config import Endpoint
-from .errors import listen_error
+from .errors import ListenError
 from .logutil import LimitedLog
 
 #: After a failed accept, wait this long before the next one.
@@ -133,6 +133,19 @@ async def _run(
         await trio.aclose_forcefully(stream)
 
 
+def listen_error(what: str, host: str, port: int, exc: OSError) -> ListenError:
+    """A ListenError for a failed bind, with a hint for the usual causes."""
+    hints = {
+        errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        errno.EADDRINUSE: " (something else is listening there)",
+        errno.EADDRNOTAVAIL: " (no interface has this address)",
+    }
+    where = Endpoint(host, port)
+    return ListenError(
+        f"cannot listen for {what} on {where}: {exc.strerror or exc}{hints.get(exc.errno or 0, '')}"
+    )
+
+
 def peer_host(stream: trio.SocketStream) -> str | None:
     """The address the connection comes from, or None if it was reset before we looked."""
     try:
@@ -173,4 +186,4 @@ def bound_endpoint(listener: trio.SocketListener) -> Endpoint:
 
 
 __all__ = ["ACCEPT_PAUSE", "FD_ERRNOS", "Ticket", "bound_endpoint", "fd_shortage",
-           "listen_tcp", "peer_host", "serve"]
+           "listen_error", "listen_tcp", "peer_host", "serve"]

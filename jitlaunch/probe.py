@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from .config import Endpoint
+
 #: The port `jitlaunch probe` connects to by default: the one conf/default.toml serves.
 DEFAULT_PORT = 8080
 #: The exit status when stdout is a pipe whose reader has gone (128 + SIGPIPE).
@@ -52,7 +54,7 @@ class ProbeInputError(ProbeError):
 
 
 def where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Endpoint(host, port))
 
 
 def split_server(text: str) -> tuple[str, int]:

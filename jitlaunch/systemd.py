@@ -143,8 +143,7 @@ def describe(sock: socket.socket) -> str:
         host, port = sock.getsockname()[:2]
     except (OSError, ValueError):
         return f"{kind} fd {sock.fileno()}"
-    where = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return f"{kind} {where}"
+    return f"{kind} {Endpoint(str(host), port)}"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import IO
 
 import trio
 
-from ..config import ServiceConfig
+from ..config import Endpoint, ServiceConfig
 from ..errors import BootFailed, ProtocolError
 from ..statedir import InstanceLog, ensure_subdir
 
@@ -208,7 +208,7 @@ def process_state(pid: int) -> str | None:
 async def connect_check(host: str, port: int, timeout: float) -> str | None:  # noqa: ASYNC109
     """One TCP connect to ``host:port`` bounded by ``timeout``: None if it was accepted,
     else why not. For health probes; never raises for a failed connect."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = Endpoint(host, port)
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     with trio.move_on_after(timeout):
         sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)

@@ -42,9 +42,9 @@ from collections.abc import Iterator
 import trio
 
 from ..config import Config, Endpoint
-from ..errors import ListenError, listen_error
+from ..errors import ListenError
 from ..logutil import LimitedLog
-from ..net import peer_host, serve
+from ..net import listen_error, peer_host, serve
 from ..slots import Slots, source_prefix
 from .authority import Authority, Services
 from .querylog import QueryLog
