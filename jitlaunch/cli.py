@@ -190,10 +190,10 @@ def summary(config: Config) -> str:
 
 
 def _host_line(config: Config) -> str:
-    from .lifecycle.supervisor import host_budget
+    from .lifecycle.runtime import host_budget, read_host
 
     host = config.host
-    budget = host_budget(host)
+    budget = host_budget(host, *read_host())
     derived = [k for k in ("max_instances", "memory", "max_booting") if getattr(host, k) is None]
     wake = host.wake
     limit = (f"{wake.rate:g}/s, burst {wake.burst} per /{wake.ipv4_prefix} and "

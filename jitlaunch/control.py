@@ -502,7 +502,7 @@ class ControlServer:
         grace = getattr(svc.settings, "grace", 5.0)
         limit = svc.boot_timeout + grace + MARGIN
         with trio.move_on_after(limit):
-            await inst.released.wait()
+            await inst.run.released.wait()
             return ok_reply(stopped=inst.label, state=str(inst.state))
         return error_reply("failed", f"{inst.label} did not stop within {limit:g} s")
 

@@ -95,7 +95,7 @@ async def test_another_service_does_not_get_an_address_within_its_ttl(
         stopped = sup.stop("s01")
         assert stopped is not None
         with trio.fail_after(20):
-            await stopped.released.wait()
+            await stopped.run.released.wait()
         other = await sup.acquire("s02")
         assert other.handle is not None and other.handle.address != a
         again = await sup.acquire("s01")
@@ -103,7 +103,7 @@ async def test_another_service_does_not_get_an_address_within_its_ttl(
         stopped = sup.stop("s01")
         assert stopped is not None
         with trio.fail_after(20):
-            await stopped.released.wait()
+            await stopped.run.released.wait()
         pool = d.backends["process"].addresses  # type: ignore[attr-defined]
         assert pool.held_for(a) == "s01"
         await wait_until(lambda: pool.held_for(a) is None, timeout=10)  # TTL 1 + margin 0.5
@@ -123,7 +123,7 @@ async def test_proxy_mode_addresses_are_not_held(
         stopped = sup.stop("s01")
         assert stopped is not None
         with trio.fail_after(20):
-            await stopped.released.wait()
+            await stopped.run.released.wait()
         other = await sup.acquire("s02")
         assert other.handle is not None and other.handle.address == a
 

@@ -105,7 +105,7 @@ async def test_a_dead_ready_instance_is_never_handed_out(tmp_path: Path, block: 
         assert second is not first and second.state is State.READY
         assert second.handle is not None and second.handle.pid != pid
         rt = sup.services["hello"]
-        assert rt.deaths == 1 and first.cause == "its process is gone"
+        assert rt.deaths == 1 and first.run.cause == "its process is gone"
         assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
 
 
@@ -171,7 +171,7 @@ async def test_a_frozen_instance_behind_the_front_is_replaced(tmp_path: Path, bl
                     except trio.BrokenResourceError:
                         pass
             assert first.state is State.STOPPED and not alive(pid)
-            assert rt.hung == 1 and first.cause is not None and "SIGSTOP" in first.cause
+            assert rt.hung == 1 and first.run.cause is not None and "SIGSTOP" in first.run.cause
             assert rt.instance is not None and rt.instance is not first
         finally:
             if alive(pid):
@@ -225,7 +225,7 @@ async def test_report_unreachable_releases_a_deaf_instance(tmp_path: Path, block
         await sup.report_unreachable(first, "connect refused")
         assert first.state is State.STOPPED and not alive(pid)
         assert sup.services["deaf"].hung == 1
-        assert first.cause is not None and "connection refused" in first.cause.lower()
+        assert first.run.cause is not None and "connection refused" in first.run.cause.lower()
         second = await sup.acquire("deaf")
         assert second is not first
 
@@ -268,7 +268,7 @@ async def test_health_probes_replace_a_deaf_process(tmp_path: Path, block: str) 
         os.kill(pid, signal.SIGUSR1)
         await wait_until(lambda: first.state is State.STOPPED, timeout=10)
         assert rt.hung == 1 and not alive(pid)
-        assert first.cause is not None and "2 health probes failed in a row" in first.cause
+        assert first.run.cause is not None and "2 health probes failed in a row" in first.run.cause
         second = await sup.acquire("deaf")
         assert second is not first
 
@@ -327,7 +327,7 @@ async def test_report_unreachable_releases_a_qemu_stopped_over_qmp(qstate: Path,
         await qmp_command(state, "stop")
         await sup.report_unreachable(first, "no first byte")
         assert first.state is State.STOPPED
-        assert first.cause is not None and "paused" in first.cause
+        assert first.run.cause is not None and "paused" in first.run.cause
         assert sup.services["uk"].hung == 1 and qemus(state) == []
         assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
 
@@ -346,7 +346,7 @@ async def test_report_unreachable_releases_a_sigstopped_qemu(qstate: Path, block
             with trio.fail_after(5):  # killed at once: a frozen QEMU would not answer QMP
                 await sup.report_unreachable(first, "no first byte")
             assert first.state is State.STOPPED and not alive(pid)
-            assert first.cause is not None and "SIGSTOP" in first.cause
+            assert first.run.cause is not None and "SIGSTOP" in first.run.cause
             assert not list((state / "run").glob("uk-*"))  # its QMP socket and pid file
         finally:
             if alive(pid):
@@ -374,7 +374,7 @@ async def test_health_probes_replace_a_hung_qemu(qstate: Path, block: str, how: 
                 os.kill(pid, signal.SIGSTOP)
             await wait_until(lambda: first.state is State.STOPPED, timeout=15)
             assert rt.hung == 1 and not alive(pid)
-            assert first.cause is not None and "2 health probes failed in a row" in first.cause
+            assert first.run.cause is not None and "2 health probes failed in a row" in first.run.cause
             # The next request boots a new instance and is served by it.
             assert (await http_get(f"{block}.1", 18080)).startswith(b"HTTP/1.1 200")
             assert rt.instance is not None and rt.instance is not first
@@ -681,7 +681,7 @@ async def test_a_raising_backend_never_ends_the_supervisor(
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
-    from jitlaunch.lifecycle.backoff import backoff_delay
+    from jitlaunch.backoff import backoff_delay
 
     assert [backoff_delay(n, 1, 5) for n in range(7)] == [0, 1, 2, 4, 5, 5, 5]
     assert backoff_delay(10_000, 0.2, 60) == 60  # no overflow
@@ -719,7 +719,7 @@ async def test_health_probes_replace_a_guest_that_stopped_listening(qstate: Path
         first = await sup.acquire("uk")
         await wait_until(lambda: first.state is State.STOPPED, timeout=15)
         assert sup.services["uk"].hung == 1
-        assert first.cause is not None and "the guest refused a connection on port 81" in first.cause
+        assert first.run.cause is not None and "the guest refused a connection on port 81" in first.run.cause
 
 
 # ---- health timing on virtual time (a fake backend: the supervisor's logic alone) --------------
@@ -777,10 +777,10 @@ async def test_hung_after_n_failed_probes_in_a_row_at_exact_times(
         # Probes every 5 s after the previous one ended: +5, +10.5, +16, +21.5, +27, +32.5.
         assert [p - t_ready for p in handle.probes] == pytest.approx([5, 10.5, 16, 21.5, 27, 32.5])
         assert trio.current_time() - t_ready == pytest.approx(33)
-        assert rt.hung == 1 and first.cause == (
+        assert rt.hung == 1 and first.run.cause == (
             "3 health probes failed in a row (last: connect refused)"
         )
-        await first.released.wait()
+        await first.run.released.wait()
         assert handle.stopped_with == "destroy" and trio.current_time() - t_ready == pytest.approx(33)
         sup.connection_closed("hello")
         nursery.cancel_scope.cancel()

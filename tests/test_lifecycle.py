@@ -16,12 +16,18 @@ import trio.testing
 from jitlaunch.backends.base import Backend, Handle
 from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed, BootTimeout, IllegalTransition, InBackoff
+from jitlaunch.lifecycle.answers import ServiceAnswer, answer_for
 from jitlaunch.lifecycle.state import TRANSITIONS, Event, State, next_state
 from jitlaunch.lifecycle.supervisor import Supervisor
 
 from .conftest import parse_config
 
 # ---- the table -----------------------------------------------------------------------------
+
+
+def answer(sup: Supervisor, name: str) -> ServiceAnswer:
+    """What DNS says about service ``name`` now: the snapshot through the pure policy."""
+    return answer_for(sup.services[name].config, sup.snapshot(name), trio.current_time())
 
 
 def test_every_listed_transition() -> None:
@@ -234,7 +240,7 @@ async def test_failed_boot_fails_every_waiter_and_success_resets_backoff(
     assert errors == ["exited with status 3 before it was ready"] * 5
     rt = sup.services["hello"]
     assert rt.boot_failures == 1 and rt.failures == 1
-    assert sup.answer("hello").servfail is False  # handoff mode: front address, short TTL
+    assert answer(sup, "hello").servfail is False  # handoff mode: front address, short TTL
     backend.fail = None
     await trio.sleep_until(rt.retry_at)
     await sup.acquire("hello")
@@ -249,7 +255,7 @@ async def test_backend_error_is_a_boot_failure(
     await nursery.start(sup.run)
     with pytest.raises(BootFailed, match="the fake refused"):
         await sup.acquire("hello")
-    assert sup.answer("hello").servfail
+    assert answer(sup, "hello").servfail
 
 
 async def test_death_is_noticed_at_once_and_next_request_boots_anew(
@@ -275,14 +281,14 @@ async def test_answers_follow_the_state(
 ) -> None:
     sup, _ = make(tmp_path)
     await nursery.start(sup.run)
-    booting = sup.answer("hello")
+    booting = answer(sup, "hello")
     assert (booting.v4, booting.ttl) == (("127.77.0.1",), 1)
     sup.request("hello")
     inst = await sup.acquire("hello")
-    ready = sup.answer("hello")
+    ready = answer(sup, "hello")
     assert (ready.v4, ready.ttl) == (("127.77.0.1",), 30)  # the fake has no own address
     inst.handle.address = "127.77.1.9"  # type: ignore[union-attr]
-    assert sup.answer("hello").v4 == ("127.77.1.9",)
+    assert answer(sup, "hello").v4 == ("127.77.1.9",)
 
 
 async def test_shutdown_stops_instances_shielded(

@@ -124,7 +124,7 @@ async def _served(d, block: str, port: int) -> None:  # type: ignore[no-untyped-
 
 async def _released(inst) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(30):
-        await inst.released.wait()
+        await inst.run.released.wait()
 
 
 async def _end(d, how: str, block: str, conf: Path, state: Path,  # type: ignore[no-untyped-def]

@@ -286,7 +286,7 @@ async def test_cold_start_and_idle_stop_counted_exactly(tmp_path: Path, block: s
         assert b"200" in (await http_get(front, 8080))[:20]
         inst = d.supervisor.stop("hello")
         assert inst is not None
-        await inst.released.wait()
+        await inst.run.released.wait()
         s3 = await scrape(d)
         assert get(s3, "jitlaunch_stops_total", service="hello", reason="requested", mode="destroy") == 1
         assert get(s3, "jitlaunch_stops_total", service="hello", reason="idle", mode="destroy") == 1

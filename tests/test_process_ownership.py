@@ -347,7 +347,7 @@ async def test_in_a_pid_namespace_a_stop_ends_every_descendant(
             # SIGTERM reaches the command through the namespace's init: it stops before the
             # grace (2 s) is up, without SIGKILL.
             with trio.fail_after(1.5):
-                await inst.released.wait()
+                await inst.run.released.wait()
             assert _sleepers(tag) == []
         finally:
             daemon.stop()

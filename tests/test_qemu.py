@@ -356,7 +356,7 @@ async def test_a_requested_stop_then_a_wake_serves(state: Path, block: str, mode
             stopping = sup.stop("uk")
             assert stopping is inst
             with trio.fail_after(20):
-                await stopping.released.wait()
+                await stopping.run.released.wait()
             assert inst.state is State.SAVED, (round_, inst)
             # jitlaunch status says which: a paused QEMU is still there, a saved one is not.
             assert inst.shown_state == ("paused" if mode == "pause" else "saved")
@@ -379,7 +379,7 @@ async def test_a_corrupt_saved_state_is_deleted_and_the_request_boots_afresh(
         inst = sup.stop("uk")
         assert inst is not None
         with trio.fail_after(20):
-            await inst.released.wait()
+            await inst.run.released.wait()
         saved = state / "saved" / "uk.state"
         data = saved.read_bytes()
         assert len(data) > 4096

@@ -171,7 +171,7 @@ async def test_reload_adds_removes_and_changes_services(tmp_path: Path, block: s
         # b's next instance boots the new command.
         stopped = sup.stop("b")
         assert stopped is b_inst
-        await b_inst.released.wait()
+        await b_inst.run.released.wait()
         assert "Hello from b2<" in (await http_get(f"{block}.2", 8080)).decode()
         assert sup.services["b"].instance is not b_inst
 
@@ -185,7 +185,7 @@ async def test_reload_adds_removes_and_changes_services(tmp_path: Path, block: s
         b_now = sup.services["b"].instance
         assert b_now is not None
         sup.stop("b")
-        await b_now.released.wait()
+        await b_now.run.released.wait()
         assert "Hello from c<" in (await http_get(f"{block}.3", 8080)).decode()
         assert "Hello from b<" in (await http_get(f"{block}.2", 8080)).decode()
         await wait_until(lambda: fd_count(os.getpid()) == fds, what=f"{fds} fds")
@@ -448,7 +448,7 @@ async def test_reload_concurrency_shutdown_and_a_racing_boot(tmp_path: Path, blo
         assert result.message == "changed s: ports (instance replaced)"
         await closed(f"{block}.1", 8080)
         gate.touch()
-        await inst.released.wait()
+        await inst.run.released.wait()
         assert sup.services["s"].stops[("reload", "destroy")] == 1
         stream = await trio.open_tcp_stream(f"{block}.1", 8081)
         async with stream:
@@ -621,7 +621,7 @@ async def test_a_qemu_service_a_reload_points_at_a_new_kernel_can_save(
             inst = await d.supervisor.acquire("uk")
             assert d.supervisor.stop("uk") is inst
             with trio.fail_after(30):
-                await inst.released.wait()
+                await inst.run.released.wait()
             assert inst.state is State.SAVED
             assert d.backends["qemu"].saved_path("uk").exists()  # type: ignore[attr-defined]
     finally:

@@ -16,9 +16,9 @@ from typing import Generic, TypeVar
 
 import trio
 
+from ..backoff import backoff_delay
 from ..config import ServiceConfig
 from ..errors import BootFailed
-from ..lifecycle.backoff import backoff_delay
 from .base import Handle
 
 #: A taken pool member is refilled this long after, so that the new member's boot (tens of

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from ..aio import first_of
+from ..backoff import backoff_delay
 from ..config import Config
 from ..errors import BootFailed
-from ..lifecycle.backoff import backoff_delay
 from ..lifecycle.state import State
 from ..lifecycle.supervisor import Instance, Supervisor
 from ..logutil import LimitedLog
