@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 from typing import Protocol
@@ -98,12 +99,15 @@ class Authority:
         client's address (wake limits, DNS cookies)."""
         sup = self.supervisor
         cookie: QueryCookie | None = None
+        unsplit = False  # it may hold a COOKIE option that the fast split did not take out
         # Most queries end with an OPT without options (its zero data length) or have none.
         if wire[-2:] != b"\0\0" and len(wire) > 12 and wire[11]:
             split = w.split_cookie(wire)
             if split is not None:
                 wire, option, payload = split
                 cookie = QueryCookie(option, payload)
+            else:
+                unsplit = True
         cache = self._caches[udp]
         key = wire[2:]
         hit = cache.get(key)
@@ -121,18 +125,28 @@ class Authority:
                 sup.request(service, source, proven=proven)
             return Response(reply, service, cacheable=True, identity=identity)
         generation = sup.generation
-        resp = respond(wire, self.catalog, sup.snapshot, trio.current_time(), udp=udp)
-        cookie = cookie or resp.cookie
-        proven = not udp
         option = b""
+        proven = not udp
         if cookie is not None:
             option, valid = self._server_cookie(cookie, source, count=True)
             proven = proven or valid
-        if resp.service is not None and sup.request(resp.service, source, proven=proven) is None \
-                and resp.pending:
-            # Nothing is starting (refused, wake-limited, backing off): a wait-mode lookup
-            # gets its SERVFAIL now rather than held for a boot that will not come.
-            resp = respond(wire, self.catalog, _failed, trio.current_time(), udp=udp)
+
+        def ask(name: str) -> ServiceSnapshot:
+            # The supervisor first (activity, a start, a dead instance noticed), then the
+            # snapshot the pure answer is computed from, once.
+            nonlocal cookie, option, proven
+            if unsplit and cookie is None and not proven:
+                cookie = _cookie_of(wire)
+                if cookie is not None:
+                    option, proven = self._server_cookie(cookie, source, count=True)
+            started = sup.request(name, source, proven=proven) is not None
+            snap = sup.snapshot(name)
+            return snap if started else dataclasses.replace(snap, starting=False)
+
+        resp = respond(wire, self.catalog, ask, trio.current_time(), udp=udp)
+        if cookie is None and resp.cookie is not None:  # (one that named no service)
+            cookie = resp.cookie
+            option = self._server_cookie(cookie, source, count=True)[0]
         cell = self._cell(stats.key_of(wire, resp.reply, udp))
         if self.counting and not resp.pending:
             cell[0] += 1
@@ -214,5 +228,12 @@ class Authority:
         return cell
 
 
-def _failed(name: str) -> ServiceSnapshot:
-    return ServiceSnapshot(State.FAILED, None, math.inf)  # the policy's SERVFAIL
+def _cookie_of(wire: bytes) -> QueryCookie | None:
+    """The COOKIE option of a query that :func:`wire.split_cookie` could not split."""
+    try:
+        q = w.parse_query(wire)
+    except Exception:
+        return None
+    if q.cookie is None or q.edns is None:
+        return None
+    return QueryCookie(q.cookie, q.edns.payload)

@@ -34,6 +34,9 @@ class ServiceSnapshot:
     address: str | None = None
     #: No new boot before this time (the backoff after a failed boot).
     retry_at: float = -math.inf
+    #: False when the lookup that asked started nothing and nothing runs (the start was
+    #: refused, wake-limited, or the service backs off): a ``wait`` lookup fails at once.
+    starting: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,7 @@ def answer_for(svc: ServiceConfig, snap: ServiceSnapshot, now: float) -> Service
             return ServiceAnswer(svc.front_v4, (snap.address,), svc.ttl)
         return ServiceAnswer((snap.address,), svc.front_v6, svc.ttl)
     if svc.answer == "wait" and not ready:
-        if snap.state not in LIVE and now < snap.retry_at:
+        if not snap.starting or (snap.state not in LIVE and now < snap.retry_at):
             return SERVFAIL
         return PENDING
     return ServiceAnswer(svc.front_v4, svc.front_v6, svc.ttl if ready else svc.booting_ttl)

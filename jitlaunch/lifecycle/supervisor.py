@@ -362,11 +362,10 @@ class Supervisor(Admitting, InstanceCourse):
                 self._pump()  # its instance may be evicted now
 
     def snapshot(self, name: str) -> ServiceSnapshot:
-        """Service ``name``'s state as DNS needs it (the policy is in answers.py)."""
+        """Service ``name``'s state as DNS needs it (the policy is in answers.py). Changes
+        nothing: a lookup first asks through :meth:`request`, which notices a dead instance."""
         rt = self.services[name]
         inst = rt.instance
-        if inst is not None and inst.state is State.READY and not self._alive(inst):
-            self._condemn(rt, inst, "its process is gone", hung=False)  # never hand it out
         if inst is None:
             return ServiceSnapshot(None, None, rt.retry_at)
         address = inst.handle.address if inst.handle is not None else None
