@@ -63,14 +63,15 @@ import trio
 
 from .config import Config, Endpoint
 from .errors import BootFailed, ConfigError, JitlaunchError, ListenError
-from .lifecycle.supervisor import Instance, Supervisor
+from .lifecycle.status import InstanceStatus
+from .lifecycle.supervisor import Supervisor
 from .logutil import LimitedLog
 from .net import serve
 from .slots import Slot, Slots
 from .statedir import LockHeld, lock_file
 
 if TYPE_CHECKING:
-    from .daemon import ReloadResult
+    from .lifecycle.reload import ReloadResult
 
 log = logging.getLogger("jitlaunch.control")
 _limited = LimitedLog(log)
@@ -195,14 +196,13 @@ def _age(now: float, then: float) -> float | None:
     return round(now - then, 3) if math.isfinite(then) else None
 
 
-def describe_instance(inst: Instance, now: float) -> dict[str, Any]:
-    handle = inst.handle
-    boot = inst.ready_at - inst.started_at
+def describe_instance(inst: InstanceStatus, now: float) -> dict[str, Any]:
+    boot = inst.boot_time
     return {
         "label": inst.label,
-        "state": inst.shown_state,
-        "pid": handle.pid if handle is not None else None,
-        "address": handle.address if handle is not None else None,
+        "state": inst.shown,
+        "pid": inst.pid,
+        "address": inst.address,
         "uptime": _age(now, inst.started_at),
         "boot_time": round(boot, 3) if math.isfinite(boot) else None,
     }
@@ -211,7 +211,7 @@ def describe_instance(inst: Instance, now: float) -> dict[str, Any]:
 def status_report(supervisor: Supervisor, now: float) -> dict[str, Any]:
     """The ``status`` reply: every service, its instance and its counters."""
     services = []
-    for rt in supervisor.services.values():
+    for rt in supervisor.status().services:
         svc = rt.config
         inst = rt.instance
         services.append({
@@ -225,7 +225,7 @@ def status_report(supervisor: Supervisor, now: float) -> dict[str, Any]:
             "last_activity_age": _age(now, rt.last_activity),
             "last_failure": rt.last_error,
             "last_failure_age": _age(now, rt.last_error_at),
-            "backoff": round(rt.retry_at - now, 3) if rt.retry_at > now else None,
+            "backoff": round(left, 3) if (left := rt.backing_off(now)) is not None else None,
             "boots": rt.boots,
             "boot_failures": rt.boot_failures,
             "deaths": rt.deaths,
@@ -306,6 +306,10 @@ class ControlServer:
         #: Refused peers being told so (bounded by MAX_CLIENTS; they hold no slot).
         self.refusing = 0
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` from now on (a reload): its path and its service list."""
+        self.config = config
 
     def __repr__(self) -> str:
         return f"<ControlServer {self.path} group={self.gid}>"
@@ -458,7 +462,7 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
-            request = parse_request(line, self.supervisor.services)
+            request = parse_request(line, self.supervisor.service_names())
         except BadRequest as exc:
             return error_reply("bad-request", str(exc))
         if request.command == "status":
@@ -484,7 +488,7 @@ class ControlServer:
         )
 
     async def _start(self, name: str) -> dict[str, Any]:
-        svc = self.supervisor.services[name].config
+        svc = self.supervisor.service_status(name).config
         try:
             with trio.fail_after(svc.boot_timeout + MARGIN):
                 inst = await self.supervisor.acquire(name)
@@ -492,13 +496,13 @@ class ControlServer:
             return error_reply("failed", f"{name}: {exc}")
         except trio.TooSlowError:
             return error_reply("failed", f"{name}: not ready within {svc.boot_timeout + MARGIN:g} s")
-        return ok_reply(instance=describe_instance(inst, trio.current_time()))
+        return ok_reply(instance=describe_instance(InstanceStatus.of(inst), trio.current_time()))
 
     async def _stop(self, name: str) -> dict[str, Any]:
         inst = self.supervisor.stop(name)
         if inst is None:
             return ok_reply(stopped=None)
-        svc = self.supervisor.services[name].config
+        svc = self.supervisor.service_status(name).config
         grace = getattr(svc.settings, "grace", 5.0)
         limit = svc.boot_timeout + grace + MARGIN
         with trio.move_on_after(limit):

@@ -32,10 +32,12 @@ from .config import Config, Endpoint, load_config
 from .control import ControlServer, claim_control_path, control_path
 from .dns.server import DnsServer
 from .errors import ConfigError, ListenError, StateDirInUse
-from .lifecycle.reload import ReloadPlan, plan_reload
+from .lifecycle.admission import Budget
+from .lifecycle.reload import ReloadPlan, ReloadResult, plan_reload
+from .lifecycle.runtime import host_budget, read_host
 from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
-from .metrics import Metrics, new_registry
+from .metrics import Metrics, Observations, new_registry
 from .proxy import Proxy
 from .statedir import LockHeld, lock_file, open_private, prepare_state_dir
 
@@ -80,15 +82,6 @@ RELOAD_READ_TIMEOUT = 10.0
 DEFAULT_CONFIG_PATH = "<default config>"
 
 
-@dataclass(frozen=True)
-class ReloadResult:
-    """What a reload did: ``ok`` and a one-line summary, or not and why (the error)."""
-
-    ok: bool
-    message: str
-    plan: ReloadPlan | None = None
-
-
 @dataclass
 class Daemon:
     """A running jitlaunch. ``await nursery.start(Daemon(config).serve)`` returns once every
@@ -120,15 +113,16 @@ class Daemon:
     def __post_init__(self) -> None:
         if not self.backends:
             self.backends = create_backends(self.config)
-        self.supervisor = Supervisor(self.config, self.backends)
-        self.proxy = Proxy(self.config, self.supervisor)
-        self.dns = DnsServer(self.config, self.supervisor)
+        observed = Observations(self.config, self.registry)
+        self.supervisor = Supervisor(self.config, self.backends, on_ready=observed.ready)
+        self.proxy = Proxy(self.config, self.supervisor, on_held=observed.held)
+        # With no endpoint nobody reads them: spare the DNS hot path its one increment.
+        self.dns = DnsServer(self.config, self.supervisor,
+                             counting=bool(self.config.metrics.listen))
         self.metrics = Metrics(
             self.config, self.registry, supervisor=self.supervisor, dns=self.dns,
             proxy=self.proxy, backends=self.backends,
         )
-        # With no endpoint nobody reads them: spare the DNS hot path its one increment.
-        self.dns.authority.counting = bool(self.config.metrics.listen)
 
     @property
     def stopping(self) -> bool:
@@ -263,6 +257,40 @@ class Daemon:
 
     async def _reload(self, trigger: str) -> ReloadResult:
         path = self.config.path
+        read = await self._read_new(trigger)
+        if isinstance(read, ReloadResult):
+            return read
+        new, plan, touched = read
+        from .backends.qemu import QemuBackend
+
+        qemu = self.backends.get("qemu")
+        if isinstance(qemu, QemuBackend):  # (a saved instance records its image's id)
+            await qemu.learn_images(
+                [s for s in new.services if s.name in touched and s.backend == "qemu"])
+        try:
+            bound = await self.proxy.bind_fronts(new)
+        except ListenError as exc:
+            return self._rejected(trigger, str(exc))
+        try:
+            added = await self._start_backends(new)
+        except BaseException as exc:
+            for listener in bound.values():
+                listener.socket.close()
+            if isinstance(exc, Exception):
+                return self._rejected(trigger, f"cannot start a backend: {exc}")
+            raise
+        self.backends.update(added)
+        self._commit(new, plan, bound, host_budget(new.host, *read_host()))
+        self.metrics.reloads["ok"] += 1
+        self.metrics.last_reload = time.time()
+        self.metrics.last_reload_ok = True
+        summary = plan.summary()
+        log.info("reloaded %s (%s): %s", path, trigger, summary)
+        return ReloadResult(True, summary, plan)
+
+    async def _read_new(self, trigger: str) -> tuple[Config, ReloadPlan, set[str]] | ReloadResult:
+        """The new config, its plan and the services it adds or changes; or the rejection."""
+        path = self.config.path
         # Reading the file and checking what it names (binaries, images) touch file systems
         # that may hang (a network mount): in worker threads abandoned (cancellable) at
         # RELOAD_READ_TIMEOUT, or at once when the daemon stops.
@@ -300,43 +328,23 @@ class Daemon:
             return self._rejected(trigger, "; ".join(errors))
         for finding in findings:
             log.warning("check: %s", finding.text(path))
-        from .backends.qemu import QemuBackend
+        return new, plan, touched
 
-        qemu = self.backends.get("qemu")
-        if isinstance(qemu, QemuBackend):  # (a saved instance records its image's id)
-            await qemu.learn_images(
-                [s for s in new.services if s.name in touched and s.backend == "qemu"])
-        try:
-            bound = await self.proxy.bind_fronts(new)
-        except ListenError as exc:
-            return self._rejected(trigger, str(exc))
-        try:
-            added = await self._start_backends(new)
-        except BaseException as exc:
-            for listener in bound.values():
-                listener.socket.close()
-            if isinstance(exc, Exception):
-                return self._rejected(trigger, f"cannot start a backend: {exc}")
-            raise
-        # Commit: no checkpoint from here to the end, so nothing sees half of it.
-        self.backends.update(added)
+    def _commit(self, new: Config, plan: ReloadPlan,
+                bound: dict[tuple[str, int], trio.SocketListener], budget: Budget) -> None:
+        """Hand the new config to every part at once: synchronous (no checkpoint), so
+        nothing sees half of it. The one place a reload's config goes."""
         old = self.config
-        self.supervisor.reconfigure(new, plan)
+        self.config = new
+        self.supervisor.reconfigure(new, plan, budget)
         self.proxy.reconfigure(new, bound)
         self.dns.reconfigure(new)
-        self.metrics.config = new
+        self.metrics.reconfigure(new)
         if self.control is not None:
-            self.control.config = new
-        self.config = new
+            self.control.reconfigure(new)
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger("jitlaunch").setLevel(new.daemon.log_level.upper())
             self.dns.query_log.refresh()  # on at debug level only
-        self.metrics.reloads["ok"] += 1
-        self.metrics.last_reload = time.time()
-        self.metrics.last_reload_ok = True
-        summary = plan.summary()
-        log.info("reloaded %s (%s): %s", path, trigger, summary)
-        return ReloadResult(True, summary, plan)
 
     async def _start_backends(self, config: Config) -> dict[str, Backend]:
         """The backends ``config`` needs and the daemon does not run yet, started. Only the

@@ -264,7 +264,8 @@ def status_line(supervisor: Supervisor) -> str:
     """``3 services; 1 running, 1 booting; last failure: ...``, for ``STATUS=``."""
     running = booting = 0
     failure: tuple[float, str] | None = None
-    for rt in supervisor.services.values():
+    status = supervisor.status()
+    for rt in status.services:
         inst = rt.instance
         if inst is not None and inst.state in (State.READY, State.DRAINING):
             running += 1
@@ -272,7 +273,7 @@ def status_line(supervisor: Supervisor) -> str:
             booting += 1
         if rt.last_error and (failure is None or rt.last_error_at >= failure[0]):
             failure = (rt.last_error_at, rt.last_error)
-    count = sum(not rt.removed for rt in supervisor.services.values())  # (not those leaving)
+    count = sum(not rt.removed for rt in status.services)  # (not those leaving)
     line = f"{count} service{'s' if count != 1 else ''}; {running} running, {booting} booting"
     if failure is not None:
         line += f"; last failure: {failure[1]}"

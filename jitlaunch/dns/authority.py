@@ -60,7 +60,7 @@ class Authority:
     with a valid server cookie. The cookie's secret lives as long as the authority.
     """
 
-    def __init__(self, config: Config, supervisor: Services) -> None:
+    def __init__(self, config: Config, supervisor: Services, *, counting: bool = True) -> None:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
@@ -76,7 +76,7 @@ class Authority:
         #: by the tuple costs about ten times as much). Not counted with ``counting`` off
         #: (the daemon turns it off when it serves no metrics).
         self.queries: dict[stats.Key, list[int]] = {}
-        self.counting = True
+        self.counting = counting
         self.cookies = ServerCookies()
         #: Queries with a COOKIE option, by their server cookie: ``valid``, ``invalid``,
         #: ``none`` (a client cookie alone). A held answer is counted once, when it came.

@@ -121,9 +121,10 @@ class DnsServer:
     ``internal_error``, which must stay 0.
     """
 
-    def __init__(self, config: Config, supervisor: Services) -> None:
+    def __init__(self, config: Config, supervisor: Services, *, counting: bool = True) -> None:
+        """``counting``: count queries by type and rcode (off when nobody reads them)."""
         self.config = config
-        self.authority = Authority(config, supervisor)
+        self.authority = Authority(config, supervisor, counting=counting)
         self.counts: Counter[str] = Counter()
         self.rrl = RateLimiter(config.dns.rrl)
         #: Open DNS-over-TCP connections, in total and by source prefix.

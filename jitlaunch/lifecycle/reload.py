@@ -233,3 +233,12 @@ def plan_reload(
         fronts_added=tuple(sorted(after_fronts - before_fronts)),
         fronts_removed=tuple(sorted(before_fronts - after_fronts)),
     )
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: ``ok`` and a one-line summary, or not and why (the error)."""
+
+    ok: bool
+    message: str
+    plan: ReloadPlan | None = None

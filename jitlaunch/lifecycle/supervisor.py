@@ -45,6 +45,7 @@ from .course import UNREACHABLE_PROBE_TIMEOUT, InstanceCourse
 from .reload import ReloadPlan
 from .runtime import Instance, ServiceRuntime, host_budget, read_host
 from .state import Event, State
+from .status import ServiceStatus, SupervisorStatus
 
 __all__ = ["Instance", "ServiceRuntime", "Supervisor"]
 
@@ -53,8 +54,11 @@ class Supervisor(Admitting, InstanceCourse):
     """Owns every instance. Start it with ``await nursery.start(supervisor.run)``."""
 
     def __init__(
-        self, config: Config, backends: Mapping[str, Backend], budget: adm.Budget | None = None
+        self, config: Config, backends: Mapping[str, Backend], budget: adm.Budget | None = None,
+        *, on_ready: Callable[[Instance], None] | None = None,
     ) -> None:
+        """``on_ready`` is called with each instance as it becomes ready (the metrics'
+        wake-up histogram); it must not raise."""
         self.config = config
         self.backends = backends
         self.services = {s.name: ServiceRuntime(s) for s in config.services}
@@ -75,7 +79,7 @@ class Supervisor(Admitting, InstanceCourse):
         self._nursery: trio.Nursery | None = None
         self._closing = False
         #: Called with each instance as it becomes ready (the metrics' wake-up histogram).
-        self.on_ready: Callable[[Instance], None] | None = None
+        self.on_ready = on_ready
         #: The ``stops`` counters of services a reload removed, by ``(service, reason, mode)``.
         self.retired_stops: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
@@ -360,6 +364,22 @@ class Supervisor(Admitting, InstanceCourse):
             rt.no_connections.set()
             if len(self.queue):
                 self._pump()  # its instance may be evicted now
+
+    def status(self) -> SupervisorStatus:
+        """Every service's status now, frozen (see status.py)."""
+        return SupervisorStatus(
+            tuple(ServiceStatus.of(rt) for rt in self.services.values()),
+            tuple(self.retired_stops.items()), tuple(self.admission.items()), len(self.queue),
+            self.budget, self.generation,
+        )
+
+    def service_names(self) -> tuple[str, ...]:
+        """The services it knows now (a removed one included until it has gone)."""
+        return tuple(self.services)
+
+    def service_status(self, name: str) -> ServiceStatus:
+        """Service ``name``'s status now, frozen; KeyError for a name it does not know."""
+        return ServiceStatus.of(self.services[name])
 
     def snapshot(self, name: str) -> ServiceSnapshot:
         """Service ``name``'s state as DNS needs it (the policy is in answers.py). Changes

@@ -25,6 +25,7 @@ import math
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import trio
 
@@ -32,8 +33,9 @@ from ..aio import first_of
 from ..backoff import backoff_delay
 from ..config import Config
 from ..errors import BootFailed
+from ..lifecycle.runtime import Instance
 from ..lifecycle.state import State
-from ..lifecycle.supervisor import Instance, Supervisor
+from ..lifecycle.status import ServiceStatus
 from ..logutil import LimitedLog
 from .relay import PipePool, Relay, Timeouts
 
@@ -49,12 +51,29 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with a RST
 _TCP_INFO_LEN = 28
 
 
+class Instances(Protocol):
+    """What the proxy needs of the supervisor (jitlaunch.lifecycle.supervisor.Supervisor)."""
+
+    def request(self, name: str, source: str | None = None, *,
+                proven: bool = True) -> Instance | None: ...
+
+    async def acquire(self, name: str, *, proven: bool = True) -> Instance: ...
+
+    async def report_unreachable(self, inst: Instance, reason: str) -> None: ...
+
+    def connection_opened(self, name: str) -> None: ...
+
+    def connection_closed(self, name: str) -> None: ...
+
+    def service_status(self, name: str) -> ServiceStatus: ...
+
+
 class Course:
     """The per-connection path of :class:`~jitlaunch.proxy.front.Proxy` (a base class of
     it): what it reads and counts is the proxy's."""
 
     config: Config
-    supervisor: Supervisor
+    supervisor: Instances
     timeouts: Timeouts
     pipes: PipePool
     buffered: int
@@ -81,7 +100,8 @@ class Course:
             eof = False
             if inst is None:
                 # (removed: accepted just before a reload closed the front)
-                self._close(service, "removed" if sup.services[service].removed else "backoff")
+                removed = sup.service_status(service).removed
+                self._close(service, "removed" if removed else "backoff")
                 return
             if inst.state is not State.READY:
                 if self.pending[service] >= self.config.proxy.max_pending:
@@ -106,7 +126,7 @@ class Course:
         self, client: trio.SocketStream, service: str
     ) -> tuple[Instance, builtins.bytes, bool] | None:
         limit = self.config.proxy.max_buffer
-        svc = self.supervisor.services[service].config  # (a removed one's, while it goes)
+        svc = self.supervisor.service_status(service).config  # (a removed one's, while it goes)
         buf = bytearray()
         eof = False
 
@@ -159,7 +179,7 @@ class Course:
     ) -> None:
         """Connect to ``inst`` and relay; on a failed connect or an unanswered reset, report
         the instance and go on with the next one, within the boot timeout."""
-        svc = self.supervisor.services[service].config
+        svc = self.supervisor.service_status(service).config
         deadline = math.inf  # set at the first failure
         refusals = 0  # in a row, by the same live instance
         while True:

@@ -43,11 +43,10 @@ import trio
 
 from ..config import Config, Endpoint
 from ..fdlimit import FDS_PER_CONNECTION, default_max_connections, nofile_limit, reserve
-from ..lifecycle.supervisor import Supervisor
 from ..logutil import LimitedLog
 from ..net import bound_endpoint, fd_shortage, listen_tcp, serve
 from ..slots import Slot, Slots
-from .course import TIMERS, Course
+from .course import TIMERS, Course, Instances
 from .relay import PipePool, Timeouts
 
 log = logging.getLogger("jitlaunch.proxy")
@@ -61,7 +60,10 @@ class Proxy(Course):
     connection caps, see :mod:`jitlaunch.fdlimit`.
     """
 
-    def __init__(self, config: Config, supervisor: Supervisor, fd_limit: int | None = None) -> None:
+    def __init__(
+        self, config: Config, supervisor: Instances, fd_limit: int | None = None, *,
+        on_held: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.config = config
         self.supervisor = supervisor
         self.fd_limit = nofile_limit() if fd_limit is None else fd_limit
@@ -88,7 +90,7 @@ class Proxy(Course):
         self.bytes: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Called with ``(service, seconds)`` when a connection held for a boot is released
         #: to its instance (the metrics' hold histogram).
-        self.on_held: Callable[[str, float], None] | None = None
+        self.on_held = on_held
         self.accept_errors = 0
         self._log = LimitedLog(log)
         self._connecting: dict[str, trio.CapacityLimiter] = {}
