@@ -37,6 +37,10 @@ class Services(Protocol):
     async def acquire(self, name: str, *, proven: bool = True) -> object:
         """Wait until service ``name`` is ready; BootFailed if it cannot be."""
 
+#: A cached reply: the generation it is for, the reply less its ID, the service it named,
+#: its query counter's cell, and its RRL identity.
+_Entry = tuple[int, bytes, "str | None", list[int], int]
+
 #: Bounds of the reply cache: entries, and bytes of keys and replies together.
 CACHE_ENTRIES = 4096
 CACHE_BYTES = 4 << 20
@@ -64,8 +68,7 @@ class Authority:
         self.config = config
         self.supervisor = supervisor
         self.catalog = Catalog(config.dns, config.services)
-        self._caches: tuple[dict[bytes, tuple[int, bytes, str | None, list[int], int]], ...] = (
-            {}, {})
+        self._caches: tuple[dict[bytes, _Entry], ...] = ({}, {})
         self._cache_bytes = 0
         self.held = 0
         #: Queries that hit a bug in the answer logic (answered with a SERVFAIL).
@@ -151,20 +154,28 @@ class Authority:
         if self.counting and not resp.pending:
             cell[0] += 1
         if resp.cacheable and resp.reply is not None:
-            size = len(key) + len(resp.reply)  # 2 more than kept: the ID
-            if len(cache) >= CACHE_ENTRIES or self._cache_bytes + size > CACHE_BYTES:
-                for c in self._caches:
-                    c.clear()
-                self._cache_bytes = 0
-            if hit is not None:  # a stale entry for an older generation
-                self._cache_bytes -= len(key) + len(hit[1])
-            cache[key] = (generation, resp.reply[2:], resp.service, cell, resp.identity)
-            self._cache_bytes += size - 2
+            self._store(cache, key, hit, (generation, resp.reply[2:], resp.service, cell,
+                                          resp.identity))
         elif resp.internal_error:
             self.internal_errors += 1
         if cookie is not None and resp.reply is not None:
             resp = resp._replace(reply=self._add_cookie(resp.reply, option, cookie, udp))
         return resp
+
+    def _store(self, cache: dict[bytes, _Entry], key: bytes, stale: _Entry | None,
+               entry: _Entry) -> None:
+        """Cache ``entry`` under ``key`` (replacing ``stale``, an older generation's),
+        emptying both caches first when either bound would be passed."""
+        size = len(key) + len(entry[1])
+        if len(cache) >= CACHE_ENTRIES or self._cache_bytes + size > CACHE_BYTES:
+            for c in self._caches:
+                c.clear()
+            self._cache_bytes = 0
+            stale = None
+        if stale is not None:
+            self._cache_bytes -= len(key) + len(stale[1])
+        cache[key] = entry
+        self._cache_bytes += size
 
     def _server_cookie(self, cookie: QueryCookie, source: str | None, *,
                        count: bool) -> tuple[bytes, bool]:

@@ -164,7 +164,7 @@ class DnsServer:
         """Open DNS-over-TCP connections."""
         return self.tcp_slots.in_use
 
-    def _prefix(self, host: str) -> str:
+    def prefix_of(self, host: str) -> str:
         rrl = self.config.dns.rrl
         return source_prefix(host, rrl.ipv4_prefix, rrl.ipv6_prefix)
 
@@ -214,15 +214,15 @@ class DnsServer:
         """Count and log why a TCP connection ended with ``exc``: the client's doing, or ours."""
         leaves = list(_leaves(exc))
         if all(isinstance(e, SlowReader) for e in leaves):
-            self._client_fault("tcp_slow_reader", "a DNS-over-TCP client did not read its replies")
+            self.client_fault("tcp_slow_reader", "a DNS-over-TCP client did not read its replies")
         elif all(isinstance(e, SlowQuery) for e in leaves):
-            self._client_fault("tcp_slow_query", "a DNS-over-TCP query did not arrive in time")
+            self.client_fault("tcp_slow_query", "a DNS-over-TCP query did not arrive in time")
         elif all(isinstance(e, (_CLIENT_GONE, SlowReader, SlowQuery)) for e in leaves):
-            self._client_fault("tcp_reset", "a DNS-over-TCP client went away: %s", leaves[0])
+            self.client_fault("tcp_reset", "a DNS-over-TCP client went away: %s", leaves[0])
         else:
             self._internal_error("a DNS-over-TCP connection", exc)
 
-    def _client_fault(self, key: str, msg: str, *args: object) -> None:
+    def client_fault(self, key: str, msg: str, *args: object) -> None:
         self.counts[key] += 1
         self._log.log(logging.INFO, key, "DNS: " + msg, *args)
 
@@ -242,7 +242,7 @@ class DnsServer:
                     except BlockingIOError:
                         break
                     except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
-                        self._client_fault("udp_receive_error", "UDP receive error: %s", exc)
+                        self.client_fault("udp_receive_error", "UDP receive error: %s", exc)
                         continue
                     try:
                         blocked = self._udp_datagram(sock, wire, addr, nursery, now)
@@ -267,10 +267,10 @@ class DnsServer:
         if resp.internal_error:  # logged where it happened
             self.counts["internal_error"] += 1
         if resp.pending and resp.service is not None:
-            source = self._prefix(str(addr[0]))
+            source = self.prefix_of(str(addr[0]))
             full = self._held_full(source, resp.service)
             if full is not None:
-                self._client_fault(full, "too many held answers (%s); dropping a UDP query",
+                self.client_fault(full, "too many held answers (%s); dropping a UDP query",
                                    _HELD_BOUND[full])
                 return None
             self._hold(source, resp.service)
@@ -288,7 +288,7 @@ class DnsServer:
             try:
                 resp = await self.authority.answer_held(wire, True, service, str(addr[0]))
             finally:
-                self._unhold(source, service)
+                self.unhold(source, service)
             reply = resp.reply
             if self.query_log.enabled:
                 self.query_log.query(wire, reply, "udp", addr[0], time.perf_counter() - start)
@@ -322,7 +322,7 @@ class DnsServer:
         except BlockingIOError:
             return reply
         except OSError as exc:
-            self._client_fault("udp_send_error", "UDP send failed: %s", exc)
+            self.client_fault("udp_send_error", "UDP send failed: %s", exc)
         return None
 
     def _sendto(self, sock: socket.socket, reply: bytes, addr: tuple[object, ...]) -> None:
@@ -330,7 +330,7 @@ class DnsServer:
         try:
             sock.sendto(reply, addr)
         except OSError as exc:
-            self._client_fault("udp_send_error", "UDP send failed: %s", exc)
+            self.client_fault("udp_send_error", "UDP send failed: %s", exc)
 
     # ---- held answers -------------------------------------------------------------------
 
@@ -351,7 +351,7 @@ class DnsServer:
         self.held_by_source[source] = self.held_by_source.get(source, 0) + 1
         self.held_by_service[service] = self.held_by_service.get(service, 0) + 1
 
-    def _unhold(self, source: str, service: str) -> None:
+    def unhold(self, source: str, service: str) -> None:
         self.held -= 1
         for counts, key in ((self.held_by_source, source), (self.held_by_service, service)):
             left = counts[key] - 1
@@ -362,10 +362,10 @@ class DnsServer:
         self._held_free.set()
         self._held_free = trio.Event()
 
-    async def _wait_held_slot(self, source: str, service: str) -> None:
+    async def wait_held_slot(self, source: str, service: str) -> None:
         full = self._held_full(source, service)
         if full is not None:  # counted once per query that has to wait, logged once
-            self._client_fault("held_waited", "too many held answers (%s); a TCP connection "
+            self.client_fault("held_waited", "too many held answers (%s); a TCP connection "
                                "waits", _HELD_BOUND[full])
         while self._held_full(source, service) is not None:
             await self._held_free.wait()
@@ -389,13 +389,13 @@ class DnsServer:
             return None
         slots = self.tcp_slots
         slots.total, slots.per_key = dns.max_tcp_connections, dns.max_tcp_connections_per_source
-        prefix = self._prefix(source)
+        prefix = self.prefix_of(source)
         slot = slots.take(prefix)
         if slot is None:
             if slots.refusal == "total":
-                self._client_fault("tcp_refused", "too many TCP connections; closing a new one")
+                self.client_fault("tcp_refused", "too many TCP connections; closing a new one")
             else:
-                self._client_fault(
+                self.client_fault(
                     "tcp_refused_source", "too many TCP connections from one source "
                     "prefix; closing a new one from %s", prefix,
                 )

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import Protocol
 
 import trio
 
-from ..slots import Slot
-
-if TYPE_CHECKING:
-    from .server import DnsServer
+from ..config import Config
+from ..slots import Slot, Slots
+from .authority import Authority
+from .querylog import QueryLog
 
 #: Bytes asked of a TCP stream per receive beyond the rest of the message being read.
 TCP_READ_AHEAD = 4096
@@ -39,6 +40,24 @@ class SlowQuery(Exception):
 
 class SlowReader(Exception):
     """The client did not take a reply within ``tcp_message_timeout``."""
+
+
+class TcpServer(Protocol):
+    """What a session needs of its server (jitlaunch.dns.server.DnsServer)."""
+
+    config: Config
+    authority: Authority
+    query_log: QueryLog
+    tcp_slots: Slots
+    counts: Counter[str]
+
+    def prefix_of(self, host: str) -> str: ...
+
+    def unhold(self, source: str, service: str) -> None: ...
+
+    async def wait_held_slot(self, source: str, service: str) -> None: ...
+
+    def client_fault(self, key: str, msg: str, *args: object) -> None: ...
 
 
 class TcpClient:
@@ -56,12 +75,12 @@ class TcpClient:
 class TcpSession:
     """The queries and replies of one connection; :meth:`run` until it ends."""
 
-    def __init__(self, server: DnsServer, stream: trio.SocketStream, client: TcpClient) -> None:
+    def __init__(self, server: TcpServer, stream: trio.SocketStream, client: TcpClient) -> None:
         self.server = server
         self.stream = stream
         self.source = client.source
         self.slot = client.slot
-        self.prefix = server._prefix(client.source)
+        self.prefix = server.prefix_of(client.source)
         self.dns = server.config.dns
         self._send_lock = trio.Lock()
         self._held_here = trio.Semaphore(self.dns.max_held_per_connection)
@@ -79,7 +98,7 @@ class TcpSession:
         try:
             reply = (await server.authority.answer_held(wire, False, service, self.source)).reply
         finally:
-            server._unhold(self.prefix, service)
+            server.unhold(self.prefix, service)
             self._held_here.release()
         if qlog.enabled:
             qlog.query(wire, reply, "tcp", self.source, time.perf_counter() - start)
@@ -123,7 +142,7 @@ class TcpSession:
             data = await self.stream.receive_some(want)
         if data is None:
             if self.slot.idle_shortened:
-                self.server._client_fault("tcp_idle_busy", "DNS over TCP is busy: closing "
+                self.server.client_fault("tcp_idle_busy", "DNS over TCP is busy: closing "
                                           "connections idle for %g s", BUSY_IDLE_TIMEOUT)
             else:
                 self.server.counts["tcp_idle"] += 1
@@ -149,7 +168,7 @@ class TcpSession:
             if resp.pending and resp.service is not None:
                 # Past a bound, stop reading until a held answer completes.
                 await self._held_here.acquire()
-                await server._wait_held_slot(self.prefix, resp.service)
+                await server.wait_held_slot(self.prefix, resp.service)
                 nursery.start_soon(self._held, wire, resp.service)
             elif resp.reply is not None:
                 await self.send(resp.reply)
