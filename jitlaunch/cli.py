@@ -116,7 +116,7 @@ def _add_control_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 def _control(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .control import ControlError, call, client_socket, format_status
+    from .controlproto import ControlError, call, client_socket, format_status
 
     try:
         path = Path(args.socket) if args.socket else client_socket(args.config)

@@ -19,8 +19,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jitlaunch.control import (
-    MAX_REQUEST,
+from jitlaunch.control import MAX_REQUEST
+from jitlaunch.controlproto import (
     BadRequest,
     ControlError,
     Request,
@@ -263,7 +263,7 @@ def test_the_client_finds_the_socket_without_needing_the_config(short_dir: Path,
                                                                block: str) -> None:
     """The config's own socket when it exists; else $RUNTIME_DIRECTORY's, else the system
     daemon's; a config with an error is not needed when one of those exists."""
-    from jitlaunch.control import client_socket
+    from jitlaunch.controlproto import client_socket
     from jitlaunch.errors import ConfigError
 
     state, runtime, system = short_dir / "state", short_dir / "run", short_dir / "sys.sock"

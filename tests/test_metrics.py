@@ -720,7 +720,7 @@ async def test_wake_paths_cold_pool_resume_restore_and_promtool(tmp_path: Path, 
 
 
 async def test_status_shows_the_same_numbers_as_the_metrics(tmp_path: Path, block: str) -> None:
-    from jitlaunch.control import status_report
+    from jitlaunch.controlproto import status_report
 
     exits = f"{PYTHON} -c 'raise SystemExit(3)'"
     text = config_text(tmp_path, service("hello", f"{block}.1", idle='"300ms"')
@@ -733,7 +733,7 @@ async def test_status_shows_the_same_numbers_as_the_metrics(tmp_path: Path, bloc
         assert (await http_get(f"{block}.1", 8080)).startswith(b"HTTP/1.1 200")
         await wait_until(lambda: hello.connections == 0)  # the proxy's side has closed too
         samples = await scrape(d)
-        report = status_report(d.supervisor, trio.current_time())
+        report = status_report(d.supervisor.status(), d.config.path, trio.current_time())
     by_name = {s["name"]: s for s in report["services"]}
     for name, s in by_name.items():
         boots = {r: get(samples, "jitlaunch_boots_total", service=name, backend="process", result=r)

@@ -26,7 +26,7 @@ from jitlaunch.backends import procgroup
 from jitlaunch.backends.childenv import DEFAULT_PATH
 from jitlaunch.backends.owner import state_id
 from jitlaunch.backends.process import ProcessBackend
-from jitlaunch.control import call
+from jitlaunch.controlproto import call
 from jitlaunch.daemon import Daemon
 
 from .conftest import DEMO, PYTHON, alive, config_text, load, query_udp, running, wait_until

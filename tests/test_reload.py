@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from jitlaunch.control import format_status, status_report
+from jitlaunch.controlproto import format_status, status_report
 from jitlaunch.daemon import Daemon
 
 from .conftest import (
@@ -146,7 +146,7 @@ async def test_reload_adds_removes_and_changes_services(tmp_path: Path, block: s
         assert result.message == "added d; removed c; changed b: process.command, ttl"
         # Until c's instance is stopped, `jitlaunch status` says it is leaving (no checkpoint
         # since the reload: its instance cannot be stopped yet).
-        report = status_report(sup, trio.current_time())
+        report = status_report(sup.status(), sup.config.path, trio.current_time())
         assert [s["removed"] for s in report["services"]] == [False, False, True, False]
         assert format_status(report).splitlines()[3].startswith("c(removed) ")
         # DNS at once: d exists, c does not, b's new TTL.

@@ -24,7 +24,8 @@ from dnslib import RCODE, DNSRecord
 
 from jitlaunch import control
 from jitlaunch.config import Endpoint
-from jitlaunch.control import MAX_PER_UID, ControlError, call
+from jitlaunch.control import MAX_PER_UID
+from jitlaunch.controlproto import ControlError, call
 from jitlaunch.slots import Slots, source_prefix
 
 from .conftest import DEMO, PYTHON, config_text, fresh_block, load, running, wait_until
