@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from jitlaunch.dns import build as b
 from jitlaunch.dns import cookies as cookies_mod
 from jitlaunch.dns import wire as w
 from jitlaunch.dns.answer import QueryCookie
@@ -218,18 +219,18 @@ def test_add_option_golden() -> None:
     option = struct.pack("!HH", 10, 24) + CLIENT + bytes(16)
     reply = header(1, QR | AA, an=1, ar=1) + question("hello.jit.test", 1) + rr(
         ptr(12), 1, 30, bytes(4)) + opt(1232)
-    added = w.add_option(reply, option, 1232)
+    added = b.add_option(reply, option, 1232)
     assert added == reply[:-2] + struct.pack("!H", 28) + option
-    assert w.add_option(reply, option, len(reply) + 28) == added
+    assert b.add_option(reply, option, len(reply) + 28) == added
     # Past the bound: header, question and the OPT with the option, TC set.
-    assert w.add_option(reply, option, len(reply) + 27) == header(
+    assert b.add_option(reply, option, len(reply) + 27) == header(
         1, QR | AA | TC, ar=1) + question("hello.jit.test", 1) + opt(1232)[:-2] + struct.pack(
         "!H", 28) + option
     # No OPT at the end (a header-only reply, or none at all): unchanged.
     for plain in (header(1, QR | w.FORMERR, qd=0), reply[:-11]):
-        assert w.add_option(plain, option, 1232) == plain
+        assert b.add_option(plain, option, 1232) == plain
     probe = header(9, QR, qd=0, ar=1) + opt(1232)
-    assert w.add_option(probe, option, 40) == header(9, QR | TC, qd=0, ar=1) + opt(1232)[
+    assert b.add_option(probe, option, 40) == header(9, QR | TC, qd=0, ar=1) + opt(1232)[
         :-2] + struct.pack("!H", 28) + option
 
 
@@ -269,7 +270,7 @@ async def test_the_split_path_says_what_the_parser_path_says() -> None:
                 option, _ = auth.cookies.answer(general.cookie.option, address_bytes(source) or b"",
                                                 1559731985)
                 limit = min(max(512, general.cookie.payload), 1232) if udp else 65535
-                expected = w.add_option(expected, option, limit)
+                expected = b.add_option(expected, option, limit)
             for _ in range(2):  # the second time from the cache, when cacheable
                 if general.pending:
                     break

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jitlaunch.dns import build as b
 from jitlaunch.dns import wire as w
 from jitlaunch.dns.wire import FormError, parse_query, read_name
 
@@ -165,7 +166,7 @@ def test_every_prefix_byte_by_byte(message: bytes) -> None:
 
 
 def test_compressor() -> None:
-    c = w.Compressor()
+    c = b.Compressor()
     c.note(b"\x05HeLLo\x03jit\x04test\x00", 12)
     assert c.write(b"\x03jit\x04test\x00", 40) == b"\xc0\x12"
     assert c.write(b"\x02ns\x03jit\x04test\x00", 40) == b"\x02ns\xc0\x12"
@@ -175,7 +176,7 @@ def test_compressor() -> None:
 
 
 def test_header_only_servfail_cannot_fail() -> None:
-    assert w.servfail_for(header(0xABCD, 0x7FFF)[:12]) == header(0xABCD, 0x8000 | 0x7900 | 2, qd=0)
+    assert b.servfail_for(header(0xABCD, 0x7FFF)[:12]) == header(0xABCD, 0x8000 | 0x7900 | 2, qd=0)
 
 
 # ---- generated input ---------------------------------------------------------------------
@@ -256,14 +257,14 @@ def test_scan_simple_every_prefix(message: bytes) -> None:
 
 def test_negative_soa_template_golden_bytes() -> None:
     apex = b"\x03jit\x04test\x00"
-    soa = w.SoaTemplate(apex, b"\x02ns" + apex, b"\x0ahostmaster" + apex, (1, 3600, 600, 86400, 30), 30)
+    soa = b.SoaTemplate(apex, b"\x02ns" + apex, b"\x0ahostmaster" + apex, (1, 3600, 600, 86400, 30), 30)
     # For "hello.jit.test" (16 octets) the apex is at 12 + 6 = 18 (0x12).
     expected = (b"\xc0\x12" + struct.pack("!HHIH", 6, 1, 30, 38) + b"\x02ns\xc0\x12"
                 + b"\x0ahostmaster\xc0\x12" + struct.pack("!IIIII", 1, 3600, 600, 86400, 30))
     assert soa.negative(len(HELLO)) == expected
     assert soa.negative(len(HELLO)) is soa.negative(len(HELLO))  # made once per length
     # An SOA whose names lie outside the zone: the second compresses against the first.
-    other = w.SoaTemplate(apex, b"\x02ns\x03org\x00", b"\x02hm\x03org\x00", (1, 2, 3, 4, 5), 5)
+    other = b.SoaTemplate(apex, b"\x02ns\x03org\x00", b"\x02hm\x03org\x00", (1, 2, 3, 4, 5), 5)
     rec = other.negative(len(HELLO))
     mname_at = 12 + len(HELLO) + 4 + 12
     assert rec[12:] == b"\x02ns\x03org\x00" + b"\x02hm" + struct.pack("!H", 0xC000 | mname_at + 3) + (

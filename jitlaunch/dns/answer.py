@@ -59,6 +59,7 @@ from typing import NamedTuple
 from ..config import DnsConfig, ServiceConfig, Zone
 from ..lifecycle.answers import ServiceSnapshot, answer_for
 from ..logutil import LimitedLog
+from . import build as b
 from . import rrl
 from . import wire as w
 
@@ -69,7 +70,7 @@ _limited = LimitedLog(log)
 STARTING_TYPES = frozenset({w.TYPE_A, w.TYPE_AAAA, w.TYPE_ANY})
 CLASS_CH = 3
 _KNOWN_CLASSES = frozenset({w.CLASS_IN, CLASS_CH, w.CLASS_ANY})
-_OWNER_Q = w.pointer(12)  # the question's name, where every answer's owner points
+_OWNER_Q = b.pointer(12)  # the question's name, where every answer's owner points
 _A_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_A, w.CLASS_IN)
 _AAAA_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_AAAA, w.CLASS_IN)
 _TTL_LEN = struct.Struct("!IH")
@@ -116,10 +117,10 @@ class ZoneData:
 
     def __init__(self, zone: Zone) -> None:
         self.zone = zone
-        self.apex = w.name_to_wire(zone.name)
-        self.nameservers = tuple(w.name_to_wire(ns) for ns in zone.nameservers)
-        self.soa = w.SoaTemplate(
-            self.apex, w.name_to_wire(zone.mname), w.name_to_wire(zone.rname),
+        self.apex = b.name_to_wire(zone.name)
+        self.nameservers = tuple(b.name_to_wire(ns) for ns in zone.nameservers)
+        self.soa = b.SoaTemplate(
+            self.apex, b.name_to_wire(zone.mname), b.name_to_wire(zone.rname),
             (zone.serial, zone.refresh, zone.retry, zone.expire, zone.minimum),
             negative_ttl=min(zone.soa_ttl, zone.minimum),
         )
@@ -132,22 +133,22 @@ class Catalog:
     form, lower case."""
 
     def __init__(self, dns: DnsConfig, services: Iterable[ServiceConfig]) -> None:
-        self.zones = {w.name_to_wire(z.name): ZoneData(z) for z in dns.zones}
+        self.zones = {b.name_to_wire(z.name): ZoneData(z) for z in dns.zones}
         self.services: dict[bytes, ServiceConfig] = {}
         self.glue: dict[bytes, tuple[str, ...]] = {}
         self.nodes: set[bytes] = set()
         self.edns_payload = dns.edns_payload
-        self.opt_plain = w.opt_record(dns.edns_payload)
-        self.opt_do = w.opt_record(dns.edns_payload, 0, w.EDNS_DO)
+        self.opt_plain = b.opt_record(dns.edns_payload)
+        self.opt_do = b.opt_record(dns.edns_payload, 0, w.EDNS_DO)
         for svc in services:
             for name in svc.names:
-                key = w.name_to_wire(name)
+                key = b.name_to_wire(name)
                 self.services[key] = svc
                 self._add_node(key)
         own = dict(dns.nameserver_glue)
         for zone in dns.zones:
             for ns in zone.nameservers:
-                key = w.name_to_wire(ns)
+                key = b.name_to_wire(ns)
                 addresses = own.get(ns, () if own else dns.nameserver_addresses)
                 if self.zone_for(key) is not None and addresses:
                     self.glue[key] = addresses
@@ -155,7 +156,7 @@ class Catalog:
 
     def _add_node(self, name: bytes) -> None:
         # Every ancestor of a name exists too (empty non-terminals answer NODATA).
-        for _, suffix in w.suffixes(name):
+        for _, suffix in b.suffixes(name):
             self.nodes.add(suffix)
 
     def zone_for(self, name: bytes) -> ZoneData | None:
@@ -201,7 +202,7 @@ def respond(wire: bytes, catalog: Catalog, state: Snapshots, now: float, *, udp:
         # flag lets tests (and the counters) see that this path was taken.
         _limited.error("internal", "internal error answering a query of %d bytes", len(wire),
                        exc_info=True)
-        return Response(w.servfail_for(wire), internal_error=True)
+        return Response(b.servfail_for(wire), internal_error=True)
 
 
 def _respond_simple(wire: bytes, simple: tuple[int, int, int, bool], catalog: Catalog) -> Response | None:
@@ -235,15 +236,15 @@ def _opt(catalog: Catalog, q: w.Query) -> bytes:
     edns = q.edns
     if edns is None:
         return b""
-    return w.opt_record(catalog.edns_payload, 0, edns.flags & w.EDNS_DO)
+    return b.opt_record(catalog.edns_payload, 0, edns.flags & w.EDNS_DO)
 
 
 def _short(q: w.Query, rcode: int, opt: bytes, question: bool) -> bytes:
     """A reply with no records: the header, the question if asked for, the OPT if any."""
     flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | rcode
     if question:
-        return w.header(q.ident, flags, 1, 0, 0, 1 if opt else 0) + q.question + opt
-    return w.header(q.ident, flags, 0, 0, 0, 1 if opt else 0) + opt
+        return b.header(q.ident, flags, 1, 0, 0, 1 if opt else 0) + q.question + opt
+    return b.header(q.ident, flags, 0, 0, 0, 1 if opt else 0) + opt
 
 
 @lru_cache(maxsize=4096)
@@ -255,11 +256,11 @@ def _address_records(v4: tuple[str, ...], v6: tuple[str, ...], ttl: int,
     ttl_len16 = _TTL_LEN.pack(ttl, 16)
     if want_a:
         for addr in v4:
-            out += _A_HEAD + ttl_len4 + w.address_rdata(addr)[1]
+            out += _A_HEAD + ttl_len4 + b.address_rdata(addr)[1]
             count += 1
     if want_aaaa:
         for addr in v6:
-            out += _AAAA_HEAD + ttl_len16 + w.address_rdata(addr)[1]
+            out += _AAAA_HEAD + ttl_len16 + b.address_rdata(addr)[1]
             count += 1
     return count, out
 
@@ -270,11 +271,11 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
         # is looked at before the rest (5.2), so an OPT of a later version gets no BADVERS,
         # but it gets no DO bit either, as in our BADVERS replies (its meaning is unknown).
         edns = q.edns
-        opt = b"" if edns is None else w.opt_record(
+        opt = b"" if edns is None else b.opt_record(
             catalog.edns_payload, 0, 0 if edns.version else edns.flags & w.EDNS_DO)
         flags = w.QR | (q.flags & (w.OPCODE_MASK | w.RD)) | w.NOTAUTH
-        return Response(w.header(q.ident, flags, 0, 0, 0, 2 if opt else 1) + opt
-                        + w.tsig_badkey(q.tsig))
+        return Response(b.header(q.ident, flags, 0, 0, 0, 2 if opt else 1) + opt
+                        + b.tsig_badkey(q.tsig))
     if q.error:
         return Response(_short(q, q.error, _opt(catalog, q), False))
     edns = q.edns
@@ -283,7 +284,7 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
         assert edns is not None
         return Response(_short(q, w.FORMERR if edns.version else w.NOERROR, opt, False))
     if edns is not None and edns.version:
-        badvers = w.opt_record(catalog.edns_payload, w.BADVERS >> 4, 0)
+        badvers = b.opt_record(catalog.edns_payload, w.BADVERS >> 4, 0)
         return Response(_short(q, 0, badvers, True))
     qclass, qtype = q.qclass, q.qtype
     if qclass not in _KNOWN_CLASSES:
@@ -342,9 +343,9 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
     if opt:
         ar += 1
         additional += opt
-    reply = w.header(q.ident, flags, 1, an, ns, ar) + q.question + answers + authority + additional
+    reply = b.header(q.ident, flags, 1, an, ns, ar) + q.question + answers + authority + additional
     if udp and len(reply) > limit:
-        reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
+        reply = b.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
     if flags & w.RCODE_MASK:
         identity = zone.nxdomain_identity
     elif an:
@@ -357,7 +358,7 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
 def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
           limit: int) -> Response:
     """SOA and NS at a zone's apex (with glue): rare enough to build record by record."""
-    comp = w.Compressor()
+    comp = b.Compressor()
     comp.note(q.qname, 12)
     offset = 12 + len(q.question)
     answers: list[bytes] = []
@@ -370,18 +371,18 @@ def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
     if qtype == w.TYPE_NS:
         for ns in zone.nameservers:
             rdata = comp.write(ns, offset + 12)
-            answers.append(w.rr(_OWNER_Q, w.TYPE_NS, soa_ttl, rdata))
+            answers.append(b.rr(_OWNER_Q, w.TYPE_NS, soa_ttl, rdata))
             offset += len(answers[-1])
         for ns in zone.nameservers:
             for addr in catalog.glue.get(ns, ()):
                 owner = comp.write(ns, offset)
-                rtype, rdata = w.address_rdata(addr)
-                glue.append(w.rr(owner, rtype, soa_ttl, rdata))
+                rtype, rdata = b.address_rdata(addr)
+                glue.append(b.rr(owner, rtype, soa_ttl, rdata))
                 offset += len(glue[-1])
     ar = len(glue) + (1 if opt else 0)
-    reply = (w.header(q.ident, flags, 1, len(answers), 0, ar) + q.question + b"".join(answers)
+    reply = (b.header(q.ident, flags, 1, len(answers), 0, ar) + q.question + b"".join(answers)
              + b"".join(glue) + opt)
     if len(reply) > limit:
-        reply = w.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
+        reply = b.header(q.ident, flags | w.TC, 1, 0, 0, 1 if opt else 0) + q.question + opt
     return Response(reply, None, cacheable=q.canonical,
                     identity=rrl.answer_identity(q.qname.lower(), qtype, q.qclass))

@@ -14,6 +14,7 @@ from ..config import Config
 from ..errors import BootFailed
 from ..lifecycle.answers import ServiceSnapshot
 from ..lifecycle.state import State
+from . import build as b
 from . import stats
 from . import wire as w
 from .answer import Catalog, QueryCookie, Response, respond
@@ -191,7 +192,7 @@ class Authority:
         """``reply`` with the COOKIE ``option`` in its OPT, within a UDP reply's bound (the
         query's payload size, at least 512, at most ours: as the answer logic has it)."""
         limit = min(max(512, cookie.payload), self.catalog.edns_payload) if udp else 65535
-        return w.add_option(reply, option, limit)
+        return b.add_option(reply, option, limit)
 
     async def answer_held(self, wire: bytes, udp: bool, service: str,
                           source: str | None = None) -> Response:
