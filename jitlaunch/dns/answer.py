@@ -265,7 +265,9 @@ def _address_records(v4: tuple[str, ...], v6: tuple[str, ...], ttl: int,
     return count, out
 
 
-def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bool) -> Response:
+def _early(q: w.Query, catalog: Catalog, udp: bool) -> Response | None:
+    """The reply to a query that gets no answer from a zone's data (an error, a probe, a
+    class or type we do not serve, a name outside our zones); None for the others."""
     if q.tsig is not None and q.error == w.NOTAUTH:
         # No question, as NSD answers; the TSIG record goes last (RFC 8945 5.3.2). The key
         # is looked at before the rest (5.2), so an OPT of a later version gets no BADVERS,
@@ -299,10 +301,20 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
             return Response(_short(q, w.NOTIMP, opt, True))
         refused = name in catalog.zones
         return Response(_short(q, w.REFUSED if refused else w.NOTAUTH, opt, True))
-    zone = catalog.zone_for(name)
-    if zone is None:
+    if catalog.zone_for(name) is None:
         return Response(_short(q, w.REFUSED, opt, True))
+    return None
 
+
+def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bool) -> Response:
+    early = _early(q, catalog, udp)
+    if early is not None:
+        return early
+    edns, opt = q.edns, _opt(catalog, q)
+    qclass, qtype = q.qclass, q.qtype
+    name = q.qname.lower()
+    zone = catalog.zone_for(name)
+    assert zone is not None  # (else an early reply)
     limit = min(max(512, edns.payload), catalog.edns_payload) if edns is not None else 512
     authoritative = qclass != w.CLASS_ANY  # RFC 6895 3.2
     flags = w.QR | (q.flags & w.RD) | (w.AA if authoritative else 0)
