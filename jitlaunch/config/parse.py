@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
 from .model import (
-    ANSWER_MODES,
-    STOP_MODES,
     Config,
     DaemonConfig,
     DnsConfig,
@@ -41,7 +38,8 @@ from .model import (
     WakeConfig,
     Zone,
 )
-from .reader import LABEL, Table, address, dns_name, endpoint, show
+from .reader import Table, address, dns_name, endpoint, once, show
+from .service import check_unique, parse_defaults, parse_service
 
 
 class SettingsParser(Protocol):
@@ -108,7 +106,7 @@ def _glue_table(t: Table, ns_names: list[str]) -> tuple[tuple[str, tuple[str, ..
         addrs = tuple(address(sub, name, a) for a in sub.strings(name, what="addresses"))
         if not addrs:
             raise sub.error(name, "expected at least one address")
-        _once(sub, name, addrs)
+        once(sub, name, addrs)
         out.append((ns, addrs))
     sub.done()
     return tuple(out)
@@ -122,9 +120,9 @@ def _parse_dns(root: Table) -> DnsConfig:
     zone_names = [dns_name(t, "zones", z) for z in t.strings("zones", what="zone names")]
     if not zone_names:
         raise t.error("zones", "expected at least one zone name")
-    _once(t, "zones", zone_names)
+    once(t, "zones", zone_names)
     ns_names = [dns_name(t, "nameservers", n) for n in t.strings("nameservers", [], what="DNS names")]
-    _once(t, "nameservers", ns_names)
+    once(t, "nameservers", ns_names)
     glue_by_name = _glue_table(t, ns_names)
     if glue_by_name:
         glue = [a for _, addrs in glue_by_name for a in addrs]
@@ -132,8 +130,8 @@ def _parse_dns(root: Table) -> DnsConfig:
     else:
         glue = t.strings("nameserver_addresses", [], what="addresses")
         glue_addrs = tuple(address(t, "nameserver_addresses", a) for a in glue)
-        _once(t, "nameserver_addresses", glue_addrs)
-    _once(t, "listen", [e for e in listen if e.port != 0])  # port 0: a new free port each
+        once(t, "nameserver_addresses", glue_addrs)
+    once(t, "listen", [e for e in listen if e.port != 0])  # port 0: a new free port each
     if not glue:
         glue_addrs = tuple(e.host for e in listen if e.host not in ("0.0.0.0", "::"))
     soa = t.sub("soa")
@@ -201,145 +199,6 @@ def _parse_rrl(t: Table) -> RrlConfig:
     return cfg
 
 
-def _parse_service(
-    path: str,
-    data: Any,
-    index: int,
-    defaults: Table,
-    dns: DnsConfig,
-    base_dir: Path,
-    backends: Mapping[str, SettingsParser],
-    tops: Mapping[str, Mapping[str, Any]],
-) -> ServiceConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(path, f"expected a table, got {show(data)}", key=f"service[{index}]")
-    raw_name = data.get("name")
-    if not isinstance(raw_name, str):
-        raise ConfigError(
-            path, "missing or not a string (expected a DNS label such as 'hello')",
-            key=f"service[{index}].name",
-        )
-    t = Table(path, data, "", service=raw_name)
-    name = t.string("name").lower()
-    if not LABEL.match(name):
-        raise t.error("name", f"expected a DNS label (letters, digits, '-'), got {raw_name!r}")
-
-    def pick(key: str) -> Table:
-        # A service's own value wins over [defaults].
-        return t if t.has(key) else defaults
-
-    def inherited(key: str) -> Any:
-        return _INHERITED[key](pick(key), dns)
-
-    names = [f"{name}.{z.name}" for z in dns.zones]
-    for extra in t.strings("names", [], what="DNS names"):
-        n = dns_name(t, "names", extra)
-        if n in names[: len(dns.zones)]:
-            raise t.error("names", f"{extra!r} is already the service's own name")
-        if n in names:
-            raise t.error("names", f"{extra!r} is listed twice")
-        if not any(n == z.name or n.endswith("." + z.name) for z in dns.zones):
-            raise t.error("names", f"{extra!r} is not inside any configured zone")
-        if any(n == z.name for z in dns.zones):
-            raise t.error("names", f"{extra!r} is a zone apex; it holds SOA and NS records")
-        names.append(n)
-    backend = inherited("backend")
-    front = tuple(address(t, "front", a) for a in t.strings("front", what="addresses"))
-    if not front:
-        raise t.error("front", "expected at least one address")
-    _once(t, "front", front)
-    ports = t.ports("ports")
-    if not ports:
-        raise t.error("ports", "expected a list of port numbers (1 to 65535), got a list ([])")
-    _once(t, "ports", ports)
-    answer = inherited("answer")
-    stop = inherited("stop")
-    parser = backends.get(backend)
-    if parser is None:
-        raise pick("backend").error("backend", f"unknown backend {backend!r}")
-    supported = parser.stop_modes
-    for other in backends:
-        if other != backend and other in data:
-            raise t.error(other, f"settings for the {other} backend, but backend is {backend!r}")
-    table = t.sub(backend) if backend in data else Table(path, {}, f"{backend}.", name)
-    if tops.get(backend):
-        table = Table(path, {**tops[backend], **table.data}, table.prefix, name)
-    settings = parser.parse_settings(table, base_dir, tuple(ports))
-    if stop not in supported:
-        raise pick("stop").error(
-            "stop", f"the {backend} backend supports {', '.join(supported)}, not {stop!r}"
-        )
-    svc = ServiceConfig(
-        name=name,
-        names=tuple(names),
-        backend=backend,
-        settings=settings,
-        front=front,
-        ports=tuple(ports),
-        answer=answer,
-        idle_timeout=inherited("idle_timeout"),
-        boot_timeout=inherited("boot_timeout"),
-        stop=stop,
-        max_instances=inherited("max_instances"),
-        ttl=inherited("ttl"),
-        booting_ttl=inherited("booting_ttl"),
-        retry_backoff=inherited("retry_backoff"),
-        retry_backoff_max=inherited("retry_backoff_max"),
-        extra_names=len(names) - len(dns.zones),
-        health_interval=inherited("health_interval"),
-        health_timeout=inherited("health_timeout"),
-        health_failures=inherited("health_failures"),
-        pinned=t.boolean("pinned", False),
-        priority=inherited("priority"),
-    )
-    t.done(also=_DEFAULT_KEYS)
-    pool = getattr(settings, "pool", 0)
-    if pool >= svc.max_instances:
-        raise t.error(
-            "max_instances", f"must be more than the warm pool ({pool}): pooled instances count "
-            f"against it, and one must be left to run; set it to at least {pool + 1}"
-        )
-    if svc.retry_backoff_max < svc.retry_backoff:
-        raise t.error("retry_backoff_max", "must not be smaller than retry_backoff")
-    return svc
-
-
-#: The service keys that [defaults] may set, each with its reader (a service's table, or
-#: [defaults] when the service leaves the key out; ``dns`` gives the TTL defaults).
-_INHERITED: dict[str, Callable[[Table, DnsConfig], Any]] = {
-    "backend": lambda t, dns: t.string("backend", "process"),
-    "answer": lambda t, dns: t.string("answer", "handoff", choices=ANSWER_MODES),
-    "idle_timeout": lambda t, dns: t.duration("idle_timeout", 300),
-    "boot_timeout": lambda t, dns: t.duration("boot_timeout", 10),
-    "stop": lambda t, dns: t.string("stop", "destroy", choices=STOP_MODES),
-    "max_instances": lambda t, dns: t.integer("max_instances", 1, low=1, high=10000),
-    "ttl": lambda t, dns: t.integer("ttl", dns.ttl, unit="seconds"),
-    "booting_ttl": lambda t, dns: t.integer("booting_ttl", dns.booting_ttl, unit="seconds"),
-    "retry_backoff": lambda t, dns: t.duration("retry_backoff", 1),
-    "retry_backoff_max": lambda t, dns: t.duration("retry_backoff_max", 60),
-    "health_interval": lambda t, dns: t.duration("health_interval", 10),
-    "health_timeout": lambda t, dns: t.duration("health_timeout", 2),
-    "health_failures": lambda t, dns: t.integer("health_failures", 3, low=1, high=1000),
-    "priority": lambda t, dns: t.integer("priority", 0, low=-1000, high=1000),
-}
-_DEFAULT_KEYS = tuple(_INHERITED)
-
-
-def _parse_defaults(
-    root: Table, dns: DnsConfig, backends: Mapping[str, SettingsParser]
-) -> Table:
-    """[defaults], every value checked now: a service that sets the key itself never reads
-    it, and a bad value must not wait for a service that does."""
-    defaults = root.sub("defaults")
-    for key in defaults.data:
-        if key not in _INHERITED:
-            raise defaults.error(key, f"unknown key (allowed: {', '.join(_DEFAULT_KEYS)})")
-        value = _INHERITED[key](defaults, dns)
-        if key == "backend" and value not in backends:
-            raise defaults.error(key, f"unknown backend {value!r}")
-    return defaults
-
-
 def parse_config(
     text: str,
     path: str = "<config>",
@@ -365,7 +224,32 @@ def parse_config(
     root = Table(path, data)
     _check_tables(path, data, backends)
 
-    d = root.sub("daemon")
+    daemon = _parse_daemon(root.sub("daemon"), base_dir, env)
+    dns = _parse_dns(root)
+    proxy = _parse_proxy(root.sub("proxy"))
+    metrics = _parse_metrics(root.sub("metrics"))
+    host = _parse_host(root.sub("host"))
+
+    defaults = parse_defaults(root, dns, backends)
+
+    tops = _parse_backend_tables(root, backends)
+    raw_services = root.raw("service", [])
+    if not isinstance(raw_services, list):
+        raise root.error("service", "expected [[service]] tables")
+    services = tuple(
+        parse_service(path, s, i, defaults, dns, base_dir, backends, tops)
+        for i, s in enumerate(raw_services)
+    )
+    root.done()
+    check_unique(path, text, services)
+    _check_host(path, host, services)
+    return Config(
+        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
+        host=host,
+    )
+
+
+def _parse_daemon(d: Table, base_dir: Path, env: ParseEnv) -> DaemonConfig:
     state_dir = d.raw("state_dir")
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.strip()):
         raise d.error("state_dir", f"expected a path, got {show(state_dir)}")
@@ -380,10 +264,10 @@ def parse_config(
         control_group=d.string("control_group") if d.has("control_group") else None,
     )
     d.done()
+    return daemon
 
-    dns = _parse_dns(root)
 
-    p = root.sub("proxy")
+def _parse_proxy(p: Table) -> ProxyConfig:
     proxy = ProxyConfig(
         max_buffer=p.integer("max_buffer", 65536, low=1, unit="bytes"),
         max_pending=p.integer("max_pending", 256, low=1),
@@ -401,8 +285,10 @@ def parse_config(
         max_buffer_total=p.integer("max_buffer_total", 32 << 20, low=1, high=2**62, unit="bytes"),
     )
     p.done()
+    return proxy
 
-    m = root.sub("metrics")
+
+def _parse_metrics(m: Table) -> MetricsConfig:
     metrics = MetricsConfig(
         listen=tuple(
             endpoint(m, "listen", v)
@@ -412,26 +298,7 @@ def parse_config(
         max_connections=m.integer("max_connections", 16, low=1, high=4096),
     )
     m.done()
-
-    host = _parse_host(root.sub("host"))
-
-    defaults = _parse_defaults(root, dns, backends)
-
-    tops = _parse_backend_tables(root, backends)
-    raw_services = root.raw("service", [])
-    if not isinstance(raw_services, list):
-        raise root.error("service", "expected [[service]] tables")
-    services = tuple(
-        _parse_service(path, s, i, defaults, dns, base_dir, backends, tops)
-        for i, s in enumerate(raw_services)
-    )
-    root.done()
-    _check_unique(path, text, services)
-    _check_host(path, host, services)
-    return Config(
-        path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
-        host=host,
-    )
+    return metrics
 
 
 #: The top-level tables, as written in the file.
@@ -517,57 +384,3 @@ def _check_host(path: str, host: HostConfig, services: tuple[ServiceConfig, ...]
         )
 
 
-def _once(t: Table, key: str, values: Sequence[object]) -> None:
-    """A list that names the same thing twice is a mistake (a copy that was meant to be
-    edited); say which value."""
-    seen: set[object] = set()
-    for value in values:
-        if value in seen:
-            raise t.error(key, f"{str(value)!r} is listed twice")
-        seen.add(value)
-
-
-_SERVICE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*service[ \t]*\]\][ \t]*(#.*)?$", re.MULTILINE)
-
-
-def _service_places(text: str, count: int) -> list[str]:
-    """Where each [[service]] table is, for messages: its header's line when every service
-    has a ``[[service]]`` header line, else its position among them."""
-    lines = [text.count("\n", 0, m.start()) + 1 for m in _SERVICE_HEADER.finditer(text)]
-    if len(lines) == count:
-        return [f"line {n}" for n in lines]
-    return [f"[[service]] number {i + 1}" for i in range(count)]
-
-
-def _check_unique(path: str, text: str, services: tuple[ServiceConfig, ...]) -> None:
-    first: dict[str, int] = {}
-    for i, s in enumerate(services):
-        if s.name in first:
-            places = _service_places(text, len(services))
-            raise ConfigError(
-                path, f"defined twice, at {places[first[s.name]]} and at {places[i]}",
-                service=s.name,
-            )
-        first[s.name] = i
-    seen_names: dict[str, str] = {}
-    seen_fronts: dict[tuple[str, int], str] = {}
-    for s in services:
-        for n in s.names:
-            if n in seen_names:
-                # The first names are <name>.<zone>, one per zone; the rest come from `names`.
-                generated = s.names.index(n) < len(s.names) - s.extra_names
-                raise ConfigError(
-                    path, f"name {n!r} is already used by service {seen_names[n]!r}",
-                    service=s.name, key="name" if generated else "names",
-                )
-            seen_names[n] = s.name
-        for a in s.front:
-            for port in s.ports:
-                if (a, port) in seen_fronts:
-                    raise ConfigError(
-                        path,
-                        f"{a} port {port} is already the front of service "
-                        f"{seen_fronts[(a, port)]!r}",
-                        service=s.name, key="front",
-                    )
-                seen_fronts[(a, port)] = s.name

@@ -11,7 +11,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -219,3 +219,11 @@ def address(table: Table, key: str, value: str) -> str:
         raise table.error(key, f"expected an IPv4 or IPv6 address, got {value!r}") from None
 
 
+def once(t: Table, key: str, values: Sequence[object]) -> None:
+    """A list that names the same thing twice is a mistake (a copy that was meant to be
+    edited); say which value."""
+    seen: set[object] = set()
+    for value in values:
+        if value in seen:
+            raise t.error(key, f"{str(value)!r} is listed twice")
+        seen.add(value)
