@@ -28,8 +28,9 @@ from .model import (
     WakeConfig,
     Zone,
 )
-from .parse import ParseEnv, SettingsParser, default_state_dir, parse_config
+from .parse import ParseEnv, default_state_dir, parse_config
 from .reader import Table
+from .service import SettingsParser
 
 __all__ = [
     "ANSWER_MODES",

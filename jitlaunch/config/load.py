@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .model import Config
-from .parse import ParseEnv, SettingsParser, parse_config
+from .parse import ParseEnv, parse_config
+from .service import SettingsParser
 
 
 def process_env() -> ParseEnv:

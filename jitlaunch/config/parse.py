@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import ConfigError
 from .model import (
@@ -39,26 +39,7 @@ from .model import (
     Zone,
 )
 from .reader import Table, address, dns_name, endpoint, once, show
-from .service import check_unique, parse_defaults, parse_service
-
-
-class SettingsParser(Protocol):
-    """What parsing needs from a backend (``jitlaunch.backends.SETTINGS`` holds the real ones,
-    by backend name). Config never imports the backends; they are passed in."""
-
-    @property
-    def stop_modes(self) -> tuple[str, ...]:
-        """The ``stop`` modes the backend supports."""
-        ...
-
-    def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
-        """Read a service's backend table (call ``table.done()``); ``ports`` are the
-        service's front ports. The result must compare by value (a frozen dataclass)."""
-        ...
-
-    # Optional: ``parse_top(table: Table) -> Mapping[str, Any] | None`` reads the global
-    # ``[<backend>]`` table (call ``table.done()``) and returns the defaults it gives the
-    # services' sub-tables, or None if the backend has no global table.
+from .service import SettingsParser, check_unique, parse_defaults, parse_service
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,30 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import ConfigError
 from .model import ANSWER_MODES, STOP_MODES, DnsConfig, ServiceConfig
 from .reader import LABEL, Table, address, dns_name, once, show
 
-if TYPE_CHECKING:
-    from .parse import SettingsParser
+
+class SettingsParser(Protocol):
+    """What parsing needs from a backend (``jitlaunch.backends.SETTINGS`` holds the real ones,
+    by backend name). Config never imports the backends; they are passed in."""
+
+    @property
+    def stop_modes(self) -> tuple[str, ...]:
+        """The ``stop`` modes the backend supports."""
+        ...
+
+    def parse_settings(self, table: Table, base_dir: Path, ports: tuple[int, ...]) -> Any:
+        """Read a service's backend table (call ``table.done()``); ``ports`` are the
+        service's front ports. The result must compare by value (a frozen dataclass)."""
+        ...
+
+    # Optional: ``parse_top(table: Table) -> Mapping[str, Any] | None`` reads the global
+    # ``[<backend>]`` table (call ``table.done()``) and returns the defaults it gives the
+    # services' sub-tables, or None if the backend has no global table.
 
 
 def parse_service(
