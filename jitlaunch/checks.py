@@ -186,13 +186,8 @@ def _qemu(svc: ServiceConfig, root: bool) -> list[Finding]:
         out.append(Finding(True, f"kernel image {settings.kernel} does not exist", svc.name,
                            "qemu.kernel"))
     # binary = "auto": the program it picks on this host (KVM and the reduced build looked at now).
-    from .backends.qemu.settings import (
-        REDUCED_BINARY,
-        choose_binary,
-        is_reduced,
-        kvm_usable,
-        reduced_cannot,
-    )
+    from .backends.qemu.settings import REDUCED_BINARY, choose_binary, is_reduced, reduced_cannot
+    from .backends.vm import kvm_usable
 
     accel = settings.accel if settings.accel != "auto" else "kvm" if kvm_usable() else "tcg"
     binary = choose_binary(settings, accel, shutil.which(REDUCED_BINARY) is not None)

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from jitlaunch.backends.libvirt.backend import LibvirtBackend, LibvirtHandle, state_id
+from jitlaunch.backends.libvirt.backend import LibvirtBackend
+from jitlaunch.backends.libvirt.handle import LibvirtHandle
 from jitlaunch.backends.libvirt.settings import is_local
 from jitlaunch.backends.libvirt.xml import QEMU_NS, domain_xml, user_net_args
+from jitlaunch.backends.owner import state_id
 from jitlaunch.config import Config, ServiceConfig
 from jitlaunch.errors import BootFailed, ConfigError
 
@@ -222,7 +224,7 @@ async def test_start_reads_ready_from_the_console_and_destroy(
     assert await handle.probe(2) is None
     assert await handle.stop("destroy", 1) is False
     assert not handle.alive() and handle.name not in domain_names()
-    assert handle.name not in b.domains and not b._host_ports
+    assert handle.name not in b.domains and not b.host_ports.held
 
 
 async def test_pause_and_resume(backend: tuple[LibvirtBackend, ServiceConfig]) -> None:
@@ -311,7 +313,7 @@ async def test_libvirt_errors_become_boot_failures(tmp_path: Path) -> None:
                            r"connect to libvirt at qemu\+tcp://127.0.0.1:1/system: .*"):
             await b.start(cfg.services[0], 1, None)
         nursery.cancel_scope.cancel()
-    assert not b.domains and not b._host_ports
+    assert not b.domains and not b.host_ports.held
 
 
 # ---- the console read through libvirt (console = "stream") ---------------------------------
@@ -423,7 +425,7 @@ async def test_stream_console_needs_a_driver_that_opens_consoles(tmp_path: Path)
         await nursery.start(b.run)
         with pytest.raises(BootFailed, match=r"creating domain jl-.*: unsupported flags"):
             await b.start(cfg.services[0], 1, None)
-        assert not b.domains and not b._host_ports
+        assert not b.domains and not b.host_ports.held
         await b.aclose()
         nursery.cancel_scope.cancel()
     assert not {n for n in domain_names() if n.startswith(b.prefix)}

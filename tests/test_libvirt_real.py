@@ -24,7 +24,8 @@ import trio
 from dnslib import RCODE
 
 from jitlaunch.backends.base import free_port
-from jitlaunch.backends.libvirt.backend import LibvirtHandle, state_id
+from jitlaunch.backends.libvirt.handle import LibvirtHandle
+from jitlaunch.backends.owner import state_id
 from jitlaunch.lifecycle.state import State
 
 from .conftest import PYTHON, ROOT, config_text, http_get, load, query_udp, running, wait_until
@@ -565,7 +566,7 @@ async def test_a_console_that_cannot_be_opened_is_a_boot_failure(
         await nursery.start(b.run)
         with pytest.raises(BootFailed, match=r"^opening the console of jl-\S+-uk-\S+: .*not using a PTY"):
             await b.start(cfg.services[0], 1, None)
-        assert not b.domains and not b._host_ports
+        assert not b.domains and not b.host_ports.held
         await b.aclose()
         nursery.cancel_scope.cancel()
     assert not any(n.startswith(f"jl-{state_id(state)}-") for n in libvirtd.domains())

@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from jitlaunch.backends.qemu import QemuBackend, kvm_usable
-from jitlaunch.backends.qemu.settings import FULL_BINARY, REDUCED_BINARY, image_id, saved_meta
+from jitlaunch.backends.qemu.settings import FULL_BINARY, REDUCED_BINARY, saved_meta
+from jitlaunch.backends.vm import image_id
 from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed
 
@@ -150,7 +151,7 @@ def test_check_reports_the_reduced_build_forced_without_kvm(
 ) -> None:
     """``jitlaunch check`` says the same before anything runs; with KVM it has nothing to say
     about the program (when it is installed)."""
-    from jitlaunch.backends.qemu import settings
+    from jitlaunch.backends import vm as settings
     from jitlaunch.checks import host_findings
 
     cfg = load(config_text(state, qemu_service(

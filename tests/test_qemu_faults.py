@@ -22,8 +22,8 @@ from jitlaunch.aio import first_of
 from jitlaunch.backends import qemu as qemu_backend
 from jitlaunch.backends.console import last_words
 from jitlaunch.backends.qemu import backend as qemu_launch
-from jitlaunch.backends.qemu.settings import instance_mac
 from jitlaunch.backends.qemu.usernet import guest_answered, slirp_fd
+from jitlaunch.backends.vm import instance_mac
 from jitlaunch.errors import BootFailed, ProtocolError
 from jitlaunch.lifecycle.state import State
 

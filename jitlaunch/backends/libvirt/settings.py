@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ...config import Table
-from ..qemu.settings import CMDLINE_FIELDS, DEFAULT_CMDLINE, parse_bridge
+from ..vm import CMDLINE_FIELDS, DEFAULT_CMDLINE, parse_bridge
 
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
 CONSOLE_MODES = ("file", "stream")

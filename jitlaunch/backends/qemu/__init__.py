@@ -45,8 +45,9 @@ are shared with the libvirt backend (``backends/console.py``, ``pool.py``, ``qmp
 
 from __future__ import annotations
 
+from ..vm import kvm_usable
 from .backend import QemuBackend
 from .handle import QemuHandle
-from .settings import STOP_MODES, QemuSettings, kvm_usable, parse_settings
+from .settings import STOP_MODES, QemuSettings, parse_settings
 
 __all__ = ["STOP_MODES", "QemuBackend", "QemuHandle", "QemuSettings", "kvm_usable", "parse_settings"]

@@ -20,25 +20,20 @@ from ...config import ServiceConfig
 from ...errors import BootFailed
 from ...identity import resolve
 from ...statedir import ensure_subdir, is_private_file, read_private
-from ..base import Backend, Handle, free_port, map_errors, open_instance_log, wait_gone
+from ..base import Backend, Handle, map_errors, open_instance_log, wait_gone
 from ..bridge import Lease
 from ..childenv import child_environment
 from ..owner import state_id
 from ..pool import WarmPools
+from ..vm import USER_GATEWAY, USER_IP, USER_PREFIX, HostPorts, image_id, instance_mac, kvm_usable
 from .argv import build_argv, tap_netdev, user_netdev
 from .handle import RESUME_TIMEOUT, QemuHandle
 from .settings import (
     MARKER,
     REDUCED_BINARY,
-    USER_GATEWAY,
-    USER_IP,
-    USER_PREFIX,
     QemuSettings,
     choose_binary,
-    image_id,
-    instance_mac,
     is_reduced,
-    kvm_usable,
     reduced_cannot,
     saved_mac,
 )
@@ -72,7 +67,7 @@ class QemuBackend(Backend):
         self._versions: dict[tuple[str, int, int], str] = {}
         self._counter = 0
         #: Host ports of our user-networking instances, so that two launches never pick one.
-        self._host_ports: set[int] = set()
+        self.host_ports = HostPorts()
 
     # ---- lifecycle of the backend itself ------------------------------------------------
 
@@ -351,7 +346,7 @@ class QemuBackend(Backend):
                 netdev = tap_netdev(release_net[0].tap)
             else:
                 try:
-                    host_ports = self._pick_ports(service.ports)
+                    host_ports = self.host_ports.pick(service.ports)
                 except OSError as exc:
                     raise BootFailed(f"cannot find a free host port: {exc.strerror or exc}") from exc
                 netdev = user_netdev(host_ports, dict(zip(service.ports, settings.guest_ports,
@@ -370,7 +365,7 @@ class QemuBackend(Backend):
                     logfile.write(f"# jitlaunch: again, with other host ports: {shlex.join(argv)}\n"
                                   .encode())
             except OSError as exc:
-                self._forget_ports(host_ports)
+                self.host_ports.forget(host_ports)
                 await self._release_net(release_net)
                 if logfile is not None:
                     logfile.close()
@@ -383,7 +378,7 @@ class QemuBackend(Backend):
                 )
             except OSError as exc:
                 logfile.close()
-                self._forget_ports(host_ports)
+                self.host_ports.forget(host_ports)
                 await self._release_net(release_net)
                 raise BootFailed(f"cannot run {binary}: {exc.strerror or exc}") from exc
             handle = QemuHandle(
@@ -413,22 +408,9 @@ class QemuBackend(Backend):
                      "with other ports", service.name, number)
         raise AssertionError("unreachable")
 
-    def _pick_ports(self, fronts: tuple[int, ...]) -> dict[int, int]:
-        """A free host port for each front port, none of them one our live instances hold
-        (free_port() only knows about bound sockets, and a starting QEMU binds later)."""
-        ports: dict[int, int] = {}
-        while len(ports) < len(fronts):
-            port = free_port()
-            if port not in self._host_ports:
-                self._host_ports.add(port)
-                ports[fronts[len(ports)]] = port
-        return ports
-
-    def _forget_ports(self, ports: dict[int, int]) -> None:
-        self._host_ports.difference_update(ports.values())
 
     async def release(self, handle: QemuHandle) -> None:
-        self._forget_ports(handle.host_ports)
+        self.host_ports.forget(handle.host_ports)
         leases, handle.release_net = handle.release_net, []
         await self._release_net(leases)
 

@@ -8,8 +8,9 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, Protocol
 
 import trio
 
@@ -25,10 +26,27 @@ from ..traffic import tap_packets_sent
 from .settings import QemuSettings, saved_meta
 from .usernet import guest_answered, slirp_fd
 
-if TYPE_CHECKING:
-    from .backend import QemuBackend
-
 log = logging.getLogger("jitlaunch.qemu")
+
+
+class Keeper(Protocol):
+    """What a handle needs of whoever runs it (the QemuBackend): no more."""
+
+    @property
+    def image_ids(self) -> Mapping[Path, str]:
+        """A kernel image's id (vm.image_id), by path: a saved state records it."""
+
+    def kvm_failed(self, kernel: Path) -> None:
+        """KVM could not run ``kernel``: later boots use TCG."""
+
+    def saved_path(self, service: str) -> Path:
+        """Where ``service``'s saved state goes."""
+
+    async def qemu_version(self, binary: str) -> str:
+        """The first line of ``binary --version`` (cached)."""
+
+    async def release(self, handle: QemuHandle) -> None:
+        """Give back what the instance held (host ports, its tap and address)."""
 
 #: The longest a QMP stop (into the pool) or cont (out of it, or out of a pause) may take.
 RESUME_TIMEOUT = 2.0
@@ -42,7 +60,7 @@ _HOSTFWD_TAKEN = re.compile(rb"Could not set up host forwarding rule")
 class QemuHandle(Handle):
     def __init__(
         self,
-        backend: QemuBackend,
+        backend: Keeper,
         service: ServiceConfig,
         number: int,
         binary: str,

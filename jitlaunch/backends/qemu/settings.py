@@ -6,19 +6,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Table
 from ...identity import parse_user_group
+from ..vm import CMDLINE_FIELDS, DEFAULT_CMDLINE, parse_bridge
 
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
 MARKER = "jitlaunch"
-DEFAULT_CMDLINE = "ip={ip}/{prefix} gw={gateway} port={port} name={name}"
-CMDLINE_FIELDS = ("ip", "prefix", "gateway", "port", "name", "instance")
-#: User networking: the guest's address and gateway are QEMU's slirp defaults.
-USER_IP, USER_PREFIX, USER_GATEWAY = "10.0.2.15", 24, "10.0.2.2"
 #: The full QEMU, and the reduced build Debian's qemu-system-x86 ships beside it: KVM only
 #: (no TCG) and no user networking (tap and bridge only), about half the full one's memory.
 FULL_BINARY = "qemu-system-x86_64"
@@ -100,22 +96,6 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> QemuSett
     return settings
 
 
-def parse_bridge(t: Table) -> tuple[str, ipaddress.IPv4Network]:
-    """The ``bridge`` and ``subnet`` keys of bridge networking (qemu and libvirt)."""
-    raw_subnet = t.string("subnet", "10.77.0.0/24")
-    try:
-        subnet = ipaddress.IPv4Network(raw_subnet, strict=False)
-    except ValueError:
-        raise t.error("subnet", f"expected an IPv4 network such as 10.77.0.0/24, got {raw_subnet!r}") \
-            from None
-    if subnet.num_addresses < 4:
-        raise t.error("subnet", "expected a network with room for a gateway and instances")
-    bridge = t.string("bridge", "jl0")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge):
-        raise t.error("bridge", f"expected an interface name of at most 15 characters, got {bridge!r}")
-    return bridge, subnet
-
-
 def is_reduced(binary: str) -> bool:
     """Whether ``binary`` names QEMU's reduced build (by its program name)."""
     return os.path.basename(binary) == REDUCED_BINARY
@@ -141,25 +121,6 @@ def choose_binary(settings: QemuSettings, accel: str, reduced_installed: bool) -
     fits = (accel == "kvm" and settings.network == "bridge" and not settings.extra_args
             and settings.machine.split(",", 1)[0] == "microvm")
     return REDUCED_BINARY if fits and reduced_installed else FULL_BINARY
-
-
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def image_id(path: Path) -> str:
-    """Identifies a kernel image's contents: a saved state is only valid for the same one."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 
 def saved_meta(image: str, settings: QemuSettings, accel: str, mac: str, version: str) -> str:
@@ -189,13 +150,3 @@ def _settings_digest(settings: QemuSettings, accel: str) -> str:
     kept = (settings.machine, settings.memory, settings.cpus, accel, settings.network,
             settings.guest_ports, settings.cmdline, settings.extra_args, settings.hugepages)
     return hashlib.sha256(repr(kept).encode()).hexdigest()[:32]
-
-
-def instance_mac(state_dir: Path, service: str, instance: int | str) -> str:
-    """A locally administered unicast MAC for one instance, the same for the same daemon
-    (state directory), service and instance, so it survives pause and save/restore. Without
-    it QEMU gives every guest 52:54:00:12:34:56, and on a bridge the newest guest with that
-    MAC takes every frame meant for the others."""
-    h = hashlib.sha256(f"{state_dir}\0{service}\0{instance}".encode()).digest()
-    return ":".join(f"{b:02x}" for b in (0x02 | (h[0] & 0xFC), *h[1:6]))
-
