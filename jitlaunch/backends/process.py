@@ -34,6 +34,7 @@ import signal
 import string
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -289,6 +290,25 @@ class ProcessBackend(Backend):
         hosts = settings.subnet.hosts() if settings.subnet.num_addresses > 2 else iter(settings.subnet)
         return self.addresses.take((str(a) for a in hosts), service, f"subnet {settings.subnet}")
 
+    def _where(self, settings: ProcessSettings, service: ServiceConfig
+               ) -> tuple[str, dict[int, int], bool]:
+        """The instance's address, its port for each front port, and whether clients can
+        reach it there (an address of the service's subnet: DNS hands it over)."""
+        if settings.subnet is not None:
+            return self._allocate(settings, service.name), {p: p for p in service.ports}, True
+        host = "127.0.0.1"
+        return host, {p: free_port(host) for p in service.ports}, False
+
+    def _environment(self, settings: ProcessSettings, user_env: Mapping[str, str],
+                     service: str, number: int) -> dict[str, str]:
+        """Never the daemon's environment (its secrets, its systemd channel, its HOME): a
+        clean one, the user's, the service's ``env``, and our marker."""
+        env = child_environment()
+        env.update(user_env)
+        env.update(settings.environment)
+        env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service}#{number}"
+        return env
+
     async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
         settings: ProcessSettings = service.settings
         drop: dict[str, Any] = {}
@@ -299,14 +319,7 @@ class ProcessBackend(Backend):
             ident = await trio.to_thread.run_sync(_identity, settings)
             drop = ident.popen_kwargs()
             user_env = ident.environment()
-        if settings.subnet is not None:
-            host = self._allocate(settings, service.name)
-            port_map = {p: p for p in service.ports}
-            routable = True
-        else:
-            host = "127.0.0.1"
-            port_map = {p: free_port(host) for p in service.ports}
-            routable = False
+        host, port_map, routable = self._where(settings, service)
         values = {
             "address": host,
             "port": str(port_map[service.ports[0]]),
@@ -326,11 +339,7 @@ class ProcessBackend(Backend):
         except OSError as exc:
             release(0)  # never answered
             raise BootFailed(f"cannot open the instance log in {self.log_dir}: {exc}") from exc
-        # Never the daemon's environment (its secrets, its systemd channel, its HOME).
-        env = child_environment()
-        env.update(user_env)
-        env.update(settings.environment)
-        env[MARKER] = f"{self.marker[len(MARKER) + 1:]}{service.name}#{number}"
+        env = self._environment(settings, user_env, service.name, number)
         who = f" as user {settings.user}" if settings.user is not None else ""
         what = f"run {argv[0]!r}{who}"
         box: Container | None = None

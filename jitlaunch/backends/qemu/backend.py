@@ -322,35 +322,10 @@ class QemuBackend(Backend):
         binary = self._binary(settings, accel)
         if mac is None:
             mac = instance_mac(self.state_dir, service.name, f"pool{self._counter}" if pool else number)
-        release_net: list[Lease] = []
-        address: str | None = None
-        if settings.network == "user":
-            ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
-        else:
-            from ..addresses import hold_time
-            from ..bridge import attach
-
-            lease = await attach(settings.bridge, settings.subnet, state_id(self.state_dir),
-                                 service=service.name, hold=hold_time(service))
-            release_net.append(lease)
-            ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
-            address = lease.ip
-        cmdline = settings.cmdline.format(
-            ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
-            name=service.name, instance=number,
-        )
+        release_net, ip, address, cmdline = await self._network(service, number)
         logfile: IO[bytes] | None = None
         for attempt in range(1, HOSTFWD_ATTEMPTS + 1):
-            host_ports: dict[int, int] = {}
-            if release_net:
-                netdev = tap_netdev(release_net[0].tap)
-            else:
-                try:
-                    host_ports = self.host_ports.pick(service.ports)
-                except OSError as exc:
-                    raise BootFailed(f"cannot find a free host port: {exc.strerror or exc}") from exc
-                netdev = user_netdev(host_ports, dict(zip(service.ports, settings.guest_ports,
-                                                          strict=True)))
+            netdev, host_ports = self._netdev(service, release_net)
             argv = build_argv(
                 settings, binary=binary, accel=accel, cmdline=cmdline, qmp_path=qmp_path, pidfile=pidfile,
                 service=service.name, number=number, netdev=netdev, mac=mac, incoming=incoming,
@@ -386,27 +361,51 @@ class QemuBackend(Backend):
                 address, release_net, mac,
             )
             handle.restoring = incoming
-            log.info(
-                "%s#%d: QEMU pid %d (%s, %s%s%s)", service.name, number, proc.pid,
-                os.path.basename(binary), accel, ", for the warm pool" if pool else "",
-                ", restoring" if incoming else "",
-            )
-            if not host_ports:
+            log.info("%s#%d: QEMU pid %d (%s, %s%s%s)", service.name, number, proc.pid,
+                     os.path.basename(binary), accel, ", for the warm pool" if pool else "",
+                     ", restoring" if incoming else "")
+            if not host_ports or await _forwards_bound(handle, attempt):
                 return handle
-            try:
-                exited = await handle.until_up()
-            except BaseException:
-                await handle.destroy()
-                raise
-            if exited is None:
-                return handle
-            again = handle.host_port_taken() and attempt < HOSTFWD_ATTEMPTS
-            await handle.destroy(close_log=not again)
-            if not again:
-                raise BootFailed(handle.exit_message(" while starting"))
             log.info("%s#%d: a host port was taken before QEMU could bind it; retrying at once "
                      "with other ports", service.name, number)
         raise AssertionError("unreachable")
+
+    def _netdev(self, service: ServiceConfig, release_net: list[Lease]) -> tuple[str, dict[int, int]]:
+        """The -netdev argument, and for user networking the host ports picked for it."""
+        settings: QemuSettings = service.settings
+        if release_net:
+            return tap_netdev(release_net[0].tap), {}
+        try:
+            host_ports = self.host_ports.pick(service.ports)
+        except OSError as exc:
+            raise BootFailed(f"cannot find a free host port: {exc.strerror or exc}") from exc
+        return user_netdev(host_ports, dict(zip(service.ports, settings.guest_ports,
+                                                strict=True))), host_ports
+
+    async def _network(self, service: ServiceConfig, number: int
+                       ) -> tuple[list[Lease], str, str | None, str]:
+        """The instance's network: the leases to release (a tap and address on the bridge,
+        or none for user networking), the guest's IP, its address for DNS (bridge only) and
+        its kernel command line."""
+        settings: QemuSettings = service.settings
+        release_net: list[Lease] = []
+        address: str | None = None
+        if settings.network == "user":
+            ip, prefix, gateway = USER_IP, USER_PREFIX, USER_GATEWAY
+        else:
+            from ..addresses import hold_time
+            from ..bridge import attach
+
+            lease = await attach(settings.bridge, settings.subnet, state_id(self.state_dir),
+                                 service=service.name, hold=hold_time(service))
+            release_net.append(lease)
+            ip, prefix, gateway = lease.ip, settings.subnet.prefixlen, lease.gateway
+            address = lease.ip
+        cmdline = settings.cmdline.format(
+            ip=ip, prefix=prefix, gateway=gateway, port=settings.guest_ports[0],
+            name=service.name, instance=number,
+        )
+        return release_net, ip, address, cmdline
 
 
     async def release(self, handle: QemuHandle) -> None:
@@ -417,6 +416,24 @@ class QemuBackend(Backend):
     async def _release_net(self, leases: list[Lease]) -> None:
         for lease in leases:
             await lease.release()
+
+
+async def _forwards_bound(handle: QemuHandle, attempt: int) -> bool:
+    """Wait until QEMU has bound its host forwards: True. False when a port was taken since
+    it was picked and another attempt is left (the handle is destroyed, its log kept open);
+    BootFailed when QEMU exited otherwise (destroyed, log closed)."""
+    try:
+        exited = await handle.until_up()
+    except BaseException:
+        await handle.destroy()
+        raise
+    if exited is None:
+        return True
+    again = handle.host_port_taken() and attempt < HOSTFWD_ATTEMPTS
+    await handle.destroy(close_log=not again)
+    if not again:
+        raise BootFailed(handle.exit_message(" while starting"))
+    return False
 
 
 def qemu_runas(settings: QemuSettings) -> str | None:
