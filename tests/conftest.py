@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import os
 import random
+import secrets
+import shutil
+import signal
 import struct
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -20,6 +25,8 @@ from jitlaunch import config as _config
 from jitlaunch.backends import SETTINGS
 from jitlaunch.config import Config
 from jitlaunch.daemon import Daemon
+
+from .libvirtd import PrivateLibvirtd, cgroup_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -265,3 +272,95 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
     return report
+
+
+# ---- QEMU instances and network namespaces, shared by the backend tests ----------------------
+
+KERNEL = ROOT / "images" / "build" / "hello.elf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image() -> None:
+    if not KERNEL.exists():
+        subprocess.run(["make", "-s", "-C", str(ROOT / "images")], check=True, timeout=300)
+
+
+def qemus(state_dir: Path) -> list[int]:
+    """QEMU processes that belong to a daemon using ``state_dir``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(state_dir).encode() in cmd and alive(int(entry)):
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    leaked = qemus(tmp_path)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, "QEMU processes leaked"
+
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 to create a network namespace",
+)
+
+
+@pytest.fixture
+def netns() -> Iterator[list[str]]:
+    """A fresh network namespace with loopback up; yields the command prefix that runs a
+    program inside it. Deleted afterwards (its taps and bridge go with it)."""
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        inside = ["ip", "netns", "exec", ns]
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
+        yield inside
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+def links(inside: list[str]) -> str:
+    return subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+@pytest.fixture
+def netns_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], PrivateLibvirtd]]:
+    """A fresh network namespace (loopback up) with a libvirtd of its own inside; yields the
+    command prefix that runs a program in the namespace, and the libvirtd. Afterwards: every
+    domain destroyed, libvirtd stopped, any process left in the namespace killed, the
+    namespace deleted (its bridge and taps with it), and no cgroup directory left."""
+    if shutil.which("ip") is None or shutil.which("dig") is None:
+        pytest.skip("needs iproute2 (ip) and dig")
+    cgroups = cgroup_dirs()
+    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    lvd: PrivateLibvirtd | None = None
+    try:
+        inside = ["ip", "netns", "exec", ns]
+        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
+        lvd = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd-netns"), netns=ns)
+        lvd.start()
+        yield inside, lvd
+    finally:
+        if lvd is not None:
+            lvd.stop()
+        left = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+    assert not left, f"processes left in the namespace: {left}"
+    new = cgroup_dirs() - cgroups
+    assert not new, f"libvirtd left cgroup directories on the host: {sorted(new)}"

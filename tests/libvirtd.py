@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The host paths replaced inside libvirtd's mount namespace, and the directory under
 #: ``root`` bound over each.
@@ -202,3 +204,36 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 out.append(int(entry))
     return out
+
+
+needs_libvirtd = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("libvirtd") is None or shutil.which("unshare") is None,
+    reason="needs root, libvirtd (scripts/setup installs it) and unshare")
+
+
+BRIDGE_SERVICE = """
+[dns]
+listen = ["127.0.0.1:5300"]
+zones = ["jit.test"]
+ttl = 30
+
+[metrics]
+listen = ["127.0.0.1:0"]
+
+[[service]]
+name = "hello"
+backend = "libvirt"
+front = ["127.77.0.1"]
+ports = [80]
+answer = "handoff"
+idle_timeout = "1s"
+boot_timeout = "30s"
+
+[service.libvirt]
+uri = "{uri}"
+kernel = "{kernel}"
+accel = "tcg"
+network = "bridge"
+bridge = "jl0"
+subnet = "10.77.0.0/24"
+"""

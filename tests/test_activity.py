@@ -18,20 +18,19 @@ from jitlaunch.lifecycle.activity import TrafficWatch
 from jitlaunch.lifecycle.state import State
 
 from .conftest import (
+    KERNEL,
     PYTHON,
     ROOT,
     answers,
     config_text,
     http_get,
     load,
+    needs_netns,
     query_udp,
     running,
     wait_until,
 )
-from .test_capacity import host, services
-from .test_metrics import get, scrape
-from .test_qemu import KERNEL, image, state  # noqa: F401 - fixtures
-from .test_qemu_faults import needs_netns, netns  # noqa: F401 - a fixture
+from .helpers import FETCH_LOOP, get, host, scrape, services
 
 #: Between a client's fetches (the issue's reproduction).
 EVERY = 0.25
@@ -259,40 +258,11 @@ def test_watch_unknown_is_neither_busy_nor_a_baseline() -> None:
 
 # ---- bridge networking: a unikernel on a tap, in a network namespace of the test's own -----
 
-# In the namespace: wait until DNS hands the address over, then fetch from it every 0.25 s for
-# the given seconds; print the fetches and the failures.
-FETCH_LOOP = """
-import socket, subprocess, sys, time
-seconds = float(sys.argv[1])
-deadline = time.monotonic() + 30
-while True:
-    out = subprocess.run(["dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
-                          "hello.jit.test", "A"], capture_output=True, text=True).stdout.strip()
-    if out.startswith("10.77.0."):
-        break
-    assert time.monotonic() < deadline, "not handed over: " + out
-    time.sleep(0.05)
-fetches, failures = 0, []
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    try:
-        with socket.create_connection((out, 80), 2) as s:
-            s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-            s.settimeout(2)
-            if not s.recv(100).startswith(b"HTTP/1.1 200"):
-                failures.append("bad reply")
-    except OSError as exc:
-        failures.append(str(exc))
-    fetches += 1
-    time.sleep(0.25)
-print(fetches, len(failures), failures[:3], flush=True)
-"""
-
 
 @pytest.mark.slow
 @needs_netns
 async def test_bridge_instance_in_use_stays_up_then_goes_idle(
-    state: Path, netns: list[str],  # noqa: F811 - the fixtures
+    state: Path, netns: list[str],
 ) -> None:
     """conf/bridge.toml with idle_timeout 2 s and a health probe every second: a client in the
     namespace fetches from the handed-over address for 8 s, and the instance is not stopped

@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import PYTHON, ROOT, wait_until
-from .libvirtd import PrivateLibvirtd
-from .test_activity import FETCH_LOOP
-from .test_libvirt_real import (  # noqa: F401 - a fixture
-    BRIDGE_SERVICE,
-    KERNEL,
-    netns_libvirtd,
-    pytestmark,
-)
+from .conftest import KERNEL, PYTHON, ROOT, wait_until
+from .helpers import FETCH_LOOP
+from .libvirtd import BRIDGE_SERVICE, PrivateLibvirtd, needs_libvirtd
+
+pytestmark = needs_libvirtd
 
 
 @pytest.mark.slow
 async def test_libvirt_bridge_domain_in_use_stays_up_then_goes_idle(
-    tmp_path: Path, netns_libvirtd: tuple[list[str], PrivateLibvirtd],  # noqa: F811
+    tmp_path: Path, netns_libvirtd: tuple[list[str], PrivateLibvirtd],
 ) -> None:
     """The same with a libvirt domain on the bridge (libvirt's tap, its interface stats read
     through the connection): in use for 8 s with idle_timeout 2 s, then idle."""

@@ -16,24 +16,22 @@ from dnslib import RCODE
 from jitlaunch.config import Config
 from jitlaunch.errors import AdmissionRefused
 from jitlaunch.lifecycle.state import State
-from jitlaunch.lifecycle.supervisor import Supervisor
 
 from .conftest import (
-    DEMO,
     PYTHON,
     alive,
     answers,
     config_text,
     http_get,
     load,
+    qemus,
     query_tcp,
     query_udp,
     running,
     wait_until,
 )
-from .test_metrics import get, scrape
-from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
-from .test_qemu import service as qemu_service
+from .helpers import get, host, pid, qemu_service, scrape, services
+from .helpers import instance_state as state
 
 # Sleeps, then serves like the demo: a boot that takes a while.
 SLOW = """
@@ -41,47 +39,6 @@ import runpy, sys, time
 time.sleep(float(sys.argv.pop(1)))
 runpy.run_module("jitlaunch.demo_http", run_name="__main__")
 """
-
-
-def services(block: str, names: str, extra: str = "", command: str = DEMO) -> str:
-    """Process services on {block}.1, .2, ...; ``extra`` goes into each, or into one only
-    when it starts with ``name:``."""
-    only, _, keys = extra.partition(":") if ":" in extra.split("=")[0] else ("", "", extra)
-    out = []
-    for i, name in enumerate(names.split(), start=1):
-        out.append(f"""
-[[service]]
-name = "{name}"
-front = ["{block}.{i}"]
-ports = [8080]
-idle_timeout = 60
-{keys if only in ("", name) else ""}
-[service.process]
-command = "{command}"
-grace = "5s"
-""")
-    return "".join(out)
-
-
-def host(**keys: object) -> str:
-    lines = ["[host]"]
-    wake = keys.pop("wake", None)
-    for k, v in keys.items():
-        lines.append(f"{k} = {v!r}".replace("'", '"'))
-    if wake is not None:
-        lines.append(f"[host.wake]\n{wake}")
-    return "\n".join(lines) + "\n"
-
-
-def pid(sup: Supervisor, name: str) -> int:
-    inst = sup.services[name].instance
-    assert inst is not None and inst.handle is not None and inst.handle.pid is not None
-    return inst.handle.pid
-
-
-def state(sup: Supervisor, name: str) -> State | None:
-    inst = sup.services[name].instance
-    return inst.state if inst is not None else None
 
 
 async def test_eviction_takes_the_least_recently_active_idle_instance(tmp_path: Path, block: str) -> None:

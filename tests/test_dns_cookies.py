@@ -20,20 +20,7 @@ from jitlaunch.dns.cookies import ServerCookies, address_bytes
 from jitlaunch.dns.siphash import SipHash24, siphash24
 
 from .dnsgen import random_name, random_query
-from .test_dns_answer import (
-    AA,
-    CONFIG,
-    QR,
-    RD,
-    TC,
-    FakeSupervisor,
-    header,
-    opt,
-    ptr,
-    question,
-    rr,
-    run,
-)
+from .dnstest import AA, CONFIG, QR, RD, TC, FakeSupervisor, header, opt, ptr, question, rr, run
 
 # SipHash-2-4 of the bytes 00, 01, ..., n-1 under the key 00 01 ... 0f, for n = 0 to 63: the
 # reference implementation's vectors.h (vectors_sip64), as hex.

@@ -17,9 +17,8 @@ import trio.testing
 from jitlaunch.backends.base import process_state
 from jitlaunch.lifecycle.state import State
 
-from .conftest import DEMO, PYTHON, alive, config_text, http_get, load, running, wait_until
-from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
-from .test_qemu import service as qemu_service
+from .conftest import DEMO, PYTHON, alive, config_text, http_get, load, qemus, running, wait_until
+from .helpers import qemu_service
 
 # A listener that stops listening on SIGUSR1 and stays alive: unreachable, but not dead. The
 # handler is in place before it listens (it is ready then): SIGUSR1's default is to die.
@@ -592,7 +591,7 @@ class Boom(RuntimeError):
 
 
 def raising_backend(where: str):  # type: ignore[no-untyped-def]
-    from .test_lifecycle import FakeBackend, FakeHandle
+    from .helpers import FakeBackend, FakeHandle
 
     class RaisingHandle(FakeHandle):
         async def wait_ready(self) -> None:
@@ -645,7 +644,7 @@ async def test_a_raising_backend_never_ends_the_supervisor(
     from jitlaunch.errors import BootFailed
     from jitlaunch.lifecycle.supervisor import Supervisor
 
-    from .test_lifecycle import make
+    from .helpers import make
 
     sup, _ = make(tmp_path, 'health_interval = "1s"')
     backend = raising_backend(where)
@@ -726,7 +725,7 @@ async def test_health_probes_replace_a_guest_that_stopped_listening(qstate: Path
 
 
 def probing_backend(probe_time: float):  # type: ignore[no-untyped-def]
-    from .test_lifecycle import FakeBackend, FakeHandle
+    from .helpers import FakeBackend, FakeHandle
 
     class ProbedHandle(FakeHandle):
         sick: str | None = None
@@ -753,7 +752,7 @@ async def test_hung_after_n_failed_probes_in_a_row_at_exact_times(
 ) -> None:
     from jitlaunch.lifecycle.supervisor import Supervisor
 
-    from .test_lifecycle import make
+    from .helpers import make
 
     cfg = make(tmp_path, 'health_interval = "5s"\nhealth_timeout = "2s"\nhealth_failures = 3')[0].config
     backend = probing_backend(probe_time=0.5)
@@ -791,7 +790,7 @@ async def test_a_burst_of_reports_shares_one_check(
 ) -> None:
     from jitlaunch.lifecycle.supervisor import Supervisor
 
-    from .test_lifecycle import make
+    from .helpers import make
 
     cfg = make(tmp_path, 'health_interval = "never"')[0].config
     backend = probing_backend(probe_time=0.3)

@@ -8,10 +8,6 @@ test's own with a libvirtd inside it."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,14 +25,13 @@ from jitlaunch.backends.owner import state_id
 from jitlaunch.lifecycle.state import State
 
 from .conftest import PYTHON, ROOT, config_text, http_get, load, query_udp, running, wait_until
-from .libvirtd import PrivateLibvirtd, cgroup_dirs
+from .libvirtd import BRIDGE_SERVICE, PrivateLibvirtd, cgroup_dirs, needs_libvirtd
+
+pytestmark = needs_libvirtd
 
 libvirt = pytest.importorskip("libvirt")
 
 KERNEL = ROOT / "images" / "build" / "hello.elf"
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("libvirtd") is None or shutil.which("unshare") is None,
-    reason="needs root, libvirtd (scripts/setup installs it) and unshare")
 
 
 @pytest.fixture(scope="module")
@@ -294,66 +289,6 @@ def _boot_through(proc: subprocess.Popen[bytes], block: str, errors: Path) -> No
 
 
 # ---- bridge networking, in a network namespace of the test's own ---------------------------
-
-
-@pytest.fixture
-def netns_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], PrivateLibvirtd]]:
-    """A fresh network namespace (loopback up) with a libvirtd of its own inside; yields the
-    command prefix that runs a program in the namespace, and the libvirtd. Afterwards: every
-    domain destroyed, libvirtd stopped, any process left in the namespace killed, the
-    namespace deleted (its bridge and taps with it), and no cgroup directory left."""
-    if shutil.which("ip") is None or shutil.which("dig") is None:
-        pytest.skip("needs iproute2 (ip) and dig")
-    cgroups = cgroup_dirs()
-    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    lvd: PrivateLibvirtd | None = None
-    try:
-        inside = ["ip", "netns", "exec", ns]
-        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
-        lvd = PrivateLibvirtd(tmp_path_factory.mktemp("libvirtd-netns"), netns=ns)
-        lvd.start()
-        yield inside, lvd
-    finally:
-        if lvd is not None:
-            lvd.stop()
-        left = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                              timeout=10).stdout.split()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
-    assert not left, f"processes left in the namespace: {left}"
-    new = cgroup_dirs() - cgroups
-    assert not new, f"libvirtd left cgroup directories on the host: {sorted(new)}"
-
-
-BRIDGE_SERVICE = """
-[dns]
-listen = ["127.0.0.1:5300"]
-zones = ["jit.test"]
-ttl = 30
-
-[metrics]
-listen = ["127.0.0.1:0"]
-
-[[service]]
-name = "hello"
-backend = "libvirt"
-front = ["127.77.0.1"]
-ports = [80]
-answer = "handoff"
-idle_timeout = "1s"
-boot_timeout = "30s"
-
-[service.libvirt]
-uri = "{uri}"
-kernel = "{kernel}"
-accel = "tcg"
-network = "bridge"
-bridge = "jl0"
-subnet = "10.77.0.0/24"
-"""
 
 
 async def test_bridge_networking_hands_over_the_domains_address(

@@ -13,14 +13,12 @@ import pytest
 import trio
 import trio.testing
 
-from jitlaunch.backends.base import Backend, Handle
-from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed, BootTimeout, IllegalTransition, InBackoff
 from jitlaunch.lifecycle.answers import ServiceAnswer, answer_for
 from jitlaunch.lifecycle.state import TRANSITIONS, Event, State, next_state
 from jitlaunch.lifecycle.supervisor import Supervisor
 
-from .conftest import parse_config
+from .helpers import make
 
 # ---- the table -----------------------------------------------------------------------------
 
@@ -62,81 +60,6 @@ def test_a_full_life() -> None:
 
 
 # ---- the supervisor on virtual time ---------------------------------------------------------
-
-
-class FakeHandle(Handle):
-    def __init__(self, boot_time: float, fail: str | None) -> None:
-        self.boot_time = boot_time
-        self.fail = fail
-        self.gone = trio.Event()
-        self.how = "exited with status 0"
-        self.stopped_with: str | None = None
-
-    def endpoint(self, port: int) -> tuple[str, int]:
-        return "127.0.0.1", port
-
-    async def wait_ready(self) -> None:
-        await trio.sleep(self.boot_time)
-        if self.fail == "error":
-            raise BootFailed("the fake refused")
-        if self.fail == "exit":
-            self.how = "exited with status 3"
-            self.gone.set()
-            await trio.sleep_forever()
-
-    async def wait_exited(self) -> str:
-        await self.gone.wait()
-        return self.how
-
-    def die(self) -> None:
-        self.how = "killed by SIGKILL"
-        self.gone.set()
-
-    async def stop(self, mode: str, grace: float) -> bool:
-        self.stopped_with = mode
-        self.gone.set()
-        return False
-
-
-class FakeBackend(Backend):
-    name = "process"
-
-    def __init__(self, boot_time: float = 0.5) -> None:
-        self.boot_time = boot_time
-        self.fail: str | None = None
-        self.starts: list[float] = []
-        self.handles: list[FakeHandle] = []
-
-    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
-        self.starts.append(trio.current_time())
-        h = FakeHandle(self.boot_time, self.fail)
-        self.handles.append(h)
-        return h
-
-
-def make(tmp_path: Path, extra: str = "") -> tuple[Supervisor, FakeBackend]:
-    cfg = parse_config(
-        f"""
-[daemon]
-state_dir = "{tmp_path}"
-[dns]
-zones = ["jit.test"]
-[[service]]
-name = "hello"
-front = ["127.77.0.1"]
-ports = [80]
-idle_timeout = 60
-boot_timeout = 5
-retry_backoff = 1
-retry_backoff_max = 5
-{extra}
-[service.process]
-command = "x"
-""",
-        "t.toml",
-    )
-    backend = FakeBackend()
-    return Supervisor(cfg, {"process": backend}), backend
 
 
 async def test_boot_then_idle_stop_at_exact_times(

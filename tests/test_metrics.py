@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from jitlaunch.config import Endpoint
-from jitlaunch.daemon import Daemon
 from jitlaunch.dns import stats
 
-from .conftest import DEMO, PYTHON, config_text, http_get, load, query_udp, running, wait_until
-from .test_qemu import image, qemus  # noqa: F401 - image builds the kernel once
-
-Sample = tuple[str, frozenset[tuple[str, str]]]
+from .conftest import DEMO, PYTHON, config_text, http_get, load, qemus, query_udp, running, wait_until
+from .helpers import Sample, fetch, get, scrape, scrape_text
 
 
 def service(name: str, front: str, command: str = DEMO, extra: str = "", idle: str = "60") -> str:
@@ -36,37 +32,6 @@ retry_backoff = 60
 command = "{command}"
 grace = "2s"
 """
-
-
-async def fetch(ep: Endpoint, request: bytes) -> bytes:
-    """Send ``request`` as it is and read the whole reply (the server closes)."""
-    stream = await trio.open_tcp_stream(ep.host, ep.port)
-    async with stream:
-        await stream.send_all(request)
-        data = b""
-        with trio.fail_after(10):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    return data
-
-
-async def scrape_text(d: Daemon) -> str:
-    reply = await fetch(d.metrics_endpoints[0], b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return body.decode()
-
-
-async def scrape(d: Daemon) -> dict[Sample, float]:
-    out: dict[Sample, float] = {}
-    for family in text_string_to_metric_families(await scrape_text(d)):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def get(samples: dict[Sample, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def delta(before: dict[Sample, float], after: dict[Sample, float]) -> dict[Sample, float]:
@@ -657,7 +622,7 @@ async def test_a_chatty_instance_cannot_grow_its_log_past_the_cap(tmp_path: Path
 
 
 def qemu_service(name: str, front: str, stop: str, qemu: str = "") -> str:
-    from .test_qemu import KERNEL
+    from .conftest import KERNEL
 
     return f"""
 [[service]]

@@ -32,9 +32,21 @@ from jitlaunch.identity import (
 )
 from jitlaunch.lifecycle.state import State
 
-from .conftest import PYTHON, ROOT, config_text, http_get, load, parse_config, query_udp, running, wait_until
-from .test_qemu import KERNEL, qemus
-from .test_qemu_faults import links, needs_netns, netns  # noqa: F401 - netns is a fixture
+from .conftest import (
+    KERNEL,
+    PYTHON,
+    ROOT,
+    config_text,
+    http_get,
+    links,
+    load,
+    needs_netns,
+    parse_config,
+    qemus,
+    query_udp,
+    running,
+    wait_until,
+)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -369,7 +381,7 @@ async def test_qemu_runs_as_its_user_in_every_stop_mode(tmp_path: Path, block: s
 
 @needs_netns
 async def test_qemu_as_its_user_with_bridge_networking(
-    tmp_path: Path, netns: list[str],  # noqa: F811 - the fixture
+    tmp_path: Path, netns: list[str],
 ) -> None:
     """conf/bridge.toml with user = "nobody": the tap is opened before QEMU drops to the user,
     so the guest on the bridge answers at its handed-over address; the warm pool member

@@ -356,7 +356,8 @@ async def test_in_a_pid_namespace_a_stop_ends_every_descendant(
 async def test_the_daemons_environment_does_not_reach_qemu(
     tmp_path: Path, block: str, cleanup: Cleanup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .test_qemu import KERNEL, qemus, service
+    from .conftest import KERNEL, qemus
+    from .helpers import qemu_service as service
 
     if not KERNEL.exists():
         pytest.skip(f"needs the unikernel ({KERNEL}: make -C images)")

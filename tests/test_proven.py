@@ -17,8 +17,8 @@ from jitlaunch.lifecycle.admission import Budget, Decision, Eviction, Holder, Ki
 from jitlaunch.lifecycle.state import State
 
 from .conftest import config_text, fresh_block, http_get, load, running, wait_until
-from .test_capacity import host, pid, services, state
-from .test_metrics import get, scrape
+from .helpers import get, host, pid, scrape, services
+from .helpers import instance_state as state
 
 COOKIE = 10
 

@@ -7,7 +7,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,60 +16,9 @@ from dnslib import RCODE
 from jitlaunch.backends.qemu import kvm_usable
 from jitlaunch.lifecycle.state import State
 
-from .conftest import ROOT, alive, config_text, http_get, load, query_udp, running, wait_until
-
-KERNEL = ROOT / "images" / "build" / "hello.elf"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def image() -> None:
-    if not KERNEL.exists():
-        subprocess.run(["make", "-s", "-C", str(ROOT / "images")], check=True, timeout=300)
-
-
-def qemus(state_dir: Path) -> list[int]:
-    """QEMU processes that belong to a daemon using ``state_dir``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"qemu-system" in cmd and str(state_dir).encode() in cmd and alive(int(entry)):
-                out.append(int(entry))
-    return out
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    leaked = qemus(tmp_path)
-    for pid in leaked:
-        os.kill(pid, signal.SIGKILL)
-    assert not leaked, "QEMU processes leaked"
-
-
-def service(front: str, extra: str = "", qemu: str = "", accel: str = "tcg") -> str:
-    return f"""
-[[service]]
-name = "uk"
-front = ["{front}"]
-ports = [18080]
-backend = "qemu"
-boot_timeout = "20s"
-{extra}
-[service.qemu]
-kernel = "{KERNEL}"
-guest_ports = [80]
-accel = "{accel}"
-{qemu}
-"""
-
-
-def server(d) -> tuple[str, int]:  # type: ignore[no-untyped-def]
-    return d.dns_endpoints[0].host, d.dns_endpoints[0].port
+from .conftest import KERNEL, ROOT, alive, config_text, http_get, load, qemus, query_udp, running, wait_until
+from .helpers import dns_server as server
+from .helpers import qemu_service as service
 
 
 async def test_default_config_boots_the_unikernel_on_lookup(state: Path, block: str) -> None:

@@ -22,10 +22,19 @@ from jitlaunch.backends.vm import image_id
 from jitlaunch.config import ServiceConfig
 from jitlaunch.errors import BootFailed
 
-from .conftest import PYTHON, ROOT, config_text, http_get, load, running, wait_until
-from .test_qemu import KERNEL, image, qemus  # noqa: F401 - image builds the kernel once
-from .test_qemu import service as qemu_service
-from .test_qemu_faults import needs_netns, netns  # noqa: F401 - netns is a fixture
+from .conftest import (
+    KERNEL,
+    PYTHON,
+    ROOT,
+    config_text,
+    http_get,
+    load,
+    needs_netns,
+    qemus,
+    running,
+    wait_until,
+)
+from .helpers import qemu_service
 
 needs_both = pytest.mark.skipif(
     not kvm_usable() or shutil.which(REDUCED_BINARY) is None or shutil.which(FULL_BINARY) is None,
@@ -107,7 +116,7 @@ def exe(pid: int) -> str:
     ("auto", REDUCED_BINARY), (FULL_BINARY, FULL_BINARY), (REDUCED_BINARY, REDUCED_BINARY),
 ])
 async def test_bridge_with_kvm_runs_the_reduced_build_unless_forced(
-    state: Path, netns: list[str], binary: str, expected: str,  # noqa: F811
+    state: Path, netns: list[str], binary: str, expected: str,
 ) -> None:
     """Bridge networking and KVM: ``auto`` runs the reduced build, which serves; forcing
     either program runs that one. The boot line names the program, and it is what runs."""
@@ -174,7 +183,7 @@ def test_check_reports_the_reduced_build_forced_without_kvm(
     (FULL_BINARY, "auto"), (REDUCED_BINARY, FULL_BINARY),
 ])
 async def test_a_state_saved_by_one_program_is_restored_by_the_other(
-    state: Path, netns: list[str], first: str, then: str,  # noqa: F811
+    state: Path, netns: list[str], first: str, then: str,
 ) -> None:
     """Full QEMU and its reduced build of the same version restore each other's saved
     states: saved by one daemon, restored by the next with the other program, serving."""

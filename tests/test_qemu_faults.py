@@ -5,8 +5,6 @@ answer, and bridge networking (MACs, addresses) inside a network namespace of th
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
 import socket
 import stat
@@ -27,10 +25,22 @@ from jitlaunch.backends.vm import instance_mac
 from jitlaunch.errors import BootFailed, ProtocolError
 from jitlaunch.lifecycle.state import State
 
-from .conftest import PYTHON, ROOT, config_text, http_get, load, query_udp, running, wait_until
-from .test_qemu import KERNEL, image, qemus, server, service, state
-
-__all__ = ["image", "state"]  # the fixtures, used by name
+from .conftest import (
+    KERNEL,
+    PYTHON,
+    ROOT,
+    config_text,
+    http_get,
+    links,
+    load,
+    needs_netns,
+    qemus,
+    query_udp,
+    running,
+    wait_until,
+)
+from .helpers import dns_server as server
+from .helpers import qemu_service as service
 
 
 @pytest.fixture
@@ -242,30 +252,6 @@ async def test_qmp_that_does_not_answer_fails_with_a_reason(state: Path, block: 
 
 
 # ---- bridge networking, inside a network namespace of the test's own -----------------------
-
-needs_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="needs root and iproute2 to create a network namespace",
-)
-
-
-@pytest.fixture
-def netns() -> Iterator[list[str]]:
-    """A fresh network namespace with loopback up; yields the command prefix that runs a
-    program inside it. Deleted afterwards (its taps and bridge go with it)."""
-    ns = f"jltest-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    try:
-        inside = ["ip", "netns", "exec", ns]
-        subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
-        yield inside
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
-
-
-def links(inside: list[str]) -> str:
-    return subprocess.run([*inside, "ip", "-br", "link"], capture_output=True, text=True,
-                          timeout=10).stdout
 
 
 ATTACH_CONCURRENTLY = """

@@ -32,7 +32,7 @@ from .conftest import (
     running,
     wait_until,
 )
-from .test_metrics import get, scrape
+from .helpers import get, scrape
 
 
 def service(name: str, front: str, command: str = DEMO, extra: str = "", port: int = 8080) -> str:
@@ -544,8 +544,8 @@ async def test_an_unchanged_qemu_service_keeps_its_instance_and_warm_pool(
     """Real QEMU: a reload that adds a service leaves the unchanged qemu service's running
     instance and warm pool member alone (same processes); changing the pooled service is
     refused (its pool is set up at start)."""
-    from .test_qemu import image, qemus  # noqa: F401 - image: the kernel, built once
-    from .test_qemu import service as qemu_service
+    from .conftest import qemus
+    from .helpers import qemu_service
 
     state = tmp_path / "state"
     conf = write(tmp_path / "jl.toml", tmp_path,
@@ -604,8 +604,8 @@ async def test_a_qemu_service_a_reload_points_at_a_new_kernel_can_save(
 
     from jitlaunch.lifecycle.state import State
 
-    from .test_qemu import KERNEL, image, qemus  # noqa: F401 - image: the kernel, built once
-    from .test_qemu import service as qemu_service
+    from .conftest import KERNEL, qemus
+    from .helpers import qemu_service
 
     state = tmp_path / "state"
     conf = write(tmp_path / "jl.toml", tmp_path, qemu_service(f"{block}.1"))
@@ -712,8 +712,8 @@ async def test_a_qemu_kernel_image_that_cannot_be_read_does_not_break_the_reload
     """A reload points the qemu service at a kernel image the daemon cannot read (EIO here;
     a non-root daemon: a file of another user's, mode 0600, which ``jitlaunch check`` does not
     see): the reload is taken (its boot says why it fails) instead of raising OSError."""
-    from .test_qemu import KERNEL, image  # noqa: F401 - image: the kernel, built once
-    from .test_qemu import service as qemu_service
+    from .conftest import KERNEL
+    from .helpers import qemu_service
 
     conf = write(tmp_path / "jl.toml", tmp_path, qemu_service(f"{block}.1"))
     base = conf.read_text()
