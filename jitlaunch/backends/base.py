@@ -23,7 +23,7 @@ from ..config import Endpoint, ServiceConfig
 from ..errors import BootFailed, ProtocolError
 from ..statedir import InstanceLog, ensure_subdir
 
-#: How often the TCP readiness probe tries to connect (the issue asks for <= 10 ms).
+#: How often the TCP readiness probe tries to connect: a ready instance is noticed within this.
 PROBE_INTERVAL = 0.005
 
 

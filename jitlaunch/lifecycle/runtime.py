@@ -74,9 +74,8 @@ class Instance:
     An instance saved by a pause or a save is started again by a later request: each start
     (a boot, a resume, a restore) begins a new *run*. Everything that was asked of a run or
     says how it ended (a requested stop, a condemnation, an eviction, a reload's stop, its
-    release) belongs to that run alone, in :attr:`run`, which :meth:`new_run` replaces; a flag of an
-    earlier run must never decide what a later one does (a stop requested of the run before
-    a pause made every later run stop at once).
+    release) belongs to that run alone, in :attr:`run`, which :meth:`new_run` replaces: what
+    an earlier run was asked (a stop before a pause, say) never decides what a later one does.
     """
 
     def __init__(self, service: ServiceConfig, number: int) -> None:
