@@ -18,8 +18,8 @@ from dnslib import RCODE
 
 from jitlaunch.aio import first_of
 from jitlaunch.backends import qemu as qemu_backend
+from jitlaunch.backends import vm as vm_module
 from jitlaunch.backends.console import last_words
-from jitlaunch.backends.qemu import backend as qemu_launch
 from jitlaunch.backends.qemu.usernet import guest_answered, slirp_fd
 from jitlaunch.backends.vm import instance_mac
 from jitlaunch.errors import BootFailed, ProtocolError
@@ -61,14 +61,14 @@ async def test_host_port_taken_before_qemu_binds_it_is_retried(
     """The port free_port() picked is taken before QEMU binds it: the launch is retried at once
     with another port, and the boot neither fails nor counts as a failure."""
     taken = busy.getsockname()[1]
-    real = qemu_launch.free_port
+    real = vm_module.free_port
     calls = []
 
     def racy(host: str = "127.0.0.1") -> int:
         calls.append(host)
         return taken if len(calls) == 1 else real(host)
 
-    monkeypatch.setattr(qemu_launch, "free_port", racy)
+    monkeypatch.setattr(vm_module, "free_port", racy)
     cfg = load(config_text(state, service(f"{block}.1", extra='answer = "wait"')))
     async with running(cfg) as d:
         rec = await query_udp(server(d), "uk.jit.test")
