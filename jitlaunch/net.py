@@ -26,9 +26,10 @@ where a listener really is (the port when 0 was asked for).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import trio
@@ -80,42 +81,33 @@ async def serve(
     Without ``handlers``, connections run in a nursery of the loop's own, and cancelling the
     loop ends them too.
     """
-    if handlers is None:
-        async with trio.open_nursery() as nursery:
-            await _accept_loop(listener, admit, handler, what, log, on_failure,
-                               on_accept_error, nursery)
+    async with _nursery_or(handlers) as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # the listener was closed under us (a reload dropped it)
+            except OSError as exc:
+                if on_accept_error is not None:
+                    on_accept_error(exc)
+                log.warning(f"accept:{what}", "%s: accept failed: %s; pausing %g s",
+                            what, exc, ACCEPT_PAUSE)
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            ticket = admit(stream)
+            if ticket is None:
+                stream.socket.close()
+                continue
+            nursery.start_soon(_run, stream, ticket, handler, on_failure)
+
+
+@contextlib.asynccontextmanager
+async def _nursery_or(given: trio.Nursery | None) -> AsyncIterator[trio.Nursery]:
+    if given is not None:
+        yield given
     else:
-        await _accept_loop(listener, admit, handler, what, log, on_failure,
-                           on_accept_error, handlers)
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    admit: Callable[[trio.SocketStream], T | None],
-    handler: Callable[[trio.SocketStream, T], Awaitable[None]],
-    what: str,
-    log: LimitedLog,
-    on_failure: Callable[[T, Exception], None],
-    on_accept_error: Callable[[OSError], None] | None,
-    nursery: trio.Nursery,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except trio.ClosedResourceError:
-            return  # the listener was closed under us (a reload dropped it)
-        except OSError as exc:
-            if on_accept_error is not None:
-                on_accept_error(exc)
-            log.warning(f"accept:{what}", "%s: accept failed: %s; pausing %g s",
-                        what, exc, ACCEPT_PAUSE)
-            await trio.sleep(ACCEPT_PAUSE)
-            continue
-        ticket = admit(stream)
-        if ticket is None:
-            stream.socket.close()
-            continue
-        nursery.start_soon(_run, stream, ticket, handler, on_failure)
+        async with trio.open_nursery() as nursery:
+            yield nursery
 
 
 async def _run(
