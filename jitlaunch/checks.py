@@ -84,6 +84,7 @@ def host_findings(config: Config, *, ports: bool = True, state_dir: bool = True)
             out += _qemu(svc, root)
         elif svc.backend == "libvirt":
             out += _libvirt(svc)
+        out += _proxy_protocol(svc)
     if ports:
         running = running_daemon(config.daemon.state_dir)
         if running is None:
@@ -242,6 +243,19 @@ def _libvirt(svc: ServiceConfig) -> list[Finding]:
                            'this one; console = "stream" reads it through libvirt', svc.name,
                            "libvirt.console"))
     return out
+
+
+def _proxy_protocol(svc: ServiceConfig) -> list[Finding]:
+    """A handed-over client reaches the instance directly and sends no PROXY header, which an
+    instance that expects one refuses."""
+    own = getattr(svc.settings, "subnet", None) is not None \
+        or getattr(svc.settings, "network", None) == "bridge"
+    if svc.proxy_protocol is None or svc.answer == "proxy" or not own:
+        return []
+    return [Finding(False, f'proxy_protocol = "{svc.proxy_protocol}" with answer = '
+                    f'"{svc.answer}": once an instance is ready, clients are handed its own '
+                    "address and connect without the header; set answer = \"proxy\"",
+                    svc.name, "proxy_protocol")]
 
 
 def _unprivileged_port_start() -> int:

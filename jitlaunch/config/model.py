@@ -167,6 +167,9 @@ class ServiceConfig:
     pinned: bool = False
     #: Eviction order: lower priorities are evicted first (then the least recently active).
     priority: int = 0
+    #: ``"v2"``: the proxy sends the PROXY protocol's v2 header (the client's address and
+    #: port) on each connection to an instance, before the client's first byte.
+    proxy_protocol: str | None = None
 
     @property
     def front_v4(self) -> tuple[str, ...]:

@@ -14,6 +14,9 @@ from ..errors import ConfigError
 from .model import ANSWER_MODES, STOP_MODES, DnsConfig, ServiceConfig
 from .reader import LABEL, Table, address, dns_name, once, show
 
+#: The PROXY protocol versions a service may ask for (HAProxy's binary version 2).
+PROXY_PROTOCOLS = ("v2",)
+
 
 class SettingsParser(Protocol):
     """What parsing needs from a backend (``jitlaunch.backends.SETTINGS`` holds the real ones,
@@ -35,14 +38,8 @@ class SettingsParser(Protocol):
 
 
 def parse_service(
-    path: str,
-    data: Any,
-    index: int,
-    defaults: Table,
-    dns: DnsConfig,
-    base_dir: Path,
-    backends: Mapping[str, SettingsParser],
-    tops: Mapping[str, Mapping[str, Any]],
+    path: str, data: Any, index: int, defaults: Table, dns: DnsConfig, base_dir: Path,
+    backends: Mapping[str, SettingsParser], tops: Mapping[str, Mapping[str, Any]],
 ) -> ServiceConfig:
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a table, got {show(data)}", key=f"service[{index}]")
@@ -98,6 +95,8 @@ def parse_service(
         health_timeout=inherited("health_timeout"),
         health_failures=inherited("health_failures"),
         pinned=t.boolean("pinned", False),
+        proxy_protocol=(t.string("proxy_protocol", choices=PROXY_PROTOCOLS)
+                        if t.has("proxy_protocol") else None),
         priority=inherited("priority"),
     )
     t.done(also=_DEFAULT_KEYS)

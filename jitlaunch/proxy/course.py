@@ -37,6 +37,7 @@ from ..lifecycle.runtime import Instance
 from ..lifecycle.state import State
 from ..lifecycle.status import ServiceStatus
 from ..logutil import LimitedLog
+from .proxyproto import proxy_v2_header
 from .relay import PipePool, Relay, Timeouts
 
 #: Between connects to an instance that refused (its listen backlog is full): doubling.
@@ -258,6 +259,8 @@ class Course:
         """
         async with self._connect_slot(service) as release:
             upstream, why = await self._connect(inst, service, port)
+            if upstream is not None and inst.service.proxy_protocol is not None:
+                upstream, why = await _send_proxy_header(client, upstream)
             if upstream is None:
                 return why, None
 
@@ -356,6 +359,21 @@ class Course:
         """Tell the supervisor that ``inst`` let a connection down; it checks the instance at
         once and releases it if it is dead or hung."""
         await self.supervisor.report_unreachable(inst, reason)
+
+
+async def _send_proxy_header(
+    client: trio.SocketStream, upstream: trio.SocketStream
+) -> tuple[trio.SocketStream | None, str]:
+    """Send the PROXY v2 header (the client's address and port, and the front's) before any
+    byte of the client's; a connection that cannot take it is closed and counts as refused."""
+    try:
+        src = client.socket.getpeername()[:2]
+        dst = client.socket.getsockname()[:2]
+        await upstream.send_all(proxy_v2_header((src[0], src[1]), (dst[0], dst[1])))
+    except (OSError, ValueError, trio.BrokenResourceError):
+        await trio.aclose_forcefully(upstream)
+        return None, "refused"
+    return upstream, ""
 
 
 async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
