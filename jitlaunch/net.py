@@ -11,8 +11,9 @@ through :func:`serve`. Its contract, which each of them relies on:
   shortage cannot spin the event loop.
 * Each accepted stream is offered to ``admit`` (synchronous, no I/O): it returns a ticket to
   serve the connection, or None to refuse it (``admit`` has counted and logged the refusal; the
-  loop closes the socket at once). This is where the caps live (:mod:`jitlaunch.slots`:
-  connections per source prefix and in all, counted once per listener).
+  loop closes the socket at once); an ``admit`` that raises refuses that connection, logged.
+  This is where the caps live (:mod:`jitlaunch.slots`: connections per source prefix and in
+  all, counted once per listener).
 * An admitted connection runs ``handler(stream, ticket)`` in a task of its own in
   ``handlers`` (a nursery that may outlive the loop, so that closing a listener does not cut
   its open connections). Whatever the handler raises (but Cancelled) stays in that task:
@@ -94,7 +95,12 @@ async def serve(
                             what, exc, ACCEPT_PAUSE)
                 await trio.sleep(ACCEPT_PAUSE)
                 continue
-            ticket = admit(stream)
+            try:
+                ticket = admit(stream)
+            except Exception as exc:  # a bug: it must cost this connection only
+                log.error(f"admit:{what}", "%s: admitting a connection failed: %r", what, exc,
+                          exc_info=exc)
+                ticket = None
             if ticket is None:
                 stream.socket.close()
                 continue
