@@ -393,7 +393,7 @@ class ControlServer:
         )
 
     async def _start(self, name: str) -> dict[str, Any]:
-        svc = self.supervisor.service_status(name).config
+        svc = self.supervisor.service_config(name)
         try:
             with trio.fail_after(svc.boot_timeout + MARGIN):
                 inst = await self.supervisor.acquire(name)
@@ -407,7 +407,7 @@ class ControlServer:
         inst = self.supervisor.stop(name)
         if inst is None:
             return ok_reply(stopped=None)
-        svc = self.supervisor.service_status(name).config
+        svc = self.supervisor.service_config(name)
         grace = getattr(svc.settings, "grace", 5.0)
         limit = svc.boot_timeout + grace + MARGIN
         with trio.move_on_after(limit):

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from ..backends.base import Backend
-from ..config import Config
+from ..config import Config, ServiceConfig
 from ..errors import AdmissionRefused, BootFailed, InBackoff
 from ..logutil import LimitedLog
 from . import admission as adm
@@ -376,6 +376,15 @@ class Supervisor(Admitting, InstanceCourse):
     def service_names(self) -> tuple[str, ...]:
         """The services it knows now (a removed one included until it has gone)."""
         return tuple(self.services)
+
+    def service_config(self, name: str) -> ServiceConfig:
+        """Service ``name``'s current config (a removed one's while it goes); KeyError for a
+        name it does not know. Cheap: the proxy asks it per connection."""
+        return self.services[name].config
+
+    def is_removed(self, name: str) -> bool:
+        """Whether a reload removed service ``name`` (it starts nothing more)."""
+        return self.services[name].removed
 
     def service_status(self, name: str) -> ServiceStatus:
         """Service ``name``'s status now, frozen; KeyError for a name it does not know."""

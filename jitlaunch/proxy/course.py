@@ -31,11 +31,10 @@ import trio
 
 from ..aio import first_of
 from ..backoff import backoff_delay
-from ..config import Config
+from ..config import Config, ServiceConfig
 from ..errors import BootFailed
 from ..lifecycle.runtime import Instance
 from ..lifecycle.state import State
-from ..lifecycle.status import ServiceStatus
 from ..logutil import LimitedLog
 from .proxyproto import proxy_v2_header
 from .relay import PipePool, Relay, Timeouts
@@ -66,7 +65,9 @@ class Instances(Protocol):
 
     def connection_closed(self, name: str) -> None: ...
 
-    def service_status(self, name: str) -> ServiceStatus: ...
+    def service_config(self, name: str) -> ServiceConfig: ...
+
+    def is_removed(self, name: str) -> bool: ...
 
 
 class Course:
@@ -101,8 +102,7 @@ class Course:
             eof = False
             if inst is None:
                 # (removed: accepted just before a reload closed the front)
-                removed = sup.service_status(service).removed
-                self._close(service, "removed" if removed else "backoff")
+                self._close(service, "removed" if sup.is_removed(service) else "backoff")
                 return
             if inst.state is not State.READY:
                 if self.pending[service] >= self.config.proxy.max_pending:
@@ -127,7 +127,7 @@ class Course:
         self, client: trio.SocketStream, service: str
     ) -> tuple[Instance, builtins.bytes, bool] | None:
         limit = self.config.proxy.max_buffer
-        svc = self.supervisor.service_status(service).config  # (a removed one's, while it goes)
+        svc = self.supervisor.service_config(service)  # (a removed one's, while it goes)
         buf = bytearray()
         eof = False
 
@@ -180,7 +180,7 @@ class Course:
     ) -> None:
         """Connect to ``inst`` and relay; on a failed connect or an unanswered reset, report
         the instance and go on with the next one, within the boot timeout."""
-        svc = self.supervisor.service_status(service).config
+        svc = self.supervisor.service_config(service)
         deadline = math.inf  # set at the first failure
         refusals = 0  # in a row, by the same live instance
         while True:
