@@ -1,0 +1,203 @@
+"""Shared frontends through a real daemon and real clients: ``curl --resolve`` to two process
+services on one ``host`` frontend, ``openssl s_client`` and ``curl https`` through an ``sni``
+frontend to two TLS services (certificates from ``openssl req``), each cold: the first
+connection boots its instance and is served. Refusals: counted by reason, never a boot."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from jitlaunch.daemon import Daemon
+
+from .conftest import DEMO, answers, config_text, load, query_udp, running, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def host_config(tmp_path: Path, addr: str, port: int) -> str:
+    out = f"""
+[[frontend]]
+name = "web"
+listen = ["{addr}:{port}"]
+route = "host"
+"""
+    for name in ("alpha", "beta"):
+        out += f"""
+[[service]]
+name = "{name}"
+ports = [8080]
+frontends = {{ web = 8080 }}
+answer = "proxy"
+[service.process]
+command = "{DEMO}"
+"""
+    return config_text(tmp_path / "state", out)
+
+
+async def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(["curl", "-sS", "--max-time", "20", *args],
+                                  capture_stdout=True, capture_stderr=True, check=False)
+
+
+def booted(d: Daemon, name: str) -> bool:
+    return d.supervisor.service_status(name).boots > 0
+
+
+async def test_host_frontend_routes_two_services_by_name(tmp_path: Path, block: str) -> None:
+    addr = f"{block}.1"
+    port = free_port(addr)
+    async with running(load(host_config(tmp_path, addr, port))) as d:
+        assert [str(e) for e in d.frontend_endpoints] == [f"{addr}:{port}"]
+        # DNS answers a service on shared frontends only with the frontend's address.
+        dns = d.dns_endpoints[0]
+        reply = await query_udp((dns.host, dns.port), "alpha.jit.test")
+        assert answers(reply) == [addr]
+        assert not booted(d, "beta")
+        for name in ("alpha", "beta"):
+            res = await curl("--resolve", f"{name}.jit.test:{port}:{addr}",
+                             f"http://{name}.jit.test:{port}/")
+            assert res.returncode == 0, res.stderr
+            assert f"Hello from {name}".encode() in res.stdout, res.stdout
+        assert d.shared.routed == {("web", "alpha"): 1, ("web", "beta"): 1}
+        assert d.shared.closed == {}
+
+
+async def test_host_frontend_refuses_with_400_and_421(tmp_path: Path, block: str) -> None:
+    addr = f"{block}.1"
+    port = free_port(addr)
+    async with running(load(host_config(tmp_path, addr, port))) as d:
+        res = await curl("-i", "-H", "Host: nobody.jit.test", f"http://{addr}:{port}/")
+        assert res.stdout.startswith(b"HTTP/1.1 421"), res
+        res = await curl("-i", "--http1.0", "-H", "Host:", f"http://{addr}:{port}/")
+        assert res.stdout.startswith(b"HTTP/1.1 400"), res
+        stream = await trio.open_tcp_stream(addr, port)
+        async with stream:
+            await stream.send_all(b"\x16\x03\x01\x00\x05hello")
+            got = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(4096):
+                    got += chunk
+        assert got.startswith(b"HTTP/1.1 400")
+        assert d.shared.closed == {("web", "unknown_name"): 1, ("web", "no_host"): 1,
+                                   ("web", "not_http"): 1}
+        assert d.shared.routed == {}
+        assert not booted(d, "alpha") and not booted(d, "beta")
+
+
+TLS_SERVER = """
+import socket, ssl, sys, hashlib
+host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port)); srv.listen()
+while True:
+    conn, _ = srv.accept()
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+    except (ssl.SSLError, OSError):
+        conn.close(); continue
+    try:
+        data = b""
+        while b"\\r\\n\\r\\n" not in data:
+            chunk = tls.recv(65536)
+            if not chunk: break
+            data += chunk
+        head, _, body = data.partition(b"\\r\\n\\r\\n")
+        if head.startswith(b"PUT"):
+            n = int([line.split(b":")[1] for line in head.split(b"\\r\\n")
+                     if line.lower().startswith(b"content-length")][0])
+            while len(body) < n:
+                body += tls.recv(65536)
+            reply = hashlib.sha256(body).hexdigest().encode() + b"\\n" + bytes(range(256)) * 4096
+        else:
+            reply = sys.argv[5].encode()
+        head = b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
+        tls.sendall(head % len(reply) + reply)
+        tls.close()
+    except (ssl.SSLError, OSError):
+        conn.close()
+"""
+
+
+def make_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}.jit.test",
+         "-addext", f"subjectAltName=DNS:{name}.jit.test"],
+        check=True, capture_output=True)
+    return cert, key
+
+
+def sni_config(tmp_path: Path, addr: str, port: int) -> str:
+    script = tmp_path / "tls_server.py"
+    script.write_text(TLS_SERVER)
+    out = f"""
+[[frontend]]
+name = "tls"
+listen = ["{addr}:{port}"]
+route = "sni"
+"""
+    for name in ("alpha", "beta"):
+        cert, key = make_cert(tmp_path, name)
+        out += f"""
+[[service]]
+name = "{name}"
+ports = [443]
+frontends = {{ tls = 443 }}
+answer = "proxy"
+[service.process]
+command = "{sys.executable} {script} {{address}} {{port}} {cert} {key} hello-from-{name}"
+"""
+    return config_text(tmp_path / "state", out)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_sni_frontend_passes_tls_through(tmp_path: Path, block: str) -> None:
+    addr = f"{block}.1"
+    port = free_port(addr)
+    async with running(load(sni_config(tmp_path, addr, port))) as d:
+        for name in ("alpha", "beta"):
+            proc = await trio.run_process(
+                ["openssl", "s_client", "-connect", f"{addr}:{port}", "-servername",
+                 f"{name}.jit.test"], stdin=b"", capture_stdout=True, capture_stderr=True,
+                check=False)
+            assert f"CN = {name}.jit.test".encode() in proc.stdout + proc.stderr, proc
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        body = tmp_path / "payload"
+        body.write_bytes(payload)
+        for name in ("alpha", "beta"):
+            cert = tmp_path / f"{name}.crt"
+            res = await curl("--cacert", str(cert), "--resolve",
+                             f"{name}.jit.test:{port}:{addr}",
+                             f"https://{name}.jit.test:{port}/")
+            assert res.returncode == 0 and res.stdout == f"hello-from-{name}".encode(), res
+            res = await curl("--cacert", str(cert), "--resolve",
+                             f"{name}.jit.test:{port}:{addr}", "-T", str(body),
+                             f"https://{name}.jit.test:{port}/")
+            assert res.returncode == 0, res.stderr
+            digest, _, back = res.stdout.partition(b"\n")
+            assert digest.decode() == hashlib.sha256(payload).hexdigest()
+            assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+        # No SNI and no default: closed, counted, nothing else booted.
+        proc = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"{addr}:{port}", "-noservername"],
+            stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
+        assert proc.returncode != 0
+        await wait_until(lambda: d.shared.closed[("tls", "no_sni")] == 1, what="no_sni counted")
+        assert d.shared.routed == {("tls", "alpha"): 3, ("tls", "beta"): 3}
