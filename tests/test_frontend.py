@@ -201,3 +201,77 @@ async def test_sni_frontend_passes_tls_through(tmp_path: Path, block: str) -> No
         assert proc.returncode != 0
         await wait_until(lambda: d.shared.closed[("tls", "no_sni")] == 1, what="no_sni counted")
         assert d.shared.routed == {("tls", "alpha"): 3, ("tls", "beta"): 3}
+
+
+#: HAProxy as the instance, the reference PROXY v2 parser (``accept-proxy`` refuses a
+#: connection without a valid header): it answers with the addresses it read.
+HAPROXY = """
+import os, sys
+host, port, cfg = sys.argv[1], sys.argv[2], sys.argv[3]
+bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+fmt = "%[src] %[src_port] %[dst] %[dst_port] %[req.hdr(host)]"
+with open(cfg, "w") as f:
+    f.write(f'''global
+  maxconn 64
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 5s
+  timeout server 5s
+frontend fe
+  bind {bind} accept-proxy
+  http-request return status 200 content-type text/plain lf-string "{fmt}"
+''')
+os.execvp("haproxy", ["haproxy", "-db", "-f", cfg])
+"""
+
+
+def v6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (scripts/setup)")
+@pytest.mark.parametrize("family", ["v4", "v6"])
+async def test_proxy_v2_through_a_host_frontend(tmp_path: Path, block: str, family: str) -> None:
+    if family == "v6" and not v6_loopback():
+        pytest.skip("needs an IPv6 loopback address (::1)")
+    addr = f"{block}.1" if family == "v4" else "::1"
+    with socket.socket(socket.AF_INET6 if family == "v6" else socket.AF_INET) as s:
+        s.bind((addr, 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "haproxy.py"
+    script.write_text(HAPROXY)
+    listen = f"[{addr}]:{port}" if family == "v6" else f"{addr}:{port}"
+    cfg = load(config_text(tmp_path / "state", f"""
+[[frontend]]
+name = "web"
+listen = ["{listen}"]
+route = "host"
+
+[[service]]
+name = "pp"
+ports = [80]
+frontends = {{ web = 80 }}
+answer = "proxy"
+proxy_protocol = "v2"
+[service.process]
+command = "{sys.executable} {script} {{address}} {{port}} {tmp_path / 'haproxy.cfg'}"
+"""))
+    async with running(cfg) as d:
+        stream = await trio.open_tcp_stream(addr, port)
+        async with stream:
+            me = stream.socket.getsockname()[:2]
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: pp.jit.test\r\nConnection: close\r\n\r\n")
+            reply = b""
+            with trio.fail_after(20):
+                while chunk := await stream.receive_some(4096):
+                    reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), reply
+        assert body.decode().split() == [me[0], str(me[1]), addr, str(port), "pp.jit.test"]
+        assert d.shared.routed == {("web", "pp"): 1}
