@@ -32,6 +32,7 @@ from .config import Config, Endpoint, load_config
 from .control import ControlServer, claim_control_path, control_path
 from .dns.server import DnsServer
 from .errors import ConfigError, ListenError, StateDirInUse
+from .frontmetrics import FrontendCollector
 from .lifecycle.admission import Budget
 from .lifecycle.reload import ReloadPlan, ReloadResult, plan_reload
 from .lifecycle.runtime import host_budget, read_host
@@ -127,6 +128,7 @@ class Daemon:
             self.config, self.registry, supervisor=self.supervisor, dns=self.dns,
             proxy=self.proxy, backends=self.backends,
         )
+        self.registry.register(FrontendCollector(self.shared))
 
     @property
     def stopping(self) -> bool:

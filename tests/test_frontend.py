@@ -18,6 +18,7 @@ import trio
 from jitlaunch.daemon import Daemon
 
 from .conftest import DEMO, answers, config_text, load, query_udp, running, wait_until
+from .helpers import get, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -74,6 +75,9 @@ async def test_host_frontend_routes_two_services_by_name(tmp_path: Path, block: 
             assert f"Hello from {name}".encode() in res.stdout, res.stdout
         assert d.shared.routed == {("web", "alpha"): 1, ("web", "beta"): 1}
         assert d.shared.closed == {}
+        samples = await scrape(d)
+        assert get(samples, "jitlaunch_frontend_connections_routed_total",
+                   frontend="web", service="beta") == 1
 
 
 async def test_host_frontend_refuses_with_400_and_421(tmp_path: Path, block: str) -> None:
@@ -96,6 +100,10 @@ async def test_host_frontend_refuses_with_400_and_421(tmp_path: Path, block: str
                                    ("web", "not_http"): 1}
         assert d.shared.routed == {}
         assert not booted(d, "alpha") and not booted(d, "beta")
+        samples = await scrape(d)
+        for reason in ("unknown_name", "no_host", "not_http"):
+            assert get(samples, "jitlaunch_frontend_connections_closed_total",
+                       frontend="web", reason=reason) == 1
 
 
 TLS_SERVER = """

@@ -131,3 +131,34 @@ def test_a_name_twice_names_both_services(tmp_path: Path) -> None:
                          + svc("shop", 'names = ["blog.jit.test"]\nfrontends = { web = 8080 }')))
     assert "'blog.jit.test'" in str(err.value) and "'blog'" in str(err.value)
     assert "shop" in str(err.value)
+
+
+def test_check_warns_about_frontends(tmp_path: Path) -> None:
+    from jitlaunch.checks import frontend_findings
+
+    frontends = """
+[[frontend]]
+name = "web"
+listen = ["192.0.2.10:443"]
+route = "host"
+
+[[frontend]]
+name = "tls"
+listen = ["192.0.2.10:80", "192.0.2.10:8443"]
+route = "sni"
+
+[[frontend]]
+name = "lonely"
+listen = ["192.0.2.11:80"]
+route = "host"
+"""
+    cfg = load(config_text(tmp_path, frontends + svc("blog", "frontends = { web = 8080, "
+                                                             "tls = 8443 }")))
+    found = {(f.key, f.message) for f in frontend_findings(cfg)}
+    assert all(not f.error for f in frontend_findings(cfg))
+    assert found == {
+        ("frontend lonely", "no service joins this frontend (frontends = { lonely = PORT }): "
+                            "it refuses every connection"),
+        ("frontend web.listen", 'route = "host" on 192.0.2.10:443: clients speak TLS on port 443'),
+        ("frontend tls.listen", 'route = "sni" on 192.0.2.10:80: clients speak HTTP on port 80'),
+    }
