@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import trio
 
 from jitlaunch.daemon import Daemon
 
-from .conftest import DEMO, answers, config_text, load, query_udp, running, wait_until
+from .conftest import DEMO, answers, config_text, fresh_block, load, query_udp, running, wait_until
 from .helpers import get, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -283,3 +284,201 @@ command = "{sys.executable} {script} {{address}} {{port}} {tmp_path / 'haproxy.c
         assert head.startswith(b"HTTP/1.1 200"), reply
         assert body.decode().split() == [me[0], str(me[1]), addr, str(port), "pp.jit.test"]
         assert d.shared.routed == {("web", "pp"): 1}
+
+
+#: An instance serving HTTP on {address}:8080 and HTTPS on {address}:8443, each request
+#: answered with its name: the same program behind HAProxy and behind jitlaunch.
+BOTH = """
+import socket, ssl, sys, threading
+host, cert, key, name = sys.argv[1:5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+def answer(conn):
+    try:
+        data = b""
+        while b"\\r\\n\\r\\n" not in data and len(data) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk: break
+            data += chunk
+        body = name.encode()
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
+                     % len(body) + body)
+    except (ssl.SSLError, OSError):
+        pass
+    finally:
+        conn.close()
+def serve(port, tls):
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port)); srv.listen(64)
+    while True:
+        conn, _ = srv.accept()
+        if tls:
+            try:
+                conn = ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close(); continue
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+threading.Thread(target=serve, args=(8443, True), daemon=True).start()
+serve(8080, False)
+"""
+
+#: The same routing in HAProxy: HTTP mode by Host (port dropped, lower case), TCP mode by
+#: req.ssl_sni.
+HAPROXY_ROUTER = """global
+  maxconn 256
+defaults
+  timeout connect 2s
+  timeout client 5s
+  timeout server 5s
+frontend web
+  mode http
+  bind {addr}:{web}
+  http-request set-var(req.h) req.hdr(host),field(1,:),lower
+  use_backend alpha_http if {{ var(req.h) -m str alpha.jit.test }}
+  use_backend beta_http if {{ var(req.h) -m str beta.jit.test }}
+frontend tls
+  mode tcp
+  bind {addr}:{tls}
+  tcp-request inspect-delay 5s
+  tcp-request content accept if {{ req.ssl_hello_type 1 }}
+  use_backend alpha_tls if {{ req.ssl_sni -i alpha.jit.test }}
+  use_backend beta_tls if {{ req.ssl_sni -i beta.jit.test }}
+backend alpha_http
+  mode http
+  server s {alpha}:8080
+backend beta_http
+  mode http
+  server s {beta}:8080
+backend alpha_tls
+  mode tcp
+  server s {alpha}:8443
+backend beta_tls
+  mode tcp
+  server s {beta}:8443
+"""
+
+HTTP_CASES = [
+    b"GET / HTTP/1.1\r\nHost: alpha.jit.test\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: BETA.jit.test:80\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: nobody.jit.test\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"\x16\x03\x01\x00\x10garbage-garbage!",
+    b"GET / HTTP/1.1\r\nHost: alpha.jit.test\r\nHost: beta.jit.test\r\n\r\n",
+]
+#: Deliberate differences, each with its reason (not in the cases above): a final dot
+#: (``Host: alpha.jit.test.``) routes here (the same DNS name) and not in HAProxy's exact
+#: match; refusals differ in status (421 for a name not routed here where HAProxy says 503
+#: for no backend; 400 for HTTP/1.0 without Host where HAProxy says 503), never in outcome;
+#: an absolute-form target whose authority is not the Host field (``GET http://alpha/`` with
+#: ``Host: beta``) goes by its Host here (the instance of that name sees the same bytes, and
+#: answers as its own server would) where HAProxy refuses it with a 400.
+SNI_CASES = ["alpha.jit.test", "BETA.jit.test", "nobody.jit.test", None, "garbage"]
+
+
+async def _outcome(addr: str, port: int, data: bytes) -> str:
+    """Which instance answered (its name), or ``refused``."""
+    try:
+        stream = await trio.open_tcp_stream(addr, port)
+    except OSError:
+        return "refused"
+    got = b""
+    async with stream:
+        try:
+            await stream.send_all(data)
+            with trio.fail_after(15):
+                while chunk := await stream.receive_some(4096):
+                    got += chunk
+        except (trio.BrokenResourceError, OSError):
+            pass
+    head, _, body = got.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else "refused"
+
+
+async def _tls_outcome(addr: str, port: int, name: str | None, cafile: Path) -> str:
+    if name == "garbage":
+        return await _outcome(addr, port, b"\x16\x03\x01\x00\x05hello" + b"x" * 100)
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.check_hostname = False
+    try:
+        stream = await trio.open_tcp_stream(addr, port)
+        tls = trio.SSLStream(stream, ctx, server_hostname=name)
+        async with tls:
+            with trio.fail_after(15):
+                await tls.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while chunk := await tls.receive_some(4096):
+                    got += chunk
+    except (trio.BrokenResourceError, OSError):
+        return "refused"
+    head, _, body = got.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else "refused"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (scripts/setup)")
+async def test_same_routing_as_haproxy(tmp_path: Path, block: str) -> None:
+    addr = f"{block}.1"
+    backends = fresh_block()
+    script = tmp_path / "both.py"
+    script.write_text(BOTH)
+    # One CA-less self-signed certificate for both names: the outcome is the name answering.
+    cert, key = tmp_path / "c.crt", tmp_path / "c.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
+         str(key), "-out", str(cert), "-subj", "/CN=jit.test",
+         "-addext", "subjectAltName=DNS:alpha.jit.test,DNS:beta.jit.test"],
+        check=True, capture_output=True)
+    ports = {k: free_port(addr) for k in ("web", "tls", "hweb", "htls")}
+    services = ""
+    for name in ("alpha", "beta"):
+        services += f"""
+[[service]]
+name = "{name}"
+ports = [8080, 8443]
+frontends = {{ web = 8080, tls = 8443 }}
+answer = "proxy"
+[service.process]
+command = "{sys.executable} {script} {{address}} {cert} {key} {name}"
+subnet = "{fresh_block()}.0/24"
+"""
+    cfg = load(config_text(tmp_path / "state", f"""
+[[frontend]]
+name = "web"
+listen = ["{addr}:{ports['web']}"]
+route = "host"
+[[frontend]]
+name = "tls"
+listen = ["{addr}:{ports['tls']}"]
+route = "sni"
+""" + services))
+    (tmp_path / "haproxy.cfg").write_text(HAPROXY_ROUTER.format(
+        addr=addr, web=ports["hweb"], tls=ports["htls"], alpha=f"{backends}.11",
+        beta=f"{backends}.12"))
+    procs = [await trio.lowlevel.open_process(
+        [sys.executable, str(script), f"{backends}.{n}", str(cert), str(key), name])
+        for n, name in ((11, "alpha"), (12, "beta"))]
+    procs.append(await trio.lowlevel.open_process(
+        ["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for n in (11, 12):
+            await wait_until(lambda n=n: _listening(f"{backends}.{n}", 8443), what="backends")
+        await wait_until(lambda: _listening(addr, ports["htls"]), what="haproxy")
+        async with running(cfg):
+            for case in HTTP_CASES:
+                ours = await _outcome(addr, ports["web"], case)
+                theirs = await _outcome(addr, ports["hweb"], case)
+                assert ours == theirs, (case, ours, theirs)
+            for name in SNI_CASES:
+                ours = await _tls_outcome(addr, ports["tls"], name, cert)
+                theirs = await _tls_outcome(addr, ports["htls"], name, cert)
+                assert ours == theirs, (name, ours, theirs)
+    finally:
+        for proc in procs:
+            proc.kill()
+            await proc.wait()
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
