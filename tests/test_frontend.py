@@ -482,3 +482,17 @@ route = "sni"
 def _listening(host: str, port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_sni_without_a_name_goes_to_the_default(tmp_path: Path, block: str) -> None:
+    addr = f"{block}.1"
+    port = free_port(addr)
+    text = sni_config(tmp_path, addr, port).replace('route = "sni"',
+                                                    'route = "sni"\ndefault = "beta"')
+    async with running(load(text)) as d:
+        proc = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"{addr}:{port}", "-noservername"],
+            stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
+        assert b"CN = beta.jit.test" in proc.stdout + proc.stderr, proc
+        assert d.shared.routed == {("tls", "beta"): 1} and d.shared.closed == {}
