@@ -85,6 +85,7 @@ def host_findings(config: Config, *, ports: bool = True, state_dir: bool = True)
         elif svc.backend == "libvirt":
             out += _libvirt(svc)
         out += _proxy_protocol(svc)
+    out += frontend_findings(config)
     if ports:
         running = running_daemon(config.daemon.state_dir)
         if running is None:
@@ -404,3 +405,23 @@ def deployment_warnings(config: Config) -> list[str]:
                 f"{where}: remote clients cannot reach them; set answer = \"proxy\""
             )
     return out
+
+
+def frontend_findings(config: Config) -> list[Finding]:
+    """Warnings about shared frontends (pure): one no service joins (it refuses every
+    connection), and a route on the other protocol's well-known port (``sni`` on 80, ``host``
+    on 443: clients would speak the other protocol to it)."""
+    out = []
+    joined = {f for s in config.services for f, _ in s.frontends}
+    for fe in config.frontends:
+        key = f"frontend {fe.name}"
+        if fe.name not in joined:
+            out.append(Finding(False, "no service joins this frontend (frontends = { "
+                               f"{fe.name} = PORT }}): it refuses every connection", key=key))
+        wrong, usual = (80, "HTTP") if fe.route == "sni" else (443, "TLS")
+        for ep in fe.listen:
+            if ep.port == wrong:
+                out.append(Finding(False, f'route = "{fe.route}" on {ep}: clients speak {usual} '
+                                   f"on port {wrong}", key=f"{key}.listen"))
+    return out
+

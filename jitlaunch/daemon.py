@@ -32,6 +32,7 @@ from .config import Config, Endpoint, load_config
 from .control import ControlServer, claim_control_path, control_path
 from .dns.server import DnsServer
 from .errors import ConfigError, ListenError, StateDirInUse
+from .frontmetrics import FrontendCollector
 from .lifecycle.admission import Budget
 from .lifecycle.reload import ReloadPlan, ReloadResult, plan_reload
 from .lifecycle.runtime import host_budget, read_host
@@ -39,6 +40,7 @@ from .lifecycle.supervisor import Supervisor
 from .logcap import serve_log_caps
 from .metrics import Metrics, Observations, new_registry
 from .proxy import Proxy
+from .proxy.shared import SharedFronts
 from .statedir import LockHeld, lock_file, open_private, prepare_state_dir
 
 log = logging.getLogger("jitlaunch")
@@ -95,6 +97,8 @@ class Daemon:
     dns: DnsServer = field(init=False)
     dns_endpoints: list[Endpoint] = field(default_factory=list)
     proxy_endpoints: list[Endpoint] = field(default_factory=list)
+    shared: SharedFronts = field(init=False)
+    frontend_endpoints: list[Endpoint] = field(default_factory=list)
     #: The daemon's own metrics registry (never the global default one).
     registry: CollectorRegistry = field(default_factory=new_registry)
     metrics: Metrics = field(init=False)
@@ -116,6 +120,7 @@ class Daemon:
         observed = Observations(self.config, self.registry)
         self.supervisor = Supervisor(self.config, self.backends, on_ready=observed.ready)
         self.proxy = Proxy(self.config, self.supervisor, on_held=observed.held)
+        self.shared = SharedFronts(self.config, self.proxy)
         # With no endpoint nobody reads them: spare the DNS hot path its one increment.
         self.dns = DnsServer(self.config, self.supervisor,
                              counting=bool(self.config.metrics.listen))
@@ -123,6 +128,7 @@ class Daemon:
             self.config, self.registry, supervisor=self.supervisor, dns=self.dns,
             proxy=self.proxy, backends=self.backends,
         )
+        self.registry.register(FrontendCollector(self.shared))
 
     @property
     def stopping(self) -> bool:
@@ -156,6 +162,7 @@ class Daemon:
                 self.dns_endpoints = await nursery.start(self.dns.serve)
                 self.proxy.passed = self.passed.fronts
                 self.proxy_endpoints = await nursery.start(self.proxy.serve)
+                self.frontend_endpoints = await nursery.start(self.shared.serve)
                 self.metrics_endpoints = await nursery.start(self.metrics.serve)
                 nursery.start_soon(
                     serve_log_caps, self.config.daemon.state_dir / "logs",
@@ -182,6 +189,7 @@ class Daemon:
                 self.notifier.send(STOPPING=1, STATUS="stopping: draining, then every instance")
                 nursery.start_soon(sd.extend_stop_timeout, self.notifier)
                 self.proxy.stop_accepting()
+                self.shared.stop_accepting()
                 with trio.move_on_after(self.config.daemon.drain_timeout):
                     await self.supervisor.drain()
                 nursery.cancel_scope.cancel()
@@ -338,6 +346,7 @@ class Daemon:
         self.config = new
         self.supervisor.reconfigure(new, plan, budget)
         self.proxy.reconfigure(new, bound)
+        self.shared.reconfigure(new)
         self.dns.reconfigure(new)
         self.metrics.reconfigure(new)
         if self.control is not None:

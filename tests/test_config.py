@@ -100,7 +100,7 @@ def test_defaults_table_and_durations() -> None:
         (BASE + "colour = 1\n", "conf.toml: dns.colour: unknown key"),
         (BASE + "[dns.soa]\nserial = 1.5\n", "conf.toml: dns.soa.serial: expected an integer, got a number"),
         (BASE + "[surprise]\n", "conf.toml: surprise: unknown table (the tables are [daemon], "
-         "[dns], [proxy], [metrics], [host], [defaults] and [[service]])"),
+         "[dns], [proxy], [metrics], [host], [defaults], [[service]] and [[frontend]])"),
         (BASE + "[dns.rrl]\nrate = -1\n", "conf.toml: dns.rrl.rate: expected an integer from 0 to"),
         (BASE + "[dns.rrl]\nipv4_prefix = 33\n",
          "conf.toml: dns.rrl.ipv4_prefix: expected an integer from 0 to 32"),
@@ -136,7 +136,7 @@ def test_global_errors(text: str, expected: str) -> None:
         (("front = [\"127.77.0.1\"]", "front = [\"nowhere\"]"),
          "service 'hello': front: expected an IPv4 or IPv6 address, got 'nowhere'"),
         (("front = [\"127.77.0.1\"]", "front = []"), "service 'hello': front: expected at least one"),
-        (("front = [\"127.77.0.1\"]\n", ""), "service 'hello': front: missing"),
+        (("front = [\"127.77.0.1\"]\n", ""), "service 'hello': front: expected at least one address"),
         (("ports = [8080]", "ports = [8080]\nanswer = \"eventually\""),
          "service 'hello': answer: expected one of handoff, proxy, wait, got 'eventually'"),
         (("ports = [8080]", "ports = [8080]\nstop = \"pause\""),
@@ -346,7 +346,7 @@ def test_the_same_text_parses_to_equal_configs() -> None:
          "libvrt: unknown table (did you mean [libvirt]?)"),
         ('zones = ["jit.test"]\n' + BASE,
          "zones: unknown key (keys belong in a table: [daemon], [dns], [proxy], [metrics], "
-         "[host], [defaults], [[service]])"),
+         "[host], [defaults], [[service]], [[frontend]])"),
         # A typo'd key: the missing key points at it; an unknown key names the close one.
         ('[dns]\nzone = ["jit.test"]\n',
          "dns.zones: missing (expected a list of zone names); is 'dns.zone' a typo?"),

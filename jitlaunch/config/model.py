@@ -170,14 +170,34 @@ class ServiceConfig:
     #: ``"v2"``: the proxy sends the PROXY protocol's v2 header (the client's address and
     #: port) on each connection to an instance, before the client's first byte.
     proxy_protocol: str | None = None
+    #: The shared frontends it joins: ``(frontend name, port of the instance)``.
+    frontends: tuple[tuple[str, int], ...] = ()
+    #: With no ``front`` of its own: the addresses its frontends listen on, which DNS
+    #: answers instead (set by :func:`~.frontends.join_frontends`).
+    shared_front: tuple[str, ...] = ()
 
     @property
     def front_v4(self) -> tuple[str, ...]:
-        return tuple(a for a in self.front if ":" not in a)
+        return tuple(a for a in self.front or self.shared_front if ":" not in a)
 
     @property
     def front_v6(self) -> tuple[str, ...]:
-        return tuple(a for a in self.front if ":" in a)
+        return tuple(a for a in self.front or self.shared_front if ":" in a)
+
+
+ROUTES = ("host", "sni")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """A shared front (``[[frontend]]``): connections routed to services by name, by the
+    HTTP ``Host`` header (``route = "host"``) or the TLS server name (``"sni"``)."""
+
+    name: str
+    listen: tuple[Endpoint, ...]
+    route: str
+    #: (sni) The service a ClientHello without a server name goes to; None: closed.
+    default: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +209,7 @@ class Config:
     services: tuple[ServiceConfig, ...] = field(default=())
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     host: HostConfig = field(default_factory=HostConfig)
+    frontends: tuple[FrontendConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:

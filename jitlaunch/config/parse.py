@@ -8,7 +8,8 @@ and says what was expected. It reads no file and no environment variable. Unknow
 errors too: a typo must never be silently ignored.
 
 The file has global tables ``[daemon]``, ``[dns]``, ``[proxy]``, ``[metrics]``, ``[host]`` and
-``[defaults]`` and one ``[[service]]`` table per service. Every key of ``[defaults]`` may be
+``[defaults]``, one ``[[service]]`` table per service and one ``[[frontend]]`` per shared front
+(:mod:`.frontends`). Every key of ``[defaults]`` may be
 repeated in a service; backend settings live in a sub-table named after the backend
 (``[service.process]``), read by that backend's :class:`SettingsParser`. A backend may also
 have a global table named after it (``[libvirt]``) whose keys are defaults for every one of
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .frontends import join_frontends, parse_frontends
 from .model import (
     Config,
     DaemonConfig,
@@ -210,6 +212,7 @@ def parse_config(
     proxy = _parse_proxy(root.sub("proxy"))
     metrics = _parse_metrics(root.sub("metrics"))
     host = _parse_host(root.sub("host"))
+    frontends = parse_frontends(root)
 
     defaults = parse_defaults(root, dns, backends)
 
@@ -223,10 +226,11 @@ def parse_config(
     )
     root.done()
     check_unique(path, text, services)
+    services = join_frontends(path, frontends, services)
     _check_host(path, host, services)
     return Config(
         path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,
-        host=host,
+        host=host, frontends=frontends,
     )
 
 
@@ -286,6 +290,7 @@ def _parse_metrics(m: Table) -> MetricsConfig:
 _TABLES = {
     "daemon": "[daemon]", "dns": "[dns]", "proxy": "[proxy]", "metrics": "[metrics]",
     "host": "[host]", "defaults": "[defaults]", "service": "[[service]]",
+    "frontend": "[[frontend]]",
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ConfigError
+from .frontends import service_frontends
 from .model import ANSWER_MODES, STOP_MODES, DnsConfig, ServiceConfig
 from .reader import LABEL, Table, address, dns_name, once, show
 
@@ -63,14 +64,16 @@ def parse_service(
 
     names = _names(t, name, dns)
     backend = inherited("backend")
-    front = tuple(address(t, "front", a) for a in t.strings("front", what="addresses"))
-    if not front:
-        raise t.error("front", "expected at least one address")
-    once(t, "front", front)
     ports = t.ports("ports")
     if not ports:
         raise t.error("ports", "expected a list of port numbers (1 to 65535), got a list ([])")
     once(t, "ports", ports)
+    frontends = service_frontends(t, ports)
+    front = tuple(address(t, "front", a)
+                  for a in t.strings("front", [], what="addresses"))
+    if not front and not frontends:
+        raise t.error("front", "expected at least one address (or frontends = { NAME = PORT })")
+    once(t, "front", front)
     answer = inherited("answer")
     stop = inherited("stop")
     settings = _settings(t, pick, backend, stop, base_dir, backends, tops, tuple(ports))
@@ -98,6 +101,7 @@ def parse_service(
         proxy_protocol=(t.string("proxy_protocol", choices=PROXY_PROTOCOLS)
                         if t.has("proxy_protocol") else None),
         priority=inherited("priority"),
+        frontends=frontends,
     )
     t.done(also=_DEFAULT_KEYS)
     _check_service(t, svc)

@@ -91,14 +91,17 @@ class Course:
         raise NotImplementedError
 
     async def _handle(
-        self, client: trio.SocketStream, service: str, port: int, source: str
+        self, client: trio.SocketStream, service: str, port: int, source: str,
+        initial: builtins.bytes = b"",
     ) -> None:
+        """Serve ``client`` by ``service``'s instance ``port``; ``initial``: the bytes a
+        shared frontend read from it already, replayed first."""
         sup = self.supervisor
         sup.connection_opened(service)
         try:
             # Proven (the handshake): a boot it causes counts on its prefix's wake limit.
             inst = sup.request(service, source, proven=True)
-            buffered = b""
+            buffered = initial
             eof = False
             if inst is None:
                 # (removed: accepted just before a reload closed the front)
@@ -111,7 +114,7 @@ class Course:
                 self.pending[service] += 1
                 held_at = trio.current_time()
                 try:
-                    got = await self._buffer_until_ready(client, service)
+                    got = await self._buffer_until_ready(client, service, initial)
                 finally:
                     self.pending[service] -= 1
                 if got is None:
@@ -124,16 +127,21 @@ class Course:
             sup.connection_closed(service)
 
     async def _buffer_until_ready(
-        self, client: trio.SocketStream, service: str
+        self, client: trio.SocketStream, service: str, initial: builtins.bytes = b""
     ) -> tuple[Instance, builtins.bytes, bool] | None:
         limit = self.config.proxy.max_buffer
         svc = self.supervisor.service_config(service)  # (a removed one's, while it goes)
-        buf = bytearray()
+        buf = bytearray(initial)
         eof = False
+        if self.buffered + len(buf) > self.config.proxy.max_buffer_total:
+            self._close(service, "buffer_total")
+            return None
 
         async def read() -> str:
             nonlocal eof
             while True:
+                if len(buf) > limit:
+                    return "buffer"
                 data = await client.receive_some(limit - len(buf) + 1)
                 if not data:
                     eof = True
@@ -142,14 +150,13 @@ class Course:
                     return "buffer_total"
                 buf.extend(data)
                 self.buffered += len(data)
-                if len(buf) > limit:
-                    return "buffer"
 
         async def ready() -> Instance:
             return await self.supervisor.acquire(service)
 
         # The supervisor bounds the admission queue's wait and the boot; this is a safety net.
         with trio.move_on_after(svc.boot_timeout + self.config.host.queue_timeout + 1):
+            self.buffered += len(buf)
             try:
                 try:
                     which, value = await first_of(read, ready)

@@ -183,13 +183,13 @@ def _server_name(ext: bytes) -> Verdict:
     if 5 + length != len(ext):
         raise _Malformed("several names in server_name" if 5 + length < len(ext)
                          else "malformed server_name")
-    name = _dns_name(ext[5:])
+    name = dns_name(ext[5:])
     if name is None:
         return _rejected("bad name")
     return Verdict("routed", name=name)
 
 
-def _dns_name(raw: bytes) -> str | None:
+def dns_name(raw: bytes) -> str | None:
     """``raw`` as a lower-case DNS name without its final dot, or None if it is not one."""
     name = raw.lower()
     if name.endswith(b"."):
@@ -201,4 +201,4 @@ def _dns_name(raw: bytes) -> str | None:
     return name.decode("ascii")
 
 
-__all__ = ["MAX_BYTES", "MORE", "NO_SNI", "SniReader", "Verdict"]
+__all__ = ["MAX_BYTES", "MORE", "NO_SNI", "SniReader", "Verdict", "dns_name"]
