@@ -38,7 +38,7 @@ from .sni import MORE, Verdict, dns_name
 
 #: The most bytes of a request head read before a verdict: past it, ``too big``.
 MAX_HEAD = 8192
-_HOST_PORT = re.compile(rb"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")
+_HOST_PORT = re.compile(rb"(?P<host>[^:]*)(?::[0-9]*)?")
 #: h11's words for a request that breaks RFC 9112 3.2's Host rules (0.14 to 0.16 alike).
 _NO_HOST = "Missing mandatory Host: header"
 
@@ -91,9 +91,8 @@ class HostReader:
             return MORE
         if not isinstance(event, h11.Request) or event.http_version not in (b"1.0", b"1.1"):
             return _rejected("not HTTP")
+        # h11 has already refused a request with several Host fields (RFC 9112 3.2).
         hosts = [value for name, value in event.headers if name == b"host"]
-        if len(hosts) > 1:
-            return _rejected("not HTTP")
         if not hosts or not hosts[0]:
             return _rejected("no Host")
         name = host_name(hosts[0])
@@ -108,9 +107,8 @@ def host_name(value: bytes) -> str | None:
     match = _HOST_PORT.fullmatch(value)
     if match is None:
         return None
+    # An IPv6 literal (``[::1]:80``, RFC 3986 3.2.2) has colons before its port: no match.
     host = match["host"]
-    if host.startswith(b"["):
-        return None  # an IPv6 (or IPvFuture) literal, RFC 3986 3.2.2
     try:
         ipaddress.IPv4Address(host.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
