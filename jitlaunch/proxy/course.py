@@ -21,7 +21,9 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
+import errno
 import math
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -277,30 +279,25 @@ class Course:
                 await self._report(inst, "closed a connection before answering")
                 return inst.state is not State.READY
 
+            def watch() -> bool:
+                release()
+                return _unaccepted(upstream.socket, relay)
+
             relay = Relay(
                 client, upstream, self.timeouts, self.pipes,
                 buffered=buffered, client_eof=eof, keep=self.config.proxy.max_buffer,
-                closed_unanswered=closed_unanswered,
+                closed_unanswered=closed_unanswered, on_answer=release, watch=watch,
+                watch_after=CONNECT_HOLD,
             )
             try:
-                async with trio.open_nursery() as nursery:
-
-                    async def hold() -> None:
-                        with trio.move_on_after(CONNECT_HOLD):
-                            await relay.answered.wait()
-                        release()
-                        await _watch_accepted(upstream.socket, relay)
-
-                    nursery.start_soon(hold)
-                    outcome = await relay.run()
-                    nursery.cancel_scope.cancel()
+                outcome = await relay.run()
             finally:
                 if not relay.activity.instance_bytes:
                     # Unanswered: a reset, not a FIN after our unacknowledged bytes, so that
                     # an instance that accepts it late never sees a request we replay.
                     with contextlib.suppress(OSError):
                         upstream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                await trio.aclose_forcefully(upstream)
+                upstream.socket.close()
                 self.bytes[(service, "to_instance")] += relay.activity.client_bytes
                 self.bytes[(service, "to_client")] += relay.activity.instance_bytes
             return outcome, relay
@@ -315,7 +312,10 @@ class Course:
                 self.config.proxy.max_connecting
             )
         token = object()
-        await limiter.acquire_on_behalf_of(token)
+        try:
+            limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(token)
         held = True
 
         def release() -> None:
@@ -338,29 +338,41 @@ class Course:
         if handle is None:
             return None, "gone"
         host, target = handle.endpoint(port)
+        # A non-blocking connect of our own: trio's resolves the address and checkpoints
+        # twice, a cost per connection on the proxy's hot path.
         try:
-            sock = trio.socket.socket(
-                socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+            sock = socket.socket(
+                socket.AF_INET6 if ":" in host else socket.AF_INET,
+                socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
             )
         except OSError:
             return None, "fds"
-        with trio.move_on_after(self.config.proxy.connect_timeout) as timer:
+        try:
             try:
-                await sock.connect((host, target))
-            except ConnectionRefusedError:
-                sock.close()
-                return None, "refused"
-            except OSError as exc:
-                sock.close()
-                self._log.warning(
-                    f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
-                    inst.label, host, target, exc,
-                )
-                return None, "unreachable"
-        if timer.cancelled_caught:
+                err = sock.connect_ex((host, target))
+            except OSError as exc:  # (not a connect's errno: a bad address)
+                err = exc.errno or errno.EHOSTUNREACH
+            if err == errno.EINPROGRESS:
+                with trio.move_on_after(self.config.proxy.connect_timeout):
+                    await trio.lowlevel.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == errno.EINPROGRESS:
+                    sock.close()
+                    return None, "connect_timeout"
+        except BaseException:
             sock.close()
-            return None, "connect_timeout"
-        return trio.SocketStream(sock), ""
+            raise
+        if err == errno.ECONNREFUSED:
+            sock.close()
+            return None, "refused"
+        if err:
+            sock.close()
+            self._log.warning(
+                f"connect:{service}", "proxy: cannot connect to %s at %s:%d: %s",
+                inst.label, host, target, os.strerror(err),
+            )
+            return None, "unreachable"
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), ""
 
     async def _report(self, inst: Instance, reason: str) -> None:
         """Tell the supervisor that ``inst`` let a connection down; it checks the instance at
@@ -383,22 +395,20 @@ async def _send_proxy_header(
     return upstream, ""
 
 
-async def _watch_accepted(sock: trio.socket.SocketType, relay: Relay) -> None:
-    """Until the instance answers: if its kernel leaves our bytes unacknowledged past a
-    retransmission, it never accepted the connection (its listen backlog overflowed, and
-    Linux drops the handshake's last ACK then), so abandon the relay as ``unaccepted``: the
-    caller replays the bytes on a new connection. Returns once the bytes are acknowledged."""
-    delay = CONNECT_HOLD
-    while not relay.answered.is_set():
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        except OSError:
-            return
-        retransmits, unacked = info[2], struct.unpack_from("I", info, 24)[0]
-        if unacked == 0 and relay.activity.client_bytes:
-            return
-        if unacked and retransmits:
-            relay.abandon("unaccepted")
-            return
-        await trio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+def _unaccepted(sock: trio.socket.SocketType, relay: Relay) -> bool:
+    """The relay's watch until the instance answers: if its kernel leaves our bytes
+    unacknowledged past a retransmission, it never accepted the connection (its listen
+    backlog overflowed, and Linux drops the handshake's last ACK then), so abandon the relay
+    as ``unaccepted``: the caller replays the bytes on a new connection. True while it is
+    still to be seen."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return False
+    retransmits, unacked = info[2], struct.unpack_from("I", info, 24)[0]
+    if unacked == 0 and relay.activity.client_bytes:
+        return False
+    if unacked and retransmits:
+        relay.abandon("unaccepted")
+        return False
+    return True

@@ -30,17 +30,18 @@ import contextlib
 import fcntl
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
-from ..aio import first_of
-
 #: Bytes moved per splice(2) call: each pipe is made this large (if the kernel lets us).
 PIPE_SIZE = 1 << 20
 #: Bytes per read on the copy path.
 CHUNK = 1 << 16
+#: The longest interval between two calls of a relay's ``watch``.
+WATCH_MAX = 2.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -183,7 +184,10 @@ class Relay:
     answered). If the instance sends EOF before any byte while the client has sent bytes
     (all kept) but not its EOF, ``closed_unanswered()`` decides: True ends the relay as
     ``unanswered_reset`` (the instance is dead: replay elsewhere), False passes the EOF on.
-    Neither stream is closed.
+    ``on_answer()`` is called at the instance's first byte. Until then, ``watch()`` is called
+    ``watch_after`` seconds into the relay and at doubling intervals (at most
+    :data:`WATCH_MAX`) until it returns False; it may :meth:`abandon` the relay. Neither
+    stream is closed.
     """
 
     def __init__(
@@ -197,6 +201,9 @@ class Relay:
         client_eof: bool = False,
         keep: int = 0,
         closed_unanswered: Callable[[], Awaitable[bool]] | None = None,
+        on_answer: Callable[[], None] | None = None,
+        watch: Callable[[], bool] | None = None,
+        watch_after: float = 0.25,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -211,7 +218,11 @@ class Relay:
         #: Set at the instance's first byte.
         self.answered = trio.Event()
         self.closed_unanswered = closed_unanswered
+        self.on_answer = on_answer
+        self.watch = watch
+        self.watch_after = watch_after
         self._scope = trio.CancelScope()
+        self._pumping = 0
 
     def _note_client(self, n: int) -> None:
         self.activity.from_client(n, trio.current_time())
@@ -222,6 +233,8 @@ class Relay:
     def _note_instance(self, n: int) -> None:
         if not self.activity.instance_bytes:
             self.answered.set()
+            if self.on_answer is not None:
+                self.on_answer()
         self.activity.from_instance(n, trio.current_time())
         self.replay = None
 
@@ -231,17 +244,23 @@ class Relay:
             self._note_client(len(self.buffered))
         try:
             if self.buffered:
-                await self.upstream.send_all(self.buffered)
+                await _send_all(self.upstream, self.buffered)
             if self.client_eof:
                 self._note_eof()
-                await self.upstream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await _send_eof(self.upstream)
+        except (_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return "unanswered_reset"
+        # One nursery, two tasks besides this one: every task, checkpoint and cancellation
+        # is a cost per connection on the proxy's hot path. The last direction to end, or
+        # the first timer to fire, cancels the rest.
         with self._scope:
-            _, outcome = await first_of(self._both_ways, self._timers)
-            assert isinstance(outcome, str)
-            return outcome
-        return self._outcome or "unanswered_reset"
+            async with trio.open_nursery() as both:
+                self._pumping = 1 if self.client_eof else 2
+                both.start_soon(self._timers, both.cancel_scope)
+                if not self.client_eof:
+                    both.start_soon(self._direction, True, both.cancel_scope)
+                await self._direction(False, both.cancel_scope)
+        return self._outcome or "done"
 
     def _unanswered(self) -> bool:
         """The client sent bytes, all kept for a replay, and the instance sent none."""
@@ -257,26 +276,35 @@ class Relay:
             self._outcome = outcome
             self._scope.cancel()
 
-    async def _both_ways(self) -> str:
-        async with trio.open_nursery() as both:
-            if not self.client_eof:
-                both.start_soon(self._direction, True, both.cancel_scope)
-            both.start_soon(self._direction, False, both.cancel_scope)
-        return self._outcome or "done"
-
-    async def _timers(self) -> str:
+    async def _timers(self, both: trio.CancelScope) -> None:
         # Bytes never wake this task (that would cost a task switch per request). A deadline
         # can only move earlier when an answer or half-close clock starts, and such a clock
         # ends at least ``step`` after it starts: so waking at least every ``step`` is never
         # late.
         t = self.activity.timeouts
         step = min(t.answer, t.half_close)
+        every = self.watch_after
+        watch_at = self.activity.started + every if self.watch is not None else math.inf
         while True:
             deadline, reason = self.activity.deadline()
             now = trio.current_time()
             if now >= deadline:
-                return reason
-            await trio.sleep_until(min(deadline, now + step))
+                self._end(reason, both)
+                return
+            if now >= watch_at:
+                assert self.watch is not None
+                if self.activity.instance_bytes or not self.watch():
+                    watch_at = math.inf
+                else:
+                    every = min(every * 2, WATCH_MAX)
+                    watch_at = now + every
+            await trio.sleep_until(min(deadline, now + step, watch_at))
+
+    def _end(self, outcome: str, both: trio.CancelScope) -> None:
+        """End the relay with ``outcome``, unless it has one already."""
+        if self._outcome is None:
+            self._outcome = outcome
+        both.cancel()
 
     async def _direction(self, from_client: bool, both: trio.CancelScope) -> None:
         src, dst = (self.client, self.upstream) if from_client else (self.upstream, self.client)
@@ -289,60 +317,40 @@ class Relay:
                 and self.closed_unanswered is not None
                 and await self.closed_unanswered()
             ):
-                self._outcome = "unanswered_reset"
-                both.cancel()
+                self._end("unanswered_reset", both)
                 return
             self._note_eof()
             if from_client:
                 self.client_eof = True
             try:
-                await dst.send_eof()
+                await _send_eof(dst)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _Broken("dst") from exc
         except _Broken as exc:
             client_side = (exc.side == "src") == from_client
             if client_side:
-                self._outcome = "client_reset"
+                self._end("client_reset", both)
             elif not self.activity.instance_bytes and self.replay is not None:
                 # Unlike a FIN, a reset is never an answer: replay what the client sent, even
                 # nothing yet (a dying instance resets the connections in its accept queue,
                 # maybe before the client's request was read).
-                self._outcome = "unanswered_reset"
+                self._end("unanswered_reset", both)
             else:
-                self._outcome = "instance_reset"
+                self._end("instance_reset", both)
+            return
+        self._pumping -= 1
+        if not self._pumping:  # both sides sent EOF: done
             both.cancel()
 
     async def _pump(
         self, src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, from_client: bool
     ) -> None:
         """Move src to dst until src's EOF."""
+        if isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream):
+            await self._pump_sockets(src.socket, dst.socket, from_client)
+            return
         note = self._note_client if from_client else self._note_instance
-        pool = self.pool
-        splice = (
-            pool is not None
-            and isinstance(src, trio.SocketStream)
-            and isinstance(dst, trio.SocketStream)
-        )
         while True:
-            copying = from_client and self.replay is not None
-            if splice and not copying:
-                assert isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream)
-                assert pool is not None
-                try:
-                    await trio.lowlevel.wait_readable(src.socket)
-                except (trio.ClosedResourceError, OSError) as exc:
-                    raise _Broken("src") from exc
-                pipe = pool.take()
-                if pipe is not None:
-                    try:
-                        more = await _splice_burst(src.socket, dst.socket, pipe, note)
-                    except BaseException:
-                        pool.discard(pipe)  # it may hold bytes
-                        raise
-                    pool.give(pipe)
-                    if not more:
-                        return
-                    continue
             try:
                 data = await src.receive_some(CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -350,15 +358,104 @@ class Relay:
             if not data:
                 return
             note(len(data))
-            if copying and self.replay is not None:
-                if len(self.replay) + len(data) <= self.keep:
-                    self.replay.extend(data)
-                else:
-                    self.replay = None
+            if from_client:
+                self._keep(data)
             try:
                 await dst.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _Broken("dst") from exc
+
+    async def _pump_sockets(
+        self, src: trio.socket.SocketType, dst: trio.socket.SocketType, from_client: bool
+    ) -> None:
+        """:meth:`_pump` between sockets, by plain non-blocking calls that wait only when the
+        kernel says EAGAIN (trio's stream methods checkpoint at every call, a task switch)."""
+        note = self._note_client if from_client else self._note_instance
+        pool = self.pool
+        sfd = src.fileno()
+        busy = 0  # chunks copied in a row without waiting
+        while True:
+            if pool is not None and not (from_client and self.replay is not None):
+                pipe = pool.take()
+                if pipe is not None:
+                    try:
+                        more = await _splice_burst(src, dst, pipe, note)
+                    except BaseException:
+                        pool.discard(pipe)  # it may hold bytes
+                        raise
+                    pool.give(pipe)
+                    if not more:
+                        return
+                    await _wait(trio.lowlevel.wait_readable, src, "src")
+                    continue
+            try:
+                data = os.read(sfd, CHUNK)
+            except BlockingIOError:
+                busy = 0
+                await _wait(trio.lowlevel.wait_readable, src, "src")
+                continue
+            except OSError as exc:
+                raise _Broken("src") from exc
+            if not data:
+                return
+            note(len(data))
+            if from_client:
+                self._keep(data)
+            await _write_all(dst, data)
+            busy += 1
+            if busy >= 16:  # never waited for a while: let other tasks run
+                busy = 0
+                await trio.lowlevel.checkpoint()
+
+    def _keep(self, data: bytes | bytearray) -> None:
+        """Keep the client's ``data`` for a replay, while the bound allows."""
+        if self.replay is not None:
+            if len(self.replay) + len(data) <= self.keep:
+                self.replay.extend(data)
+            else:
+                self.replay = None
+
+
+async def _wait(
+    wait: Callable[[trio.socket.SocketType], Awaitable[None]],
+    sock: trio.socket.SocketType,
+    side: str,
+) -> None:
+    try:
+        await wait(sock)
+    except (trio.ClosedResourceError, OSError) as exc:
+        raise _Broken(side) from exc
+
+
+async def _write_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data`` to ``sock``; raises _Broken("dst")."""
+    fd = sock.fileno()
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            await _wait(trio.lowlevel.wait_writable, sock, "dst")
+            continue
+        except OSError as exc:
+            raise _Broken("dst") from exc
+        view = view[n:]
+
+
+async def _send_all(stream: trio.abc.SendStream, data: bytes) -> None:
+    if isinstance(stream, trio.SocketStream):
+        await _write_all(stream.socket, data)
+    else:
+        await stream.send_all(data)
+
+
+async def _send_eof(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close ``stream``; a socket's at once (trio's send_eof checkpoints, a cost per
+    connection). Raises OSError or trio's stream errors."""
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.shutdown(socket.SHUT_WR)
+    else:
+        await stream.send_eof()
 
 
 async def _splice_burst(
