@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from jitlaunch.proxy.relay import Activity, PipePool, Relay, Timeouts
+from jitlaunch.proxy.relay import SPLICE_AFTER, Activity, PipePool, Relay, Timeouts
 
 T = Timeouts(first_data=10, answer=30, idle=600, half_close=20)
 
@@ -249,6 +249,7 @@ async def test_relay_moves_bulk_both_ways_with_or_without_pipes(limit: int) -> N
             assert await Relay(client, upstream, T, pool, keep=1000).run() == "done"
     assert bytes(got_up) == up and bytes(got_down) == down
     assert pool.open <= limit
+    assert pool.open == min(limit, 2)  # bulk went through pipes: one per direction
     pool.close()
     for s in (user, client, upstream, instance):
         await s.aclose()
@@ -301,3 +302,35 @@ async def test_a_reset_before_the_clients_first_byte_is_replayable(
     relay = Relay(client, dead, T, None, keep=100)
     assert await relay.run() == "unanswered_reset"
     assert relay.replay == b"" and not relay.client_eof
+
+
+async def test_a_small_exchange_is_copied_not_spliced() -> None:
+    """Below SPLICE_AFTER a read and a write cost less than splicing through a pipe: a small
+    request and answer take no pipe; one large answer makes its direction splice."""
+    for size, pipes in ((100, 0), (SPLICE_AFTER * 4, 1)):
+        user, client = socket_streams()
+        upstream, instance = socket_streams()
+        pool = PipePool(4)
+
+        async def serve(size: int = size) -> None:
+            assert await instance.receive_some(100) == b"GET"
+            await instance.send_all(b"x" * size)
+            await instance.send_eof()
+
+        async def use(size: int = size) -> None:
+            await user.send_all(b"GET")
+            await user.send_eof()
+            got = 0
+            while chunk := await user.receive_some(65536):
+                got += len(chunk)
+            assert got == size
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(serve)
+                n.start_soon(use)
+                assert await Relay(client, upstream, T, pool, keep=1000).run() == "done"
+        assert pool.open == pipes, size
+        pool.close()
+        for s in (user, client, upstream, instance):
+            await s.aclose()

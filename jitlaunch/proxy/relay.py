@@ -1,8 +1,10 @@
 """One relayed connection: bytes both ways between a client and an instance, and its timers.
 
-Bytes go socket -> pipe -> socket with splice(2), never through Python, when both ends are
-sockets and a pipe is free; otherwise (no pipe left, or streams that are not sockets, as in
-tests) they are copied through a 64 KiB buffer. Either way a chunk is fully sent before the
+Bytes are copied through a 64 KiB buffer until a direction carries bulk (one read of
+:data:`SPLICE_AFTER` bytes); from then on they go socket -> pipe -> socket with splice(2),
+never through Python, when both ends are sockets and a pipe is free (else they are still
+copied). Between sockets the relay makes plain non-blocking calls and waits only when the
+kernel says EAGAIN. Either way a chunk is fully sent before the
 next is read, so a slow reader slows the writer down (backpressure, no unbounded buffering).
 A FIN is passed on as a half-close.
 
@@ -40,6 +42,9 @@ import trio
 PIPE_SIZE = 1 << 20
 #: Bytes per read on the copy path.
 CHUNK = 1 << 16
+#: A read of at least this many bytes switches its direction to splice(2): for less, a read
+#: and a write cost fewer system calls than splicing in and out of a pipe.
+SPLICE_AFTER = 1 << 14
 #: The longest interval between two calls of a relay's ``watch``.
 WATCH_MAX = 2.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -374,8 +379,9 @@ class Relay:
         pool = self.pool
         sfd = src.fileno()
         busy = 0  # chunks copied in a row without waiting
+        bulk = False  # a read filled SPLICE_AFTER: splice from now on
         while True:
-            if pool is not None and not (from_client and self.replay is not None):
+            if bulk and pool is not None and not (from_client and self.replay is not None):
                 pipe = pool.take()
                 if pipe is not None:
                     try:
@@ -401,6 +407,7 @@ class Relay:
             note(len(data))
             if from_client:
                 self._keep(data)
+            bulk = len(data) >= SPLICE_AFTER
             await _write_all(dst, data)
             busy += 1
             if busy >= 16:  # never waited for a while: let other tasks run

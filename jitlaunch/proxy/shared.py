@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 
 import trio
 
@@ -210,11 +211,21 @@ class SharedFronts:
                     ) -> Verdict | None:
         """Feed the router until it decides: its verdict; ``more`` if the client closed
         first; None past ``proxy.first_data_timeout``."""
+        sock = stream.socket
         with trio.move_on_after(self.proxy.config.proxy.first_data_timeout):
             while True:
+                # Plain non-blocking reads, waiting only on EAGAIN (receive_some would
+                # checkpoint at every call: a task switch per connection).
                 try:
-                    data = await stream.receive_some(_READ)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = os.read(sock.fileno(), _READ)
+                except BlockingIOError:
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except (trio.ClosedResourceError, OSError):
+                        data = b""
+                    else:
+                        continue
+                except OSError:
                     data = b""
                 verdict = reader.feed(data) if data else Verdict("more")
                 if verdict.kind != "more" or not data:
