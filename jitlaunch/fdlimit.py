@@ -3,7 +3,7 @@ many proxied connections fit.
 
 Each proxied connection is budgeted three descriptors: its two sockets, and a share of the
 splice pipes (at most one pipe, two descriptors, per two connections, see
-:class:`jitlaunch.proxy.relay.PipePool`). A reserve is kept for everything else the daemon
+:class:`jitlaunch.proxy.pipes.PipePool`). A reserve is kept for everything else the daemon
 holds: DNS over TCP, listeners, instance processes, logs and QMP sockets.
 """
 

@@ -3,6 +3,7 @@ metrics scrape, the fake backend of the lifecycle tests. Fixtures live in confte
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import trio
@@ -222,3 +223,44 @@ while time.monotonic() < end:
     time.sleep(0.25)
 print(fetches, len(failures), failures[:3], flush=True)
 """
+
+
+#: HAProxy as an instance, the reference PROXY v2 parser (``accept-proxy`` refuses a
+#: connection without a valid header): run as ``python - ADDRESS PORT CFG``, it answers each
+#: HTTP request with the addresses it read and the Host header:
+#: ``SRC SRC_PORT DST DST_PORT HOST``.
+HAPROXY_V2_INSTANCE = """
+import os, sys
+host, port, cfg = sys.argv[1], sys.argv[2], sys.argv[3]
+bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+fmt = "%[src] %[src_port] %[dst] %[dst_port] %[req.hdr(host)]"
+with open(cfg, "w") as f:
+    f.write(f'''global
+  maxconn 64
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 5s
+  timeout server 5s
+frontend fe
+  bind {bind} accept-proxy
+  http-request return status 200 content-type text/plain lf-string "{fmt}"
+''')
+os.execvp("haproxy", ["haproxy", "-db", "-f", cfg])
+"""
+
+
+def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
+    """The first flight of Python's TLS client for ``server_name`` (None: no SNI)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        conn.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a TLS client finished a handshake with no server")

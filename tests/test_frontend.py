@@ -19,7 +19,7 @@ import trio
 from jitlaunch.daemon import Daemon
 
 from .conftest import DEMO, answers, config_text, fresh_block, load, query_udp, running, wait_until
-from .helpers import get, scrape
+from .helpers import HAPROXY_V2_INSTANCE, get, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -212,27 +212,6 @@ async def test_sni_frontend_passes_tls_through(tmp_path: Path, block: str) -> No
         assert d.shared.routed == {("tls", "alpha"): 3, ("tls", "beta"): 3}
 
 
-#: HAProxy as the instance, the reference PROXY v2 parser (``accept-proxy`` refuses a
-#: connection without a valid header): it answers with the addresses it read.
-HAPROXY = """
-import os, sys
-host, port, cfg = sys.argv[1], sys.argv[2], sys.argv[3]
-bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-fmt = "%[src] %[src_port] %[dst] %[dst_port] %[req.hdr(host)]"
-with open(cfg, "w") as f:
-    f.write(f'''global
-  maxconn 64
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 5s
-  timeout server 5s
-frontend fe
-  bind {bind} accept-proxy
-  http-request return status 200 content-type text/plain lf-string "{fmt}"
-''')
-os.execvp("haproxy", ["haproxy", "-db", "-f", cfg])
-"""
 
 
 def v6_loopback() -> bool:
@@ -254,7 +233,7 @@ async def test_proxy_v2_through_a_host_frontend(tmp_path: Path, block: str, fami
         s.bind((addr, 0))
         port = s.getsockname()[1]
     script = tmp_path / "haproxy.py"
-    script.write_text(HAPROXY)
+    script.write_text(HAPROXY_V2_INSTANCE)
     listen = f"[{addr}]:{port}" if family == "v6" else f"{addr}:{port}"
     cfg = load(config_text(tmp_path / "state", f"""
 [[frontend]]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import trio
 from jitlaunch.daemon import Daemon
 
 from .conftest import DEMO, config_text, load, running, wait_until
+from .helpers import client_hello
 
 
 def free_port(host: str) -> int:
@@ -47,15 +47,6 @@ command = "{DEMO}"
          "max_connections_per_source = 4096\n")
 
 
-def client_hello(name: str) -> bytes:
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 def fds() -> int:

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from .conftest import config_text, load, running, wait_until
+from .helpers import HAPROXY_V2_INSTANCE
 
 #: A process-backend instance that reads one PROXY v2 header and answers with what it says.
 PARSER = """
@@ -48,25 +49,6 @@ while True:
     conn.close()
 """
 
-#: HAProxy in the foreground, in HTTP mode, answering each request with the addresses it read.
-HAPROXY = """
-import os, sys
-host, port, cfg = sys.argv[1], sys.argv[2], sys.argv[3]
-bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-with open(cfg, "w") as f:
-    f.write(f'''global
-  maxconn 64
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 5s
-  timeout server 5s
-frontend fe
-  bind {bind} accept-proxy
-  http-request return status 200 content-type text/plain lf-string "%[src] %[src_port] %[dst] %[dst_port]"
-''')
-os.execvp("haproxy", ["haproxy", "-db", "-f", cfg])
-"""
 
 
 def service(front: str, port: int, command: str) -> str:
@@ -140,7 +122,7 @@ async def test_haproxy_accepts_the_header(tmp_path: Path, block: str, family: st
     front = f"{block}.1" if family == "v4" else "::1"
     port = free_port(front)
     script = tmp_path / "haproxy.py"
-    script.write_text(HAPROXY)
+    script.write_text(HAPROXY_V2_INSTANCE)
     cfg_file = tmp_path / "haproxy.cfg"
     command = f'"{sys.executable} {script} {{address}} {{port}} {cfg_file}"'
     cfg = load(config_text(tmp_path / "state", service(front, port, command)))
@@ -149,7 +131,7 @@ async def test_haproxy_accepts_the_header(tmp_path: Path, block: str, family: st
             front, port, b"GET / HTTP/1.1\r\nHost: pp\r\nConnection: close\r\n\r\n")
         head, _, body = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), reply
-        assert body.decode().split() == [me[0], str(me[1]), front, str(port)]
+        assert body.decode().split() == [me[0], str(me[1]), front, str(port), "pp"]
         await wait_until(lambda: d.proxy.open == 0)
 
 

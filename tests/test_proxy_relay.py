@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from jitlaunch.proxy.relay import SPLICE_AFTER, Activity, PipePool, Relay, Timeouts
+from jitlaunch.proxy.pipes import PipePool
+from jitlaunch.proxy.relay import SPLICE_AFTER, Activity, Relay, Timeouts
 
 T = Timeouts(first_data=10, answer=30, idle=600, half_close=20)
 
@@ -304,33 +305,33 @@ async def test_a_reset_before_the_clients_first_byte_is_replayable(
     assert relay.replay == b"" and not relay.client_eof
 
 
-async def test_a_small_exchange_is_copied_not_spliced() -> None:
+@pytest.mark.parametrize(("size", "pipes"), [(100, 0), (SPLICE_AFTER * 4, 1)])
+async def test_a_small_exchange_is_copied_not_spliced(size: int, pipes: int) -> None:
     """Below SPLICE_AFTER a read and a write cost less than splicing through a pipe: a small
     request and answer take no pipe; one large answer makes its direction splice."""
-    for size, pipes in ((100, 0), (SPLICE_AFTER * 4, 1)):
-        user, client = socket_streams()
-        upstream, instance = socket_streams()
-        pool = PipePool(4)
+    user, client = socket_streams()
+    upstream, instance = socket_streams()
+    pool = PipePool(4)
 
-        async def serve(size: int = size) -> None:
-            assert await instance.receive_some(100) == b"GET"
-            await instance.send_all(b"x" * size)
-            await instance.send_eof()
+    async def serve() -> None:
+        assert await instance.receive_some(100) == b"GET"
+        await instance.send_all(b"x" * size)
+        await instance.send_eof()
 
-        async def use(size: int = size) -> None:
-            await user.send_all(b"GET")
-            await user.send_eof()
-            got = 0
-            while chunk := await user.receive_some(65536):
-                got += len(chunk)
-            assert got == size
+    async def use() -> None:
+        await user.send_all(b"GET")
+        await user.send_eof()
+        got = 0
+        while chunk := await user.receive_some(65536):
+            got += len(chunk)
+        assert got == size
 
-        with trio.fail_after(30):
-            async with trio.open_nursery() as n:
-                n.start_soon(serve)
-                n.start_soon(use)
-                assert await Relay(client, upstream, T, pool, keep=1000).run() == "done"
-        assert pool.open == pipes, size
-        pool.close()
-        for s in (user, client, upstream, instance):
-            await s.aclose()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(serve)
+            n.start_soon(use)
+            assert await Relay(client, upstream, T, pool, keep=1000).run() == "done"
+    assert pool.open == pipes
+    pool.close()
+    for s in (user, client, upstream, instance):
+        await s.aclose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import ssl
 import struct
 
 import pytest
@@ -19,19 +18,7 @@ from hypothesis import strategies as st
 from jitlaunch.proxy.proxyproto import SIGNATURE, proxy_v2_header
 from jitlaunch.proxy.sni import MAX_BYTES, MORE, NO_SNI, SniReader, Verdict
 
-
-def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
-    """The first flight of Python's TLS client for ``server_name`` (None: no SNI)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        conn.do_handshake()
-    return outgoing.read()
+from .helpers import client_hello
 
 
 def in_records(hello: bytes, sizes: list[int]) -> bytes:

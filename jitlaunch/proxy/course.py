@@ -38,8 +38,9 @@ from ..errors import BootFailed
 from ..lifecycle.runtime import Instance
 from ..lifecycle.state import State
 from ..logutil import LimitedLog
+from .pipes import PipePool
 from .proxyproto import proxy_v2_header
-from .relay import PipePool, Relay, Timeouts
+from .relay import Relay, Timeouts
 
 #: Between connects to an instance that refused (its listen backlog is full): doubling.
 RETRY_FIRST = 0.005

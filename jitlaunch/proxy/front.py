@@ -47,7 +47,8 @@ from ..logutil import LimitedLog
 from ..net import bound_endpoint, fd_shortage, listen_tcp, serve
 from ..slots import Slot, Slots
 from .course import TIMERS, Course, Instances
-from .relay import PipePool, Timeouts
+from .pipes import PipePool
+from .relay import Timeouts
 
 log = logging.getLogger("jitlaunch.proxy")
 

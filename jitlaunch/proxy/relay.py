@@ -28,18 +28,15 @@ The timers (:class:`Activity`, pure) end a relay when
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
-#: Bytes moved per splice(2) call: each pipe is made this large (if the kernel lets us).
-PIPE_SIZE = 1 << 20
+from .pipes import Broken, PipePool, send_all, send_eof, splice_burst, wait, write_all
+
 #: Bytes per read on the copy path.
 CHUNK = 1 << 16
 #: A read of at least this many bytes switches its direction to splice(2): for less, a read
@@ -47,8 +44,6 @@ CHUNK = 1 << 16
 SPLICE_AFTER = 1 << 14
 #: The longest interval between two calls of a relay's ``watch``.
 WATCH_MAX = 2.0
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 #: How a relay can end. ``done``: both sides sent EOF. ``client_reset``/``instance_reset``:
 #: that side broke the connection. ``unanswered_reset``: the instance broke it before sending
@@ -58,57 +53,6 @@ OUTCOMES = (
     "done", "client_reset", "instance_reset", "unanswered_reset", "unaccepted",
     "first_data", "no_answer", "first_answer", "idle", "half_close",
 )
-
-
-class PipePool:
-    """Splice pipes shared by every relay: at most ``limit`` open at once, up to ``keep`` of
-    them kept open while unused. :meth:`take` returns None when none can be had (the caller
-    copies through Python instead), never raises."""
-
-    def __init__(self, limit: int, keep: int = 64) -> None:
-        self.limit = limit
-        self.keep = keep
-        #: Pipes open now, lent or idle.
-        self.open = 0
-        #: Times a pipe could not be had (at the limit, or pipe2 failed).
-        self.misses = 0
-        self._idle: list[tuple[int, int]] = []
-
-    def take(self) -> tuple[int, int] | None:
-        if self._idle:
-            return self._idle.pop()
-        if self.open >= self.limit:
-            self.misses += 1
-            return None
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:  # EMFILE, ENFILE: carry on without
-            self.misses += 1
-            return None
-        with contextlib.suppress(OSError):  # a larger pipe moves more per call, if allowed
-            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-        self.open += 1
-        return r, w
-
-    def give(self, pipe: tuple[int, int]) -> None:
-        """Return an empty pipe."""
-        if len(self._idle) < self.keep:
-            self._idle.append(pipe)
-        else:
-            self.discard(pipe)
-
-    def discard(self, pipe: tuple[int, int]) -> None:
-        """Close a pipe that may still hold data."""
-        self.open -= 1
-        for fd in pipe:
-            os.close(fd)
-
-    def close(self) -> None:
-        while self._idle:
-            self.discard(self._idle.pop())
-
-    def __repr__(self) -> str:
-        return f"<PipePool open={self.open}/{self.limit} idle={len(self._idle)}>"
 
 
 @dataclass(frozen=True)
@@ -169,14 +113,6 @@ class Activity:
             f"<Activity client={self.client_bytes} instance={self.instance_bytes} "
             f"deadline={self.deadline()}>"
         )
-
-
-class _Broken(Exception):
-    """One side of a relay broke; ``side`` is ``"src"`` or ``"dst"`` of the pump."""
-
-    def __init__(self, side: str) -> None:
-        super().__init__(side)
-        self.side = side
 
 
 class Relay:
@@ -249,11 +185,11 @@ class Relay:
             self._note_client(len(self.buffered))
         try:
             if self.buffered:
-                await _send_all(self.upstream, self.buffered)
+                await send_all(self.upstream, self.buffered)
             if self.client_eof:
                 self._note_eof()
-                await _send_eof(self.upstream)
-        except (_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await send_eof(self.upstream)
+        except (Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return "unanswered_reset"
         # One nursery, two tasks besides this one: every task, checkpoint and cancellation
         # is a cost per connection on the proxy's hot path. The last direction to end, or
@@ -328,10 +264,10 @@ class Relay:
             if from_client:
                 self.client_eof = True
             try:
-                await _send_eof(dst)
+                await send_eof(dst)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _Broken("dst") from exc
-        except _Broken as exc:
+                raise Broken("dst") from exc
+        except Broken as exc:
             client_side = (exc.side == "src") == from_client
             if client_side:
                 self._end("client_reset", both)
@@ -359,7 +295,7 @@ class Relay:
             try:
                 data = await src.receive_some(CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _Broken("src") from exc
+                raise Broken("src") from exc
             if not data:
                 return
             note(len(data))
@@ -368,7 +304,7 @@ class Relay:
             try:
                 await dst.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _Broken("dst") from exc
+                raise Broken("dst") from exc
 
     async def _pump_sockets(
         self, src: trio.socket.SocketType, dst: trio.socket.SocketType, from_client: bool
@@ -385,30 +321,30 @@ class Relay:
                 pipe = pool.take()
                 if pipe is not None:
                     try:
-                        more = await _splice_burst(src, dst, pipe, note)
+                        more = await splice_burst(src, dst, pipe, note)
                     except BaseException:
                         pool.discard(pipe)  # it may hold bytes
                         raise
                     pool.give(pipe)
                     if not more:
                         return
-                    await _wait(trio.lowlevel.wait_readable, src, "src")
+                    await wait(trio.lowlevel.wait_readable, src, "src")
                     continue
             try:
                 data = os.read(sfd, CHUNK)
             except BlockingIOError:
                 busy = 0
-                await _wait(trio.lowlevel.wait_readable, src, "src")
+                await wait(trio.lowlevel.wait_readable, src, "src")
                 continue
             except OSError as exc:
-                raise _Broken("src") from exc
+                raise Broken("src") from exc
             if not data:
                 return
             note(len(data))
             if from_client:
                 self._keep(data)
             bulk = len(data) >= SPLICE_AFTER
-            await _write_all(dst, data)
+            await write_all(dst, data)
             busy += 1
             if busy >= 16:  # never waited for a while: let other tasks run
                 busy = 0
@@ -421,85 +357,3 @@ class Relay:
                 self.replay.extend(data)
             else:
                 self.replay = None
-
-
-async def _wait(
-    wait: Callable[[trio.socket.SocketType], Awaitable[None]],
-    sock: trio.socket.SocketType,
-    side: str,
-) -> None:
-    try:
-        await wait(sock)
-    except (trio.ClosedResourceError, OSError) as exc:
-        raise _Broken(side) from exc
-
-
-async def _write_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    """Write all of ``data`` to ``sock``; raises _Broken("dst")."""
-    fd = sock.fileno()
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            await _wait(trio.lowlevel.wait_writable, sock, "dst")
-            continue
-        except OSError as exc:
-            raise _Broken("dst") from exc
-        view = view[n:]
-
-
-async def _send_all(stream: trio.abc.SendStream, data: bytes) -> None:
-    if isinstance(stream, trio.SocketStream):
-        await _write_all(stream.socket, data)
-    else:
-        await stream.send_all(data)
-
-
-async def _send_eof(stream: trio.abc.HalfCloseableStream) -> None:
-    """Half-close ``stream``; a socket's at once (trio's send_eof checkpoints, a cost per
-    connection). Raises OSError or trio's stream errors."""
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.shutdown(socket.SHUT_WR)
-    else:
-        await stream.send_eof()
-
-
-async def _splice_burst(
-    src: trio.socket.SocketType,
-    dst: trio.socket.SocketType,
-    pipe: tuple[int, int],
-    note: Callable[[int], None],
-) -> bool:
-    """Move what ``src`` has now to ``dst`` through ``pipe``; False at src's EOF.
-
-    Returns with the pipe empty. Raises _Broken naming the side that failed.
-    """
-    r, w = pipe
-    sfd, dfd = src.fileno(), dst.fileno()
-    busy = 0  # chunks moved in a row without waiting
-    while True:
-        try:
-            n = os.splice(sfd, w, PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            raise _Broken("src") from exc
-        if n == 0:
-            return False
-        note(n)
-        while n:
-            try:
-                n -= os.splice(r, dfd, n, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                busy = 0
-                try:
-                    await trio.lowlevel.wait_writable(dst)
-                except (trio.ClosedResourceError, OSError) as exc:
-                    raise _Broken("dst") from exc
-            except OSError as exc:
-                raise _Broken("dst") from exc
-        busy += 1
-        if busy >= 16:  # never waited for a while: let other tasks run
-            busy = 0
-            await trio.lowlevel.checkpoint()
