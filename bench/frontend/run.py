@@ -294,7 +294,7 @@ def report(args: argparse.Namespace, raw: dict[tuple[str, str], dict[str, list]]
     med = {k: {m: (median(v) if v else None) for m, v in r.items()} for k, r in raw.items()}
     rows = [["mode", "path", "conn/s", "CPU µs/conn", "p50 µs", "p99 µs", "added p50 µs",
              "connect p50 µs", "rest p50 µs", "MB/s"]]
-    verdicts, lines, ratios = [], [], {}
+    verdicts, lines, ratios, where = [], [], {}, []
     for mode in MODES:
         direct = med[(mode, "direct")]["p50"]
         for path in PATHS:
@@ -311,6 +311,13 @@ def report(args: argparse.Namespace, raw: dict[tuple[str, str], dict[str, list]]
         ratios[mode] = {"conns_pct_of_haproxy": conns_pct, "throughput_pct_of_haproxy": tp_pct,
                         "added_p50_us": added_s, "haproxy_added_p50_us": added_h,
                         "added_p50_ratio": lat_ratio}
+        o, d = med[(mode, "own")], med[(mode, "direct")]
+        where.append(
+            f"{mode}: where the shared path's p50 goes, over direct: accept (the client's "
+            f"connect) {s['connect_p50'] - d['connect_p50']:+.0f} µs; routing (shared - own) "
+            f"{s['rest_p50'] - o['rest_p50']:+.0f} µs; the proxy's hop (own - direct: the "
+            f"handler task, the connect to the instance, the relay to the first byte back) "
+            f"{o['rest_p50'] - d['rest_p50']:+.0f} µs")
         for ok, text in (
             (conns_pct >= TARGET_CONNS_PCT, f"{mode}: conn/s {conns_pct:.0f} % of HAProxy's "
              f"(target >= {TARGET_CONNS_PCT:.0f} %)"),
@@ -327,7 +334,7 @@ def report(args: argparse.Namespace, raw: dict[tuple[str, str], dict[str, list]]
         f"TCP mode), {args.runs} runs, medians; {args.threads} client threads x "
         f"{args.seconds:g} s for conn/s, {args.latency} sequential connections for latency, "
         f"{args.size_mib} MiB download",
-        "", table(rows), "", *lines,
+        "", table(rows), "", *where, "", *lines,
     ])
     print()
     print(text)
