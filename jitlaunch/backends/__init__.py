@@ -19,6 +19,7 @@ _MODULES = {
     "process": "jitlaunch.backends.process",
     "qemu": "jitlaunch.backends.qemu",
     "libvirt": "jitlaunch.backends.libvirt",
+    "podman": "jitlaunch.backends.podman",
 }
 
 
@@ -69,4 +70,9 @@ def create_backends(config: Config) -> dict[str, Backend]:
 
         libvirt_services = [s for s in config.services if s.backend == "libvirt"]
         backends["libvirt"] = LibvirtBackend(config.daemon.state_dir, libvirt_services)
+    if "podman" in used:
+        from .podman import PodmanBackend
+
+        podman_services = [s for s in config.services if s.backend == "podman"]
+        backends["podman"] = PodmanBackend(config.daemon.state_dir, podman_services)
     return backends

@@ -58,8 +58,12 @@ from ..config import HostConfig, ServiceConfig, WakeConfig
 #: shared libraries; the reduced qemu-system-x86_64-microvm idles at 14.5 MiB. One figure for
 #: both, on the safe side: the budget may admit fewer reduced-build instances than would fit.
 QEMU_OVERHEAD = 32
-#: What a process-backend instance is assumed to take (MiB): it has no memory setting.
+#: What a process-backend instance is assumed to take (MiB): it has no memory setting (nor
+#: has a podman container without ``memory``).
 PROCESS_MEMORY = 32
+#: What podman's conmon and slirp4netns take per container beyond the container (MiB),
+#: measured with bench/podman (RSS: conmon ~1.5 MiB, slirp4netns ~3 MiB), rounded up.
+PODMAN_OVERHEAD = 8
 #: Default ``max_instances``: one instance per this many MiB of the memory budget.
 MIB_PER_INSTANCE = 32
 #: Default ``memory``: this share of MemTotal.
@@ -105,6 +109,9 @@ def instance_memory(svc: ServiceConfig) -> int:
     """What one instance of ``svc`` counts against the memory budget, in MiB."""
     if svc.backend in ("qemu", "libvirt"):
         return int(getattr(svc.settings, "memory", 0)) + QEMU_OVERHEAD
+    if svc.backend == "podman":
+        memory = getattr(svc.settings, "memory", None)
+        return (PROCESS_MEMORY if memory is None else int(memory)) + PODMAN_OVERHEAD
     return PROCESS_MEMORY
 
 

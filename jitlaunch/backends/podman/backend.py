@@ -1,0 +1,273 @@
+"""The podman backend: an instance is a container, made from a local image by ``podman run``
+(see :mod:`.settings` for the command line and :mod:`.cli` for how podman is driven).
+
+* Ready: a TCP socket listens on the service's first port inside the container's network
+  namespace (read from /proc, no connection: the published port's forwarder accepts before
+  anything listens), or, with ``ready = "log:TEXT"``, a line of its output holds TEXT.
+* Stop modes: ``destroy`` (``podman rm --force --time 0``), ``shutdown`` (``podman stop``
+  within the grace, then removed), ``pause`` (``podman pause``: the freezer; the next start
+  unpauses it) and ``save`` (``podman container checkpoint``, CRIU; where CRIU cannot work,
+  said once at start, an idle instance is paused instead: nothing is lost).
+* Exits: the container's first process is watched with a pidfd; a container that exits or
+  is removed from outside is noticed at once. The health probe also says unhealthy when the
+  container is frozen by someone else (``podman pause`` from outside).
+* Leftovers: every container carries the state directory as a label; at start the backend
+  removes the containers whose label is exactly its state directory, and no other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+from pathlib import Path
+
+import trio
+
+from ...config import ServiceConfig
+from ...errors import BootFailed
+from ..base import Backend, Handle, process_state
+from ..owner import state_id
+from ..pool import WarmPools
+from ..vm import HostPorts
+from .cli import frozen, listening, podman, read_pid, wait_pid_gone
+from .settings import LABEL_STATE_DIR, PodmanSettings, container_name, run_argv
+
+log = logging.getLogger("jitlaunch.podman")
+
+STOP_MODES = ("destroy", "shutdown", "pause", "save")
+#: How often readiness is polled (a /proc read, or the log file).
+READY_POLL = 0.005
+
+
+class PodmanHandle(Handle):
+    def __init__(self, backend: PodmanBackend, service: ServiceConfig, name: str, pid: int,
+                 publish: dict[int, int], log_path: Path) -> None:
+        self.backend = backend
+        self.service = service
+        self.settings: PodmanSettings = service.settings
+        self.name = name
+        self.main = self.pid = pid  # the container's first process (not our child)
+        self.publish = publish
+        self.log_path = log_path
+        self.checkpointed = False
+        self.removed = False
+
+    def __repr__(self) -> str:
+        return f"<PodmanHandle {self.name} pid={self.pid}>"
+
+    def describe(self) -> str:
+        return f"{self.name} pid={self.pid}"
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        return "127.0.0.1", self.publish.get(port, port)
+
+    async def wait_ready(self) -> None:
+        port = self.settings.container_ports[0]
+        needle = self.settings.ready_log.encode() if self.settings.ready_log else None
+        while True:
+            if needle is not None:
+                try:
+                    if needle in self.log_path.read_bytes():
+                        return
+                except OSError:
+                    pass
+            elif listening(self.main, port):
+                return
+            await trio.sleep(READY_POLL)
+
+    async def wait_exited(self) -> str:
+        await wait_pid_gone(self.main)
+        return "the container has exited"
+
+    def alive(self) -> bool:
+        if self.checkpointed:
+            return True  # (no process while checkpointed; the restore makes one)
+        state = process_state(self.main)
+        return state is not None and state != "Z"
+
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
+        if not self.alive():
+            return "the container has exited"
+        if frozen(None, self.main):
+            return "the container is paused (podman pause, from outside)"
+        port = self.settings.container_ports[0]
+        if self.settings.ready_log is None and not listening(self.main, port):
+            return f"nothing listens on port {port} in the container"
+        return None
+
+    async def stop(self, mode: str, grace: float) -> bool:
+        binary = self.settings.binary
+        if mode == "save" and self.backend.criu_problem is None:
+            try:
+                await podman(binary, "container", "checkpoint", self.name)
+            except BootFailed as exc:
+                log.warning("%s: checkpoint failed (%s); pausing it instead", self.name, exc)
+            else:
+                self.checkpointed = True
+                return True
+        if mode in ("pause", "save"):
+            try:
+                await podman(binary, "pause", self.name)
+                return True
+            except BootFailed as exc:
+                log.warning("%s: cannot pause it (%s); removing it", self.name, exc)
+        await self.remove(grace if mode == "shutdown" else 0)
+        return False
+
+    async def remove(self, grace: float) -> None:
+        """Stop (within ``grace``; 0: kill) and remove the container; release its ports."""
+        if self.removed:
+            return
+        binary = self.settings.binary
+        try:
+            if grace > 0:
+                await podman(binary, "stop", "--time", str(max(1, round(grace))), self.name,
+                             timeout=grace + 30)
+            await podman(binary, "rm", "--force", "--time", "0", self.name)
+        except BootFailed as exc:
+            log.error("%s: cannot remove the container: %s", self.name, exc)
+        finally:
+            self.removed = True
+            self.backend.ports.forget(self.publish)
+
+    async def resume(self) -> None:
+        """Thaw a paused container, or restore a checkpointed one."""
+        binary = self.settings.binary
+        if self.checkpointed:
+            await podman(binary, "container", "restore", self.name)
+            self.checkpointed = False
+            self.main = self.pid = int(await podman(
+                binary, "inspect", "--format", "{{.State.Pid}}", self.name))
+            self.wake = "restore"
+        else:
+            await podman(binary, "unpause", self.name)
+            self.wake = "resume"
+
+
+class PodmanBackend(Backend):
+    name = "podman"
+
+    def __init__(self, state_dir: Path, services: list[ServiceConfig]) -> None:
+        self.state_dir = state_dir.resolve()
+        self.id = state_id(state_dir)
+        self.log_dir = self.state_dir / "logs"
+        self.run_dir = self.state_dir / "podman"
+        self.ports = HostPorts()
+        self.services = services
+        self._serial = itertools.count(1)
+        #: Why CRIU cannot checkpoint here (None: it can), for stop = "save".
+        self.criu_problem: str | None = "not checked yet"
+        self.pools: WarmPools[PodmanHandle] = WarmPools(
+            services, size=lambda s: s.settings.pool, fillable=lambda s: True,
+            make=self._pool_member, log=log)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        binary = self.services[0].settings.binary if self.services else "podman"
+        for line in await self.sweep(binary):
+            log.warning("removed a container left by an earlier run: %s", line)
+        if any(s.stop == "save" for s in self.services):
+            self.criu_problem = await criu_problem()
+            if self.criu_problem is not None:
+                for svc in self.services:
+                    if svc.stop == "save":
+                        log.warning('%s: stop = "save" cannot work here: %s; idle instances '
+                                    "are paused instead", svc.name, self.criu_problem)
+        task_status.started()
+        await self.pools.keep()
+
+    async def sweep(self, binary: str) -> list[str]:
+        """Remove every container labelled with exactly this state directory."""
+        if shutil.which(binary) is None:
+            return []
+        out = await podman(binary, "ps", "--all", "--filter",
+                           f"label={LABEL_STATE_DIR}={self.state_dir}",
+                           "--format", "{{.ID}} {{.Names}}")
+        found = [line.split() for line in out.splitlines() if line.strip()]
+        if found:
+            await podman(binary, "rm", "--force", "--time", "0", *(f[0] for f in found))
+        return [" ".join(f) for f in found]
+
+    async def start(self, service: ServiceConfig, number: int, saved: Handle | None) -> Handle:
+        if isinstance(saved, PodmanHandle):
+            await saved.resume()
+            return saved
+        member = self.pools.take(service.name)
+        if member is not None:
+            if member.alive():
+                await member.resume()
+                member.wake = "pool"
+                return member
+            await member.remove(0)
+        return await self._run(service, number)
+
+    async def _run(self, service: ServiceConfig, number: int) -> PodmanHandle:
+        s: PodmanSettings = service.settings
+        name = container_name(self.id, service.name, number, next(self._serial))
+        try:
+            self.log_dir.mkdir(mode=0o750, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, exist_ok=True)
+            publish = self.ports.pick(service.ports)
+        except OSError as exc:
+            raise BootFailed(f"cannot prepare the container: {exc.strerror or exc}") from exc
+        log_path = self.log_dir / f"{service.name}.log"
+        pidfile = self.run_dir / f"{name}.pid"
+        argv = run_argv(s, name=name, state_dir=self.state_dir, service=service.name,
+                        publish=publish, log_path=log_path)
+        argv[2:2] = ["--pidfile", str(pidfile)]
+        try:
+            await podman(*argv)
+            pid = read_pid(pidfile)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _forget(s.binary, name)
+            self.ports.forget(publish)
+            raise
+        finally:
+            pidfile.unlink(missing_ok=True)
+        handle = PodmanHandle(self, service, name, pid, publish, log_path)
+        handle.wake = "cold"
+        return handle
+
+    async def _pool_member(self, service: ServiceConfig) -> PodmanHandle:
+        handle = await self._run(service, 0)
+        try:
+            with trio.fail_after(service.boot_timeout):
+                await handle.wait_ready()
+            await podman(service.settings.binary, "pause", handle.name)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await handle.remove(0)
+            raise
+        return handle
+
+    def status_lines(self) -> list[str]:
+        return self.pools.status_lines()
+
+    async def aclose(self) -> None:
+        for member in self.pools.drain():
+            await member.remove(0)
+
+
+async def _forget(binary: str, name: str) -> None:
+    """Remove a container that may or may not have been made."""
+    try:
+        await podman(binary, "rm", "--force", "--ignore", "--time", "0", name)
+    except BootFailed as exc:
+        log.error("%s: cannot remove the container: %s", name, exc)
+
+
+async def criu_problem() -> str | None:
+    """Why ``podman container checkpoint`` cannot work on this host (CRIU's own words), or
+    None if ``criu check`` passes."""
+    criu = shutil.which("criu")
+    if criu is None:
+        return "CRIU is not installed (apt install criu)"
+    done = await trio.run_process([criu, "check"], capture_stdout=True, capture_stderr=True,
+                                  check=False)
+    if done.returncode == 0:
+        return None
+    text = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+    return f"criu check failed: {text[-1] if text else f'status {done.returncode}'}"
+
+

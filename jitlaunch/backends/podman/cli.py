@@ -1,0 +1,118 @@
+"""Driving podman through its command line, and what the kernel tells about a container.
+
+Each call is a ``podman`` process (~30 ms for ``pause`` or ``unpause`` on 2 shared cores,
+~150 ms for a ``run``; bench/podman). Its REST API answers an unpause in ~6 ms, but needs a
+``podman system service`` process kept alive beside the daemon; the command line keeps the
+daemon free of a second long-lived process, and a wake from pause stays within tens of ms.
+
+Errors: a failed call raises BootFailed with podman's own last line of error output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import trio
+
+from ...errors import BootFailed
+
+#: The longest one podman call may take (a ``run`` of a large image mounts its layers).
+CALL_TIMEOUT = 60.0
+
+
+async def podman(binary: str, *args: str, timeout: float = CALL_TIMEOUT) -> str:  # noqa: ASYNC109
+    """Run ``podman ARGS``; its standard output, stripped. BootFailed if it cannot be run,
+    fails, or takes longer than ``timeout`` (it is killed then)."""
+    what = f"podman {args[0]}" if args else "podman"
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(
+                [binary, *args], capture_stdout=True, capture_stderr=True, check=False,
+                stdin=subprocess.DEVNULL,
+            )
+    except trio.TooSlowError:
+        raise BootFailed(f"{what} took longer than {timeout:g} s") from None
+    except OSError as exc:
+        raise BootFailed(f"cannot run {binary}: {exc.strerror or exc}") from exc
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise BootFailed(f"{what} failed: {lines[-1] if lines else f'status {done.returncode}'}")
+    out: str = done.stdout.decode(errors="replace").strip()
+    return out
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in the network namespace of ``pid`` (its
+    /proc/PID/net/tcp and tcp6). No connection is made: a published port's forwarder on the
+    host accepts before anything listens inside."""
+    want = f":{port:04X} "
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # local_address is field 1 ("0100007F:1F90"), st is field 3 (0A: LISTEN)
+                    if len(fields) > 3 and fields[3] == "0A" and (fields[1] + " ").endswith(want):
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def frozen(cgroup_v1_freezer: Path | None, pid: int) -> bool:
+    """Whether the container's processes are frozen (``podman pause``, from us or anyone):
+    its freezer cgroup says FROZEN."""
+    path = cgroup_v1_freezer or freezer_of(pid)
+    if path is None:
+        return False
+    try:
+        return (path / "freezer.state").read_text().strip() == "FROZEN"
+    except OSError:
+        try:
+            return "frozen 1" in (path / "cgroup.events").read_text()
+        except OSError:
+            return False
+
+
+def freezer_of(pid: int) -> Path | None:
+    """The freezer cgroup directory of ``pid`` (cgroup v1's freezer, else cgroup2's), or
+    None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            return Path("/sys/fs/cgroup/freezer") / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::"):
+            for root in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+                if (root / "cgroup.controllers").exists():
+                    return root / line[3:].lstrip("/")
+    return None
+
+
+def read_pid(path: Path) -> int:
+    """The pid in the pidfile podman wrote; BootFailed if there is none."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise BootFailed(f"podman wrote no container pid to {path}") from exc
+
+
+async def wait_pid_gone(pid: int) -> None:
+    """Return once ``pid`` (not our child: the container's first process) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
