@@ -38,6 +38,8 @@ log = logging.getLogger("jitlaunch.podman")
 STOP_MODES = ("destroy", "shutdown", "pause", "save")
 #: How often readiness is polled (a /proc read, or the log file).
 READY_POLL = 0.005
+#: How long a removal waits for the container's conmon to exit.
+CONMON_TIMEOUT = 5.0
 
 
 class PodmanHandle(Handle):
@@ -48,6 +50,9 @@ class PodmanHandle(Handle):
         self.settings: PodmanSettings = service.settings
         self.name = name
         self.main = self.pid = pid  # the container's first process (not our child)
+        #: podman's conmon of this container (the first process's parent), which outlives
+        #: the container by a little: a removal waits for it.
+        self.conmon = parent_of(pid)
         self.publish = publish
         self.log_path = log_path
         self.checkpointed = False
@@ -83,8 +88,7 @@ class PodmanHandle(Handle):
     def alive(self) -> bool:
         if self.checkpointed:
             return True  # (no process while checkpointed; the restore makes one)
-        state = process_state(self.main)
-        return state is not None and state != "Z"
+        return _running(self.main)
 
     async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
         if not self.alive():
@@ -130,6 +134,9 @@ class PodmanHandle(Handle):
         finally:
             self.removed = True
             self.backend.ports.forget(self.publish)
+        if self.conmon is not None:
+            with trio.move_on_after(CONMON_TIMEOUT):
+                await wait_pid_gone(self.conmon)
 
     async def resume(self) -> None:
         """Thaw a paused container, or restore a checkpointed one."""
@@ -247,6 +254,19 @@ class PodmanBackend(Backend):
     async def aclose(self) -> None:
         for member in self.pools.drain():
             await member.remove(0)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    state = process_state(pid)
+    return state is not None and state != "Z"
 
 
 async def _forget(binary: str, name: str) -> None:
