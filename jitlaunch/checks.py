@@ -84,6 +84,10 @@ def host_findings(config: Config, *, ports: bool = True, state_dir: bool = True)
             out += _qemu(svc, root)
         elif svc.backend == "libvirt":
             out += _libvirt(svc)
+        elif svc.backend == "podman":
+            from .backends.podman.check import podman_problems
+
+            out += [Finding(e, m, svc.name, k) for e, m, k in podman_problems(svc)]
         out += _proxy_protocol(svc)
     out += frontend_findings(config)
     if ports:

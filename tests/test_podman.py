@@ -347,3 +347,23 @@ async def _wait_dns(port: int) -> None:
     with trio.fail_after(20):
         while not await answered():
             await trio.sleep(0.05)
+
+
+@needs_podman
+def test_check_names_what_is_missing(tmp_path: Path, image: str) -> None:
+    from jitlaunch.backends.podman.check import HYBRID_MARK, criu_problem_now, podman_problems
+
+    cfg = load(config_text(tmp_path, service("127.0.0", stop="save", podman=(
+        'image = "localhost/jitlaunch-no-such-image:1"\nruntime = "crun"'))))
+    found = {key: (error, text) for error, text, key in podman_problems(cfg.services[0])}
+    assert found["podman.image"][0] and "not in podman's store" in found["podman.image"][1]
+    if shutil.which("crun") is None:
+        assert "'crun' is not installed" in found["podman.runtime"][1]
+    elif HYBRID_MARK.is_dir():
+        assert "hybrid cgroups" in found["podman.runtime"][1]
+    criu = criu_problem_now()
+    assert (criu is None) == ("stop" not in found)
+    if criu is not None:
+        assert not found["stop"][0] and criu in found["stop"][1]
+    good = load(config_text(tmp_path, service("127.0.0")))
+    assert podman_problems(good.services[0]) == []

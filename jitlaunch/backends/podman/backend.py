@@ -30,6 +30,7 @@ from ..base import Backend, Handle, process_state
 from ..owner import state_id
 from ..pool import WarmPools
 from ..vm import HostPorts
+from .check import criu_problem_now
 from .cli import frozen, listening, podman, read_pid, wait_pid_gone
 from .settings import LABEL_STATE_DIR, PodmanSettings, container_name, run_argv
 
@@ -280,14 +281,4 @@ async def _forget(binary: str, name: str) -> None:
 async def criu_problem() -> str | None:
     """Why ``podman container checkpoint`` cannot work on this host (CRIU's own words), or
     None if ``criu check`` passes."""
-    criu = shutil.which("criu")
-    if criu is None:
-        return "CRIU is not installed (apt install criu)"
-    done = await trio.run_process([criu, "check"], capture_stdout=True, capture_stderr=True,
-                                  check=False)
-    if done.returncode == 0:
-        return None
-    text = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
-    return f"criu check failed: {text[-1] if text else f'status {done.returncode}'}"
-
-
+    return await trio.to_thread.run_sync(criu_problem_now)
