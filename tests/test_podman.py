@@ -19,6 +19,7 @@ import trio
 
 from jitlaunch.backends.podman import PodmanSettings
 from jitlaunch.backends.podman.backend import criu_problem
+from jitlaunch.backends.podman.cli import frozen
 from jitlaunch.backends.podman.settings import container_name, run_argv
 from jitlaunch.errors import ConfigError
 from jitlaunch.lifecycle.admission import PODMAN_OVERHEAD, instance_memory
@@ -179,6 +180,9 @@ async def test_idle_teardown_in_each_stop_mode(
                          timeout=20)
         if kept:
             assert ours(pstate) == [name]
+            handle = sup.services["web"].instance.handle  # type: ignore[union-attr]
+            assert handle is not None and handle.freezer is not None  # type: ignore[attr-defined]
+            assert frozen(handle.freezer)  # type: ignore[attr-defined]
         else:
             assert ours(pstate) == []
         if stop == "save" and criu is not None:

@@ -62,7 +62,7 @@ QEMU_OVERHEAD = 32
 #: has a podman container without ``memory``).
 PROCESS_MEMORY = 32
 #: What podman's conmon and slirp4netns take per container beyond the container (MiB),
-#: measured with bench/podman (RSS: conmon ~1.5 MiB, slirp4netns ~3 MiB), rounded up.
+#: measured with bench/podman (idle RSS: conmon 2.1 MiB, slirp4netns 3.4 MiB), rounded up.
 PODMAN_OVERHEAD = 8
 #: Default ``max_instances``: one instance per this many MiB of the memory budget.
 MIB_PER_INSTANCE = 32

@@ -31,7 +31,7 @@ from ..owner import state_id
 from ..pool import WarmPools
 from ..vm import HostPorts
 from .check import criu_problem_now
-from .cli import frozen, listening, podman, read_pid, wait_pid_gone
+from .cli import freeze, freezer_of, frozen, listening, podman, read_pid, set_frozen, wait_pid_gone
 from .settings import LABEL_STATE_DIR, PodmanSettings, container_name, run_argv
 
 log = logging.getLogger("jitlaunch.podman")
@@ -54,6 +54,12 @@ class PodmanHandle(Handle):
         #: podman's conmon of this container (the first process's parent), which outlives
         #: the container by a little: a removal waits for it.
         self.conmon = parent_of(pid)
+        #: The container's freezer cgroup: a pause writes it directly (microseconds, where
+        #: ``podman pause`` and ``unpause`` cost ~30 ms each), so podman keeps calling it
+        #: running; None where it cannot be found (then podman pauses it).
+        self.freezer = freezer_of(pid)
+        #: Frozen by us through :attr:`freezer` (thawed before anything else is done).
+        self.frozen_by_us = False
         self.publish = publish
         self.log_path = log_path
         self.checkpointed = False
@@ -94,8 +100,8 @@ class PodmanHandle(Handle):
     async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
         if not self.alive():
             return "the container has exited"
-        if frozen(None, self.main):
-            return "the container is paused (podman pause, from outside)"
+        if self.freezer is not None and frozen(self.freezer):
+            return "the container is frozen (podman pause, from outside)"
         port = self.settings.container_ports[0]
         if self.settings.ready_log is None and not listening(self.main, port):
             return f"nothing listens on port {port} in the container"
@@ -113,12 +119,26 @@ class PodmanHandle(Handle):
                 return True
         if mode in ("pause", "save"):
             try:
-                await podman(binary, "pause", self.name)
+                await self.pause()
                 return True
-            except BootFailed as exc:
+            except (BootFailed, OSError) as exc:
                 log.warning("%s: cannot pause it (%s); removing it", self.name, exc)
         await self.remove(grace if mode == "shutdown" else 0)
         return False
+
+    async def pause(self) -> None:
+        """Freeze the container: through its freezer cgroup, else ``podman pause``."""
+        if self.freezer is not None:
+            await freeze(self.freezer)
+            self.frozen_by_us = True
+        else:
+            await podman(self.settings.binary, "pause", self.name)
+
+    def _thaw(self) -> None:
+        if self.frozen_by_us:
+            assert self.freezer is not None
+            set_frozen(self.freezer, False)
+            self.frozen_by_us = False
 
     async def remove(self, grace: float) -> None:
         """Stop (within ``grace``; 0: kill) and remove the container; release its ports."""
@@ -126,6 +146,10 @@ class PodmanHandle(Handle):
             return
         binary = self.settings.binary
         try:
+            try:
+                self._thaw()  # (a frozen process takes no signal)
+            except OSError as exc:
+                log.warning("%s: cannot thaw it: %s", self.name, exc)
             if grace > 0:
                 await podman(binary, "stop", "--time", str(max(1, round(grace))), self.name,
                              timeout=grace + 30)
@@ -148,6 +172,12 @@ class PodmanHandle(Handle):
             self.main = self.pid = int(await podman(
                 binary, "inspect", "--format", "{{.State.Pid}}", self.name))
             self.wake = "restore"
+        elif self.frozen_by_us:
+            try:
+                self._thaw()
+            except OSError as exc:
+                raise BootFailed(f"cannot thaw {self.name}: {exc}") from exc
+            self.wake = "resume"
         else:
             await podman(binary, "unpause", self.name)
             self.wake = "resume"
@@ -242,7 +272,7 @@ class PodmanBackend(Backend):
         try:
             with trio.fail_after(service.boot_timeout):
                 await handle.wait_ready()
-            await podman(service.settings.binary, "pause", handle.name)
+            await handle.pause()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await handle.remove(0)

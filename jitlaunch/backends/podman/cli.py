@@ -62,19 +62,42 @@ def listening(pid: int, port: int) -> bool:
     return False
 
 
-def frozen(cgroup_v1_freezer: Path | None, pid: int) -> bool:
-    """Whether the container's processes are frozen (``podman pause``, from us or anyone):
-    its freezer cgroup says FROZEN."""
-    path = cgroup_v1_freezer or freezer_of(pid)
-    if path is None:
-        return False
+def frozen(path: Path) -> bool:
+    """Whether the processes of the freezer cgroup ``path`` (:func:`freezer_of`) are frozen,
+    by us or by anyone (``podman pause``)."""
     try:
         return (path / "freezer.state").read_text().strip() == "FROZEN"
+    except FileNotFoundError:
+        pass
     except OSError:
-        try:
-            return "frozen 1" in (path / "cgroup.events").read_text()
-        except OSError:
-            return False
+        return False
+    try:
+        return "frozen 1" in (path / "cgroup.events").read_text()
+    except OSError:
+        return False
+
+
+def set_frozen(path: Path, on: bool) -> None:
+    """Ask the kernel to freeze (or thaw) every process of the cgroup ``path``; a freeze
+    completes later (see :func:`freeze`). OSError if the cgroup cannot be written."""
+    v1 = path / "freezer.state"
+    if v1.exists():
+        v1.write_text("FROZEN" if on else "THAWED")
+    else:
+        (path / "cgroup.freeze").write_text("1" if on else "0")
+
+
+async def freeze(path: Path, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Freeze the cgroup ``path`` and wait until every process in it is frozen. OSError
+    if it cannot be written; BootFailed if it is not frozen within ``timeout``."""
+    set_frozen(path, True)
+    with trio.move_on_after(timeout):
+        while True:  # FREEZING until every task has stopped (a poll: the kernel tells no one)
+            if frozen(path):
+                return
+            await trio.sleep(0.001)
+    set_frozen(path, False)
+    raise BootFailed(f"the cgroup {path} was not frozen within {timeout:g} s")
 
 
 def freezer_of(pid: int) -> Path | None:
