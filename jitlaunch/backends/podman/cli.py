@@ -2,8 +2,9 @@
 
 Each call is a ``podman`` process (~30 ms for ``pause`` or ``unpause`` on 2 shared cores,
 ~150 ms for a ``run``; bench/podman). Its REST API answers an unpause in ~6 ms, but needs a
-``podman system service`` process kept alive beside the daemon; the command line keeps the
-daemon free of a second long-lived process, and a wake from pause stays within tens of ms.
+``podman system service`` process kept alive beside the daemon. So podman makes and removes
+containers, and a pause writes the container's freezer cgroup directly (:func:`freeze`,
+:func:`set_frozen`): a wake from pause costs microseconds, not a process.
 
 Errors: a failed call raises BootFailed with podman's own last line of error output.
 """
