@@ -371,3 +371,70 @@ def test_check_names_what_is_missing(tmp_path: Path, image: str) -> None:
         assert not found["stop"][0] and criu in found["stop"][1]
     good = load(config_text(tmp_path, service("127.0.0")))
     assert podman_problems(good.services[0]) == []
+
+
+@needs_podman
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None
+                    or shutil.which("nsenter") is None,
+                    reason="needs root, iproute2 and nsenter for a network namespace")
+async def test_bridge_networking_hands_the_containers_address_over(
+    pstate: Path, netns: list[str], tmp_path: Path,
+) -> None:
+    """Daemon and client inside a network namespace of the test's own: the container gets a
+    veth onto jitlaunch's bridge and an address of its own, which DNS hands over once it is
+    ready; the client reaches it there directly; the veth goes with the container."""
+    text = config_text(pstate, service("127.77.0", stop="pause", extra='idle_timeout = "2s"',
+                                       podman='network = "bridge"\nsubnet = "10.79.0.0/24"'),
+                       metrics="listen = []").replace('"127.0.0.1:0"]\nzones',
+                                                      '"127.0.0.1:5300"]\nzones')
+    conf = tmp_path / "bridge.toml"
+    conf.write_text(text)
+    # Only the network namespace: `ip netns exec` would also remount /sys in a mount
+    # namespace of its own, without the cgroup mounts runc needs.
+    netns = ["nsenter", f"--net=/run/netns/{netns[-1]}"]
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as logfile:
+        proc = await trio.lowlevel.open_process(
+            [*netns, sys.executable, "-m", "jitlaunch.cli", "run", "--config", str(conf)],
+            stderr=logfile)
+    try:
+        async def ask() -> str:
+            res = await trio.run_process(
+                [*netns, "dig", "+short", "+time=1", "+tries=1", "-p", "5300", "@127.0.0.1",
+                 "web.jit.test", "A"], capture_stdout=True, check=False)
+            lines = [ln for ln in res.stdout.decode().splitlines() if not ln.startswith(";")]
+            return "\n".join(lines).strip()
+
+        async def get(addr: str) -> str:
+            res = await trio.run_process(
+                [*netns, "curl", "-s", "-m", "5", f"http://{addr}:8080/"],
+                capture_stdout=True, check=False)
+            return res.stdout.decode()
+
+        with trio.fail_after(30):
+            while not (first := await ask()):
+                await trio.sleep(0.05)
+        assert first == "127.77.0.1"  # booting: the front
+        with trio.fail_after(30):
+            while (addr := await ask()) == "127.77.0.1":
+                await trio.sleep(0.05)
+        assert addr == "10.79.0.2", log.read_text()  # ready: handed over
+        assert BODY.decode() in await get(addr)
+        links = subprocess.run([*netns, "ip", "-br", "link"], capture_output=True,
+                               text=True).stdout
+        assert "jlt" in links and "jl0" in links
+        # Idle: paused (frozen), its address kept; a lookup thaws it and it serves again.
+        await wait_until(lambda: "stopping (pause)" in log.read_text(), timeout=20)
+        assert await ask() in ("127.77.0.1", addr)  # (the front while it wakes)
+        assert BODY.decode() in await get("127.77.0.1")
+        assert BODY.decode() in await get(addr)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            assert await proc.wait() == 0
+        links = subprocess.run([*netns, "ip", "-br", "link"], capture_output=True,
+                               text=True).stdout
+        assert "jlt" not in links  # the veth went with the container
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -215,6 +215,59 @@ async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str, *, serv
     return Lease(bridge, tap, ip, gateway, service, hold)
 
 
+def _add_veth(bridge: str, subnet: ipaddress.IPv4Network, host: str, peer: str, owner: str,
+              pid: int) -> None:
+    try:
+        with _ipr() as ipr:
+            bridge_index = _ensure_bridge(ipr, bridge, subnet)
+            ipr.link("add", ifname=host, kind="veth", peer=peer)
+            index = ipr.link_lookup(ifname=host)[0]
+            ipr.link("set", index=index, ifalias=f"{ALIAS} {owner}")
+            ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], net_ns_pid=pid)
+            ipr.link("set", index=index, master=bridge_index, state="up")
+    except BootFailed:
+        raise
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            _delete_link(host)
+        raise BootFailed(f"cannot attach a veth to bridge {bridge}: {exc}") from exc
+
+
+async def attach_veth(bridge: str, subnet: ipaddress.IPv4Network, owner: str, pid: int, *,
+                      service: str = "", hold: float = 0.0) -> Lease:
+    """A veth pair for the network namespace of ``pid`` (a container's): the host end, named
+    and aliased as a tap (so the same sweep finds a leftover), on ``bridge``; the other end
+    moved into the namespace as ``eth0`` with a free address of ``subnet`` and a default
+    route through the bridge. As :func:`attach` otherwise."""
+    gateway, ip = _reserve(bridge, subnet, service)
+    serial = next(_taps) & 0xFFFFF
+    host = f"{TAP_PREFIX}{os.getpid():06x}{serial:05x}"
+    peer = f"jlp{os.getpid():06x}{serial:05x}"
+    lease = Lease(bridge, host, ip, gateway, service, hold)
+    try:
+        await trio.to_thread.run_sync(_add_veth, bridge, subnet, host, peer, owner, pid)
+    except BaseException:
+        _pool(bridge).release(ip, service, 0)
+        raise
+    try:
+        # Inside the namespace, by iproute2 under nsenter: one short process, where netlink
+        # would need this thread moved into the namespace and back.
+        script = (f"link set dev {peer} name eth0\n"
+                  f"addr add {ip}/{subnet.prefixlen} dev eth0\n"
+                  "link set dev eth0 up\nlink set dev lo up\n"
+                  f"route add default via {gateway}\n")
+        done = await trio.run_process(
+            ["nsenter", "--target", str(pid), "--net", "ip", "-batch", "-"],
+            stdin=script.encode(), capture_stdout=True, capture_stderr=True, check=False)
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip().splitlines()
+            raise BootFailed(f"cannot set up eth0 in the container: {why[-1] if why else done.returncode}")
+    except BaseException:
+        await lease.release()
+        raise
+    return lease
+
+
 def _make_bridge(bridge: str, subnet: ipaddress.IPv4Network) -> None:
     try:
         with _ipr() as ipr:

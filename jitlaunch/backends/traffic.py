@@ -40,6 +40,18 @@ def tap_packets_sent(tap: str, sysfs: str = SYSFS_NET) -> int:
         return int(f.read())
 
 
+def link_packets_received(name: str, dev: str = "/proc/self/net/dev") -> int:
+    """The packets interface ``name`` has received (a veth's host end: what its container
+    sent), from /proc/self/net/dev, which shows this process's network namespace whatever
+    sysfs is mounted. OSError when there is no such interface."""
+    with open(dev, "rb") as f:
+        for line in f:
+            iface, sep, counters = line.partition(b":")
+            if sep and iface.strip() == name.encode():
+                return int(counters.split()[1])
+    raise FileNotFoundError(f"no interface {name} in {dev}")
+
+
 def hex_address(ip: str) -> str:
     """``ip`` as /proc/net/tcp{,6} prints it: each 32-bit word of the network-order address
     in host byte order, as 8 upper-case hex digits (``127.0.0.1`` -> ``0100007F`` on a

@@ -26,9 +26,12 @@ import trio
 
 from ...config import ServiceConfig
 from ...errors import BootFailed
-from ..base import Backend, Handle, process_state
+from ..addresses import hold_time
+from ..base import Backend, Handle, map_errors, process_state
+from ..bridge import Lease, attach_veth, remove_leftover_taps
 from ..owner import state_id
 from ..pool import WarmPools
+from ..traffic import link_packets_received
 from ..vm import HostPorts
 from .check import criu_problem_now
 from .cli import freeze, freezer_of, frozen, listening, podman, read_pid, set_frozen, wait_pid_gone
@@ -44,8 +47,13 @@ CONMON_TIMEOUT = 5.0
 
 
 class PodmanHandle(Handle):
+    #: With bridge networking: a probe makes no traffic (it reads /proc); the container's
+    #: own ARP answers on its veth may move the counter by one between two samples.
+    traffic_noise = 1
+    probe_traffic = 0
+
     def __init__(self, backend: PodmanBackend, service: ServiceConfig, name: str, pid: int,
-                 publish: dict[int, int], log_path: Path) -> None:
+                 publish: dict[int, int], log_path: Path, lease: Lease | None = None) -> None:
         self.backend = backend
         self.service = service
         self.settings: PodmanSettings = service.settings
@@ -64,6 +72,9 @@ class PodmanHandle(Handle):
         self.log_path = log_path
         self.checkpointed = False
         self.removed = False
+        #: The veth and address on the bridge (``network = "bridge"``), else None.
+        self.lease = lease
+        self.address = lease.ip if lease is not None else None
 
     def __repr__(self) -> str:
         return f"<PodmanHandle {self.name} pid={self.pid}>"
@@ -72,7 +83,17 @@ class PodmanHandle(Handle):
         return f"{self.name} pid={self.pid}"
 
     def endpoint(self, port: int) -> tuple[str, int]:
+        if self.lease is not None:
+            ports = dict(zip(self.service.ports, self.settings.container_ports, strict=True))
+            return self.lease.ip, ports.get(port, port)
         return "127.0.0.1", self.publish.get(port, port)
+
+    async def traffic(self) -> int | None:
+        """With bridge networking, the packets the container sent on its veth (traffic.py:
+        clients handed over reach it there, unseen by the proxy)."""
+        if self.lease is None:
+            return None
+        return link_packets_received(self.lease.tap)
 
     async def wait_ready(self) -> None:
         port = self.settings.container_ports[0]
@@ -159,6 +180,8 @@ class PodmanHandle(Handle):
         finally:
             self.removed = True
             self.backend.ports.forget(self.publish)
+            if self.lease is not None:
+                await self.lease.release()
         if self.conmon is not None:
             with trio.move_on_after(CONMON_TIMEOUT):
                 await wait_pid_gone(self.conmon)
@@ -204,6 +227,9 @@ class PodmanBackend(Backend):
         binary = self.services[0].settings.binary if self.services else "podman"
         for line in await self.sweep(binary):
             log.warning("removed a container left by an earlier run: %s", line)
+        if any(s.settings.network == "bridge" for s in self.services):
+            for tap in await trio.to_thread.run_sync(remove_leftover_taps, self.id):
+                log.warning("removed veth %s left by an earlier run", tap)
         if any(s.stop == "save" for s in self.services):
             self.criu_problem = await criu_problem()
             if self.criu_problem is not None:
@@ -245,7 +271,7 @@ class PodmanBackend(Backend):
         try:
             self.log_dir.mkdir(mode=0o750, exist_ok=True)
             self.run_dir.mkdir(mode=0o700, exist_ok=True)
-            publish = self.ports.pick(service.ports)
+            publish = self.ports.pick(service.ports) if s.network == "user" else {}
         except OSError as exc:
             raise BootFailed(f"cannot prepare the container: {exc.strerror or exc}") from exc
         log_path = self.log_dir / f"{service.name}.log"
@@ -253,9 +279,14 @@ class PodmanBackend(Backend):
         argv = run_argv(s, name=name, state_dir=self.state_dir, service=service.name,
                         publish=publish, log_path=log_path)
         argv[2:2] = ["--pidfile", str(pidfile)]
+        lease = None
         try:
             await podman(*argv)
             pid = read_pid(pidfile)
+            if s.network == "bridge":
+                with map_errors("bridge networking"):
+                    lease = await attach_veth(s.bridge, s.subnet, self.id, pid,
+                                              service=service.name, hold=hold_time(service))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await _forget(s.binary, name)
@@ -263,7 +294,7 @@ class PodmanBackend(Backend):
             raise
         finally:
             pidfile.unlink(missing_ok=True)
-        handle = PodmanHandle(self, service, name, pid, publish, log_path)
+        handle = PodmanHandle(self, service, name, pid, publish, log_path, lease)
         handle.wake = "cold"
         return handle
 

@@ -3,18 +3,21 @@ built from them: pure, no I/O.
 
 Every container is made with ``podman run --detach`` under a name and labels that carry the
 state directory's identity (:func:`container_name`, :data:`LABEL_STATE_DIR`), in a network
-namespace of its own with user-mode networking (slirp4netns), its ports published on
-127.0.0.1 only: nothing is added to the host's firewall or interfaces (podman's default
-network, netavark, would add both).
+namespace of its own: with user-mode networking (slirp4netns) and its ports published on
+127.0.0.1, or (``network = "bridge"``) with only loopback, to which the backend adds a veth
+onto jitlaunch's own bridge. Nothing is added to the host's firewall, and no interface but
+our bridge and veths (podman's default network, netavark, would add both).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Table
+from ..vm import parse_bridge
 
 #: The labels a container of ours carries: the state directory (resolved, compared whole),
 #: the service and the instance number.
@@ -25,6 +28,7 @@ LABEL_SERVICE = "org.jitlaunch.service"
 DEFAULT_NOFILE = 1024
 DEFAULT_NPROC = 512
 RUNTIMES = ("runc", "crun", "runsc")
+DEFAULT_SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class PodmanSettings:
     ready_log: str | None = None
     options: tuple[str, ...] = ()
     network: str = "user"
+    #: Bridge networking (``network = "bridge"``): a veth from the container onto this
+    #: bridge, an address of this subnet.
+    bridge: str = "jl0"
+    subnet: ipaddress.IPv4Network = DEFAULT_SUBNET
     grace: float = 5.0
     pool: int = 0
     #: The ``podman`` program.
@@ -84,8 +92,11 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> PodmanSe
     if len(inner) != len(ports):
         raise t.error("container_ports", f"expected one port for each of the service's ports "
                       f"({len(ports)}), got {len(inner)}")
+    bridge, subnet = parse_bridge(t)
     settings = PodmanSettings(
         image=image,
+        bridge=bridge,
+        subnet=subnet,
         container_ports=inner,
         command=command,
         env=tuple(sorted(env.items())),
@@ -97,7 +108,7 @@ def parse_settings(t: Table, base_dir: Path, ports: tuple[int, ...]) -> PodmanSe
         runtime=t.string("runtime", "runc", choices=RUNTIMES),
         ready_log=ready[4:] if ready != "tcp" else None,
         options=tuple(options),
-        network=t.string("network", "user", choices=("user",)),
+        network=t.string("network", "user", choices=("user", "bridge")),
         grace=t.duration("grace", 5, allow_zero=True),
         pool=t.integer("pool", 0, low=0, high=64),
         binary=t.string("binary", "podman"),
@@ -117,21 +128,24 @@ def run_argv(
     publish: dict[int, int], log_path: Path,
 ) -> list[str]:
     """``podman run`` for one container: ``publish`` maps each of the service's ports to the
-    host port on 127.0.0.1 where the matching container port is published."""
+    host port on 127.0.0.1 where the matching container port is published (user networking;
+    empty for a bridge)."""
     s = settings
     argv = [
         s.binary, "run", "--detach", "--name", name,
         "--label", f"{LABEL_STATE_DIR}={state_dir}",
         "--label", f"{LABEL_SERVICE}={service}",
         "--runtime", s.runtime,
-        "--network", "slirp4netns:port_handler=slirp4netns",
+        # bridge: no network but loopback; the backend adds a veth onto its bridge.
+        "--network", ("slirp4netns:port_handler=slirp4netns" if s.network == "user"
+                      else "none"),
         "--log-driver", "k8s-file", "--log-opt", f"path={log_path}",
         "--ulimit", f"nofile={DEFAULT_NOFILE}:{DEFAULT_NOFILE}",
         "--ulimit", f"nproc={DEFAULT_NPROC}:{DEFAULT_NPROC}",
         "--stop-timeout", str(max(0, round(s.grace))),
         "--pull", "never",
     ]
-    for inner, outer in zip(s.container_ports, publish.values(), strict=True):
+    for inner, outer in zip(s.container_ports, publish.values(), strict=False):
         argv += ["--publish", f"127.0.0.1:{outer}:{inner}/tcp"]
     if s.read_only:
         argv.append("--read-only")
