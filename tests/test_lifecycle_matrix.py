@@ -4,10 +4,13 @@ way, wakes it another, and checks that a real HTTP request through the front is 
 a ready instance; the daemon then stops and nothing of the test is left running (conftest's
 check) and no saved state outlives a mode that does not keep one.
 
-Backends: process (destroy, shutdown: it has no pause or save) and qemu with the bundled
-unikernel (every mode; a warm pool for destroy). libvirt's stop modes run through the same
-supervisor paths and are covered by tests/test_libvirt_real.py against a real libvirtd; its
-cells are not generated here (each needs a private libvirtd: minutes, not seconds).
+Backends: process (destroy, shutdown: it has no pause or save), qemu with the bundled
+unikernel (every mode; a warm pool for destroy) and podman with the bundled image (every
+mode; a warm pool for destroy; each mode x end with one way of waking, the three ways taken
+in turn, to keep the suite's time: every wake still meets every mode and most ends). libvirt's
+stop modes run through the same supervisor paths and are covered by
+tests/test_libvirt_real.py against a real libvirtd; its cells are not generated here (each
+needs a private libvirtd: minutes, not seconds).
 
 A cell's id names it: ``qemu-pause-requested-lookup``. Most cells are marked slow; the fast
 lane runs one per way an instance can end.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,7 +43,9 @@ from .conftest import (
 )
 
 KERNEL = ROOT / "images" / "build" / "hello.elf"
-MODES = {"process": ("destroy", "shutdown"), "qemu": ("destroy", "shutdown", "pause", "save")}
+MODES = {"process": ("destroy", "shutdown"), "qemu": ("destroy", "shutdown", "pause", "save"),
+         "podman": ("destroy", "shutdown", "pause", "save")}
+IMAGE = "localhost/jitlaunch-httpd:latest"
 ENDS = ("idle", "requested", "evicted", "reload", "died", "hung", "restart")
 WAKES = ("lookup", "connection", "start")
 PORT, RELOADED_PORT = 18080, 18081
@@ -47,16 +54,22 @@ FAST = {"process-destroy-idle-lookup", "process-shutdown-requested-connection",
         "qemu-pause-requested-lookup", "qemu-save-requested-connection",
         "qemu-pause-evicted-start", "process-destroy-reload-connection",
         "qemu-destroy-died-lookup", "process-destroy-hung-connection",
-        "qemu-pause-restart-connection", "qemu-destroy-pool-connection"}
+        "qemu-pause-restart-connection", "qemu-destroy-pool-connection",
+        "podman-pause-requested-lookup", "podman-save-died-connection"}
 
 
 def _cells() -> list[pytest.param]:  # type: ignore[valid-type]
     out = []
     for backend, modes in MODES.items():
+        if backend == "podman":
+            turn = itertools.cycle(WAKES)
+            out += [(backend, mode, end, next(turn)) for mode, end in itertools.product(modes, ENDS)]
+            continue
         for mode, end, wake in itertools.product(modes, ENDS, WAKES):
             out.append((backend, mode, end, wake))
     # A warm pool member takes the place of a destroyed instance (the pool refills after).
     out += [("qemu", "destroy", "pool", wake) for wake in WAKES]
+    out += [("podman", "destroy", "pool", "connection")]
     params = []
     for cell in out:
         name = "-".join(cell)
@@ -84,6 +97,9 @@ boot_timeout = "20s"
     pool = "pool = 1\n" if end == "pool" else ""
     if end == "pool":
         head += "max_instances = 2\n"
+    if backend == "podman":
+        return head + (f'backend = "podman"\n[service.podman]\nimage = "{IMAGE}"\n'
+                       f'container_ports = [8080]\ngrace = "2s"\n{pool}')
     return head + (f'backend = "qemu"\n[service.qemu]\nkernel = "{KERNEL}"\n'
                    f'guest_ports = [80]\naccel = "tcg"\ngrace = "2s"\n{pool}')
 
@@ -108,6 +124,14 @@ def _write(path: Path, state: Path, backend: str, mode: str, end: str, block: st
     path.write_text(config_text(state, _service(backend, mode, end, block, port)
                                 + _other(block), top=top))
     return path
+
+
+def podman_image(image: str) -> bool:
+    """Whether podman and runc are here and ``image`` is in podman's store."""
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        return False
+    return subprocess.run(["podman", "image", "exists", image], capture_output=True,
+                          check=False).returncode == 0
 
 
 def _server(d) -> tuple[str, int]:  # type: ignore[no-untyped-def]
@@ -160,7 +184,9 @@ async def _end(d, how: str, block: str, conf: Path, state: Path,  # type: ignore
     elif how == "pool":
         assert sup.stop("svc") is inst
         await _released(inst)
-        await wait_until(lambda: bool(d.backends["qemu"].warm.pools.get("svc")), timeout=30)
+        pools = (d.backends["podman"].pools if backend == "podman"
+                 else d.backends["qemu"].warm).pools
+        await wait_until(lambda: bool(pools.get("svc")), timeout=30)
     else:
         raise AssertionError(how)
     return PORT
@@ -190,6 +216,8 @@ async def test_every_path_ends_served(tmp_path: Path, backend: str, mode: str, e
                                       wake: str) -> None:
     if backend == "qemu" and not KERNEL.exists():
         pytest.skip("needs the bundled image (make -C images)")
+    if backend == "podman" and not podman_image(IMAGE):
+        pytest.skip(f"needs podman, runc and {IMAGE} (scripts/setup)")
     block = fresh_block()
     state = tmp_path / "state"
     conf = _write(tmp_path / "jl.toml", state, backend, mode, end, block, PORT)

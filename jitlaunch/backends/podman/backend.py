@@ -121,6 +121,8 @@ class PodmanHandle(Handle):
     async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - a timeout is a reason
         if not self.alive():
             return "the container has exited"
+        if process_state(self.main) == "T":
+            return "the container's process is stopped (SIGSTOP)"
         if self.freezer is not None and frozen(self.freezer):
             return "the container is frozen (podman pause, from outside)"
         port = self.settings.container_ports[0]
