@@ -56,6 +56,26 @@ class RrlConfig:
 
 
 @dataclass(frozen=True)
+class StaticRecord:
+    """One static record (``[[dns.record]]``, :mod:`.records`): ``data`` holds the type's
+    fields in wire order."""
+
+    name: str
+    type: str
+    ttl: int
+    data: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SvcParams:
+    alpn: tuple[str, ...] = ()
+    no_default_alpn: bool = False
+    port: int | None = None
+    ipv4hint: tuple[str, ...] = ()
+    ipv6hint: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     listen: tuple[Endpoint, ...]
     zones: tuple[Zone, ...]
@@ -76,6 +96,8 @@ class DnsConfig:
     # Glue per nameserver name, where ``nameserver_addresses`` is a table (else empty: every
     # nameserver inside a zone gets all of ``nameserver_addresses``).
     nameserver_glue: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Static records ([[dns.record]]), in the order given.
+    records: tuple[StaticRecord, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from .model import (
     Zone,
 )
 from .reader import Table, address, dns_name, endpoint, once, show
+from .records import check_records, parse_records
 from .service import SettingsParser, check_unique, parse_defaults, parse_service
 
 
@@ -136,6 +137,7 @@ def _parse_dns(root: Table) -> DnsConfig:
             )
         )
     soa.done()
+    records = parse_records(t, tuple(zone_names), zones[0].soa_ttl)
     cfg = DnsConfig(
         listen=listen,
         zones=tuple(zones),
@@ -153,6 +155,7 @@ def _parse_dns(root: Table) -> DnsConfig:
         max_held_per_source=t.integer("max_held_per_source", 128, low=1),
         max_held_per_service=t.integer("max_held_per_service", 256, low=1),
         rrl=_parse_rrl(t.sub("rrl")),
+        records=records,
     )
     t.done()
     return cfg
@@ -227,6 +230,10 @@ def parse_config(
     root.done()
     check_unique(path, text, services)
     services = join_frontends(path, frontends, services)
+    taken = {n: f"the name of service {s.name!r}" for s in services for n in s.names}
+    taken |= {n: "a nameserver with glue" for z in dns.zones for n in z.nameservers
+              if dns.nameserver_addresses or dns.nameserver_glue}
+    check_records(path, dns.records, tuple(z.name for z in dns.zones), taken)
     _check_host(path, host, services)
     return Config(
         path=path, daemon=daemon, dns=dns, proxy=proxy, services=services, metrics=metrics,

@@ -62,6 +62,7 @@ from ..logutil import LimitedLog
 from . import build as b
 from . import rrl
 from . import wire as w
+from .records import TYPE_CNAME, StaticRecords
 
 log = logging.getLogger("jitlaunch.dns")
 _limited = LimitedLog(log)
@@ -74,6 +75,8 @@ _OWNER_Q = b.pointer(12)  # the question's name, where every answer's owner poin
 _A_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_A, w.CLASS_IN)
 _AAAA_HEAD = _OWNER_Q + struct.pack("!HH", w.TYPE_AAAA, w.CLASS_IN)
 _TTL_LEN = struct.Struct("!IH")
+#: The longest CNAME chain followed within a zone.
+MAX_CHAIN = 8
 
 
 class Response(NamedTuple):
@@ -145,6 +148,9 @@ class Catalog:
                 key = b.name_to_wire(name)
                 self.services[key] = svc
                 self._add_node(key)
+        self.static = StaticRecords(dns.records)
+        for key in self.static.by_name:
+            self._add_node(key)
         own = dict(dns.nameserver_glue)
         for zone in dns.zones:
             for ns in zone.nameservers:
@@ -223,7 +229,8 @@ def _respond_simple(wire: bytes, simple: tuple[int, int, int, bool], catalog: Ca
     if zone is None:
         return Response(wire[:2] + bytes((0x80 | rd, w.REFUSED)) + b"\0\x01\0\0\0\0" + ar
                         + wire[12:qend] + opt)
-    if name in catalog.services or name in catalog.glue or name == zone.apex:
+    if (name in catalog.services or name in catalog.glue or name == zone.apex
+            or name in catalog.static):
         return None
     known = name in catalog.nodes  # an empty non-terminal: NODATA, else NXDOMAIN
     head = wire[:2] + bytes((0x84 | rd, w.NOERROR if known else w.NXDOMAIN))
@@ -348,9 +355,17 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
     elif name not in catalog.nodes:
         flags |= w.NXDOMAIN
         cacheable = False  # unknown names are many: cached they would push the rest out
+    negative = False
+    if not an and name in catalog.static:
+        got = _static(catalog, zone, name, qtype, state, now)
+        if got.pending or got.servfail:
+            return Response(_short(q, w.SERVFAIL, opt, True) if got.servfail else None,
+                            got.asked, pending=got.pending)
+        an, answers, negative, asked = got.an, got.answers, got.negative, got.asked or asked
+        flags |= w.NXDOMAIN if got.nxdomain else 0
     ns = 0
     authority = b""
-    if not an and authoritative:
+    if (not an or negative) and authoritative:
         ns, authority = 1, zone.negative_soa(qname_len)
     if opt:
         ar += 1
@@ -365,6 +380,72 @@ def _respond(q: w.Query, catalog: Catalog, state: Snapshots, now: float, udp: bo
     else:
         identity = rrl.nodata_identity(name, qclass)
     return Response(reply, asked, cacheable=cacheable, identity=identity)
+
+
+def _static(catalog: Catalog, zone: ZoneData, name: bytes, qtype: int, state: Snapshots,
+            now: float) -> Chase:
+    """A name's static records for ``qtype``: its CNAME for any other type (RFC 1034 3.6.2),
+    followed within the zone (:func:`_chase`) unless ANY was asked; one RRset for ANY (RFC
+    8482 4.1: the first configured); else the RRset of that type, or nothing (NODATA)."""
+    rrsets = catalog.static.by_name[name]
+    if qtype != TYPE_CNAME and TYPE_CNAME in rrsets:
+        an, answers = rrsets[TYPE_CNAME]
+        if qtype == w.TYPE_ANY:
+            return Chase(an, answers)
+        chase = _chase(catalog, zone, name, qtype, state, now)
+        return chase._replace(an=an + chase.an, answers=answers + chase.answers)
+    if qtype == w.TYPE_ANY:
+        return Chase(*next(iter(rrsets.values())))
+    return Chase(*rrsets.get(qtype, (0, b"")))
+
+
+class Chase(NamedTuple):
+    """What follows a CNAME in an answer (RFC 1034 4.3.2 step 3a)."""
+
+    an: int = 0
+    answers: bytes = b""
+    negative: bool = False  # NODATA or NXDOMAIN at the chain's end: the SOA goes along
+    nxdomain: bool = False
+    asked: str | None = None
+    pending: bool = False
+    servfail: bool = False
+
+
+def _chase(catalog: Catalog, zone: ZoneData, name: bytes, qtype: int, state: Snapshots,
+           now: float) -> Chase:
+    """Follow ``name``'s CNAME within ``zone``, as NSD does: the target's records of
+    ``qtype`` (a service's addresses, which starts it, as a lookup of its own name does;
+    static records; another CNAME, up to :data:`MAX_CHAIN`), NODATA or NXDOMAIN there. A
+    target outside the zone is not followed (the resolver asks), nor is one at the zone's
+    apex for its SOA or NS."""
+    an, out = 0, b""
+    target = catalog.static.cnames[name]
+    for _ in range(MAX_CHAIN):
+        if catalog.zone_for(target) is not zone:
+            return Chase(an, out)
+        if target == zone.apex and qtype in (w.TYPE_SOA, w.TYPE_NS):
+            return Chase(an, out)  # (not followed: see tests/test_dns_nsd.py's reconcile)
+        service = catalog.services.get(target)
+        if service is not None and qtype in (w.TYPE_A, w.TYPE_AAAA):
+            ans = answer_for(service, state(service.name), now)
+            if ans.pending or ans.servfail:
+                return Chase(asked=service.name, pending=ans.pending, servfail=ans.servfail)
+            rtype = w.TYPE_A if qtype == w.TYPE_A else w.TYPE_AAAA
+            addrs = ans.v4 if qtype == w.TYPE_A else ans.v6
+            for addr in addrs:
+                out += b.rr(target, rtype, ans.ttl, b.address_rdata(addr)[1])
+            return Chase(an + len(addrs), out, not addrs, asked=service.name)
+        found = catalog.static.get(target)
+        if found is not None and qtype in found:
+            n, records = catalog.static.written(target, qtype)
+            return Chase(an + n, out + records)
+        if found is not None and TYPE_CNAME in found:
+            n, records = catalog.static.written(target, TYPE_CNAME)
+            an, out = an + n, out + records
+            target = catalog.static.cnames[target]
+            continue
+        return Chase(an, out, True, nxdomain=target not in catalog.nodes)
+    return Chase(an, out)
 
 
 def _apex(q: w.Query, catalog: Catalog, zone: ZoneData, flags: int, opt: bytes,
