@@ -97,6 +97,7 @@ def image() -> str:
 def pstate(tmp_path: Path, image: str) -> Iterator[Path]:
     """A state directory; afterwards, no container labelled with it and no conmon of ours."""
     state = tmp_path / "state"
+    before = overlay_mounts()
     yield state
     left = containers(str(state.resolve()))
     remove(*left)
@@ -105,6 +106,13 @@ def pstate(tmp_path: Path, image: str) -> Iterator[Path]:
     leaked = conmons(f"jitlaunch-{state_id(state)}-")
     assert not left, f"containers left behind: {left}"
     assert not leaked, f"conmon processes left behind: {leaked}"
+    assert overlay_mounts() <= before, "a container's root file system is still mounted"
+
+
+def overlay_mounts() -> int:
+    """Mounts of podman's storage (each container's root file system while it exists)."""
+    with open("/proc/self/mounts") as f:
+        return sum("/containers/storage/overlay" in line for line in f)
 
 
 def handle_name(d, name: str = "web") -> str:  # type: ignore[no-untyped-def]
@@ -438,3 +446,16 @@ async def test_bridge_networking_hands_the_containers_address_over(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@needs_podman
+async def test_ready_on_a_log_line(pstate: Path, block: str) -> None:
+    """ready = "log:TEXT": ready once the container's output holds TEXT (not at the port)."""
+    podman = ('command = ["/bin/sh", "-c", "sleep 0.3; echo serving now; '
+              'exec httpd -f -p 8080 -h /www"]\nready = "log:serving now"')
+    cfg = load(config_text(pstate, service(block, podman=podman)))
+    async with running(cfg) as d:
+        assert BODY in await http_get(f"{block}.1", 8080)
+        inst = d.supervisor.services["web"].instance
+        assert inst is not None and inst.handle is not None
+        assert b"serving now" in inst.handle.log_path.read_bytes()  # type: ignore[attr-defined]
