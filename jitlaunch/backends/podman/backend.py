@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import trio
 
 from ...config import ServiceConfig
 from ...errors import BootFailed
+from ...statedir import ensure_subdir
 from ..addresses import hold_time
 from ..base import Backend, Handle, map_errors, process_state
 from ..bridge import Lease, attach_veth, remove_leftover_taps
@@ -271,8 +274,11 @@ class PodmanBackend(Backend):
         s: PodmanSettings = service.settings
         name = container_name(self.id, service.name, number, next(self._serial))
         try:
-            self.log_dir.mkdir(mode=0o750, exist_ok=True)
-            self.run_dir.mkdir(mode=0o700, exist_ok=True)
+            ensure_subdir(self.log_dir)
+            ensure_subdir(self.run_dir)
+            with contextlib.suppress(FileNotFoundError):  # the previous one's, as .log.1
+                os.rename(self.log_dir / f"{service.name}.log",
+                          self.log_dir / f"{service.name}.log.1")
             publish = self.ports.pick(service.ports) if s.network == "user" else {}
         except OSError as exc:
             raise BootFailed(f"cannot prepare the container: {exc.strerror or exc}") from exc
