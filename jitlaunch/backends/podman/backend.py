@@ -199,6 +199,7 @@ class PodmanHandle(Handle):
             self.checkpointed = False
             self.main = self.pid = int(await podman(
                 binary, "inspect", "--format", "{{.State.Pid}}", self.name))
+            self.conmon, self.freezer = parent_of(self.main), freezer_of(self.main)
             self.wake = "restore"
         elif self.frozen_by_us:
             try:
