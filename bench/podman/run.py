@@ -267,13 +267,18 @@ def main() -> int:
     if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
         raise MissingTool(f"{IMAGE} is missing: run images/containers/build")
     accel = "kvm" if kvm_usable() else "tcg"
+    # /dev/kvm may be a nested software virtualizer (kvm_pvm), slower than TCG: say which.
+    flavour = next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd")
+                    if Path(f"/sys/module/{m}").exists()), None)
+    if accel == "kvm" and flavour:
+        accel = f"kvm ({flavour})"
     load = warn_if_busy("podman")
     res: dict[str, list[float]] = {c: [] for c in CASES}
     with tempfile.TemporaryDirectory(prefix="bench-podman-") as tmp:
         state = Path(tmp) / "state"
         dns_port = free_port()
         conf = Path(tmp) / "jitlaunch.toml"
-        conf.write_text(config(state, dns_port, loopback_block(), accel))
+        conf.write_text(config(state, dns_port, loopback_block(), accel.split()[0]))
         dns = ("127.0.0.1", dns_port)
         with ProcessGroup(Path(tmp)) as group:
             daemon = group.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(conf)])
