@@ -121,6 +121,7 @@ def static_records(block: str) -> str:
         ('v6.jit.test', 'CNAME', 'target = "six.jit.test"'),
         ('text.jit.test', 'CNAME', 'target = "_acme-challenge.jit.test"'),
         ('up.jit.test', 'CNAME', 'target = "jit.test"'),
+        ('tons.jit.test', 'CNAME', 'target = "ns.jit.test"'),
         ('hello.jit.test', 'HTTPS', 'priority = 1\ntarget = "."\nparams = { alpn = ["h2", '
          f'"http/1.1"], port = 8443, ipv4hint = ["{block}.1"] }}'),
         ('six.jit.test', 'SVCB', 'priority = 0\ntarget = "hello.jit.test"'),
@@ -150,6 +151,7 @@ def static_zone(block: str) -> list[str]:
         "v6 IN CNAME six.jit.test.",
         "text IN CNAME _acme-challenge.jit.test.",
         "up IN CNAME jit.test.",
+        "tons IN CNAME ns.jit.test.",
         f"hello IN HTTPS 1 . alpn=h2,http/1.1 port=8443 ipv4hint={block}.1",
         "six IN SVCB 0 hello.jit.test.",
         'six 60 IN TXT "six"',
@@ -164,7 +166,7 @@ STATIC_NAMES = ["_acme-challenge.jit.test", "jit.test", "mail.jit.test", "alias.
                 "away.jit.test", "hello.jit.test", "six.jit.test", "big.jit.test",
                 "_dmarc.deep.x.jit.test", "deep.x.jit.test", "x.jit.test", "ns.jit.test",
                 "ALIAS.Jit.Test", "sub.alias.jit.test", "chain.jit.test", "dangling.jit.test",
-                "v6.jit.test", "text.jit.test", "up.jit.test"]
+                "v6.jit.test", "text.jit.test", "up.jit.test", "tons.jit.test"]
 STATIC_TYPES = [1, 28, 255, 16, 257, 15, 5, 65, 64, 6, 2, 99]
 
 

@@ -435,6 +435,13 @@ def _chase(catalog: Catalog, zone: ZoneData, name: bytes, qtype: int, state: Sna
             for addr in addrs:
                 out += b.rr(target, rtype, ans.ttl, b.address_rdata(addr)[1])
             return Chase(an + len(addrs), out, not addrs, asked=service.name)
+        glue = catalog.glue.get(target, ())
+        if glue and qtype in (w.TYPE_A, w.TYPE_AAAA):
+            addrs = tuple(a for a in glue if (":" in a) == (qtype == w.TYPE_AAAA))
+            for addr in addrs:
+                rtype, data = b.address_rdata(addr)
+                out += b.rr(target, rtype, zone.zone.soa_ttl, data)
+            return Chase(an + len(addrs), out, not addrs)
         found = catalog.static.get(target)
         if found is not None and qtype in found:
             n, records = catalog.static.written(target, qtype)
