@@ -460,3 +460,13 @@ async def test_ready_on_a_log_line(pstate: Path, block: str) -> None:
         inst = d.supervisor.services["web"].instance
         assert inst is not None and inst.handle is not None
         assert b"serving now" in inst.handle.log_path.read_bytes()  # type: ignore[attr-defined]
+
+
+async def test_podman_calls_run_in_a_session_of_their_own() -> None:
+    """A signal to the daemon's process group (Ctrl-C in a terminal) must not cut a podman
+    call short: a `podman rm` interrupted so left its container behind (bench/podman saw it)."""
+    from jitlaunch.backends.podman.cli import podman
+
+    out = await podman(sys.executable, "-c", "import os; print(os.getsid(0), os.getpgid(0))")
+    sid, pgid = map(int, out.split())
+    assert sid != os.getsid(0) and pgid != os.getpgid(0)

@@ -146,7 +146,8 @@ def containers(state: Path, service: str = "") -> list[tuple[str, str]]:
     out = podman("ps", "--all", "--filter", f"label={LABEL}={state.resolve()}",
                  "--format", "{{.Names}} {{.Status}}")
     rows = [tuple(line.split(" ", 1)) for line in out.splitlines() if line.strip()]
-    return [(n, s) for n, s in rows if f"-{service}-" in n]  # type: ignore[misc]
+    return [(n, s) for n, s in rows  # type: ignore[misc]
+            if not service or f"-{service}-" in n]
 
 
 def processes(marker: bytes) -> list[int]:
@@ -280,31 +281,53 @@ def main() -> int:
         conf = Path(tmp) / "jitlaunch.toml"
         conf.write_text(config(state, dns_port, loopback_block(), accel.split()[0]))
         dns = ("127.0.0.1", dns_port)
-        with ProcessGroup(Path(tmp)) as group:
-            daemon = group.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(conf)])
-            poll(lambda: _dns_up(dns), 30, "jitlaunch's DNS", procs=group)
-            for case in ("pod-pause",):  # its first boot, so that later runs resume
-                one_request(dns, case)
-            for i in range(args.runs):
-                for case in CASES:
-                    poll(lambda c=case: ready_for(c, state), 60, f"{case} to be ready to measure",
-                         interval=0.005, procs=group)
-                    try:
-                        res[case].append(one_request(dns, case))
-                    except (OSError, BenchError) as exc:
-                        raise BenchError(f"{case}: {exc!r}\n{group.log_tail('jitlaunch', 200)}") \
-                            from exc
-                print(f"run {i + 1}/{args.runs}: " + ", ".join(
-                    f"{c} {res[c][-1]:.1f} ms" for c in CASES), flush=True)
-            one_request(dns, "pod-pause")
-            mem = idle_memory(state)
-            boots = [float(m) for m in re.findall(
-                r"pod-cold#\d+ ready in ([0-9.]+) ms", (Path(tmp) / "jitlaunch.log").read_text())]
-            group.stop(daemon, grace=30)
-        left = containers(state) + [(str(p), "process") for p in
-                                    processes(f"jitlaunch-{_state_id(state)}".encode())]
+        try:
+            mem, boots = measure(args, res, state, conf, dns, Path(tmp))
+            left = containers(state) + [(str(p), "process") for p in
+                                        processes(f"jitlaunch-{_state_id(state)}".encode())]
+            if left:  # say how: the daemon's log
+                log = (Path(tmp) / "jitlaunch.log").read_text(errors="replace")
+                print("\n".join(log.splitlines()[-40:]), file=sys.stderr)
+        finally:
+            # However the run ended (a failed request ends the group with SIGKILL, and a
+            # killed daemon cannot remove its containers): none of ours stays.
+            remove_ours(state)
     bare = [bare_run(Path(tmp)) for _ in range(args.runs)]
     return report(args, res, bare, mem, left, accel, load, boots)
+
+
+def remove_ours(state: Path) -> None:
+    names = [n for n, _ in containers(state)]
+    if names:
+        subprocess.run(["podman", "rm", "--force", "--ignore", "--time", "0", *names],
+                       capture_output=True, check=False)
+
+
+def measure(args: argparse.Namespace, res: dict[str, list[float]], state: Path, conf: Path,
+            dns: tuple[str, int], tmp: Path) -> tuple[dict[str, float], list[float]]:
+    """The daemon's runs of every case; the idle memory and the cold boots' times."""
+    with ProcessGroup(tmp) as group:
+        daemon = group.start("jitlaunch", [*jitlaunch_command(), "run", "--config", str(conf)])
+        poll(lambda: _dns_up(dns), 30, "jitlaunch's DNS", procs=group)
+        for case in ("pod-pause",):  # its first boot, so that later runs resume
+            one_request(dns, case)
+        for i in range(args.runs):
+            for case in CASES:
+                poll(lambda c=case: ready_for(c, state), 60, f"{case} to be ready to measure",
+                     interval=0.005, procs=group)
+                try:
+                    res[case].append(one_request(dns, case))
+                except (OSError, BenchError) as exc:
+                    raise BenchError(f"{case}: {exc!r}\n{group.log_tail('jitlaunch', 200)}") \
+                        from exc
+            print(f"run {i + 1}/{args.runs}: " + ", ".join(
+                f"{c} {res[c][-1]:.1f} ms" for c in CASES), flush=True)
+        one_request(dns, "pod-pause")
+        mem = idle_memory(state)
+        boots = [float(m) for m in re.findall(
+            r"pod-cold#\d+ ready in ([0-9.]+) ms", (tmp / "jitlaunch.log").read_text())]
+        group.stop(daemon, grace=30)
+    return mem, boots
 
 
 def _state_id(state: Path) -> str:

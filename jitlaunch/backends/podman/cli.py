@@ -29,9 +29,12 @@ async def podman(binary: str, *args: str, timeout: float = CALL_TIMEOUT) -> str:
     what = f"podman {args[0]}" if args else "podman"
     try:
         with trio.fail_after(timeout):
+            # A session of its own: a signal to the daemon's process group (Ctrl-C, a
+            # supervisor's SIGTERM to the group) must not cut a `podman rm` short and leave
+            # the container behind; the daemon ends its podman calls itself.
             done = await trio.run_process(
                 [binary, *args], capture_stdout=True, capture_stderr=True, check=False,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, start_new_session=True,
             )
     except trio.TooSlowError:
         raise BootFailed(f"{what} took longer than {timeout:g} s") from None
