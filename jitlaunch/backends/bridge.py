@@ -197,6 +197,11 @@ def _add_tap(bridge: str, subnet: ipaddress.IPv4Network, tap: str, owner: str) -
         raise BootFailed(f"cannot attach a tap to bridge {bridge}: {exc}") from exc
 
 
+def _link_name(prefix: str, serial: int) -> str:
+    """``prefix`` + our pid + a counter: fits IFNAMSIZ and says whose link it is."""
+    return f"{prefix}{os.getpid():06x}{serial & 0xFFFFF:05x}"
+
+
 async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str, *, service: str = "",
                  hold: float = 0.0) -> Lease:
     """A new tap on ``bridge`` (created with ``subnet`` if absent) and a free address; the
@@ -205,8 +210,7 @@ async def attach(bridge: str, subnet: ipaddress.IPv4Network, owner: str, *, serv
     blocking call and freed again if the tap cannot be made; BootFailed says why. Released,
     the address stays ``service``'s for ``hold`` seconds (addresses.py)."""
     gateway, ip = _reserve(bridge, subnet, service)
-    # jlt + our pid + a counter fits IFNAMSIZ and says whose tap it is.
-    tap = f"{TAP_PREFIX}{os.getpid():06x}{next(_taps) & 0xFFFFF:05x}"
+    tap = _link_name(TAP_PREFIX, next(_taps))
     try:
         await trio.to_thread.run_sync(_add_tap, bridge, subnet, tap, owner)
     except BaseException:
@@ -240,9 +244,8 @@ async def attach_veth(bridge: str, subnet: ipaddress.IPv4Network, owner: str, pi
     moved into the namespace as ``eth0`` with a free address of ``subnet`` and a default
     route through the bridge. As :func:`attach` otherwise."""
     gateway, ip = _reserve(bridge, subnet, service)
-    serial = next(_taps) & 0xFFFFF
-    host = f"{TAP_PREFIX}{os.getpid():06x}{serial:05x}"
-    peer = f"jlp{os.getpid():06x}{serial:05x}"
+    serial = next(_taps)
+    host, peer = _link_name(TAP_PREFIX, serial), _link_name("jlp", serial)
     lease = Lease(bridge, host, ip, gateway, service, hold)
     try:
         await trio.to_thread.run_sync(_add_veth, bridge, subnet, host, peer, owner, pid)

@@ -145,8 +145,9 @@ def run_argv(
         "--stop-timeout", str(max(0, round(s.grace))),
         "--pull", "never",
     ]
-    for inner, outer in zip(s.container_ports, publish.values(), strict=False):
-        argv += ["--publish", f"127.0.0.1:{outer}:{inner}/tcp"]
+    if publish:  # (none with a bridge)
+        for inner, outer in zip(s.container_ports, publish.values(), strict=True):
+            argv += ["--publish", f"127.0.0.1:{outer}:{inner}/tcp"]
     if s.read_only:
         argv.append("--read-only")
     if s.memory is not None:
